@@ -1,0 +1,30 @@
+"""The RankDiff model: config, DiT denoiser, rank tokenizer and gene vocabulary.
+
+The files of this package import only each other (relatively), torch, numpy and transformers, so that a saved
+checkpoint carries them as Hub remote code.
+"""
+
+from transformers import AutoConfig, AutoModel
+
+from .configuration_rank_dit import RANK_DIT_PRESETS, RankDiTConfig
+from .gene_vocab import GENE_VOCAB_FILE, GeneVocab
+from .modeling_rank_dit import RankDiTModel, RankDiTOutput, RankDiTPreTrainedModel
+from .rank_tokenizer import CellTokenizer, rank_tokens
+
+# In-process Auto classes, and `auto_map` + code files in every checkpoint for `trust_remote_code` loading.
+AutoConfig.register(RankDiTConfig.model_type, RankDiTConfig)
+AutoModel.register(RankDiTConfig, RankDiTModel)
+RankDiTConfig.register_for_auto_class()
+RankDiTModel.register_for_auto_class("AutoModel")
+
+__all__ = [
+    "RANK_DIT_PRESETS",
+    "GENE_VOCAB_FILE",
+    "CellTokenizer",
+    "GeneVocab",
+    "RankDiTConfig",
+    "RankDiTModel",
+    "RankDiTOutput",
+    "RankDiTPreTrainedModel",
+    "rank_tokens",
+]

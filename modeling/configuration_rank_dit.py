@@ -1,0 +1,131 @@
+"""RankDiT configuration."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+
+from transformers import PreTrainedConfig
+
+# Sizes of the named presets; every other field keeps its default. Parameter counts include the gene embedding
+# for the Tahoe-100M vocabulary (62,713 ids), which is 32M parameters at hidden size 512.
+RANK_DIT_PRESETS: dict[str, dict[str, int]] = {
+    "tiny": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4},
+    "small": {"hidden_size": 256, "num_hidden_layers": 6, "num_attention_heads": 4},
+    "base": {"hidden_size": 512, "num_hidden_layers": 8, "num_attention_heads": 8},
+    "large": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12},
+}
+
+RANK_SCHEMES = ("mosaicfm_quantile",)
+
+
+class RankDiTConfig(PreTrainedConfig):
+    r"""
+    Configuration of a [`RankDiTModel`], the denoiser of RankDiff's masked discrete diffusion over per-cell rank
+    tokens. A cell is a set of (gene id, rank token) pairs; rank token 0 means "not expressed", 1..B are per-cell
+    quantile bins of the non-zero counts and B + 1 is `[MASK]`.
+
+    Args:
+        num_rank_bins (`int`, *optional*, defaults to 50):
+            B, the number of quantile bins for expressed genes. The model predicts over the B + 1 classes 0..B.
+        mask_token_id (`int`, *optional*):
+            Id of the `[MASK]` rank token. Must be `num_rank_bins + 1` (the default when left unset).
+        rank_scheme (`str`, *optional*, defaults to `"mosaicfm_quantile"`):
+            How counts become rank tokens: `"mosaicfm_quantile"` bins each cell's non-zero counts at the quantiles
+            `linspace(0, 1, B)` (MosaicFM / Tahoe-x1 rule). Saved so a checkpoint tokenizes as it was trained.
+        gene_vocab_size (`int`, *optional*, defaults to 62713):
+            Number of gene ids (ids 0..2 are special, genes start at 3 as in Tahoe-100M's `gene_metadata`).
+        hidden_size (`int`, *optional*, defaults to 512):
+            Width of the embeddings and of every DiT block.
+        num_hidden_layers (`int`, *optional*, defaults to 8):
+            Number of DiT blocks.
+        num_attention_heads (`int`, *optional*, defaults to 8):
+            Attention heads per block; must divide `hidden_size`.
+        intermediate_size (`int`, *optional*):
+            Width of the MLP; `4 * hidden_size` when unset.
+        hidden_act (`str`, *optional*, defaults to `"gelu_pytorch_tanh"`):
+            Activation of the MLP.
+        max_length (`int`, *optional*, defaults to 1024):
+            Number of (gene, token) pairs in a training sequence. The model has no positional encoding, so this is
+            the tokenizer's length, not a hard limit of the network.
+        time_conditioning (`bool`, *optional*, defaults to `False`):
+            Condition the blocks on the diffusion time. Masked diffusion does not need it (MDLM, RADD), and
+            without it samplers may reuse model outputs between steps.
+        attention_dropout (`float`, *optional*, defaults to 0.0):
+            Dropout on attention probabilities.
+        hidden_dropout (`float`, *optional*, defaults to 0.0):
+            Dropout on the residual branches.
+        norm_eps (`float`, *optional*, defaults to 1e-6):
+            Epsilon of the (non-affine) LayerNorms.
+        initializer_range (`float`, *optional*, defaults to 0.02):
+            Standard deviation of the normal initialisation of weights.
+
+    Examples:
+
+    ```python
+    >>> from modeling import RankDiTConfig, RankDiTModel
+
+    >>> config = RankDiTConfig.from_preset("tiny", gene_vocab_size=1000)
+    >>> model = RankDiTModel(config)
+    >>> config.num_rank_tokens
+    51
+    ```"""
+
+    model_type = "rank_dit"
+
+    num_rank_bins: int = 50
+    mask_token_id: int | None = None
+    rank_scheme: str = "mosaicfm_quantile"
+    gene_vocab_size: int = 62713
+    hidden_size: int = 512
+    num_hidden_layers: int = 8
+    num_attention_heads: int = 8
+    intermediate_size: int | None = None
+    hidden_act: str = "gelu_pytorch_tanh"
+    max_length: int = 1024
+    time_conditioning: bool = False
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+    norm_eps: float = 1e-6
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs):
+        if self.num_rank_bins < 1:
+            raise ValueError(f"num_rank_bins must be at least 1, got {self.num_rank_bins}")
+        if self.mask_token_id is None:
+            self.mask_token_id = self.num_rank_bins + 1
+        if self.mask_token_id != self.num_rank_bins + 1:
+            raise ValueError(
+                f"mask_token_id must be num_rank_bins + 1 = {self.num_rank_bins + 1}, got {self.mask_token_id}"
+            )
+        if self.rank_scheme not in RANK_SCHEMES:
+            raise ValueError(f"rank_scheme must be one of {RANK_SCHEMES}, got {self.rank_scheme!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads})"
+            )
+        for name in ("gene_vocab_size", "max_length", "hidden_size", "num_hidden_layers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.intermediate_size is None:
+            self.intermediate_size = 4 * self.hidden_size
+        # Unknown keys are kept (the base class stores them), but a near-miss of a field is a typo, not metadata.
+        fields = [f.name for f in dataclasses.fields(self)]
+        for key in kwargs:
+            close = difflib.get_close_matches(key, fields, n=1, cutoff=0.85)
+            if key not in fields and close:
+                raise ValueError(f"unknown RankDiTConfig argument {key!r}; did you mean {close[0]!r}?")
+        super().__post_init__(**kwargs)
+
+    @property
+    def num_rank_tokens(self) -> int:
+        """Number of classes the model predicts: rank tokens 0..B (the mask class is never predicted)."""
+        return self.num_rank_bins + 1
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> RankDiTConfig:
+        """Build the config of a named size (`tiny`, `small`, `base`, `large`), with any field overridden."""
+        if name not in RANK_DIT_PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(RANK_DIT_PRESETS)}")
+        return cls(**{**RANK_DIT_PRESETS[name], **overrides})

@@ -1,0 +1,123 @@
+"""Gene vocabulary: token id <-> Ensembl id <-> gene symbol, saved next to the weights."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+SPECIAL_TOKENS = {0: "<pad>", 1: "<cls>", 2: "<eoc>"}
+FIRST_GENE_ID = len(SPECIAL_TOKENS)
+GENE_VOCAB_FILE = "gene_vocab.json"
+
+
+def _strip_version(ensembl_id: str) -> str:
+    """`ENSG00000141510.17` -> `ENSG00000141510` (the version suffix is not part of the identity)."""
+    return ensembl_id.split(".", 1)[0]
+
+
+class GeneVocab:
+    """The genes a RankDiff checkpoint knows, in the layout of Tahoe-100M's `gene_metadata`.
+
+    Ids 0, 1, 2 are `<pad>`, `<cls>`, `<eoc>`; genes start at 3. Genes can be named by token id, Ensembl id (with or
+    without a version suffix) or symbol; a symbol shared by several Ensembl ids maps to the first of them in token-id
+    order.
+
+    Args:
+        token_ids (`Sequence[int]`): the gene token ids (all >= 3, unique).
+        ensembl_ids (`Sequence[str]`): Ensembl gene id of each token.
+        symbols (`Sequence[str | None]`): gene symbol of each token (None where unknown).
+
+    Examples:
+
+    ```python
+    >>> vocab = GeneVocab([3, 4], ["ENSG00000000003", "ENSG00000000005"], ["TSPAN6", "TNMD"])
+    >>> vocab.encode(["TNMD", "ENSG00000000003.15", 4])
+    [4, 3, 4]
+    ```
+    """
+
+    def __init__(self, token_ids: Sequence[int], ensembl_ids: Sequence[str], symbols: Sequence[str | None]):
+        if not len(token_ids) == len(ensembl_ids) == len(symbols):
+            raise ValueError(
+                f"token_ids, ensembl_ids and symbols differ in length: "
+                f"{len(token_ids)}, {len(ensembl_ids)}, {len(symbols)}"
+            )
+        self.token_ids = np.asarray(token_ids, dtype=np.int64)
+        if len(self.token_ids) and self.token_ids.min() < FIRST_GENE_ID:
+            raise ValueError(f"gene token ids must be >= {FIRST_GENE_ID}; ids below are special: {SPECIAL_TOKENS}")
+        if len(np.unique(self.token_ids)) != len(self.token_ids):
+            raise ValueError("gene token ids must be unique")
+        self.ensembl_ids = list(ensembl_ids)
+        self.symbols = list(symbols)
+        self._by_ensembl = {_strip_version(e): int(t) for t, e in zip(self.token_ids, self.ensembl_ids)}
+        self._by_symbol: dict[str, int] = {}
+        for token_id, symbol in sorted(zip(self.token_ids.tolist(), self.symbols)):
+            if symbol:
+                self._by_symbol.setdefault(symbol, token_id)
+        self._known = set(self.token_ids.tolist())
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def size(self) -> int:
+        """Number of ids the gene embedding needs: the largest token id + 1."""
+        return int(self.token_ids.max()) + 1 if len(self) else FIRST_GENE_ID
+
+    def lookup(self, genes: Iterable[int | str]) -> np.ndarray:
+        """Token id of each gene (token id, Ensembl id or symbol), -1 where the gene is not in the vocabulary."""
+        out = []
+        for gene in genes:
+            if isinstance(gene, (int, np.integer)):
+                out.append(int(gene) if int(gene) in self._known else -1)
+            elif isinstance(gene, str):
+                key = _strip_version(gene) if gene.startswith("ENS") else gene
+                out.append(self._by_ensembl.get(key, self._by_symbol.get(gene, -1)))
+            else:
+                raise TypeError(f"genes must be token ids or strings, got {type(gene).__name__}: {gene!r}")
+        return np.asarray(out, dtype=np.int64)
+
+    def encode(self, genes: Iterable[int | str]) -> list[int]:
+        """Token ids of `genes`; raises `KeyError` naming every gene that is not in the vocabulary."""
+        genes = list(genes)
+        ids = self.lookup(genes)
+        unknown = [(i, g) for i, (g, t) in enumerate(zip(genes, ids)) if t < 0]
+        if unknown:
+            shown = ", ".join(f"{g!r} (position {i})" for i, g in unknown[:10])
+            more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
+            raise KeyError(f"{len(unknown)} of {len(genes)} genes are not in the vocabulary: {shown}{more}")
+        return ids.tolist()
+
+    def to_dict(self) -> dict:
+        return {
+            "special_tokens": {str(k): v for k, v in SPECIAL_TOKENS.items()},
+            "token_id": self.token_ids.tolist(),
+            "ensembl_id": self.ensembl_ids,
+            "gene_symbol": self.symbols,
+        }
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> str:
+        """Write `gene_vocab.json` into `save_directory` and return its path."""
+        os.makedirs(save_directory, exist_ok=True)
+        path = os.path.join(save_directory, GENE_VOCAB_FILE)
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f)
+        return path
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> GeneVocab:
+        """Read a `gene_vocab.json` written by [`~GeneVocab.save_pretrained`]."""
+        with open(path) as f:
+            data = json.load(f)
+        return cls(data["token_id"], data["ensembl_id"], data["gene_symbol"])
+
+    @classmethod
+    def from_gene_metadata(cls, path: str | os.PathLike) -> GeneVocab:
+        """Read a parquet file in Tahoe-100M's `gene_metadata` schema (`token_id`, `ensembl_id`, `gene_symbol`)."""
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path, columns=["token_id", "ensembl_id", "gene_symbol"])
+        return cls(table["token_id"].to_numpy(), table["ensembl_id"].to_pylist(), table["gene_symbol"].to_pylist())

@@ -1,0 +1,309 @@
+"""RankDiT: a DiT denoiser over sets of (gene id, rank token) pairs for masked discrete diffusion.
+
+The model has no positional encoding (gene order carries no meaning, so it is permutation-equivariant), attends
+bidirectionally with a key-padding mask, and modulates every block with adaLN-Zero from a conditioning vector (the
+diffusion time when `config.time_conditioning`, else nothing: the modulation is then a learned, gated affine).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.masking_utils import create_bidirectional_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import ModelOutput, cached_file
+
+from .configuration_rank_dit import RankDiTConfig
+from .gene_vocab import GENE_VOCAB_FILE, GeneVocab
+from .rank_tokenizer import rank_tokens
+
+
+@dataclass
+class RankDiTOutput(ModelOutput):
+    """
+    Output of [`RankDiTModel`].
+
+    Args:
+        logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, num_rank_bins + 1)`):
+            Float32 scores of the rank tokens 0..B at every position (the mask class is never predicted).
+        last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`):
+            Output of the last DiT block, before the final modulation and head.
+    """
+
+    logits: torch.FloatTensor | None = None
+    last_hidden_state: torch.FloatTensor | None = None
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain softmax attention over `(batch, heads, length, head_dim)` tensors; returns `(batch, length, ...)`."""
+    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            attn_weights = attn_weights.masked_fill(~attention_mask, torch.finfo(attn_weights.dtype).min)
+        else:
+            attn_weights = attn_weights + attention_mask
+    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+def modulate(hidden_states: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN: `x * (1 + scale) + shift` with per-sequence shift and scale."""
+    return hidden_states * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class RankDiTZeroLinear(nn.Linear):
+    """A linear layer initialised to zero: adaLN-Zero modulations and the output head (training starts from
+    identity blocks and uniform logits)."""
+
+
+class RankDiTTimestepEmbedding(nn.Module):
+    """Sinusoidal embedding of the diffusion time t in [0, 1], followed by a two-layer MLP."""
+
+    def __init__(self, hidden_size: int, frequency_size: int = 256):
+        super().__init__()
+        self.frequency_size = frequency_size
+        self.linear_1 = nn.Linear(frequency_size, hidden_size)
+        self.linear_2 = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, timesteps: torch.Tensor) -> torch.Tensor:
+        half = self.frequency_size // 2
+        exponent = -math.log(10000.0) * torch.arange(half, device=timesteps.device, dtype=torch.float32) / half
+        # t in [0, 1] is scaled to [0, 1000] so the frequencies cover it as in DiT.
+        angles = 1000.0 * timesteps.float()[:, None] * torch.exp(exponent)[None]
+        frequencies = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+        return self.linear_2(F.silu(self.linear_1(frequencies.to(self.linear_1.weight.dtype))))
+
+
+class RankDiTAttention(nn.Module):
+    """Bidirectional multi-head self-attention through the configured attention implementation."""
+
+    is_causal = False
+
+    def __init__(self, config: RankDiTConfig):
+        super().__init__()
+        self.config = config
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.qkv_proj = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        batch_size, length, _ = hidden_states.shape
+        qkv = self.qkv_proj(hidden_states).view(batch_size, length, 3, self.num_heads, self.head_dim)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, _ = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            scaling=self.scaling,
+            dropout=self.config.attention_dropout if self.training else 0.0,
+        )
+        return self.o_proj(attn_output.reshape(batch_size, length, -1))
+
+
+class RankDiTMLP(nn.Module):
+    def __init__(self, config: RankDiTConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(hidden_states)))
+
+
+class RankDiTBlock(GradientCheckpointingLayer):
+    """Pre-norm DiT block with adaLN-Zero modulation of attention and MLP."""
+
+    def __init__(self, config: RankDiTConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(config.hidden_size, eps=config.norm_eps, elementwise_affine=False)
+        self.attn = RankDiTAttention(config)
+        self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.norm_eps, elementwise_affine=False)
+        self.mlp = RankDiTMLP(config)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.adaLN_modulation = RankDiTZeroLinear(config.hidden_size, 6 * config.hidden_size)
+
+    def forward(
+        self, hidden_states: torch.Tensor, conditioning: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(
+            F.silu(conditioning)
+        ).chunk(6, dim=-1)
+        attn_output = self.attn(modulate(self.norm1(hidden_states), shift_msa, scale_msa), attention_mask)
+        hidden_states = hidden_states + gate_msa.unsqueeze(1) * self.dropout(attn_output)
+        mlp_output = self.mlp(modulate(self.norm2(hidden_states), shift_mlp, scale_mlp))
+        return hidden_states + gate_mlp.unsqueeze(1) * self.dropout(mlp_output)
+
+
+class RankDiTPreTrainedModel(PreTrainedModel):
+    """Weight initialisation and loading for RankDiT models."""
+
+    config_class = RankDiTConfig
+    config: RankDiTConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["RankDiTBlock"]
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_attention_backend = True
+
+    def _init_weights(self, module: nn.Module):
+        super()._init_weights(module)
+        if isinstance(module, RankDiTZeroLinear):
+            init.zeros_(module.weight)
+            init.zeros_(module.bias)
+
+
+class RankDiTModel(RankDiTPreTrainedModel):
+    """The RankDiff denoiser: logits over rank tokens 0..B at every (gene, token) position.
+
+    The input embedding is the sum of a rank-token embedding (0..B and `[MASK]`) and a gene embedding; there is no
+    positional encoding. `model.gene_vocab` (a [`GeneVocab`], optional) is saved as `gene_vocab.json` beside the
+    weights and read back by `from_pretrained`.
+
+    Examples:
+
+    ```python
+    >>> import torch
+    >>> from modeling import RankDiTConfig, RankDiTModel
+
+    >>> model = RankDiTModel(RankDiTConfig.from_preset("tiny", gene_vocab_size=100))
+    >>> gene_ids = torch.tensor([[5, 17, 42]])
+    >>> input_ids = torch.tensor([[3, 51, 0]])  # 51 = [MASK]
+    >>> model(gene_ids=gene_ids, input_ids=input_ids).logits.shape
+    torch.Size([1, 3, 51])
+    ```
+    """
+
+    def __init__(self, config: RankDiTConfig):
+        super().__init__(config)
+        self.rank_embedding = nn.Embedding(config.num_rank_bins + 2, config.hidden_size)
+        self.gene_embedding = nn.Embedding(config.gene_vocab_size, config.hidden_size)
+        self.time_embedding = RankDiTTimestepEmbedding(config.hidden_size) if config.time_conditioning else None
+        self.blocks = nn.ModuleList(RankDiTBlock(config) for _ in range(config.num_hidden_layers))
+        self.norm_out = nn.LayerNorm(config.hidden_size, eps=config.norm_eps, elementwise_affine=False)
+        self.adaLN_out = RankDiTZeroLinear(config.hidden_size, 2 * config.hidden_size)
+        self.proj_out = RankDiTZeroLinear(config.hidden_size, config.num_rank_tokens)
+        self.gene_vocab: GeneVocab | None = None
+        self.post_init()
+
+    def _check_inputs(self, gene_ids, input_ids, attention_mask, timesteps):
+        if gene_ids.dim() != 2 or gene_ids.shape != input_ids.shape:
+            raise ValueError(
+                f"gene_ids and input_ids must both be (batch, length); got {tuple(gene_ids.shape)} and "
+                f"{tuple(input_ids.shape)}"
+            )
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask must match input_ids {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}"
+            )
+        for name, ids, high in (
+            ("gene_ids", gene_ids, self.config.gene_vocab_size - 1),
+            ("input_ids", input_ids, self.config.mask_token_id),
+        ):
+            bad = (ids < 0) | (ids > high)
+            if bad.any():
+                row, col = (int(i) for i in bad.nonzero()[0])
+                raise ValueError(
+                    f"{name} must be in 0..{high}; got {int(ids[row, col])} at (row {row}, position {col})"
+                )
+        if self.time_embedding is not None and timesteps is None:
+            raise ValueError("this model is time-conditioned (config.time_conditioning): pass `timesteps`")
+
+    def forward(
+        self,
+        gene_ids: torch.LongTensor,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        timesteps: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ) -> RankDiTOutput | tuple[torch.Tensor, torch.Tensor]:
+        r"""
+        Args:
+            gene_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
+                Gene token ids of each position (ids of the model's gene vocabulary).
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
+                Rank tokens: 0 (not expressed), 1..B (quantile bins) or `config.mask_token_id` (`[MASK]`).
+            attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
+                1 for real positions, 0 for padding. Padding never changes the logits of real positions.
+            timesteps (`torch.Tensor` of shape `(batch_size,)`, *optional*):
+                Diffusion time in [0, 1]; required when `config.time_conditioning`, ignored otherwise.
+            return_dict (`bool`, *optional*, defaults to `True`):
+                Return a [`RankDiTOutput`] instead of a tuple.
+
+        Returns:
+            [`RankDiTOutput`] with `logits` of shape `(batch_size, sequence_length, num_rank_bins + 1)`.
+        """
+        self._check_inputs(gene_ids, input_ids, attention_mask, timesteps)
+        hidden_states = self.rank_embedding(input_ids) + self.gene_embedding(gene_ids)
+        if self.time_embedding is not None:
+            conditioning = self.time_embedding(timesteps.to(hidden_states.device).expand(input_ids.shape[0]))
+        else:
+            conditioning = hidden_states.new_zeros(input_ids.shape[0], self.config.hidden_size)
+        mask = create_bidirectional_mask(
+            config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask
+        )
+        for block in self.blocks:
+            hidden_states = block(hidden_states, conditioning, mask)
+        shift, scale = self.adaLN_out(F.silu(conditioning)).chunk(2, dim=-1)
+        logits = self.proj_out(modulate(self.norm_out(hidden_states), shift, scale)).float()
+        if not return_dict:
+            return logits, hidden_states
+        return RankDiTOutput(logits=logits, last_hidden_state=hidden_states)
+
+    def rank_tokens(self, counts: np.ndarray) -> np.ndarray:
+        """Rank tokens of one cell's raw counts with the rule this checkpoint was trained with."""
+        return rank_tokens(counts, self.config.num_rank_bins)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
+        """Save config, weights and code as transformers does, plus `gene_vocab.json` when the model has one."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if self.gene_vocab is not None:
+            self.gene_vocab.save_pretrained(save_directory)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args, **kwargs):
+        """Load as transformers does, and attach the checkpoint's gene vocabulary when it has one."""
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        vocab_file = cached_file(
+            pretrained_model_name_or_path,
+            GENE_VOCAB_FILE,
+            subfolder=kwargs.get("subfolder", ""),
+            revision=kwargs.get("revision"),
+            cache_dir=kwargs.get("cache_dir"),
+            local_files_only=kwargs.get("local_files_only", False),
+            token=kwargs.get("token"),
+            _raise_exceptions_for_missing_entries=False,
+        )
+        if vocab_file is not None:
+            model.gene_vocab = GeneVocab.from_file(vocab_file)
+        return model
