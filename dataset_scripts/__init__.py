@@ -1,0 +1,25 @@
+"""Data sources of RankDiff: Tahoe-100M-schema rows, the held-out split and the training collator."""
+
+from .expression_data import (
+    EMBEDDED_SAMPLE,
+    EpochCallback,
+    ExpressionSource,
+    RankDiffusionCollator,
+    cell_counts,
+    full_cell_tokens,
+    load_expression_data,
+    pad_cells,
+    split_by_cell_id,
+)
+
+__all__ = [
+    "EMBEDDED_SAMPLE",
+    "EpochCallback",
+    "ExpressionSource",
+    "RankDiffusionCollator",
+    "cell_counts",
+    "full_cell_tokens",
+    "load_expression_data",
+    "pad_cells",
+    "split_by_cell_id",
+]

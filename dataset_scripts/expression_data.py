@@ -1,0 +1,148 @@
+"""Tahoe-100M `expression_data` rows: where they come from, the held-out split, and the training collator.
+
+A data source is the embedded real sample (default), a local folder or file of parquet in the Tahoe-100M schema
+(the Hub layout `data/*.parquet` + `metadata/gene_metadata.parquet`, or loose parquet files), or a Hub dataset id
+such as `tahoebio/Tahoe-100M` (streamed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import TrainerCallback
+
+from modeling import CellTokenizer, GeneVocab, rank_tokens
+
+EMBEDDED_SAMPLE = Path(__file__).resolve().parent.parent / "data" / "celltypist_sample"
+GENE_METADATA_PATH = "metadata/gene_metadata.parquet"
+CELL_ID_COLUMN = "BARCODE_SUB_LIB_ID"
+
+
+@dataclass
+class ExpressionSource:
+    """Resolved data source: the rows (a `datasets` dataset, maybe streaming) and the gene vocabulary."""
+
+    rows: datasets.Dataset | datasets.IterableDataset
+    vocab: GeneVocab
+    name: str
+
+
+def load_expression_data(data: str | os.PathLike | None = None, *, config_name: str | None = None) -> ExpressionSource:
+    """Open a source of Tahoe-100M-schema rows.
+
+    Args:
+        data: `None` for the embedded sample; a local folder (Hub layout or loose `*.parquet`) or parquet file; or a
+            Hub dataset id (streamed; its `metadata/gene_metadata.parquet` gives the vocabulary).
+        config_name: dataset config for a Hub id (`expression_data` is Tahoe-100M's default).
+    """
+    path = Path(data) if data is not None else EMBEDDED_SAMPLE
+    if data is None or path.exists():
+        if path.is_dir():
+            files = sorted((path / "data").glob("*.parquet")) or sorted(path.glob("*.parquet"))
+            metadata = path / GENE_METADATA_PATH
+        else:
+            files, metadata = [path], path.parent.parent / GENE_METADATA_PATH
+        if not files:
+            raise FileNotFoundError(f"no parquet files in {path} (looked in {path / 'data'} and {path})")
+        if not metadata.exists():
+            raise FileNotFoundError(f"no gene metadata for {path}: expected {metadata}")
+        rows = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train")
+        return ExpressionSource(rows, GeneVocab.from_gene_metadata(metadata), str(path))
+
+    from huggingface_hub import hf_hub_download
+
+    rows = datasets.load_dataset(str(data), config_name, split="train", streaming=True)
+    metadata = hf_hub_download(str(data), GENE_METADATA_PATH, repo_type="dataset")
+    return ExpressionSource(rows, GeneVocab.from_gene_metadata(metadata), str(data))
+
+
+def held_out_fraction(cell_id: str, seed: int = 0) -> float:
+    """A stable number in [0, 1) per cell id: cells below the validation share are held out."""
+    digest = hashlib.blake2b(f"{seed}:{cell_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64
+
+
+def split_by_cell_id(rows, validation_share: float, seed: int = 0):
+    """Split rows into (train, validation) by a hash of `BARCODE_SUB_LIB_ID`: no cell lands in both."""
+    if not 0.0 < validation_share < 1.0:
+        raise ValueError(f"validation_share must be in (0, 1), got {validation_share}")
+
+    def is_held_out(batch, held_out: bool):
+        return [(held_out_fraction(c, seed) < validation_share) == held_out for c in batch[CELL_ID_COLUMN]]
+
+    train = rows.filter(is_held_out, batched=True, fn_kwargs={"held_out": False})
+    validation = rows.filter(is_held_out, batched=True, fn_kwargs={"held_out": True})
+    return train, validation
+
+
+def cell_counts(row: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Gene ids and counts of a row, without the position-0 `<cls>` marker (expression -2) when present."""
+    genes = np.asarray(row["genes"], dtype=np.int64)
+    counts = np.asarray(row["expressions"], dtype=np.float64)
+    if len(genes) != len(counts):
+        raise ValueError(f"cell {row.get(CELL_ID_COLUMN)!r}: {len(genes)} genes but {len(counts)} expressions")
+    if len(counts) and counts[0] < 0:
+        genes, counts = genes[1:], counts[1:]
+    return genes, counts
+
+
+def pad_cells(cells: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, torch.Tensor]:
+    """Pad (gene_ids, input_ids) pairs to the longest in the batch; `labels` are -100 at padding."""
+    length = max(len(g) for g, _ in cells)
+    gene_ids = torch.zeros(len(cells), length, dtype=torch.long)
+    input_ids = torch.zeros(len(cells), length, dtype=torch.long)
+    attention_mask = torch.zeros(len(cells), length, dtype=torch.long)
+    for i, (genes, tokens) in enumerate(cells):
+        gene_ids[i, : len(genes)] = torch.from_numpy(genes)
+        input_ids[i, : len(tokens)] = torch.from_numpy(tokens)
+        attention_mask[i, : len(genes)] = 1
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    return {"gene_ids": gene_ids, "input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+@dataclass
+class RankDiffusionCollator:
+    """Tokenizes raw Tahoe-100M rows (as MosaicFM's collator does) and pads them into a batch.
+
+    Args:
+        tokenizer: the [`CellTokenizer`] with the sequence rules.
+        rule: force a selection rule (`"panel"` for evaluation); None lets the tokenizer draw one per cell.
+        epoch: the training epoch, kept current by [`EpochCallback`] so each epoch draws new subsamples.
+    """
+
+    tokenizer: CellTokenizer
+    rule: str | None = None
+    epoch: int = 0
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        cells = []
+        for row in rows:
+            genes, counts = cell_counts(row)
+            cells.append(self.tokenizer(genes, counts, cell_id=row[CELL_ID_COLUMN], epoch=self.epoch, rule=self.rule))
+        return pad_cells(cells)
+
+
+class EpochCallback(TrainerCallback):
+    """Tells the collator which epoch starts, so subsampling is fixed by (seed, epoch, cell id)."""
+
+    def __init__(self, collator: RankDiffusionCollator):
+        self.collator = collator
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.collator.epoch = int(state.epoch + 1e-6)
+
+
+def full_cell_tokens(rows, num_bins: int, max_cells: int | None = None):
+    """Yield (gene ids, rank tokens) of every expressed gene of up to `max_cells` rows, with a progress bar."""
+    rows = rows.take(max_cells) if max_cells is not None else rows
+    total = len(rows) if isinstance(rows, datasets.Dataset) else max_cells
+    for row in tqdm(rows, desc="reading training cells", unit="cell", total=total):
+        genes, counts = cell_counts(row)
+        yield genes, rank_tokens(counts, num_bins, where=f"cell {row[CELL_ID_COLUMN]!r}")

@@ -1,0 +1,82 @@
+"""Command-line arguments of `train_hf.py`, parsed with `HfArgumentParser`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from modeling import RANK_DIT_PRESETS
+from pipelines import NOISE_SCHEDULES
+
+
+@dataclass
+class ModelArguments:
+    preset: str = field(default="tiny", metadata={"help": f"model size, one of {sorted(RANK_DIT_PRESETS)}"})
+    num_rank_bins: int = field(default=50, metadata={"help": "B: quantile bins of expressed genes (tokens 1..B)"})
+    time_conditioning: bool = field(default=False, metadata={"help": "condition the denoiser on diffusion time"})
+
+
+@dataclass
+class DataArguments:
+    data: str | None = field(
+        default=None,
+        metadata={
+            "help": "the embedded real sample when unset; a local folder or parquet file in the Tahoe-100M "
+            "schema (Hub layout data/*.parquet + metadata/gene_metadata.parquet); or a Hub dataset id "
+            "such as tahoebio/Tahoe-100M (streamed)"
+        },
+    )
+    data_config: str | None = field(default=None, metadata={"help": "dataset config of a Hub id"})
+    max_length: int = field(default=1024, metadata={"help": "L: most (gene, token) pairs in a sequence"})
+    zero_share: float = field(
+        default=0.1, metadata={"help": "share of an expressed-gene sequence filled with unexpressed genes (token 0)"}
+    )
+    panel_share: float = field(
+        default=0.5,
+        metadata={
+            "help": "share of training sequences built from the gene panel without looking at the counts (the "
+            "rule evaluation uses); the rest hold expressed genes plus the zero share"
+        },
+    )
+    panel_size: int | None = field(
+        default=None,
+        metadata={"help": "genes in the panel: the most often detected genes of the training split (default L)"},
+    )
+    validation_share: float = field(
+        default=0.15, metadata={"help": "share of cells held out, by a hash of BARCODE_SUB_LIB_ID"}
+    )
+    baseline_cells: int = field(
+        default=100_000,
+        metadata={"help": "training cells read to fit the per-gene marginal baseline and choose the panel"},
+    )
+    max_eval_cells: int = field(default=512, metadata={"help": "held-out cells scored at evaluation"})
+
+
+@dataclass
+class DiffusionArguments:
+    noise_schedule: str = field(default="log-linear", metadata={"help": f"one of {NOISE_SCHEDULES}"})
+    eps: float = field(default=1e-3, metadata={"help": "alpha(1); training times lie in [eps, 1]"})
+    eval_time_grid: int = field(
+        default=8, metadata={"help": "fixed times (midpoints of [eps, 1]) averaged for the evaluation NELBO"}
+    )
+    eval_mask_ratio: float = field(default=0.5, metadata={"help": "share of positions masked for the masked NLL"})
+
+
+@dataclass
+class RankDiffTrainingArguments(TrainingArguments):
+    """`TrainingArguments` with defaults that train the tiny preset on the embedded sample on a CPU in minutes."""
+
+    output_dir: str | None = field(default="outputs/demo", metadata={"help": "where the pipeline folder goes"})
+    max_steps: int = field(default=300, metadata={"help": "optimizer steps (needed for streamed data)"})
+    per_device_train_batch_size: int = field(default=16, metadata={"help": "cells per device and step"})
+    per_device_eval_batch_size: int = field(default=32, metadata={"help": "cells per device at evaluation"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate"})
+    warmup_steps: float = field(default=0.05, metadata={"help": "warm-up steps (a float < 1: share of max_steps)"})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "learning-rate schedule"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
+    logging_steps: float = field(default=25, metadata={"help": "log every N steps"})
+    save_strategy: str = field(default="no", metadata={"help": "Trainer checkpoints: no, steps or epoch"})
+    report_to: None | str | list[str] = field(default="none", metadata={"help": "experiment trackers"})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "keep raw rows for the collator"})
