@@ -1,0 +1,40 @@
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+# Offline, with every cache in a temporary folder (importing diffusers writes a torch inductor cache).
+_CACHE = tempfile.mkdtemp(prefix="rankdiff-test-cache-")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(_CACHE, "inductor"))
+os.environ.setdefault("HF_HOME", os.path.join(_CACHE, "hf"))
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from modeling import RankDiTConfig, RankDiTModel  # noqa: E402
+
+
+@pytest.fixture
+def tiny_config() -> RankDiTConfig:
+    return RankDiTConfig.from_preset("tiny", num_rank_bins=10, gene_vocab_size=200, max_length=64)
+
+
+@pytest.fixture
+def tiny_model(tiny_config) -> RankDiTModel:
+    torch.manual_seed(0)
+    return RankDiTModel(tiny_config).eval()
+
+
+def randomize_zero_init(model: RankDiTModel) -> RankDiTModel:
+    """Give the zero-initialised modulations and head random weights, so outputs depend on the inputs."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "adaLN" in name or "proj_out" in name:
+                parameter.copy_(0.3 * torch.randn(parameter.shape, generator=generator))
+    return model

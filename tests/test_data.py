@@ -1,0 +1,133 @@
+import importlib.util
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from dataset_scripts import EMBEDDED_SAMPLE, RankDiffusionCollator, load_expression_data, split_by_cell_id
+from modeling import CellTokenizer, GeneVocab
+from tests.conftest import REPO
+
+_spec = importlib.util.spec_from_file_location("build_sample", REPO / "data" / "build_celltypist_sample.py")
+build_sample = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(build_sample)
+
+TAHOE_COLUMNS = [
+    ("genes", pa.list_(pa.int64())),
+    ("expressions", pa.list_(pa.float32())),
+    ("drug", pa.string()),
+    ("sample", pa.string()),
+    ("BARCODE_SUB_LIB_ID", pa.string()),
+    ("cell_line_id", pa.string()),
+    ("moa-fine", pa.string()),
+    ("canonical_smiles", pa.string()),
+    ("pubchem_cid", pa.string()),
+    ("plate", pa.string()),
+]
+
+
+def test_embedded_sample_has_the_exact_tahoe_schema():
+    table = pq.read_table(EMBEDDED_SAMPLE / "data" / "train-00000-of-00001.parquet")
+    assert [(f.name, f.type) for f in table.schema] == TAHOE_COLUMNS
+    assert table.num_rows == 559
+    genes, expressions = table["genes"].to_pylist(), table["expressions"].to_pylist()
+    assert all(g[0] == 1 and e[0] == -2.0 for g, e in zip(genes, expressions))
+    rest = np.concatenate([e[1:] for e in expressions])
+    assert (rest >= 1).all() and (rest == np.round(rest)).all()
+    assert len(set(table["BARCODE_SUB_LIB_ID"].to_pylist())) == 559
+
+
+def test_embedded_gene_metadata_layout():
+    table = pq.read_table(EMBEDDED_SAMPLE / "metadata" / "gene_metadata.parquet")
+    assert table.column_names == ["token_id", "ensembl_id", "gene_symbol"]
+    ids = table["token_id"].to_numpy()
+    np.testing.assert_array_equal(ids, np.arange(3, 3 + len(ids)))
+    assert table["ensembl_id"].to_pylist() == sorted(table["ensembl_id"].to_pylist())
+
+
+def test_conversion_script_on_a_small_csv():
+    gencode = b"ENSG00000000005,TNMD\nENSG00000000003,TSPAN6\nENSG00000000009,TNMD\n"
+    counts = b",TSPAN6,TNMD,UNKNOWN1\nCell_1,0,3.0000000001,5\nCell_2,2,0,0\n"
+    metadata = build_sample.build_gene_metadata(gencode)
+    assert metadata.to_pydict() == {
+        "token_id": [3, 4, 5],
+        "ensembl_id": ["ENSG00000000003", "ENSG00000000005", "ENSG00000000009"],
+        "gene_symbol": ["TSPAN6", "TNMD", "TNMD"],
+    }
+    table, summary = build_sample.build_expression_data(counts, metadata)
+    assert table.schema == build_sample.EXPRESSION_SCHEMA
+    assert table["genes"].to_pylist() == [[1, 4], [1, 3]]  # TNMD -> its first Ensembl id; UNKNOWN1 dropped
+    assert table["expressions"].to_pylist() == [[-2.0, 3.0], [-2.0, 2.0]]
+    assert table["plate"].null_count == 2
+    assert summary["genes_matched_to_gencode_v44"] == 2
+    with pytest.raises(ValueError, match="integer counts"):
+        build_sample.build_expression_data(b",TSPAN6\nCell_1,1.5\n", metadata)
+
+
+def _write_hub_layout(root, n_cells=30):
+    (root / "data").mkdir(parents=True)
+    (root / "metadata").mkdir()
+    source = pq.read_table(EMBEDDED_SAMPLE / "data" / "train-00000-of-00001.parquet").slice(0, n_cells)
+    pq.write_table(source.slice(0, n_cells // 2), root / "data" / "train-00000-of-00002.parquet")
+    pq.write_table(source.slice(n_cells // 2), root / "data" / "train-00001-of-00002.parquet")
+    pq.write_table(
+        pq.read_table(EMBEDDED_SAMPLE / "metadata" / "gene_metadata.parquet"),
+        root / "metadata" / "gene_metadata.parquet",
+    )
+
+
+def test_local_folder_in_hub_layout(tmp_path):
+    _write_hub_layout(tmp_path / "tahoe")
+    source = load_expression_data(tmp_path / "tahoe")
+    assert source.rows.num_rows == 30 and len(source.vocab) == 62754
+
+
+def test_missing_files_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no parquet files"):
+        load_expression_data(tmp_path)
+    pq.write_table(pq.read_table(EMBEDDED_SAMPLE / "data" / "train-00000-of-00001.parquet"), tmp_path / "x.parquet")
+    with pytest.raises(FileNotFoundError, match="gene metadata"):
+        load_expression_data(tmp_path)
+
+
+def test_split_is_disjoint_complete_and_stable():
+    rows = load_expression_data().rows
+    train, validation = split_by_cell_id(rows, 0.2)
+    train_ids = set(train["BARCODE_SUB_LIB_ID"])
+    validation_ids = set(validation["BARCODE_SUB_LIB_ID"])
+    assert not train_ids & validation_ids and len(train_ids | validation_ids) == 559
+    assert 0.12 < len(validation_ids) / 559 < 0.28
+    assert set(split_by_cell_id(rows, 0.2)[1]["BARCODE_SUB_LIB_ID"]) == validation_ids
+
+
+def test_collator_strips_marker_and_pads():
+    rows = [dict(r) for r in load_expression_data().rows.select(range(3))]
+    rows[1]["genes"] = rows[1]["genes"][:40]
+    rows[1]["expressions"] = rows[1]["expressions"][:40]
+    batch = RankDiffusionCollator(CellTokenizer(max_length=128))(rows)
+    assert batch["gene_ids"].shape == (3, 128)
+    assert batch["attention_mask"].sum(1).tolist() == [128, 39, 128]
+    assert (batch["gene_ids"][batch["attention_mask"] == 1] >= 3).all()
+    assert (batch["labels"][1, 39:] == -100).all() and (batch["labels"][1, :39] == batch["input_ids"][1, :39]).all()
+
+
+def test_collator_names_a_bad_row():
+    row = dict(load_expression_data().rows[0])
+    row["genes"] = row["genes"][:10]
+    with pytest.raises(ValueError, match="celltypist_sample_Cell_1.*10 genes but"):
+        RankDiffusionCollator(CellTokenizer())([row])
+
+
+def test_gene_vocab_lookup_and_round_trip(tmp_path):
+    vocab = GeneVocab.from_gene_metadata(EMBEDDED_SAMPLE / "metadata" / "gene_metadata.parquet")
+    assert vocab.size == 3 + 62754
+    tp53 = vocab.encode(["TP53"])[0]
+    assert vocab.encode(["ENSG00000141510.17", tp53, "TP53"]) == [tp53] * 3
+    with pytest.raises(KeyError, match=r"2 of 3 genes.*'NOT_A_GENE' \(position 1\)"):
+        vocab.encode(["TP53", "NOT_A_GENE", 999_999])
+    vocab.save_pretrained(tmp_path)
+    loaded = GeneVocab.from_file(tmp_path / "gene_vocab.json")
+    assert loaded.encode(["TP53", "CD3E"]) == vocab.encode(["TP53", "CD3E"])
+    with pytest.raises(ValueError, match="special"):
+        GeneVocab([1, 5], ["a", "b"], ["A", "B"])

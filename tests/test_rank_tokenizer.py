@@ -1,0 +1,129 @@
+import numpy as np
+import pytest
+
+from modeling import CellTokenizer, rank_tokens
+
+
+def test_hand_computed_bins_with_ties():
+    # Non-zero counts [1, 1, 2, 10] with B = 4: edges are the quantiles at 0, 1/3, 2/3, 1 = [1, 1, 2, 10].
+    tokens = rank_tokens(np.array([0, 1, 10, 1, 2, 0]), num_bins=4)
+    np.testing.assert_array_equal(tokens, [0, 1, 4, 1, 3, 0])
+
+
+def test_mosaicfm_rule_for_b50():
+    # With B = 50 the edges sit at positions 3k/49 of the sorted [1, 1, 2, 10]; 2 first reached at k = 33.
+    np.testing.assert_array_equal(rank_tokens(np.array([1, 1, 2, 10]), 50), [1, 1, 34, 50])
+
+
+def test_all_ones_cell_and_single_gene():
+    np.testing.assert_array_equal(rank_tokens(np.ones(7), 50), np.ones(7))
+    np.testing.assert_array_equal(rank_tokens(np.array([0, 0, 5, 0]), 50), [0, 0, 1, 0])
+
+
+def test_quantiles_are_scale_free_and_monotone():
+    rng = np.random.default_rng(0)
+    counts = rng.negative_binomial(1, 0.3, size=500)
+    counts[0] = 3
+    tokens = rank_tokens(counts, 50)
+    np.testing.assert_array_equal(tokens, rank_tokens(counts * 7, 50))
+    order = np.argsort(counts[counts > 0], kind="stable")
+    assert np.all(np.diff(tokens[counts > 0][order]) >= 0)
+    assert tokens.max() == 50 and tokens[counts > 0].min() == 1
+
+
+@pytest.mark.parametrize(
+    ("counts", "message"),
+    [
+        ([1, -1, 2], "non-negative integers"),
+        ([1, np.nan, 2], "non-negative integers"),
+        ([1, 2.5, 2], "2.5 at position 1"),
+        ([0, 0, 0], "no expressed genes"),
+    ],
+)
+def test_bad_counts_are_named(counts, message):
+    with pytest.raises(ValueError, match=message):
+        rank_tokens(np.array(counts, dtype=float), 50, where="cell 'x'")
+
+
+def _cell(n_expressed: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    genes = rng.choice(np.arange(3, 5000), n_expressed, replace=False)
+    counts = rng.integers(1, 30, n_expressed).astype(float)
+    return genes, counts
+
+
+def test_tokens_are_computed_before_subsampling():
+    genes, counts = _cell(300)
+    tokenizer = CellTokenizer(num_bins=50, max_length=64)
+    gene_ids, input_ids = tokenizer(genes, counts, cell_id="c1")
+    assert len(gene_ids) == 64 and len(set(gene_ids.tolist())) == 64
+    full = dict(zip(genes.tolist(), rank_tokens(counts, 50).tolist()))
+    assert [full[g] for g in gene_ids.tolist()] == input_ids.tolist()
+
+
+def test_subsampling_is_fixed_by_seed_epoch_and_cell():
+    genes, counts = _cell(300)
+    tokenizer = CellTokenizer(num_bins=50, max_length=64)
+    first, _ = tokenizer(genes, counts, cell_id="c1")
+    np.testing.assert_array_equal(first, tokenizer(genes, counts, cell_id="c1")[0])
+    assert not np.array_equal(first, tokenizer(genes, counts, cell_id="c2")[0])
+    assert not np.array_equal(first, tokenizer(genes, counts, cell_id="c1", epoch=1)[0])
+    assert not np.array_equal(first, CellTokenizer(num_bins=50, max_length=64, seed=1)(genes, counts, cell_id="c1")[0])
+
+
+def test_short_cells_keep_every_expressed_gene():
+    genes, counts = _cell(20)
+    gene_ids, input_ids = CellTokenizer(max_length=64)(genes, counts, cell_id="c")
+    assert sorted(gene_ids.tolist()) == sorted(genes.tolist()) and (input_ids > 0).all()
+
+
+def test_zero_share_adds_unexpressed_genes_from_the_pool():
+    genes, counts = _cell(300)
+    pool = np.arange(3, 6000)
+    tokenizer = CellTokenizer(max_length=100, zero_share=0.25, gene_pool=pool)
+    gene_ids, input_ids = tokenizer(genes, counts, cell_id="c")
+    assert len(gene_ids) == 100 and len(set(gene_ids.tolist())) == 100
+    zeros = gene_ids[input_ids == 0]
+    assert len(zeros) == 25
+    assert not set(zeros.tolist()) & set(genes.tolist()) and set(zeros.tolist()) <= set(pool.tolist())
+    assert (input_ids[:75] > 0).all()
+
+
+def test_panel_rule_ignores_the_counts():
+    genes, counts = _cell(300)
+    panel = np.arange(3, 200)
+    tokenizer = CellTokenizer(max_length=64, panel=panel)
+    gene_ids, input_ids = tokenizer(genes, counts, cell_id="c", rule="panel")
+    # Which genes enter does not depend on the counts: another cell with the same id draws the same genes.
+    other_ids, _ = tokenizer(*_cell(50, seed=3), cell_id="c", rule="panel")
+    np.testing.assert_array_equal(gene_ids, other_ids)
+    full = dict(zip(genes.tolist(), rank_tokens(counts, 50).tolist()))
+    assert input_ids.tolist() == [full.get(g, 0) for g in gene_ids.tolist()]
+    assert set(gene_ids.tolist()) <= set(panel.tolist())
+
+
+def test_panel_share_mixes_rules():
+    genes, counts = _cell(300)
+    tokenizer = CellTokenizer(max_length=64, panel_share=0.5, panel=np.arange(3, 2000))
+    zero_shares = [np.mean(tokenizer(genes, counts, cell_id=f"c{i}")[1] == 0) for i in range(40)]
+    assert 5 < sum(share > 0 for share in zero_shares) < 35
+
+
+@pytest.mark.parametrize(
+    ("genes", "counts", "message"),
+    [
+        ([3, 4], [1.0], "differ in shape"),
+        ([3, 3], [1.0, 2.0], "repeated"),
+        ([3, 4], [0.0, 0.0], "no expressed genes"),
+    ],
+)
+def test_bad_cells_are_named(genes, counts, message):
+    with pytest.raises(ValueError, match=f"cell 'bad'.*{message}"):
+        CellTokenizer()(np.array(genes), np.array(counts), cell_id="bad")
+
+
+def test_configuration_errors():
+    with pytest.raises(ValueError, match="gene_pool"):
+        CellTokenizer(zero_share=0.1)
+    with pytest.raises(ValueError, match="panel"):
+        CellTokenizer(panel_share=0.1)

@@ -1,0 +1,158 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import train_hf
+from dataset_scripts import RankDiffusionCollator, load_expression_data
+from metrics import PerGeneMarginal
+from modeling import CellTokenizer, RankDiTConfig, RankDiTModel, rank_tokens
+from pipelines import MaskedRankDiffusionScheduler
+from tests.conftest import REPO
+from training import RankDiffTrainingArguments, RankDiffusionTrainer, evaluate_masked_diffusion
+
+
+class MarginalModel(torch.nn.Module):
+    """Predicts every position from its gene alone: the per-gene marginal, whatever the context."""
+
+    def __init__(self, baseline: PerGeneMarginal):
+        super().__init__()
+        self.baseline = baseline
+
+    def forward(self, gene_ids, input_ids, attention_mask=None, timesteps=None):
+        return type("Output", (), {"logits": self.baseline.log_probs(gene_ids)})()
+
+
+def _toy_cells(n_cells=24, n_genes=40, num_bins=10, seed=0):
+    rng = np.random.default_rng(seed)
+    cells = []
+    for _ in range(n_cells):
+        genes = np.arange(3, 3 + n_genes)
+        counts = rng.poisson(rng.uniform(0.2, 4.0, n_genes)).astype(float)
+        counts[0] = max(counts[0], 1)
+        cells.append((genes, rank_tokens(counts, num_bins)))
+    return cells
+
+
+def test_nelbo_of_the_marginal_model_equals_the_baseline_nll():
+    cells = _toy_cells()
+    baseline = PerGeneMarginal(num_rank_bins=10, gene_vocab_size=50).fit(cells)
+    gene_ids = torch.from_numpy(np.stack([g for g, _ in cells]))
+    tokens = torch.from_numpy(np.stack([t for _, t in cells]))
+    batch = {"gene_ids": gene_ids, "input_ids": tokens, "attention_mask": torch.ones_like(tokens)}
+    scheduler = MaskedRankDiffusionScheduler(num_rank_bins=10)
+    scores = evaluate_masked_diffusion(MarginalModel(baseline), scheduler, [batch], baseline, time_grid=256)
+    everything = -baseline.log_probs(gene_ids).gather(-1, tokens.unsqueeze(-1)).mean().item()
+    # E_t[-alpha'(t)] = 1 - eps for the log-linear schedule, so the NELBO is the mean NLL up to that factor.
+    assert scores["nelbo"] == pytest.approx(everything * (1 - 1e-3), rel=0.02)
+    assert scores["masked_nll_0.5"] == pytest.approx(scores["baseline_masked_nll_0.5"], rel=1e-6)
+
+
+def test_marginal_baseline_counts_unlisted_genes_as_zero():
+    baseline = PerGeneMarginal(num_rank_bins=2, gene_vocab_size=6, pseudocount=0.0)
+    baseline.fit([(np.array([3, 4]), np.array([1, 2])), (np.array([3]), np.array([2]))])
+    probabilities = baseline.probabilities()
+    np.testing.assert_allclose(probabilities[3], [0.0, 0.5, 0.5])
+    np.testing.assert_allclose(probabilities[4], [0.5, 0.0, 0.5])
+    np.testing.assert_allclose(probabilities[5], [1.0, 0.0, 0.0])
+
+
+@pytest.fixture
+def small_trainer(tmp_path):
+    rows = load_expression_data().rows.select(range(48))
+    train_rows, eval_rows = rows.select(range(40)), rows.select(range(40, 48))
+    config = RankDiTConfig.from_preset("tiny", gene_vocab_size=62757, max_length=64)
+    torch.manual_seed(0)
+    model = RankDiTModel(config)
+    tokenizer = CellTokenizer(max_length=64)
+    baseline = PerGeneMarginal(50, 62757)
+    args = RankDiffTrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        max_steps=40,
+        per_device_train_batch_size=8,
+        learning_rate=3e-3,
+        logging_steps=10,
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
+    )
+    return RankDiffusionTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_rows,
+        eval_dataset=eval_rows,
+        data_collator=RankDiffusionCollator(tokenizer),
+        noise_scheduler=MaskedRankDiffusionScheduler(),
+        eval_collator=RankDiffusionCollator(tokenizer, rule="expressed"),
+        baseline=baseline,
+    )
+
+
+def test_loss_is_divided_by_num_items_in_batch(small_trainer):
+    inputs = next(iter(small_trainer.get_train_dataloader()))
+    real = int(inputs["attention_mask"].sum())
+    torch.manual_seed(5)
+    per_token = small_trainer.compute_loss(small_trainer.model, inputs)
+    torch.manual_seed(5)
+    over_items = small_trainer.compute_loss(small_trainer.model, inputs, num_items_in_batch=torch.tensor(3 * real))
+    torch.testing.assert_close(over_items * 3, per_token)
+
+
+def test_a_few_steps_lower_the_loss(small_trainer):
+    before = small_trainer.evaluate()["eval_nelbo"]
+    small_trainer.train()
+    after = small_trainer.evaluate()["eval_nelbo"]
+    assert after < before - 0.3, (before, after)
+
+
+def test_train_hf_writes_a_loadable_pipeline_folder(tmp_path):
+    out = tmp_path / "demo"
+    metrics = train_hf.main(
+        [
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "3",
+            "--max_length",
+            "48",
+            "--per_device_train_batch_size",
+            "4",
+            "--max_eval_cells",
+            "8",
+            "--eval_time_grid",
+            "2",
+            "--use_cpu",
+            "--disable_tqdm",
+            "true",
+        ]
+    )
+    saved = json.loads((out / "eval_results.json").read_text())
+    for key in ("eval_nelbo", "eval_masked_nll_0.5", "eval_baseline_masked_nll_0.5"):
+        assert np.isfinite(saved[key]) and saved[key] == metrics[key]
+    assert (out / "model" / "gene_vocab.json").exists() and (out / "scheduler" / "scheduler_config.json").exists()
+
+    # A fresh process, outside the repo, that never imports the project, gets the same logits.
+    model = RankDiTModel.from_pretrained(out / "model")
+    generator = torch.Generator().manual_seed(0)
+    gene_ids = torch.randint(3, model.config.gene_vocab_size, (2, 16), generator=generator)
+    input_ids = torch.randint(0, 52, (2, 16), generator=generator)
+    torch.save({"gene_ids": gene_ids, "input_ids": input_ids}, tmp_path / "inputs.pt")
+    expected = model(gene_ids=gene_ids, input_ids=input_ids).logits
+    script = f"""
+import sys, torch
+from transformers import AutoModel
+model = AutoModel.from_pretrained({str(out)!r}, subfolder="model", trust_remote_code=True)
+assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+assert "modeling" not in sys.modules and "train_hf" not in sys.modules
+assert model.gene_vocab is not None and model.gene_vocab.encode(["TP53"])
+inputs = torch.load({str(tmp_path / "inputs.pt")!r})
+torch.save(model(**inputs).logits, {str(tmp_path / "logits.pt")!r})
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, check=True)
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected)
+    assert str(REPO) not in env.get("PYTHONPATH", "")
