@@ -60,12 +60,21 @@ def export_pipeline_folder(
     (output_dir / "eval_results.json").write_text(json.dumps(metrics, indent=2) + "\n")
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = HfArgumentParser(
+def build_parser() -> HfArgumentParser:
+    """The command line: model, data, diffusion and `TrainingArguments` flags."""
+    return HfArgumentParser(
         (ModelArguments, DataArguments, DiffusionArguments, RankDiffTrainingArguments), description=__doc__
     )
-    model_args, data_args, diffusion_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+
+
+def train(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    diffusion_args: DiffusionArguments,
+    training_args: RankDiffTrainingArguments,
+) -> tuple[RankDiffusionTrainer, dict[str, float]]:
+    """Fit the baseline, train, evaluate and write the pipeline folder; returns the trainer and its final
+    evaluation metrics."""
     set_seed(training_args.seed)
     num_bins = model_args.num_rank_bins
 
@@ -130,7 +139,12 @@ def main(argv: list[str] | None = None) -> dict:
     if trainer.is_world_process_zero():
         export_pipeline_folder(Path(training_args.output_dir), model, scheduler, metrics)
         logger.info("pipeline folder written to %s", training_args.output_dir)
-    return metrics
+    return trainer, metrics
+
+
+def main(argv: list[str] | None = None) -> tuple[RankDiffusionTrainer, dict[str, float]]:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    return train(*build_parser().parse_args_into_dataclasses(args=argv))
 
 
 if __name__ == "__main__":

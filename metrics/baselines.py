@@ -26,12 +26,14 @@ class PerGeneMarginal:
         self.pseudocount = pseudocount
         self.nonzero_counts = np.zeros((gene_vocab_size, num_rank_bins + 1), dtype=np.float64)
         self.num_cells = 0
+        self._log_table: torch.Tensor | None = None
 
     def update(self, genes: np.ndarray, tokens: np.ndarray) -> None:
         """Add one cell: its expressed genes and their rank tokens (unlisted genes count as token 0)."""
         expressed = tokens > 0
         np.add.at(self.nonzero_counts, (genes[expressed], tokens[expressed]), 1.0)
         self.num_cells += 1
+        self._log_table = None
 
     def fit(self, cells: Iterable[tuple[np.ndarray, np.ndarray]]) -> PerGeneMarginal:
         """Add every (genes, tokens) cell of `cells` and return self."""
@@ -53,5 +55,6 @@ class PerGeneMarginal:
 
     def log_probs(self, gene_ids: torch.Tensor) -> torch.Tensor:
         """Log-probabilities of shape `gene_ids.shape + (B + 1,)`."""
-        table = torch.from_numpy(np.log(self.probabilities())).float().to(gene_ids.device)
-        return table[gene_ids]
+        if self._log_table is None:
+            self._log_table = torch.from_numpy(np.log(self.probabilities())).float()
+        return self._log_table.to(gene_ids.device)[gene_ids]
