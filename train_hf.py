@@ -79,7 +79,7 @@ def train(
     num_bins = model_args.num_rank_bins
 
     source = load_expression_data(data_args.data, config_name=data_args.data_config)
-    train_rows, eval_rows = split_by_cell_id(source.rows, data_args.validation_share, seed=training_args.seed)
+    train_rows, eval_rows = split_by_cell_id(source.rows, data_args.validation_share, seed=data_args.split_seed)
     eval_rows = eval_rows.take(data_args.max_eval_cells)
     logger.info("data: %s, %d genes in the vocabulary", source.name, len(source.vocab))
 

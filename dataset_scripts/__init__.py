@@ -9,6 +9,7 @@ from .expression_data import (
     full_cell_tokens,
     load_expression_data,
     pad_cells,
+    read_gene_vocab,
     split_by_cell_id,
 )
 
@@ -21,5 +22,6 @@ __all__ = [
     "full_cell_tokens",
     "load_expression_data",
     "pad_cells",
+    "read_gene_vocab",
     "split_by_cell_id",
 ]

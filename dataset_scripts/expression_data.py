@@ -14,6 +14,7 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
@@ -32,6 +33,12 @@ class ExpressionSource:
     rows: datasets.Dataset | datasets.IterableDataset
     vocab: GeneVocab
     name: str
+
+
+def read_gene_vocab(path: str | os.PathLike) -> GeneVocab:
+    """Read a parquet file in Tahoe-100M's `gene_metadata` schema (`token_id`, `ensembl_id`, `gene_symbol`)."""
+    table = pq.read_table(path, columns=["token_id", "ensembl_id", "gene_symbol"])
+    return GeneVocab(table["token_id"].to_numpy(), table["ensembl_id"].to_pylist(), table["gene_symbol"].to_pylist())
 
 
 def load_expression_data(data: str | os.PathLike | None = None, *, config_name: str | None = None) -> ExpressionSource:
@@ -54,13 +61,15 @@ def load_expression_data(data: str | os.PathLike | None = None, *, config_name: 
         if not metadata.exists():
             raise FileNotFoundError(f"no gene metadata for {path}: expected {metadata}")
         rows = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train")
-        return ExpressionSource(rows, GeneVocab.from_gene_metadata(metadata), str(path))
+        return ExpressionSource(rows, read_gene_vocab(metadata), str(path))
 
+    if str(data).startswith(("/", ".", "~")) or str(data).endswith(".parquet") or str(data).count("/") != 1:
+        raise FileNotFoundError(f"{data} does not exist (a Hub dataset id looks like 'owner/name')")
     from huggingface_hub import hf_hub_download
 
     rows = datasets.load_dataset(str(data), config_name, split="train", streaming=True)
     metadata = hf_hub_download(str(data), GENE_METADATA_PATH, repo_type="dataset")
-    return ExpressionSource(rows, GeneVocab.from_gene_metadata(metadata), str(data))
+    return ExpressionSource(rows, read_gene_vocab(metadata), str(data))
 
 
 def held_out_fraction(cell_id: str, seed: int = 0) -> float:
@@ -130,7 +139,11 @@ class RankDiffusionCollator:
 
 
 class EpochCallback(TrainerCallback):
-    """Tells the collator which epoch starts, so subsampling is fixed by (seed, epoch, cell id)."""
+    """Tells the collator which epoch starts, so subsampling is fixed by (seed, epoch, cell id).
+
+    DataLoader workers copy the collator when the epoch's iterator is made, after this callback runs; with
+    `dataloader_persistent_workers` they would keep the first epoch's copy.
+    """
 
     def __init__(self, collator: RankDiffusionCollator):
         self.collator = collator

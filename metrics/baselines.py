@@ -30,6 +30,11 @@ class PerGeneMarginal:
 
     def update(self, genes: np.ndarray, tokens: np.ndarray) -> None:
         """Add one cell: its expressed genes and their rank tokens (unlisted genes count as token 0)."""
+        outside = (genes < 0) | (genes >= len(self.nonzero_counts))
+        if outside.any():
+            raise ValueError(
+                f"gene ids must be in 0..{len(self.nonzero_counts) - 1}, got {genes[outside][:10].tolist()}"
+            )
         expressed = tokens > 0
         np.add.at(self.nonzero_counts, (genes[expressed], tokens[expressed]), 1.0)
         self.num_cells += 1

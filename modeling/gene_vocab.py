@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -46,12 +47,18 @@ class GeneVocab:
                 f"{len(token_ids)}, {len(ensembl_ids)}, {len(symbols)}"
             )
         self.token_ids = np.asarray(token_ids, dtype=np.int64)
-        if len(self.token_ids) and self.token_ids.min() < FIRST_GENE_ID:
-            raise ValueError(f"gene token ids must be >= {FIRST_GENE_ID}; ids below are special: {SPECIAL_TOKENS}")
-        if len(np.unique(self.token_ids)) != len(self.token_ids):
-            raise ValueError("gene token ids must be unique")
+        special = self.token_ids[self.token_ids < FIRST_GENE_ID]
+        if len(special):
+            raise ValueError(
+                f"gene token ids must be >= {FIRST_GENE_ID} (ids below are {SPECIAL_TOKENS}), "
+                f"got {special[:10].tolist()}"
+            )
         self.ensembl_ids = list(ensembl_ids)
         self.symbols = list(symbols)
+        for name, values in (("token id", self.token_ids.tolist()), ("Ensembl id", self.ensembl_ids)):
+            repeated = [value for value, count in Counter(values).items() if count > 1]
+            if repeated:
+                raise ValueError(f"each gene needs its own {name}; repeated: {repeated[:10]}")
         self._by_ensembl = {_strip_version(e): int(t) for t, e in zip(self.token_ids, self.ensembl_ids)}
         self._by_symbol: dict[str, int] = {}
         for token_id, symbol in sorted(zip(self.token_ids.tolist(), self.symbols)):
@@ -113,11 +120,3 @@ class GeneVocab:
         with open(path) as f:
             data = json.load(f)
         return cls(data["token_id"], data["ensembl_id"], data["gene_symbol"])
-
-    @classmethod
-    def from_gene_metadata(cls, path: str | os.PathLike) -> GeneVocab:
-        """Read a parquet file in Tahoe-100M's `gene_metadata` schema (`token_id`, `ensembl_id`, `gene_symbol`)."""
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(path, columns=["token_id", "ensembl_id", "gene_symbol"])
-        return cls(table["token_id"].to_numpy(), table["ensembl_id"].to_pylist(), table["gene_symbol"].to_pylist())

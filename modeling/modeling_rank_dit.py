@@ -1,8 +1,8 @@
 """RankDiT: a DiT denoiser over sets of (gene id, rank token) pairs for masked discrete diffusion.
 
 The model has no positional encoding (gene order carries no meaning, so it is permutation-equivariant), attends
-bidirectionally with a key-padding mask, and modulates every block with adaLN-Zero from a conditioning vector (the
-diffusion time when `config.time_conditioning`, else nothing: the modulation is then a learned, gated affine).
+bidirectionally with a key-padding mask, and modulates every block with adaLN-Zero from a conditioning vector: a
+learned vector shared by all cells, plus an embedding of the diffusion time when `config.time_conditioning`.
 """
 
 from __future__ import annotations
@@ -208,6 +208,8 @@ class RankDiTModel(RankDiTPreTrainedModel):
         super().__init__(config)
         self.rank_embedding = nn.Embedding(config.num_rank_bins + 2, config.hidden_size)
         self.gene_embedding = nn.Embedding(config.gene_vocab_size, config.hidden_size)
+        # The conditioning every cell shares; time (and later cell metadata) embeddings are added to it.
+        self.base_conditioning = nn.Embedding(1, config.hidden_size)
         self.time_embedding = RankDiTTimestepEmbedding(config.hidden_size) if config.time_conditioning else None
         self.blocks = nn.ModuleList(RankDiTBlock(config) for _ in range(config.num_hidden_layers))
         self.norm_out = nn.LayerNorm(config.hidden_size, eps=config.norm_eps, elementwise_affine=False)
@@ -265,10 +267,11 @@ class RankDiTModel(RankDiTPreTrainedModel):
         """
         self._check_inputs(gene_ids, input_ids, attention_mask, timesteps)
         hidden_states = self.rank_embedding(input_ids) + self.gene_embedding(gene_ids)
+        conditioning = self.base_conditioning.weight.expand(input_ids.shape[0], -1)
         if self.time_embedding is not None:
-            conditioning = self.time_embedding(timesteps.to(hidden_states.device).expand(input_ids.shape[0]))
-        else:
-            conditioning = hidden_states.new_zeros(input_ids.shape[0], self.config.hidden_size)
+            conditioning = conditioning + self.time_embedding(
+                timesteps.to(hidden_states.device).expand(input_ids.shape[0])
+            )
         mask = create_bidirectional_mask(
             config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask
         )
@@ -286,9 +289,9 @@ class RankDiTModel(RankDiTPreTrainedModel):
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
         """Save config, weights and code as transformers does, plus `gene_vocab.json` when the model has one."""
-        super().save_pretrained(save_directory, *args, **kwargs)
-        if self.gene_vocab is not None:
+        if self.gene_vocab is not None:  # first, so that a push to the Hub uploads it too
             self.gene_vocab.save_pretrained(save_directory)
+        super().save_pretrained(save_directory, *args, **kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args, **kwargs):

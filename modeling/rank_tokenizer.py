@@ -10,17 +10,35 @@ import numpy as np
 SELECTION_RULES = ("expressed", "panel")
 
 
-def rank_tokens(counts: np.ndarray, num_bins: int = 50, *, where: str = "cell") -> np.ndarray:
+def quantile_edges(sorted_counts: np.ndarray, num_bins: int) -> np.ndarray:
+    """The quantiles `linspace(0, 1, num_bins)` of sorted integer counts, with linear interpolation, exactly.
+
+    This is `np.quantile(counts, np.linspace(0, 1, num_bins))` computed from integer positions, so an edge that
+    falls on a data point (or between two equal ones) is that count exactly instead of a float a hair below it,
+    which would move every tied count one bin up.
+    """
+    n = len(sorted_counts)
+    steps = np.arange(num_bins, dtype=np.int64) * (n - 1)
+    low, remainder = np.divmod(steps, max(num_bins - 1, 1))
+    high = np.minimum(low + 1, n - 1)
+    gap = sorted_counts[high] - sorted_counts[low]
+    return sorted_counts[low] + (gap * remainder) / max(num_bins - 1, 1)
+
+
+def rank_tokens(
+    counts: np.ndarray, num_bins: int = 50, *, where: str = "cell", genes: np.ndarray | None = None
+) -> np.ndarray:
     """Rank tokens of one cell's counts with the MosaicFM / Tahoe-x1 rule.
 
     The bin edges are the quantiles `linspace(0, 1, num_bins)` of the cell's non-zero counts (linear
-    interpolation); an expressed gene gets `bucketize(count, edges, right=False) + 1`, so tied counts share a bin
-    and the smallest count is bin 1. Unexpressed genes get 0.
+    interpolation, see [`quantile_edges`]); an expressed gene gets `bucketize(count, edges, right=False) + 1`, so
+    tied counts share a bin and the smallest count is bin 1. Unexpressed genes get 0.
 
     Args:
         counts (`np.ndarray`): raw counts of every gene of the cell (1-D, non-negative integers).
         num_bins (`int`): B, the number of bins for expressed genes.
         where (`str`): how to name the cell in error messages.
+        genes (`np.ndarray`, *optional*): the gene id of each count, to name a bad count's gene.
 
     Returns:
         `np.ndarray` of int64 tokens in 0..B, one per count.
@@ -31,15 +49,16 @@ def rank_tokens(counts: np.ndarray, num_bins: int = 50, *, where: str = "cell") 
     bad = ~np.isfinite(counts) | (counts < 0) | (counts != np.round(counts))
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
+        gene = f" (gene {int(genes[i])})" if genes is not None else ""
         raise ValueError(
-            f"{where}: counts must be non-negative integers (raw UMI counts), got {float(counts[i])} at position {i}"
-            f" ({int(bad.sum())} bad values)"
+            f"{where}: counts must be non-negative integers (raw UMI counts), got {float(counts[i])} at position "
+            f"{i}{gene}; {int(bad.sum())} bad values in all"
         )
     expressed = counts > 0
     if not expressed.any():
         raise ValueError(f"{where}: the cell has no expressed genes")
     nonzero = counts[expressed]
-    edges = np.quantile(nonzero, np.linspace(0.0, 1.0, num_bins))
+    edges = quantile_edges(np.sort(nonzero), num_bins)
     tokens = np.zeros(len(counts), dtype=np.int64)
     tokens[expressed] = np.searchsorted(edges, nonzero, side="left") + 1
     return tokens
@@ -124,9 +143,10 @@ class CellTokenizer:
         genes = np.asarray(genes, dtype=np.int64)
         if genes.ndim != 1 or genes.shape != np.shape(counts):
             raise ValueError(f"{where}: genes and counts differ in shape: {genes.shape} vs {np.shape(counts)}")
-        if len(np.unique(genes)) != len(genes):
-            raise ValueError(f"{where}: gene ids are repeated")
-        tokens = rank_tokens(counts, self.num_bins, where=where)
+        unique, seen = np.unique(genes, return_counts=True)
+        if (seen > 1).any():
+            raise ValueError(f"{where}: gene ids are repeated: {unique[seen > 1][:10].tolist()}")
+        tokens = rank_tokens(counts, self.num_bins, where=where, genes=genes)
         rng = cell_rng(self.seed, epoch, cell_id)
         if rule is None:
             rule = "panel" if self.panel_share > 0 and rng.random() < self.panel_share else "expressed"

@@ -39,8 +39,7 @@ class MaskedRankDiffusionScheduler(SchedulerMixin, ConfigMixin):
 
     Time runs from t = 0 (clean) to t = 1 (all masked); alpha(t) is the probability that a token is still visible.
     A masked token is replaced by `mask_token_id`; visible tokens are carried over unchanged (SUBS), so only masked
-    tokens carry loss, each weighted by -alpha'(t) / (1 - alpha(t)). The sampling steps (`set_timesteps`, `step`)
-    build on `alpha`.
+    tokens carry loss, each weighted by -alpha'(t) / (1 - alpha(t)).
 
     Args:
         num_rank_bins (`int`, defaults to 50):
@@ -89,6 +88,13 @@ class MaskedRankDiffusionScheduler(SchedulerMixin, ConfigMixin):
             return 1.0 - (1.0 - eps) * t
         return eps + (1.0 - eps) * torch.cos(0.5 * math.pi * t)
 
+    def mask_probability(self, t: torch.Tensor) -> torch.Tensor:
+        """1 - alpha(t), the probability that a token is masked at time t, computed without cancellation."""
+        eps = self.config.eps
+        if self.config.noise_schedule == "log-linear":
+            return (1.0 - eps) * t
+        return (1.0 - eps) * 2.0 * torch.sin(0.25 * math.pi * t) ** 2
+
     def time_at_alpha(self, alpha: float) -> float:
         """The time t at which alpha(t) = `alpha` (so a share 1 - alpha of the tokens is masked)."""
         eps = self.config.eps
@@ -104,7 +110,7 @@ class MaskedRankDiffusionScheduler(SchedulerMixin, ConfigMixin):
         if self.config.noise_schedule == "log-linear":
             return 1.0 / t
         d_alpha = -(1.0 - eps) * 0.5 * math.pi * torch.sin(0.5 * math.pi * t)
-        return -d_alpha / (1.0 - self.alpha(t))
+        return -d_alpha / self.mask_probability(t)
 
     def sample_timesteps(
         self,
@@ -112,17 +118,10 @@ class MaskedRankDiffusionScheduler(SchedulerMixin, ConfigMixin):
         *,
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
-        offset: int = 0,
-        total: int | None = None,
     ) -> torch.Tensor:
-        """Stratified (antithetic) training times: u_i = (u + i / n) mod 1, t = eps + (1 - eps) u.
-
-        `offset` and `total` place this batch's rows among `total` rows drawn with the same `u` (the global batch
-        across ranks, when every rank uses the same generator state), so the strata cover [eps, 1] jointly.
-        """
-        total = batch_size if total is None else total
+        """Stratified (antithetic) training times over the batch: u_i = (u + i / n) mod 1, t = eps + (1 - eps) u."""
         u0 = torch.rand((), generator=generator, device=device, dtype=torch.float64)
-        strata = (offset + torch.arange(batch_size, device=device, dtype=torch.float64)) / total
+        strata = torch.arange(batch_size, device=device, dtype=torch.float64) / batch_size
         u = torch.remainder(u0 + strata, 1.0)
         return (self.config.eps + (1.0 - self.config.eps) * u).float()
 
@@ -148,9 +147,9 @@ class MaskedRankDiffusionScheduler(SchedulerMixin, ConfigMixin):
         """
         if timesteps.shape != original_samples.shape[:1]:
             raise ValueError(f"timesteps must have shape ({original_samples.shape[0]},), got {tuple(timesteps.shape)}")
-        move_prob = (1.0 - self.alpha(timesteps.float())).unsqueeze(1)
+        mask_probability = self.mask_probability(timesteps.double()).unsqueeze(1).to(original_samples.device)
         draws = torch.rand(original_samples.shape, generator=generator, device=original_samples.device)
-        masked = draws < move_prob.to(original_samples.device)
+        masked = draws < mask_probability
         if maskable is not None:
             masked &= maskable.bool()
         return original_samples.masked_fill(masked, self.config.mask_token_id)

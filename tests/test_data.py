@@ -5,7 +5,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dataset_scripts import EMBEDDED_SAMPLE, RankDiffusionCollator, load_expression_data, split_by_cell_id
+from dataset_scripts import (
+    EMBEDDED_SAMPLE,
+    RankDiffusionCollator,
+    load_expression_data,
+    read_gene_vocab,
+    split_by_cell_id,
+)
 from modeling import CellTokenizer, GeneVocab
 from tests.conftest import REPO
 
@@ -84,6 +90,8 @@ def test_local_folder_in_hub_layout(tmp_path):
 
 
 def test_missing_files_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_expression_data(tmp_path / "no_such_folder")
     with pytest.raises(FileNotFoundError, match="no parquet files"):
         load_expression_data(tmp_path)
     pq.write_table(pq.read_table(EMBEDDED_SAMPLE / "data" / "train-00000-of-00001.parquet"), tmp_path / "x.parquet")
@@ -120,7 +128,7 @@ def test_collator_names_a_bad_row():
 
 
 def test_gene_vocab_lookup_and_round_trip(tmp_path):
-    vocab = GeneVocab.from_gene_metadata(EMBEDDED_SAMPLE / "metadata" / "gene_metadata.parquet")
+    vocab = read_gene_vocab(EMBEDDED_SAMPLE / "metadata" / "gene_metadata.parquet")
     assert vocab.size == 3 + 62754
     tp53 = vocab.encode(["TP53"])[0]
     assert vocab.encode(["ENSG00000141510.17", tp53, "TP53"]) == [tp53] * 3
@@ -129,5 +137,7 @@ def test_gene_vocab_lookup_and_round_trip(tmp_path):
     vocab.save_pretrained(tmp_path)
     loaded = GeneVocab.from_file(tmp_path / "gene_vocab.json")
     assert loaded.encode(["TP53", "CD3E"]) == vocab.encode(["TP53", "CD3E"])
-    with pytest.raises(ValueError, match="special"):
+    with pytest.raises(ValueError, match=r"special|got \[1\]"):
         GeneVocab([1, 5], ["a", "b"], ["A", "B"])
+    with pytest.raises(ValueError, match=r"Ensembl id; repeated: \['ENSG1'\]"):
+        GeneVocab([3, 4], ["ENSG1", "ENSG1"], ["A", "B"])

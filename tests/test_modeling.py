@@ -1,8 +1,10 @@
+import sys
+
 import pytest
 import torch
 
 from modeling import RankDiTConfig, RankDiTModel
-from tests.conftest import randomize_zero_init
+from tests.conftest import REPO, randomize_zero_init
 
 
 def _inputs(config, batch=2, length=12, seed=0):
@@ -28,12 +30,23 @@ def test_fresh_model_starts_uniform_with_zero_gates(tiny_model, tiny_config):
     torch.testing.assert_close(logits, torch.zeros_like(logits))
 
 
-def test_loaded_model_keeps_zero_init_and_trained_weights(tiny_model, tmp_path):
-    tiny_model.save_pretrained(tmp_path)
+def test_loading_restores_every_weight_without_reinitialising(tiny_model, tmp_path):
+    # post_init must not re-zero gates and head that were trained away from zero.
+    trained = randomize_zero_init(tiny_model)
+    trained.save_pretrained(tmp_path)
     loaded = RankDiTModel.from_pretrained(tmp_path)
-    assert loaded.proj_out.weight.abs().max() == 0
-    assert all(b.adaLN_modulation.weight.abs().max() == 0 for b in loaded.blocks)
-    torch.testing.assert_close(loaded.gene_embedding.weight, tiny_model.gene_embedding.weight)
+    expected = dict(trained.named_parameters())
+    for name, parameter in loaded.named_parameters():
+        torch.testing.assert_close(parameter, expected[name], msg=name)
+
+
+def test_modeling_files_import_only_torch_numpy_and_transformers():
+    from transformers.dynamic_module_utils import get_imports
+
+    for path in (REPO / "modeling").glob("*.py"):
+        if path.name != "__init__.py":
+            third_party = set(get_imports(path)) - set(sys.stdlib_module_names) - {"__future__"}
+            assert third_party <= {"torch", "numpy", "transformers"}, (path.name, third_party)
 
 
 def test_permutation_equivariance(tiny_model, tiny_config):
@@ -111,11 +124,17 @@ def test_config_validation():
         RankDiTConfig(hiden_size=32)
     with pytest.raises(ValueError, match="divisible"):
         RankDiTConfig(hidden_size=30, num_attention_heads=4)
+    with pytest.raises(ValueError, match="num_attention_heads must be positive"):
+        RankDiTConfig(num_attention_heads=0)
     with pytest.raises(ValueError, match="unknown preset"):
         RankDiTConfig.from_preset("huge")
     assert RankDiTConfig().mask_token_id == 51 and RankDiTConfig().num_rank_tokens == 51
 
 
-def test_base_preset_size():
-    model = RankDiTModel(RankDiTConfig.from_preset("base"))
-    assert 60e6 < model.num_parameters() < 80e6
+def test_base_preset_is_the_mosaicfm_70m_backbone():
+    with torch.device("meta"):
+        model = RankDiTModel(RankDiTConfig.from_preset("base"))
+    config = model.config
+    assert (config.hidden_size, config.num_hidden_layers) == (512, 12)
+    modulation = sum(p.numel() for n, p in model.named_parameters() if "adaLN" in n)
+    assert 68e6 < model.num_parameters() - modulation < 72e6

@@ -1,3 +1,5 @@
+from fractions import Fraction
+
 import numpy as np
 import pytest
 
@@ -20,6 +22,37 @@ def test_all_ones_cell_and_single_gene():
     np.testing.assert_array_equal(rank_tokens(np.array([0, 0, 5, 0]), 50), [0, 0, 1, 0])
 
 
+def _exact_tokens(counts, num_bins):
+    """The rule in exact rational arithmetic: edges at positions k (n - 1) / (B - 1) of the sorted counts."""
+    nonzero = sorted(int(c) for c in counts if c > 0)
+    n = len(nonzero)
+    edges = []
+    for k in range(num_bins):
+        position = Fraction(k * (n - 1), num_bins - 1)
+        low = int(position)
+        high = min(low + 1, n - 1)
+        edges.append(nonzero[low] + (nonzero[high] - nonzero[low]) * (position - low))
+    return [0 if c == 0 else next(i for i, e in enumerate(edges) if e >= c) + 1 for c in counts]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_bins_match_exact_arithmetic(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 3000))
+    counts = rng.negative_binomial(1, rng.uniform(0.05, 0.6), size=n)
+    counts[rng.integers(n)] = 1 + int(rng.integers(20))
+    assert rank_tokens(counts, 50).tolist() == _exact_tokens(counts, 50)
+
+
+def test_tied_edge_that_floats_get_wrong():
+    # 1716 expressed genes: edge 46 sits exactly on the first 9, but np.quantile gives 8.999999999999773 and
+    # would put every 9 in bin 48 instead of 47.
+    counts = np.array([1] * 1500 + [2] * 100 + [8] * 10 + [9] * 100 + [40] * 6)
+    tokens = rank_tokens(counts, 50)
+    assert tokens.tolist() == _exact_tokens(counts, 50)
+    assert set(tokens[counts == 9].tolist()) == {47}
+
+
 def test_quantiles_are_scale_free_and_monotone():
     rng = np.random.default_rng(0)
     counts = rng.negative_binomial(1, 0.3, size=500)
@@ -36,13 +69,13 @@ def test_quantiles_are_scale_free_and_monotone():
     [
         ([1, -1, 2], "non-negative integers"),
         ([1, np.nan, 2], "non-negative integers"),
-        ([1, 2.5, 2], "2.5 at position 1"),
+        ([1, 2.5, 2], "2.5 at position 1 \\(gene 11\\)"),
         ([0, 0, 0], "no expressed genes"),
     ],
 )
 def test_bad_counts_are_named(counts, message):
     with pytest.raises(ValueError, match=message):
-        rank_tokens(np.array(counts, dtype=float), 50, where="cell 'x'")
+        rank_tokens(np.array(counts, dtype=float), 50, where="cell 'x'", genes=np.array([10, 11, 12]))
 
 
 def _cell(n_expressed: int, seed: int = 0):
@@ -113,7 +146,7 @@ def test_panel_share_mixes_rules():
     ("genes", "counts", "message"),
     [
         ([3, 4], [1.0], "differ in shape"),
-        ([3, 3], [1.0, 2.0], "repeated"),
+        ([3, 3, 4], [1.0, 2.0, 1.0], r"repeated: \[3\]"),
         ([3, 4], [0.0, 0.0], "no expressed genes"),
     ],
 )

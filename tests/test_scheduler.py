@@ -13,6 +13,17 @@ def test_alpha_runs_from_one_to_eps(schedule):
     torch.testing.assert_close(alpha, torch.tensor([1.0, 1e-3]))
 
 
+@pytest.mark.parametrize("schedule", ["log-linear", "cosine"])
+def test_mask_probability_is_one_minus_alpha_and_stable_near_zero(schedule):
+    scheduler = MaskedRankDiffusionScheduler(noise_schedule=schedule)
+    t = torch.linspace(0, 1, 11, dtype=torch.float64)
+    torch.testing.assert_close(scheduler.mask_probability(t), 1 - scheduler.alpha(t))
+    # In float32, 1 - alpha(t) loses most digits at t = eps for the cosine schedule; mask_probability does not.
+    small = torch.tensor([1e-3])
+    exact = scheduler.mask_probability(small.double()).float()
+    torch.testing.assert_close(scheduler.mask_probability(small), exact, rtol=1e-6, atol=0)
+
+
 def test_log_linear_loss_weight_is_one_over_t():
     scheduler = MaskedRankDiffusionScheduler()
     t = torch.tensor([0.01, 0.25, 0.5, 1.0])

@@ -101,8 +101,23 @@ def test_loss_is_divided_by_num_items_in_batch(small_trainer):
     torch.testing.assert_close(over_items * 3, per_token)
 
 
+def test_trainer_counts_real_tokens_over_accumulated_batches(small_trainer):
+    loader = iter(small_trainer.get_train_dataloader())
+    batches = [next(loader), next(loader)]
+    counted = small_trainer._get_num_items_in_batch(batches, torch.device("cpu"))
+    assert int(counted) == sum(int(b["attention_mask"].sum()) for b in batches)
+
+
+def test_evaluation_rejects_a_mask_ratio_that_the_schedule_cannot_reach(small_trainer):
+    small_trainer.eval_mask_ratio = 1.0
+    with pytest.raises(ValueError, match="mask_ratio"):
+        small_trainer.evaluate()
+
+
 def test_a_few_steps_lower_the_loss(small_trainer):
-    before = small_trainer.evaluate()["eval_nelbo"]
+    before = small_trainer.evaluate()
+    assert before["eval_loss"] == before["eval_nelbo"]
+    before = before["eval_nelbo"]
     small_trainer.train()
     after = small_trainer.evaluate()["eval_nelbo"]
     assert after < before - 0.3, (before, after)

@@ -46,6 +46,9 @@ class DataArguments:
     validation_share: float = field(
         default=0.15, metadata={"help": "share of cells held out, by a hash of BARCODE_SUB_LIB_ID"}
     )
+    split_seed: int = field(
+        default=0, metadata={"help": "salt of that hash; unlike --seed it keeps the held-out cells across runs"}
+    )
     baseline_cells: int = field(
         default=100_000,
         metadata={"help": "training cells read to fit the per-gene marginal baseline and choose the panel"},

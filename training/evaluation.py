@@ -34,6 +34,8 @@ def evaluate_masked_diffusion(
 
     All masks come from a generator seeded with `seed`, so two models are scored on identical masks.
     """
+    if not 0.0 < mask_ratio < 1.0 - scheduler.config.eps:
+        raise ValueError(f"mask_ratio must be in (0, 1 - eps) = (0, {1.0 - scheduler.config.eps}), got {mask_ratio}")
     was_training = model.training
     model.eval()
     generator = torch.Generator().manual_seed(seed)

@@ -15,16 +15,17 @@ from .loss import masked_nelbo
 class RankDiffusionTrainer(Trainer):
     """Trains a RankDiT denoiser on the MDLM negative ELBO.
 
-    Each step draws stratified times over the batch, masks tokens with the scheduler's forward process (padding
-    never), and returns the NELBO-weighted cross-entropy of masked tokens divided by the number of real tokens in
-    the (accumulated) batch, as MDLM reports it. `evaluate` scores held-out cells beside the per-gene marginal.
+        Each step draws stratified times over the batch, masks tokens with the scheduler's forward process (padding
+        never), and returns the NELBO-weighted cross-entropy of masked tokens divided by the number of real tokens in
+        the (accumulated) batch, as MDLM reports it. `evaluate` scores held-out cells beside the per-gene marginal, in
+    this process (the whole held-out set; not yet split across ranks).
 
-    Args:
-        noise_scheduler: the [`MaskedRankDiffusionScheduler`] (noise schedule and loss weight).
-        eval_collator: collator of held-out rows (the evaluation selection rule).
-        baseline: the per-gene marginal fitted on the training split.
-        eval_time_grid, eval_mask_ratio: see [`evaluate_masked_diffusion`].
-        All other arguments go to [`~transformers.Trainer`].
+        Args:
+            noise_scheduler: the [`MaskedRankDiffusionScheduler`] (noise schedule and loss weight).
+            eval_collator: collator of held-out rows (the evaluation selection rule).
+            baseline: the per-gene marginal fitted on the training split.
+            eval_time_grid, eval_mask_ratio: see [`evaluate_masked_diffusion`].
+            All other arguments go to [`~transformers.Trainer`].
     """
 
     def __init__(
@@ -67,7 +68,12 @@ class RankDiffusionTrainer(Trainer):
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None or self.baseline is None:
             raise ValueError("evaluation needs an eval_dataset and a fitted baseline")
-        batches = DataLoader(dataset, batch_size=self.args.per_device_eval_batch_size, collate_fn=self.eval_collator)
+        batches = DataLoader(
+            dataset,
+            batch_size=self.args.per_device_eval_batch_size,
+            collate_fn=self.eval_collator,
+            num_workers=self.args.dataloader_num_workers,
+        )
         scores = evaluate_masked_diffusion(
             self.model,
             self.noise_scheduler,
@@ -78,6 +84,7 @@ class RankDiffusionTrainer(Trainer):
             seed=self.args.seed,
             device=self.args.device,
         )
+        scores["loss"] = scores["nelbo"]  # what `metric_for_best_model="loss"` and plateau schedulers read
         metrics = {f"{metric_key_prefix}_{name}": value for name, value in scores.items()}
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
