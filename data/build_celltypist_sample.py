@@ -32,27 +32,18 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, installed or not
+from dataset_scripts.schema import (  # noqa: E402
+    CLS_TOKEN_ID,
+    CLS_VALUE,
+    EXPRESSION_SCHEMA,
+    FIRST_GENE_TOKEN_ID,
+    GENE_METADATA_SCHEMA,
+)
+
 CELLTYPIST_VERSION = "1.7.1"
 COUNTS_MEMBER = "celltypist/data/samples/sample_cell_by_gene.csv"
 GENCODE_MEMBER = "celltypist/data/samples/GENCODEv44_Gene_id2name.csv"
-FIRST_GENE_TOKEN_ID = 3
-CLS_TOKEN_ID, CLS_VALUE = 1, -2.0
-
-EXPRESSION_SCHEMA = pa.schema(
-    [
-        ("genes", pa.list_(pa.int64())),
-        ("expressions", pa.list_(pa.float32())),
-        ("drug", pa.string()),
-        ("sample", pa.string()),
-        ("BARCODE_SUB_LIB_ID", pa.string()),
-        ("cell_line_id", pa.string()),
-        ("moa-fine", pa.string()),
-        ("canonical_smiles", pa.string()),
-        ("pubchem_cid", pa.string()),
-        ("plate", pa.string()),
-    ]
-)
-GENE_METADATA_SCHEMA = pa.schema([("token_id", pa.int64()), ("ensembl_id", pa.string()), ("gene_symbol", pa.string())])
 
 
 def download_wheel(directory: Path) -> Path:

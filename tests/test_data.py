@@ -12,6 +12,7 @@ from dataset_scripts import (
     read_gene_vocab,
     split_by_cell_id,
 )
+from dataset_scripts.schema import EXPRESSION_SCHEMA
 from modeling import CellTokenizer, GeneVocab
 from tests.conftest import REPO
 
@@ -19,7 +20,7 @@ _spec = importlib.util.spec_from_file_location("build_sample", REPO / "data" / "
 build_sample = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(build_sample)
 
-TAHOE_COLUMNS = [
+TAHOE_COLUMNS = [  # written out here from the dataset card, independently of dataset_scripts.schema
     ("genes", pa.list_(pa.int64())),
     ("expressions", pa.list_(pa.float32())),
     ("drug", pa.string()),
@@ -35,7 +36,7 @@ TAHOE_COLUMNS = [
 
 def test_embedded_sample_has_the_exact_tahoe_schema():
     table = pq.read_table(EMBEDDED_SAMPLE / "data" / "train-00000-of-00001.parquet")
-    assert [(f.name, f.type) for f in table.schema] == TAHOE_COLUMNS
+    assert [(f.name, f.type) for f in table.schema] == TAHOE_COLUMNS == [(f.name, f.type) for f in EXPRESSION_SCHEMA]
     assert table.num_rows == 559
     genes, expressions = table["genes"].to_pylist(), table["expressions"].to_pylist()
     assert all(g[0] == 1 and e[0] == -2.0 for g, e in zip(genes, expressions))
