@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
+from modeling.rank_tokenizer import quantile_edges
+
 # Cells are kept apart in one sorted array by adding cell_index * stride to values and edges. Edges are multiples
 # of 1 / (B - 1) away from integers (or integers), so float64 rounding below 2**40 cannot reorder them.
 _MAX_OFFSET = 2.0**40
@@ -57,17 +59,6 @@ def _segments(offsets: np.ndarray) -> np.ndarray:
     return np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
 
 
-def batch_quantile_edges(sorted_values: np.ndarray, starts: np.ndarray, sizes: np.ndarray, num_bins: int):
-    """[`modeling.rank_tokenizer.quantile_edges`] of many cells at once: `(n_cells, num_bins)` edges."""
-    divisor = max(num_bins - 1, 1)
-    steps = np.arange(num_bins, dtype=np.int64)[None, :] * (sizes[:, None] - 1)
-    low, remainder = np.divmod(steps, divisor)
-    high = np.minimum(low + 1, sizes[:, None] - 1)
-    low_values = sorted_values[starts[:, None] + low]
-    gap = sorted_values[starts[:, None] + high] - low_values
-    return low_values + (gap * remainder) / divisor
-
-
 def batch_rank_tokens(offsets: np.ndarray, counts: np.ndarray, num_bins: int) -> np.ndarray:
     """Rank tokens of every count of many cells; each cell must have an expressed gene and integer counts."""
     n_cells = len(offsets) - 1
@@ -81,7 +72,7 @@ def batch_rank_tokens(offsets: np.ndarray, counts: np.ndarray, num_bins: int) ->
         raise ValueError(f"batch too large to tokenize at once: {n_cells} cells with counts up to {stride - 1}")
     # Cells are already contiguous, so sorting value + cell * stride sorts each cell's values in place.
     keys = values + value_cell * stride
-    edges = batch_quantile_edges(np.sort(keys) - value_cell * stride, starts, sizes, num_bins)
+    edges = quantile_edges(np.sort(keys) - value_cell * stride, num_bins, starts, sizes)
     shift = np.arange(n_cells, dtype=np.float64)[:, None] * stride
     position = np.searchsorted((edges + shift).ravel(), keys, side="left")
     tokens = np.zeros(len(counts), dtype=np.int64)

@@ -10,19 +10,25 @@ import numpy as np
 SELECTION_RULES = ("expressed", "panel")
 
 
-def quantile_edges(sorted_counts: np.ndarray, num_bins: int) -> np.ndarray:
+def quantile_edges(
+    sorted_counts: np.ndarray, num_bins: int, starts: np.ndarray | None = None, sizes: np.ndarray | None = None
+) -> np.ndarray:
     """The quantiles `linspace(0, 1, num_bins)` of sorted integer counts, with linear interpolation, exactly.
 
     This is `np.quantile(counts, np.linspace(0, 1, num_bins))` computed from integer positions, so an edge that
     falls on a data point (or between two equal ones) is that count exactly instead of a float a hair below it,
-    which would move every tied count one bin up.
+    which would move every tied count one bin up. With `starts` and `sizes`, `sorted_counts` holds many cells
+    back to back (each sorted) and the result is their `(n_cells, num_bins)` edges.
     """
-    n = len(sorted_counts)
-    steps = np.arange(num_bins, dtype=np.int64) * (n - 1)
-    low, remainder = np.divmod(steps, max(num_bins - 1, 1))
-    high = np.minimum(low + 1, n - 1)
-    gap = sorted_counts[high] - sorted_counts[low]
-    return sorted_counts[low] + (gap * remainder) / max(num_bins - 1, 1)
+    if starts is None:
+        return quantile_edges(sorted_counts, num_bins, np.zeros(1, dtype=np.int64), np.array([len(sorted_counts)]))[0]
+    divisor = max(num_bins - 1, 1)
+    steps = np.arange(num_bins, dtype=np.int64)[None, :] * (sizes[:, None] - 1)
+    low, remainder = np.divmod(steps, divisor)
+    high = np.minimum(low + 1, sizes[:, None] - 1)
+    low_values = sorted_counts[starts[:, None] + low]
+    gap = sorted_counts[starts[:, None] + high] - low_values
+    return low_values + (gap * remainder) / divisor
 
 
 def rank_tokens(
