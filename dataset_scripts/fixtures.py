@@ -80,11 +80,13 @@ def write_tahoe_fixture(
     num_genes: int = 8000,
     num_plates: int = 3,
     expressed_range: tuple[int, int] = (300, 5500),
+    row_group_size: int | None = None,
     seed: int = 0,
 ) -> list[Path]:
     """Write `root/data/train-XXXXX-of-NNNNN.parquet` and `root/metadata/gene_metadata.parquet` (Hub layout).
 
-    Shard i holds cells of plate `i % num_plates + 1`. Returns the shard paths.
+    Shard i holds cells of plate `i % num_plates + 1`, in row groups of `row_group_size` cells (one row group when
+    None). Returns the shard paths.
     """
     root = Path(root)
     (root / "data").mkdir(parents=True, exist_ok=True)
@@ -97,7 +99,7 @@ def write_tahoe_fixture(
             cells_per_shard, num_genes, rng, plate=f"plate{i % num_plates + 1}", expressed_range=expressed_range
         )
         path = root / "data" / f"train-{i:05d}-of-{num_shards:05d}.parquet"
-        pq.write_table(table, path)
+        pq.write_table(table, path, row_group_size=row_group_size)
         shards.append(path)
     return shards
 

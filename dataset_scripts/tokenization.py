@@ -30,6 +30,7 @@ class TokenizedBatch:
         offsets: `(n_kept + 1,)` start of each kept cell in `gene_ids` / `input_ids`.
         gene_ids: gene token ids, marker removed.
         input_ids: rank tokens 0..B (0 where a listed count is 0).
+        counts: the raw counts.
         kept: `(n_rows,)` True for the rows of the input batch that were kept.
         skipped: number of skipped rows per reason of `SKIP_REASONS`.
     """
@@ -37,6 +38,7 @@ class TokenizedBatch:
     offsets: np.ndarray
     gene_ids: np.ndarray
     input_ids: np.ndarray
+    counts: np.ndarray
     kept: np.ndarray
     skipped: Counter = field(default_factory=Counter)
 
@@ -133,4 +135,4 @@ def tokenize_arrow_batch(
     genes, counts, cell = genes[kept_flat], counts[kept_flat], cell[kept_flat]
     sizes = np.bincount(cell, minlength=n_rows)[~rejected]
     offsets = np.concatenate([[0], np.cumsum(sizes)])
-    return TokenizedBatch(offsets, genes, batch_rank_tokens(offsets, counts, num_bins), ~rejected, skipped)
+    return TokenizedBatch(offsets, genes, batch_rank_tokens(offsets, counts, num_bins), counts, ~rejected, skipped)

@@ -153,6 +153,18 @@ class CellTokenizer:
         if (seen > 1).any():
             raise ValueError(f"{where}: gene ids are repeated: {unique[seen > 1][:10].tolist()}")
         tokens = rank_tokens(counts, self.num_bins, where=where, genes=genes)
+        return self.select(genes, tokens, cell_id=cell_id, epoch=epoch, rule=rule)
+
+    def select(
+        self, genes: np.ndarray, tokens: np.ndarray, *, cell_id: str, epoch: int = 0, rule: str | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The sequence of a cell whose rank tokens are known: the selection-rule half of `__call__`.
+
+        Args:
+            genes (`np.ndarray`): the cell's listed gene ids.
+            tokens (`np.ndarray`): their rank tokens from the whole cell (0 for listed zero counts).
+            cell_id, epoch, rule: as in `__call__`.
+        """
         rng = cell_rng(self.seed, epoch, cell_id)
         if rule is None:
             rule = "panel" if self.panel_share > 0 and rng.random() < self.panel_share else "expressed"

@@ -1,0 +1,126 @@
+import logging
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from datasets.distributed import split_dataset_by_node
+
+from dataset_scripts import cell_counts
+from dataset_scripts.fixtures import write_tahoe_fixture
+from dataset_scripts.tahoe_100m_tokenized import Tahoe100MTokenized
+from modeling import CellTokenizer
+
+
+@pytest.fixture(scope="module")
+def fixture_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tahoe")
+    write_tahoe_fixture(root, num_shards=2, cells_per_shard=60, num_genes=5000, row_group_size=15, seed=1)
+    return root
+
+
+def _builder(root, tmp_path, **kwargs):
+    kwargs = {"max_length": 128, "zero_share": 0.1, "batch_size": 8, **kwargs}
+    return Tahoe100MTokenized(data_dir=str(root), cache_dir=str(tmp_path / "cache"), **kwargs)
+
+
+def _raw_rows(root):
+    return [row for path in sorted((root / "data").glob("*.parquet")) for row in pq.read_table(path).to_pylist()]
+
+
+def test_stream_matches_the_per_cell_tokenizer(fixture_dir, tmp_path):
+    stream = _builder(fixture_dir, tmp_path).as_streaming_dataset(split="train")
+    assert stream.n_shards == 8  # 2 files x 4 row groups
+    raw = {row["BARCODE_SUB_LIB_ID"]: row for row in _raw_rows(fixture_dir)}
+    tokenizer = CellTokenizer(max_length=128, zero_share=0.1, gene_pool=np.arange(3, 5003))
+    rows = list(stream)
+    assert rows and set(rows[0]) >= {"gene_ids", "input_ids", "length", "n_expressed", "total_counts", "plate"}
+    for row in rows:
+        source = raw[row["BARCODE_SUB_LIB_ID"]]
+        genes, counts = cell_counts(source)
+        expected_genes, expected_tokens = tokenizer(genes, counts, cell_id=row["BARCODE_SUB_LIB_ID"], rule="expressed")
+        assert row["gene_ids"] == expected_genes.tolist() and row["input_ids"] == expected_tokens.tolist()
+        assert 1 not in row["gene_ids"]  # the <cls> marker is gone
+        assert row["length"] == 128 and row["n_expressed"] == len(genes)
+        assert row["total_counts"] == counts.sum() and row["drug"] == source["drug"]
+
+
+def test_splits_are_disjoint_and_complete(fixture_dir, tmp_path):
+    builder = _builder(fixture_dir, tmp_path, validation_share=0.2, test_share=0.2)
+    ids = {
+        s: [r["BARCODE_SUB_LIB_ID"] for r in builder.as_streaming_dataset(split=s)]
+        for s in ("train", "validation", "test")
+    }
+    every = [r["BARCODE_SUB_LIB_ID"] for r in _raw_rows(fixture_dir)]
+    assert sorted(sum(ids.values(), [])) == sorted(every)
+    assert all(len(v) > 5 for v in ids.values())
+
+
+def test_split_by_plate_holds_out_whole_plates(fixture_dir, tmp_path):
+    builder = _builder(fixture_dir, tmp_path, split_by="plate", validation_plates=("plate2",))
+    assert {r["plate"] for r in builder.as_streaming_dataset(split="validation")} == {"plate2"}
+    assert {r["plate"] for r in builder.as_streaming_dataset(split="train")} == {"plate1"}
+
+
+def test_two_ranks_by_two_workers_see_every_cell_once(fixture_dir, tmp_path):
+    stream = _builder(fixture_dir, tmp_path).as_streaming_dataset(split="train")
+    seen = []
+    for rank in range(2):
+        shard = split_dataset_by_node(stream, rank=rank, world_size=2)
+        loader = torch.utils.data.DataLoader(shard, batch_size=None, num_workers=2)
+        seen.append([row["BARCODE_SUB_LIB_ID"] for row in loader])
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == sorted(r["BARCODE_SUB_LIB_ID"] for r in stream)
+
+
+@pytest.mark.parametrize("shuffle_shards", [False, True])
+def test_resume_from_state_dict_continues_exactly(fixture_dir, tmp_path, shuffle_shards):
+    def stream_of():
+        stream = _builder(fixture_dir, tmp_path).as_streaming_dataset(split="train")
+        return stream.shuffle(seed=3, buffer_size=1) if shuffle_shards else stream
+
+    stream = stream_of()
+    everything = [r["BARCODE_SUB_LIB_ID"] for r in stream]
+    iterator = iter(stream)
+    head = [next(iterator)["BARCODE_SUB_LIB_ID"] for _ in range(23)]
+    state = stream.state_dict()
+    resumed = stream_of()
+    resumed.load_state_dict(state)
+    assert head + [r["BARCODE_SUB_LIB_ID"] for r in resumed] == everything
+
+
+def test_materialised_dataset_equals_the_stream(fixture_dir, tmp_path):
+    builder = _builder(fixture_dir, tmp_path)
+    builder.download_and_prepare()
+    materialised = builder.as_dataset(split="validation")
+    streamed = list(_builder(fixture_dir, tmp_path / "other").as_streaming_dataset(split="validation"))
+    assert materialised.to_list() == streamed
+
+
+def test_bad_rows_are_skipped_and_reported(tmp_path, caplog):
+    root = tmp_path / "tahoe"
+    write_tahoe_fixture(root, num_shards=1, cells_per_shard=10, num_genes=3000)
+    path = next((root / "data").glob("*.parquet"))
+    table = pq.read_table(path).to_pylist()
+    table[0]["expressions"] = table[0]["expressions"][:-1]  # lengths differ
+    table[1]["expressions"][3] = float("nan")
+    table[2]["genes"][2] = 99_999  # unknown gene
+    table[3]["expressions"] = [-2.0] + [0.0] * (len(table[3]["expressions"]) - 1)  # nothing expressed
+    pq.write_table(pq.read_table(path).from_pylist(table, schema=pq.read_schema(path)), path)
+    with caplog.at_level(logging.WARNING):
+        rows = list(_builder(root, tmp_path, validation_share=0.0, test_share=0.0).as_streaming_dataset(split="train"))
+    assert len(rows) == 6
+    assert "skipped 4 cells" in caplog.text and path.name in caplog.text
+    assert "'length_mismatch': 1" in caplog.text and "'unknown_genes': 1" in caplog.text
+
+
+def test_corrupt_shard_is_named_or_skipped(fixture_dir, tmp_path, caplog):
+    root = tmp_path / "tahoe"
+    write_tahoe_fixture(root, num_shards=2, cells_per_shard=10, num_genes=3000)
+    bad = sorted((root / "data").glob("*.parquet"))[1]
+    bad.write_bytes(bad.read_bytes()[: len(bad.read_bytes()) // 2])  # truncated
+    with pytest.raises(ValueError, match=bad.name):
+        list(_builder(root, tmp_path).as_streaming_dataset(split="train"))
+    with caplog.at_level(logging.WARNING):
+        rows = list(_builder(root, tmp_path, on_bad_files="skip").as_streaming_dataset(split="train"))
+    assert rows and bad.name in caplog.text
