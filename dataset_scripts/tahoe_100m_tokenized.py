@@ -82,7 +82,7 @@ class Tahoe100MTokenizedConfig(datasets.BuilderConfig):
         split_seed (`int`, defaults to 0): salt of the barcode hash.
         validation_plates, test_plates (`tuple[str, ...]`): plates held out with `split_by="plate"`.
         keep_columns (`tuple[str, ...]`): metadata columns carried to the output.
-        batch_size (`int`, defaults to 256): cells tokenized at once.
+        batch_size (`int`, defaults to 64): cells tokenized at once (small batches stay in cache).
         min_shards (`int`, defaults to 64): when there are fewer files, each parquet row group becomes a shard, so
             every DataLoader worker on every rank gets its own.
         on_bad_files (`str`, defaults to `"error"`): `"error"` or `"skip"` for shards that cannot be read.
@@ -100,7 +100,7 @@ class Tahoe100MTokenizedConfig(datasets.BuilderConfig):
     validation_plates: tuple[str, ...] = ()
     test_plates: tuple[str, ...] = ()
     keep_columns: tuple[str, ...] = METADATA_COLUMNS
-    batch_size: int = 256
+    batch_size: int = 64
     min_shards: int = 64
     on_bad_files: str = "error"
 
@@ -236,17 +236,23 @@ class Tahoe100MTokenized(datasets.ArrowBasedBuilder):
         batch = tokenize_arrow_batch(table, self.config.num_rank_bins, known_genes)
         skipped.update(batch.skipped)
         kept = table.filter(pa.array(batch.kept))
-        gene_ids, input_ids = [], []
-        for i, cell_id in enumerate(kept.column(CELL_ID_COLUMN).to_pylist()):
-            genes, tokens = tokenizer.select(*batch.cell(i), cell_id=cell_id, rule="expressed")
-            gene_ids.append(genes)
-            input_ids.append(tokens)
+        sequences = [
+            tokenizer.select(*batch.cell(i), cell_id=cell_id, rule="expressed")
+            for i, cell_id in enumerate(kept.column(CELL_ID_COLUMN).to_pylist())
+        ]
+        lengths = np.array([len(genes) for genes, _ in sequences], dtype=np.int32)
+        offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+
+        def flat_list(arrays):
+            values = np.concatenate(arrays).astype(np.int32) if arrays else np.zeros(0, np.int32)
+            return pa.ListArray.from_arrays(offsets, pa.array(values))
+
         starts = batch.offsets[:-1]
         empty = not len(starts)
         columns = {
-            "gene_ids": pa.array(gene_ids, pa.list_(pa.int32())),
-            "input_ids": pa.array(input_ids, pa.list_(pa.int32())),
-            "length": pa.array([len(g) for g in gene_ids], pa.int32()),
+            "gene_ids": flat_list([genes for genes, _ in sequences]),
+            "input_ids": flat_list([tokens for _, tokens in sequences]),
+            "length": pa.array(lengths),
             "n_expressed": pa.array([] if empty else np.add.reduceat(batch.input_ids > 0, starts), pa.int32()),
             "total_counts": pa.array([] if empty else np.add.reduceat(batch.counts, starts), pa.float64()),
         }
