@@ -78,7 +78,14 @@ def train(
     set_seed(training_args.seed)
     num_bins = model_args.num_rank_bins
 
-    source = load_expression_data(data_args.data, config_name=data_args.data_config)
+    source = load_expression_data(
+        data_args.data,
+        config_name=data_args.data_config,
+        gene_vocab=data_args.gene_vocab,
+        layer=data_args.layer,
+        gene_column=data_args.gene_column,
+        obs_columns=tuple(data_args.obs_columns),
+    )
     train_rows, eval_rows = split_by_cell_id(source.rows, data_args.validation_share, seed=data_args.split_seed)
     eval_rows = eval_rows.take(data_args.max_eval_cells)
     logger.info("data: %s, %d genes in the vocabulary", source.name, len(source.vocab))

@@ -21,9 +21,11 @@ from transformers import TrainerCallback
 
 from modeling import CellTokenizer, GeneVocab, rank_tokens
 
+from .anndata_source import load_anndata
+from .schema import CELL_ID_COLUMN
+
 EMBEDDED_SAMPLE = Path(__file__).resolve().parent.parent / "data" / "celltypist_sample"
 GENE_METADATA_PATH = "metadata/gene_metadata.parquet"
-CELL_ID_COLUMN = "BARCODE_SUB_LIB_ID"
 
 
 @dataclass
@@ -41,15 +43,38 @@ def read_gene_vocab(path: str | os.PathLike) -> GeneVocab:
     return GeneVocab(table["token_id"].to_numpy(), table["ensembl_id"].to_pylist(), table["gene_symbol"].to_pylist())
 
 
-def load_expression_data(data: str | os.PathLike | None = None, *, config_name: str | None = None) -> ExpressionSource:
+def read_vocab_file(path: str | os.PathLike) -> GeneVocab:
+    """A `gene_metadata` parquet file or a checkpoint's `gene_vocab.json`."""
+    return GeneVocab.from_file(path) if str(path).endswith(".json") else read_gene_vocab(path)
+
+
+def load_expression_data(
+    data: str | os.PathLike | None = None,
+    *,
+    config_name: str | None = None,
+    gene_vocab: str | os.PathLike | None = None,
+    layer: str | None = None,
+    gene_column: str | None = None,
+    obs_columns: tuple[str, ...] = (),
+) -> ExpressionSource:
     """Open a source of Tahoe-100M-schema rows.
 
     Args:
-        data: `None` for the embedded sample; a local folder (Hub layout or loose `*.parquet`) or parquet file; or a
-            Hub dataset id (streamed; its `metadata/gene_metadata.parquet` gives the vocabulary).
+        data: `None` for the embedded sample; a local folder (Hub layout or loose `*.parquet`) or parquet file; an
+            `.h5ad` file of raw counts (streamed from disk); or a Hub dataset id (streamed; its
+            `metadata/gene_metadata.parquet` gives the vocabulary).
         config_name: dataset config for a Hub id (`expression_data` is Tahoe-100M's default).
+        gene_vocab: vocabulary for an `.h5ad` file (`gene_metadata` parquet or `gene_vocab.json`); by default the
+            embedded sample's GENCODE v44 genes.
+        layer, gene_column, obs_columns: see [`load_anndata`].
     """
     path = Path(data) if data is not None else EMBEDDED_SAMPLE
+    if path.suffix == ".h5ad":
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist")
+        vocab = read_vocab_file(gene_vocab or EMBEDDED_SAMPLE / GENE_METADATA_PATH)
+        rows, _ = load_anndata(path, vocab, layer=layer, gene_column=gene_column, obs_columns=obs_columns)
+        return ExpressionSource(rows, vocab, str(path))
     if data is None or path.exists():
         if path.is_dir():
             files = sorted((path / "data").glob("*.parquet")) or sorted(path.glob("*.parquet"))

@@ -18,6 +18,9 @@ EXPRESSION_SCHEMA = pa.schema(
 )
 GENE_METADATA_SCHEMA = pa.schema([("token_id", pa.int64()), ("ensembl_id", pa.string()), ("gene_symbol", pa.string())])
 
+# Unique per cell: the id that seeds per-cell draws and the held-out split.
+CELL_ID_COLUMN = "BARCODE_SUB_LIB_ID"
+
 # Position 0 of every `expression_data` row: gene `<cls>` with expression -2.
 CLS_TOKEN_ID, CLS_VALUE = 1, -2.0
 FIRST_GENE_TOKEN_ID = 3

@@ -46,7 +46,8 @@ from datasets.builder import Key
 
 from modeling import CellTokenizer
 
-from .expression_data import CELL_ID_COLUMN, held_out_fraction
+from .expression_data import held_out_fraction
+from .schema import CELL_ID_COLUMN
 from .tokenization import tokenize_arrow_batch
 
 logger = logging.getLogger(__name__)

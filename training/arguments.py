@@ -23,11 +23,18 @@ class DataArguments:
         default=None,
         metadata={
             "help": "the embedded real sample when unset; a local folder or parquet file in the Tahoe-100M "
-            "schema (Hub layout data/*.parquet + metadata/gene_metadata.parquet); or a Hub dataset id "
-            "such as tahoebio/Tahoe-100M (streamed)"
+            "schema (Hub layout data/*.parquet + metadata/gene_metadata.parquet); an .h5ad file of raw counts; "
+            "or a Hub dataset id such as tahoebio/Tahoe-100M (streamed)"
         },
     )
     data_config: str | None = field(default=None, metadata={"help": "dataset config of a Hub id"})
+    gene_vocab: str | None = field(
+        default=None,
+        metadata={"help": "vocabulary of an .h5ad (gene_metadata parquet or gene_vocab.json); default GENCODE v44"},
+    )
+    layer: str | None = field(default=None, metadata={"help": "h5ad layer with raw counts (default X)"})
+    gene_column: str | None = field(default=None, metadata={"help": "h5ad var column with gene names (default index)"})
+    obs_columns: list[str] = field(default_factory=list, metadata={"help": "h5ad obs columns to keep"})
     max_length: int = field(default=1024, metadata={"help": "L: most (gene, token) pairs in a sequence"})
     zero_share: float = field(
         default=0.1, metadata={"help": "share of an expressed-gene sequence filled with unexpressed genes (token 0)"}

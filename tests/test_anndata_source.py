@@ -1,0 +1,80 @@
+import anndata
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+import train_hf
+from dataset_scripts import EMBEDDED_SAMPLE, cell_counts, load_expression_data, read_gene_vocab
+from dataset_scripts.anndata_source import load_anndata
+
+VOCAB = read_gene_vocab(EMBEDDED_SAMPLE / "metadata" / "gene_metadata.parquet")
+
+
+def _cells(n=40):
+    return [dict(r) for r in load_expression_data().rows.select(range(n))]
+
+
+def _write_h5ad(path, cells, *, names="symbol", counts_in_layer=False, dense=False):
+    genes = sorted({g for row in cells for g in cell_counts(row)[0].tolist()})
+    column = {g: i for i, g in enumerate(genes)}
+    matrix = np.zeros((len(cells), len(genes) + 1), dtype=np.float32)  # + one gene no vocabulary knows
+    for i, row in enumerate(cells):
+        g, c = cell_counts(row)
+        matrix[i, [column[x] for x in g.tolist()]] = c
+    index = {int(t): k for k, t in enumerate(VOCAB.token_ids.tolist())}
+    pick = (lambda g: VOCAB.symbols[index[g]]) if names == "symbol" else (lambda g: VOCAB.ensembl_ids[index[g]] + ".5")
+    var = pd.DataFrame(index=[pick(g) for g in genes] + ["NOT_A_GENE"])
+    obs = pd.DataFrame(
+        {"donor": [f"d{i % 3}" for i in range(len(cells))]}, index=[r["BARCODE_SUB_LIB_ID"] for r in cells]
+    )
+    counts = matrix if dense else sp.csr_matrix(matrix)
+    if counts_in_layer:
+        normalised = matrix / np.maximum(matrix.sum(1, keepdims=True), 1) * 1e4
+        adata = anndata.AnnData(X=sp.csr_matrix(normalised), obs=obs, var=var, layers={"counts": counts})
+    else:
+        adata = anndata.AnnData(X=counts, obs=obs, var=var)
+    adata.write_h5ad(path)
+    return len(genes) + 1
+
+
+@pytest.mark.parametrize(
+    ("names", "counts_in_layer", "dense"),
+    [("symbol", False, False), ("ensembl", True, False), ("symbol", False, True)],
+)
+def test_rows_match_the_cells_written(tmp_path, names, counts_in_layer, dense):
+    cells = _cells()
+    n_genes = _write_h5ad(tmp_path / "x.h5ad", cells, names=names, counts_in_layer=counts_in_layer, dense=dense)
+    rows, match = load_anndata(
+        tmp_path / "x.h5ad", VOCAB, layer="counts" if counts_in_layer else None, obs_columns=("donor",), block_size=16
+    )
+    assert (match.matched, match.total) == (n_genes - 1, n_genes) and match.unmatched_examples == ["NOT_A_GENE"]
+    assert rows.n_shards == 3
+    got = list(rows)
+    assert [r["BARCODE_SUB_LIB_ID"] for r in got] == [c["BARCODE_SUB_LIB_ID"] for c in cells]
+    for row, cell in zip(got, cells):
+        genes, counts = cell_counts(cell)
+        order = np.argsort(row["genes"])
+        assert np.array_equal(np.array(row["genes"])[order], genes)
+        assert np.array_equal(np.array(row["expressions"])[order], counts)
+    assert got[4]["donor"] == "d1"
+
+
+def test_bad_choices_are_named(tmp_path):
+    _write_h5ad(tmp_path / "x.h5ad", _cells(5))
+    with pytest.raises(KeyError, match="no layer 'raw'"):
+        load_anndata(tmp_path / "x.h5ad", VOCAB, layer="raw")
+    with pytest.raises(KeyError, match="obs columns"):
+        load_anndata(tmp_path / "x.h5ad", VOCAB, obs_columns=("tissue",))
+    with pytest.raises(FileNotFoundError):
+        load_expression_data(tmp_path / "missing.h5ad")
+
+
+def test_train_hf_on_an_h5ad_file(tmp_path):
+    _write_h5ad(tmp_path / "cells.h5ad", _cells(60), counts_in_layer=True)
+    _, metrics = train_hf.main(
+        ["--data", str(tmp_path / "cells.h5ad"), "--layer", "counts", "--output_dir", str(tmp_path / "run"),
+         "--max_steps", "2", "--max_length", "32", "--per_device_train_batch_size", "4", "--max_eval_cells", "4",
+         "--eval_time_grid", "1", "--use_cpu", "--disable_tqdm", "true"]
+    )  # fmt: skip
+    assert np.isfinite(metrics["eval_masked_nll_0.5"])
