@@ -236,7 +236,7 @@ class Tahoe100MTokenized(datasets.ArrowBasedBuilder):
     def _tokenize(self, table: pa.Table, tokenizer: CellTokenizer, known_genes, skipped: Counter) -> pa.Table:
         batch = tokenize_arrow_batch(table, self.config.num_rank_bins, known_genes)
         skipped.update(batch.skipped)
-        kept = table.filter(pa.array(batch.kept))
+        kept = table if batch.kept.all() else table.filter(pa.array(batch.kept))
         sequences = [
             tokenizer.select(*batch.cell(i), cell_id=cell_id, rule="expressed")
             for i, cell_id in enumerate(kept.column(CELL_ID_COLUMN).to_pylist())
@@ -272,7 +272,8 @@ class Tahoe100MTokenized(datasets.ArrowBasedBuilder):
                     batches = parquet.iter_batches(self.config.batch_size, row_groups=groups, columns=columns)
                     for batch_idx, record_batch in enumerate(batches):
                         table = pa.Table.from_batches([record_batch])
-                        table = table.filter(pa.array(self._split_of(table) == split))
+                        in_split = self._split_of(table) == split
+                        table = table if in_split.all() else table.filter(pa.array(in_split))
                         if table.num_rows:
                             yield Key(shard_idx, batch_idx), self._tokenize(table, tokenizer, known_genes, skipped)
             except Exception as error:  # not `except (OSError, ...)`: evaluated when a generator closes at exit

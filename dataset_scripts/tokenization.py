@@ -88,7 +88,7 @@ def tokenize_arrow_batch(
     """Strip the `<cls>` marker, check every cell, and rank-tokenize the good ones.
 
     Rows are skipped (and counted by reason) when `genes` and `expressions` differ in length, a count is negative,
-    NaN or not an integer, a gene id is not in `known_genes` (sorted array; unchecked when None), a gene id repeats,
+    NaN or not an integer, a gene id is not in `known_genes` (unchecked when None), a gene id repeats,
     or no gene is expressed.
     """
     gene_offsets, genes = _flat(table.column("genes"))
@@ -115,8 +115,10 @@ def tokenize_arrow_batch(
     invalid = ~np.isfinite(counts) | (counts < 0) | (counts != np.round(counts))
     bad["bad_counts"] = np.bincount(cell[invalid], minlength=n_rows) > 0
     if known_genes is not None:
-        position = np.searchsorted(known_genes, genes).clip(max=len(known_genes) - 1)
-        unknown = known_genes[position] != genes
+        is_known = np.zeros(int(known_genes.max()) + 1, dtype=bool)
+        is_known[known_genes] = True
+        unknown = genes >= len(is_known)
+        unknown[~unknown] = ~is_known[genes[~unknown]]
         bad["unknown_genes"] = np.bincount(cell[unknown], minlength=n_rows) > 0
     same_cell = np.diff(cell) == 0
     if not (np.diff(genes)[same_cell] > 0).all():  # Tahoe-100M lists genes in increasing order: no sort needed
