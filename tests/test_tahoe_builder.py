@@ -124,3 +124,24 @@ def test_corrupt_shard_is_named_or_skipped(fixture_dir, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         rows = list(_builder(root, tmp_path, on_bad_files="skip").as_streaming_dataset(split="train"))
     assert rows and bad.name in caplog.text
+
+
+def test_data_files_as_list_or_glob(fixture_dir, tmp_path):
+    files = sorted(str(p) for p in (fixture_dir / "data").glob("*.parquet"))
+    by_dir = [r["BARCODE_SUB_LIB_ID"] for r in _builder(fixture_dir, tmp_path).as_streaming_dataset(split="train")]
+    for data_files in ({"train": files}, str(fixture_dir / "data" / "*.parquet")):
+        builder = Tahoe100MTokenized(
+            data_files=data_files,
+            gene_metadata=str(fixture_dir / "metadata" / "gene_metadata.parquet"),
+            cache_dir=str(tmp_path / "cache"),
+            max_length=128,
+            zero_share=0.1,
+            batch_size=8,
+        )
+        assert [r["BARCODE_SUB_LIB_ID"] for r in builder.as_streaming_dataset(split="train")] == by_dir
+    with pytest.raises(ValueError, match="zero_share > 0 needs gene_metadata"):
+        list(
+            Tahoe100MTokenized(
+                data_files={"train": files}, cache_dir=str(tmp_path / "c2"), zero_share=0.1
+            ).as_streaming_dataset(split="train")
+        )
