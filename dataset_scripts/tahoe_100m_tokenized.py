@@ -13,10 +13,11 @@ Usage:
 ```
 
 With neither `data_dir` nor `data_files`, the Hub dataset `tahoebio/Tahoe-100M` is read through `hf://` paths.
-Each cell's rank tokens are computed over all its expressed genes (vectorised over a batch of cells), then the
-sequence keeps up to `max_length` genes by the "expressed" rule of [`modeling.CellTokenizer`] with draws fixed
-by (seed, cell id). Cells are assigned to `train` / `validation` / `test` by a hash of `BARCODE_SUB_LIB_ID` or by
-`plate`, so no cell is in two splits.
+Each cell's rank tokens are computed over all its expressed genes, then the sequence keeps up to `max_length`
+genes by the "expressed" rule of [`modeling.CellTokenizer`] with draws fixed by (seed, cell id); both steps are
+vectorised over a batch of cells and give each cell exactly what the per-cell tokenizer gives. Cells are
+assigned to `train` / `validation` / `test` by a hash of `BARCODE_SUB_LIB_ID` or by `plate`, so no cell is in
+two splits.
 
 Workers and ranks: each shard (a file, or a parquet row group when files are few) is read by exactly one DataLoader
 worker of one rank (`datasets.distributed.split_dataset_by_node`). `state_dict()` / `load_state_dict()` resume the
@@ -63,6 +64,7 @@ METADATA_COLUMNS = (
     "pubchem_cid",
     "plate",
 )
+READ_ROWS = 1024  # rows decoded from parquet at a time
 SPLITS = (datasets.Split.TRAIN, datasets.Split.VALIDATION, datasets.Split.TEST)
 
 
@@ -237,25 +239,18 @@ class Tahoe100MTokenized(datasets.ArrowBasedBuilder):
         batch = tokenize_arrow_batch(table, self.config.num_rank_bins, known_genes)
         skipped.update(batch.skipped)
         kept = table if batch.kept.all() else table.filter(pa.array(batch.kept))
-        sequences = [
-            tokenizer.select(*batch.cell(i), cell_id=cell_id, rule="expressed")
-            for i, cell_id in enumerate(kept.column(CELL_ID_COLUMN).to_pylist())
-        ]
-        lengths = np.array([len(genes) for genes, _ in sequences], dtype=np.int32)
-        offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
-
-        def flat_list(arrays):
-            values = np.concatenate(arrays).astype(np.int32) if arrays else np.zeros(0, np.int32)
-            return pa.ListArray.from_arrays(offsets, pa.array(values))
-
+        cell_ids = kept.column(CELL_ID_COLUMN).to_pylist()
+        offsets, gene_ids, input_ids = tokenizer.select_expressed(
+            batch.offsets, batch.gene_ids, batch.input_ids, cell_ids
+        )
+        list_offsets = pa.array(offsets.astype(np.int32))
         starts = batch.offsets[:-1]
-        empty = not len(starts)
         columns = {
-            "gene_ids": flat_list([genes for genes, _ in sequences]),
-            "input_ids": flat_list([tokens for _, tokens in sequences]),
-            "length": pa.array(lengths),
-            "n_expressed": pa.array([] if empty else np.add.reduceat(batch.input_ids > 0, starts), pa.int32()),
-            "total_counts": pa.array([] if empty else np.add.reduceat(batch.counts, starts), pa.float64()),
+            "gene_ids": pa.ListArray.from_arrays(list_offsets, pa.array(gene_ids.astype(np.int32))),
+            "input_ids": pa.ListArray.from_arrays(list_offsets, pa.array(input_ids.astype(np.int32))),
+            "length": pa.array(np.diff(offsets).astype(np.int32)),
+            "n_expressed": pa.array(np.diff(batch.offsets).astype(np.int32)),
+            "total_counts": pa.array(np.add.reduceat(batch.counts.astype(np.float64), starts) if len(starts) else []),
         }
         for name in self.config.keep_columns:
             columns[name] = kept.column(name)
@@ -269,13 +264,17 @@ class Tahoe100MTokenized(datasets.ArrowBasedBuilder):
                 with open(file, "rb") as f:
                     parquet = pq.ParquetFile(f)
                     groups = [row_group] if row_group is not None else None
-                    batches = parquet.iter_batches(self.config.batch_size, row_groups=groups, columns=columns)
-                    for batch_idx, record_batch in enumerate(batches):
+                    # Parquet decodes faster in large batches; tokenization runs on small slices that stay in cache.
+                    batches = parquet.iter_batches(READ_ROWS, row_groups=groups, columns=columns)
+                    chunk_idx = 0
+                    for record_batch in batches:
                         table = pa.Table.from_batches([record_batch])
                         in_split = self._split_of(table) == split
                         table = table if in_split.all() else table.filter(pa.array(in_split))
-                        if table.num_rows:
-                            yield Key(shard_idx, batch_idx), self._tokenize(table, tokenizer, known_genes, skipped)
+                        for start in range(0, table.num_rows, self.config.batch_size):
+                            chunk = table.slice(start, self.config.batch_size)
+                            yield Key(shard_idx, chunk_idx), self._tokenize(chunk, tokenizer, known_genes, skipped)
+                            chunk_idx += 1
             except Exception as error:  # not `except (OSError, ...)`: evaluated when a generator closes at exit
                 if not isinstance(error, (OSError, pa.ArrowException)):
                     raise

@@ -1,4 +1,4 @@
-"""Per-cell rank tokens: counts -> quantile bins, and the (gene id, rank token) sequence of one cell."""
+"""Per-cell rank tokens: counts -> quantile bins, and the (gene id, rank token) sequence of one or many cells."""
 
 from __future__ import annotations
 
@@ -8,27 +8,38 @@ from dataclasses import dataclass
 import numpy as np
 
 SELECTION_RULES = ("expressed", "panel")
+# Independent hash streams of a cell: the rule draw, the expressed genes kept, the zero genes added, the panel kept.
+_STREAMS = ("rule", "expressed", "zeros", "panel")
 
 
-def quantile_edges(
-    sorted_counts: np.ndarray, num_bins: int, starts: np.ndarray | None = None, sizes: np.ndarray | None = None
-) -> np.ndarray:
+def quantile_positions(sizes: np.ndarray, num_bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Integer positions of the quantiles `linspace(0, 1, num_bins)` in sorted arrays of the given sizes.
+
+    Quantile k sits at `k (n - 1) / (B - 1)`: returns `(low, high, remainder)`, each `(len(sizes), num_bins)`, so
+    that the quantile is `v[low] + (v[high] - v[low]) * remainder / (B - 1)` (see [`interpolate_edges`]).
+    """
+    divisor = max(num_bins - 1, 1)
+    steps = np.arange(num_bins, dtype=np.int64)[None, :] * (np.asarray(sizes, dtype=np.int64)[:, None] - 1)
+    low, remainder = np.divmod(steps, divisor)
+    return low, np.minimum(low + 1, sizes[:, None] - 1), remainder
+
+
+def interpolate_edges(low_values: np.ndarray, high_values: np.ndarray, remainder: np.ndarray) -> np.ndarray:
+    """Bin edges from the sorted values at the positions of [`quantile_positions`], in float64."""
+    divisor = max(remainder.shape[-1] - 1, 1)
+    low_values = np.asarray(low_values, dtype=np.float64)
+    return low_values + ((high_values - low_values) * remainder) / divisor
+
+
+def quantile_edges(sorted_counts: np.ndarray, num_bins: int) -> np.ndarray:
     """The quantiles `linspace(0, 1, num_bins)` of sorted integer counts, with linear interpolation, exactly.
 
     This is `np.quantile(counts, np.linspace(0, 1, num_bins))` computed from integer positions, so an edge that
     falls on a data point (or between two equal ones) is that count exactly instead of a float a hair below it,
-    which would move every tied count one bin up. With `starts` and `sizes`, `sorted_counts` holds many cells
-    back to back (each sorted) and the result is their `(n_cells, num_bins)` edges.
+    which would move every tied count one bin up.
     """
-    if starts is None:
-        return quantile_edges(sorted_counts, num_bins, np.zeros(1, dtype=np.int64), np.array([len(sorted_counts)]))[0]
-    divisor = max(num_bins - 1, 1)
-    steps = np.arange(num_bins, dtype=np.int64)[None, :] * (sizes[:, None] - 1)
-    low, remainder = np.divmod(steps, divisor)
-    high = np.minimum(low + 1, sizes[:, None] - 1)
-    low_values = sorted_counts[starts[:, None] + low]
-    gap = sorted_counts[starts[:, None] + high] - low_values
-    return low_values + (gap * remainder) / divisor
+    low, high, remainder = quantile_positions(np.array([len(sorted_counts)]), num_bins)
+    return interpolate_edges(sorted_counts[low[0]], sorted_counts[high[0]], remainder[0])
 
 
 def rank_tokens(
@@ -70,10 +81,106 @@ def rank_tokens(
     return tokens
 
 
-def cell_rng(seed: int, epoch: int, cell_id: str) -> np.random.Generator:
-    """A generator fixed by (seed, epoch, cell id), so workers, ranks and resumes draw the same genes."""
-    digest = int.from_bytes(hashlib.blake2b(cell_id.encode(), digest_size=8).digest(), "little")
-    return np.random.default_rng([seed, epoch, digest])
+def cell_salts(seed: int, epoch: int, cell_ids: list[str]) -> np.ndarray:
+    """`(len(cell_ids), 4)` uint32 salts fixed by (seed, epoch, cell id), one per hash stream of a cell.
+
+    Every draw of the selection rules is a hash of a salt, so workers, ranks and resumes draw the same genes and
+    a batch of cells draws exactly what each cell draws alone.
+    """
+    digests = b"".join(
+        hashlib.blake2b(f"{seed}:{epoch}:{cell_id}".encode(), digest_size=4 * len(_STREAMS)).digest()
+        for cell_id in cell_ids
+    )
+    return np.frombuffer(digests, dtype="<u4").reshape(len(cell_ids), len(_STREAMS)).astype(np.uint32)
+
+
+def hash_keys(salts: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Pseudo-random uint32 keys of non-negative integers (< 2**32) under per-element salts (broadcast).
+
+    MurmurHash3's finaliser of `value * golden + salt`: for a fixed salt a bijection of 32-bit values, so two
+    genes of one cell never share a key.
+    """
+    with np.errstate(over="ignore"):
+        h = np.asarray(values).astype(np.uint32) * np.uint32(0x9E3779B9) + np.asarray(salts, dtype=np.uint32)
+        h ^= h >> np.uint32(16)
+        h *= np.uint32(0x85EBCA6B)
+        h ^= h >> np.uint32(13)
+        h *= np.uint32(0xC2B2AE35)
+        h ^= h >> np.uint32(16)
+    return h
+
+
+def segment_ids(offsets: np.ndarray) -> np.ndarray:
+    """The segment (cell) index of every flat position of arrays with per-segment `offsets`."""
+    return np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+
+
+def concatenated_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """`np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lengths)])` without the loop."""
+    return np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(lengths.sum())
+
+
+def smallest_keys(offsets: np.ndarray, keys: np.ndarray, n_keep: int) -> np.ndarray:
+    """Indices (increasing) of the `n_keep` smallest keys of each segment, or of all keys of a shorter segment.
+
+    Keys must be distinct within a segment. Longer segments become rows of a padded matrix, so one
+    `np.partition` finds every segment's threshold at once.
+    """
+    sizes = np.diff(offsets)
+    long = sizes > n_keep
+    if not long.any():
+        return np.arange(len(keys))
+    long_sizes, long_starts = sizes[long], offsets[:-1][long]
+    width = int(long_sizes.max())
+    every = long.all()  # the usual case: no gather of the long segments' keys
+    flat = np.arange(len(keys)) if every else concatenated_ranges(long_starts, long_sizes)
+    long_keys = keys if every else keys[flat]
+    slot = flat + np.repeat(np.arange(len(long_sizes)) * width - long_starts, long_sizes)  # row * width + column
+    padded = np.full((len(long_sizes), width), np.iinfo(keys.dtype).max, dtype=keys.dtype)
+    padded.ravel()[slot] = long_keys
+    threshold = np.partition(padded, n_keep - 1, axis=1)[:, n_keep - 1]
+    keep_long = long_keys <= np.repeat(threshold, long_sizes)
+    if every:
+        return np.flatnonzero(keep_long)
+    keep = np.ones(len(keys), dtype=bool)
+    keep[flat] = keep_long
+    return np.flatnonzero(keep)
+
+
+def draw_unexpressed(
+    salts: np.ndarray, offsets: np.ndarray, expressed_genes: np.ndarray, gene_pool: np.ndarray, n_zero: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per cell, `n_zero` genes of `gene_pool` (sorted, unique) that it does not express, or all there are.
+
+    Draw j = 0, 1, 2, ... of a cell is the pool entry at a hashed index of j; the first `n_zero` draws that are
+    neither expressed nor drawn before are kept. This is sequential rejection sampling, so each cell gets a
+    uniform sample without replacement, in draw order. Returns `(offsets, genes)` of the drawn genes.
+    """
+    n_cells, pool_size = len(offsets) - 1, len(gene_pool)
+    cell = segment_ids(offsets)
+    stride = int(max(gene_pool.max(), expressed_genes.max(initial=0))) + 1
+    expressed_keys = np.append(np.sort(cell * stride + expressed_genes), -1)  # -1: a sentinel that never matches
+    in_pool = gene_pool[np.searchsorted(gene_pool, expressed_genes).clip(max=pool_size - 1)] == expressed_genes
+    target = np.minimum(n_zero, pool_size - np.bincount(cell[in_pool], minlength=n_cells))
+    out_offsets = np.concatenate([[0], np.cumsum(target)])
+    out = np.empty(out_offsets[-1], dtype=gene_pool.dtype)
+    rows, draws = np.flatnonzero(target > 0), 2 * n_zero + 16
+    while len(rows):
+        index = (hash_keys(salts[rows, None], np.arange(draws)).astype(np.uint64) * np.uint64(pool_size)) >> 32
+        candidates = gene_pool[index.astype(np.int64)]
+        keys = rows[:, None] * stride + candidates
+        fresh = expressed_keys[np.searchsorted(expressed_keys[:-1], keys)] != keys
+        order = np.argsort(candidates, axis=1, kind="stable")  # a repeat of an earlier draw is not fresh
+        in_order = np.take_along_axis(candidates, order, axis=1)
+        repeat = np.zeros_like(fresh)
+        np.put_along_axis(repeat, order[:, 1:], in_order[:, 1:] == in_order[:, :-1], axis=1)
+        fresh &= ~repeat
+        taken = np.cumsum(fresh, axis=1)
+        done = taken[:, -1] >= target[rows]
+        picked = fresh & (taken <= target[rows, None]) & done[:, None]
+        out[concatenated_ranges(out_offsets[rows[done]], target[rows[done]])] = candidates[picked]
+        rows, draws = rows[~done], 2 * draws
+    return out_offsets, out
 
 
 @dataclass
@@ -84,13 +191,14 @@ class CellTokenizer:
     follows a selection rule:
 
     - `"expressed"`: up to `max_length - round(zero_share * max_length)` expressed genes drawn uniformly (all of
-      them if they fit), then randomly drawn unexpressed genes of `gene_pool` (token 0) to fill the zero share, so
-      the model learns zeros. Being in such a sequence says a gene is probably expressed.
+      them if they fit; in input order), then unexpressed genes of `gene_pool` drawn uniformly (token 0) to fill
+      the zero share, so the model learns zeros. Being in such a sequence says a gene is probably expressed.
     - `"panel"`: up to `max_length` genes of `panel` drawn without looking at the counts (the whole panel when it
       fits), each with its token (0 if not expressed). Being in the sequence says nothing about expression.
 
     With `rule=None` each cell uses `"panel"` with probability `panel_share`, else `"expressed"`. All draws are
-    fixed by (seed, epoch, cell id).
+    hashes of salts fixed by (seed, epoch, cell id) ([`cell_salts`]): a gene is drawn when its hash key is among
+    the smallest, so [`~CellTokenizer.select_expressed`] on a batch of cells gives each cell what it gets alone.
 
     Args:
         num_bins (`int`): B of [`rank_tokens`].
@@ -165,35 +273,67 @@ class CellTokenizer:
             tokens (`np.ndarray`): their rank tokens from the whole cell (0 for listed zero counts).
             cell_id, epoch, rule: as in `__call__`.
         """
-        rng = cell_rng(self.seed, epoch, cell_id)
+        salts = cell_salts(self.seed, epoch, [cell_id])
         if rule is None:
-            rule = "panel" if self.panel_share > 0 and rng.random() < self.panel_share else "expressed"
+            drawn = hash_keys(salts[0, _STREAMS.index("rule")], 0) < self.panel_share * 2**32
+            rule = "panel" if drawn else "expressed"
         if rule == "panel":
-            return self._panel(genes, tokens, rng)
+            return self._panel(genes, tokens, salts[0])
         if rule == "expressed":
-            return self._expressed(genes, tokens, rng)
+            expressed = tokens > 0
+            offsets = np.array([0, expressed.sum()])
+            _, gene_ids, input_ids = self._select_expressed(offsets, genes[expressed], tokens[expressed], salts)
+            return gene_ids, input_ids
         raise ValueError(f"rule must be one of {SELECTION_RULES}, got {rule!r}")
 
-    def _expressed(self, genes, tokens, rng):
-        expressed = np.flatnonzero(tokens)
-        n_zero = round(self.zero_share * self.max_length)
-        n_expressed = min(len(expressed), self.max_length - n_zero)
-        if n_expressed < len(expressed):
-            expressed = np.sort(rng.choice(expressed, n_expressed, replace=False))
-        gene_ids, input_ids = genes[expressed], tokens[expressed]
-        if n_zero:
-            unexpressed = np.setdiff1d(self.gene_pool, genes[tokens > 0], assume_unique=True)
-            zeros = rng.choice(unexpressed, min(n_zero, len(unexpressed)), replace=False)
-            gene_ids = np.concatenate([gene_ids, zeros])
-            input_ids = np.concatenate([input_ids, np.zeros(len(zeros), dtype=np.int64)])
-        return gene_ids, input_ids
+    def select_expressed(
+        self, offsets: np.ndarray, genes: np.ndarray, tokens: np.ndarray, cell_ids: list[str], epoch: int = 0
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The `"expressed"` rule for many cells at once, with exactly the draws each cell makes alone.
 
-    def _panel(self, genes, tokens, rng):
+        Args:
+            offsets (`np.ndarray`): `(n_cells + 1,)` start of each cell in `genes` / `tokens`.
+            genes (`np.ndarray`): the expressed gene ids of the cells, back to back.
+            tokens (`np.ndarray`): their rank tokens (1..B).
+            cell_ids (`list[str]`): the cells' ids.
+            epoch (`int`): as in `__call__`.
+
+        Returns:
+            `(offsets, gene_ids, input_ids)` of the sequences, back to back.
+        """
+        return self._select_expressed(offsets, genes, tokens, cell_salts(self.seed, epoch, cell_ids))
+
+    def _select_expressed(self, offsets, genes, tokens, salts):
+        n_zero = round(self.zero_share * self.max_length)
+        sizes = np.diff(offsets)
+        keys = hash_keys(np.repeat(salts[:, _STREAMS.index("expressed")], sizes), genes)
+        kept = smallest_keys(offsets, keys, self.max_length - n_zero)
+        gene_ids, input_ids = genes.take(kept), tokens.take(kept)
+        kept_sizes = np.minimum(sizes, self.max_length - n_zero)
+        if not n_zero:
+            return np.concatenate([[0], np.cumsum(kept_sizes)]), gene_ids, input_ids
+        zero_offsets, zeros = draw_unexpressed(
+            salts[:, _STREAMS.index("zeros")], offsets, genes, self.gene_pool, n_zero
+        )
+        # Each sequence: its kept expressed genes in input order, then its zeros in draw order.
+        zero_sizes = np.diff(zero_offsets)
+        out_offsets = np.concatenate([[0], np.cumsum(kept_sizes + zero_sizes)])
+        starts = out_offsets[:-1]
+        expressed_at = concatenated_ranges(starts, kept_sizes)
+        zeros_at = concatenated_ranges(starts + kept_sizes, zero_sizes)
+        out_genes = np.empty(out_offsets[-1], dtype=gene_ids.dtype)
+        out_tokens = np.zeros(out_offsets[-1], dtype=input_ids.dtype)
+        out_genes[expressed_at], out_tokens[expressed_at] = gene_ids, input_ids
+        out_genes[zeros_at] = zeros
+        return out_offsets, out_genes, out_tokens
+
+    def _panel(self, genes, tokens, salts):
         if self.panel is None:
             raise ValueError("the panel rule needs CellTokenizer(panel=...)")
         panel = self.panel
         if len(panel) > self.max_length:
-            panel = np.sort(rng.choice(panel, self.max_length, replace=False))
+            keys = hash_keys(salts[_STREAMS.index("panel")], panel)
+            panel = panel.take(smallest_keys(np.array([0, len(panel)]), keys, self.max_length))
         order = np.argsort(genes)
         position = np.searchsorted(genes[order], panel).clip(max=len(genes) - 1)
         listed = genes[order][position] == panel

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from modeling import CellTokenizer, rank_tokens
+from modeling.rank_tokenizer import cell_salts, draw_unexpressed, hash_keys, smallest_keys
 
 
 def test_hand_computed_bins_with_ties():
@@ -160,3 +161,83 @@ def test_configuration_errors():
         CellTokenizer(zero_share=0.1)
     with pytest.raises(ValueError, match="panel"):
         CellTokenizer(panel_share=0.1)
+
+
+def test_hash_keys_are_a_bijection_for_a_fixed_salt():
+    values = np.arange(2**20)
+    keys = hash_keys(np.uint32(12345), values)
+    assert len(np.unique(keys)) == len(values) and keys.dtype == np.uint32
+    assert not np.array_equal(keys, hash_keys(np.uint32(12346), values))
+
+
+@pytest.mark.parametrize("n_keep", [1, 5, 40])
+@pytest.mark.parametrize("min_size", [0, 41])  # some segments shorter than n_keep, or none
+def test_smallest_keys_match_a_sort_per_segment(n_keep, min_size):
+    rng = np.random.default_rng(n_keep)
+    sizes = rng.integers(min_size, 80, 30)
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    keys = np.concatenate([rng.permutation(2**32 - 1 - np.arange(s)) for s in sizes]).astype(np.uint32)
+    expected = [
+        np.sort(start + np.argsort(keys[start:stop])[:n_keep]) for start, stop in zip(offsets[:-1], offsets[1:])
+    ]
+    np.testing.assert_array_equal(smallest_keys(offsets, keys, n_keep), np.concatenate(expected))
+
+
+def _random_cells(rng, n_cells, pool):
+    sizes = rng.integers(1, 400, n_cells)
+    genes = [np.sort(rng.choice(pool, size, replace=False)) for size in sizes]
+    tokens = [rng.integers(1, 51, size) for size in sizes]
+    return sizes, genes, tokens
+
+
+@pytest.mark.parametrize("zero_share", [0.0, 0.25])
+def test_select_expressed_on_a_batch_equals_each_cell_alone(zero_share):
+    rng = np.random.default_rng(0)
+    pool = np.arange(3, 700)
+    sizes, genes, tokens = _random_cells(rng, 40, pool)
+    tokenizer = CellTokenizer(max_length=128, zero_share=zero_share, gene_pool=pool if zero_share else None, seed=7)
+    ids = [f"cell-{i}" for i in range(len(sizes))]
+    offsets, gene_ids, input_ids = tokenizer.select_expressed(
+        np.concatenate([[0], np.cumsum(sizes)]), np.concatenate(genes), np.concatenate(tokens), ids, epoch=2
+    )
+    for i, cell_id in enumerate(ids):
+        expected = tokenizer.select(genes[i], tokens[i], cell_id=cell_id, epoch=2, rule="expressed")
+        np.testing.assert_array_equal(gene_ids[offsets[i] : offsets[i + 1]], expected[0])
+        np.testing.assert_array_equal(input_ids[offsets[i] : offsets[i + 1]], expected[1])
+        assert offsets[i + 1] - offsets[i] <= 128
+
+
+def test_expressed_subsample_is_uniform():
+    # 200 expressed genes, 50 kept: over 2,000 cells each gene is kept about 500 times.
+    genes, tokens = np.arange(3, 203), np.ones(200, dtype=np.int64)
+    tokenizer = CellTokenizer(max_length=50)
+    kept = np.zeros(203)
+    for i in range(2000):
+        np.add.at(kept, tokenizer.select(genes, tokens, cell_id=f"c{i}")[0], 1)
+    chi2 = ((kept[3:] - 500) ** 2 / 500).sum()
+    assert chi2 < 280  # chi-square with 199 degrees of freedom: mean 199, sd 20
+
+
+def test_unexpressed_draws_are_uniform_without_repeats():
+    pool = np.arange(100)
+    expressed = np.array([2, 5, 50])
+    drawn = np.zeros(100)
+    n_cells = 3000
+    salts = cell_salts(0, 0, [f"c{i}" for i in range(n_cells)])[:, 2]
+    offsets = np.arange(n_cells + 1) * len(expressed)
+    zero_offsets, zeros = draw_unexpressed(salts, offsets, np.tile(expressed, n_cells), pool, 10)
+    assert np.all(np.diff(zero_offsets) == 10)
+    for start, stop in zip(zero_offsets[:-1], zero_offsets[1:]):
+        assert len(set(zeros[start:stop].tolist())) == 10
+    np.add.at(drawn, zeros, 1)
+    assert drawn[expressed].sum() == 0
+    expected = n_cells * 10 / 97
+    chi2 = ((np.delete(drawn, expressed) - expected) ** 2 / expected).sum()
+    assert chi2 < 150  # chi-square with 96 degrees of freedom: mean 96, sd 14
+
+
+def test_unexpressed_draws_take_every_gene_a_small_pool_has():
+    offsets, zeros = draw_unexpressed(cell_salts(0, 0, ["a", "b"])[:, 2], np.array([0, 2, 3]), np.array([3, 4, 3]),
+                                      np.arange(3, 9), 10)  # fmt: skip
+    assert offsets.tolist() == [0, 4, 9]
+    assert sorted(zeros[:4].tolist()) == [5, 6, 7, 8] and sorted(zeros[4:].tolist()) == [4, 5, 6, 7, 8]

@@ -7,7 +7,7 @@ import train_hf
 from dataset_scripts import cell_counts
 from dataset_scripts.fixtures import write_tahoe_fixture
 from dataset_scripts.schema import EXPRESSION_SCHEMA
-from dataset_scripts.tokenization import tokenize_arrow_batch
+from dataset_scripts.tokenization import TABLE_COUNTS, tokenize_arrow_batch
 from modeling import rank_tokens
 
 
@@ -34,9 +34,11 @@ def test_fixture_looks_like_tahoe(fixture_dir):
 
 
 def _per_cell(table, num_bins):
+    """Expressed genes and their tokens, cell by cell, with the per-cell rule."""
     for row in table.to_pylist():
         genes, counts = cell_counts(row)
-        yield genes, rank_tokens(counts, num_bins)
+        tokens = rank_tokens(counts, num_bins)
+        yield genes[counts > 0], tokens[counts > 0]
 
 
 @pytest.mark.parametrize("num_bins", [50, 7])
@@ -77,6 +79,25 @@ def test_random_edge_cells_match_the_per_cell_rule():
         np.testing.assert_array_equal(batch.cell(i)[0], genes)
 
 
+def test_counts_beyond_the_token_table_match_the_per_cell_rule():
+    # Counts below TABLE_COUNTS come from the per-cell table, the rest from the edges: cover both sides and the seam.
+    seam = [TABLE_COUNTS - 2, TABLE_COUNTS - 1, TABLE_COUNTS, TABLE_COUNTS + 1]
+    rows = [
+        (list(range(3, 7)), seam),
+        (list(range(3, 8)), [5000, 70, 70, 123456, 99]),  # only large counts
+        (list(range(3, 13)), [1, 1, 2, *seam, 900, 900, 3]),
+    ]
+    rng = np.random.default_rng(1)
+    for _ in range(10):
+        counts = np.concatenate([rng.integers(1, 5, 300), rng.integers(50, 5000, int(rng.integers(1, 60)))])
+        rows.append((list(range(3, 3 + len(counts))), rng.permutation(counts).tolist()))
+    table = _table(rows)
+    batch = tokenize_arrow_batch(table, 50)
+    for i, (genes, tokens) in enumerate(_per_cell(table, 50)):
+        np.testing.assert_array_equal(batch.cell(i)[0], genes)
+        np.testing.assert_array_equal(batch.cell(i)[1], tokens)
+
+
 def test_bad_rows_are_skipped_and_counted():
     good = ([1, 3, 4, 5], [-2, 1, 2, 3])
     rows = [
@@ -88,7 +109,7 @@ def test_bad_rows_are_skipped_and_counted():
         ([1, 3, 99_999], [-2, 1, 2]),  # unknown gene
         ([1, 3, 3], [-2, 1, 2]),  # repeated gene
         ([1, 3, 4], [-2, 0, 0]),  # nothing expressed
-        good,
+        ([5, 3, 4], [3, 1, 2]),  # good: genes out of order and no marker
     ]
     batch = tokenize_arrow_batch(_table(rows), 50, known_genes=np.arange(3, 100))
     assert batch.kept.tolist() == [True] + [False] * 7 + [True]
@@ -99,9 +120,10 @@ def test_bad_rows_are_skipped_and_counted():
         "repeated_genes": 1,
         "no_expressed_genes": 1,
     }
-    expected = rank_tokens(np.array([1, 2, 3]), 50)
-    for i in range(2):
-        np.testing.assert_array_equal(batch.cell(i)[1], expected)
+    np.testing.assert_array_equal(batch.cell(0)[0], [3, 4, 5])
+    np.testing.assert_array_equal(batch.cell(1)[0], [5, 3, 4])
+    np.testing.assert_array_equal(batch.cell(0)[1], rank_tokens(np.array([1, 2, 3]), 50))
+    np.testing.assert_array_equal(batch.cell(1)[1], rank_tokens(np.array([3, 1, 2]), 50))
 
 
 def test_train_hf_on_local_tahoe_schema_shards(fixture_dir, tmp_path):
