@@ -4,7 +4,7 @@ Both read the same fixture shards in the Tahoe-100M schema (Tahoe-like cells, ~2
 produce the same sequences (checked on the first cells):
 
 - builder: `Tahoe100MTokenized(...).as_streaming_dataset("train")`, iterated as Arrow batches;
-- per-cell: parquet batches -> Python rows -> `CellTokenizer` on each cell (`np.quantile`-style rule per cell).
+- per-cell: parquet batches -> Python rows -> `CellTokenizer` on each cell (a sort and a bucketize per cell).
 
 Peak memory (resident memory of a fresh process, sampled after every batch) is measured streaming N and 10 N
 cells through the builder: it must stay flat. Prints a markdown table and writes JSON.
