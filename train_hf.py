@@ -1,11 +1,12 @@
 """Train a RankDiT denoiser as an MDLM-style masked diffusion model with the Hugging Face Trainer.
 
 With no arguments it trains the tiny preset on the embedded real sample (559 cells) on the CPU in a few minutes,
-evaluates it on held-out cells beside the per-gene marginal baseline, and writes a pipeline folder:
+evaluates it on held-out cells beside the per-gene marginal baseline, and writes a diffusers pipeline folder that
+`DiffusionPipeline.from_pretrained(OUTPUT_DIR, trust_remote_code=True)` loads:
 
+    OUTPUT_DIR/model_index.json, pipeline_masked_rank_diffusion.py, eval_results.json
     OUTPUT_DIR/model/          config.json, model.safetensors, modeling code, gene_vocab.json
-    OUTPUT_DIR/scheduler/      scheduler_config.json
-    OUTPUT_DIR/eval_results.json
+    OUTPUT_DIR/scheduler/      scheduler_config.json, scheduler code
 
 Examples:
     python train_hf.py
@@ -33,7 +34,7 @@ from dataset_scripts import (
 )
 from metrics import PerGeneMarginal
 from modeling import CellTokenizer, RankDiTConfig, RankDiTModel
-from pipelines import MaskedRankDiffusionScheduler
+from pipelines import MaskedRankDiffusionPipeline, MaskedRankDiffusionScheduler
 from training import (
     DataArguments,
     DiffusionArguments,
@@ -47,17 +48,19 @@ logger = logging.getLogger("train_hf")
 
 def export_pipeline_folder(
     output_dir: Path, model: RankDiTModel, scheduler: MaskedRankDiffusionScheduler, metrics: dict
-) -> None:
-    """Write the diffusers-style folder: `model/`, `scheduler/`, `eval_results.json`.
+) -> MaskedRankDiffusionPipeline:
+    """Write the diffusers pipeline folder (`model_index.json`, pipeline code, `model/`, `scheduler/`) and
+    `eval_results.json`; returns the pipeline.
 
     The model's code files are also copied to the root: transformers 5 looks for remote code at the repository
     root even with `subfolder="model"`.
     """
-    model.save_pretrained(output_dir / "model")
+    pipeline = MaskedRankDiffusionPipeline(model=model, scheduler=scheduler)
+    pipeline.save_pretrained(output_dir)
     for code_file in (output_dir / "model").glob("*.py"):
         shutil.copy(code_file, output_dir / code_file.name)
-    scheduler.save_pretrained(output_dir / "scheduler")
     (output_dir / "eval_results.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return pipeline
 
 
 def build_parser() -> HfArgumentParser:

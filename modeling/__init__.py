@@ -5,10 +5,13 @@ checkpoint carries them as Hub remote code.
 """
 
 from transformers import AutoConfig, AutoModel
+from transformers.pipelines import PIPELINE_REGISTRY
 
+from .cell_inputs import CellInputs, prepare_cell_inputs
 from .configuration_rank_dit import RANK_DIT_PRESETS, RankDiTConfig
 from .gene_vocab import GENE_VOCAB_FILE, GeneVocab
 from .modeling_rank_dit import RankDiTModel, RankDiTOutput, RankDiTPreTrainedModel
+from .pipeline_rank_dit import IMPUTATION_TASK, RankDiTImputationPipeline
 from .rank_tokenizer import CellTokenizer, rank_tokens
 
 # In-process Auto classes, and `auto_map` + code files in every checkpoint for `trust_remote_code` loading.
@@ -16,15 +19,22 @@ AutoConfig.register(RankDiTConfig.model_type, RankDiTConfig)
 AutoModel.register(RankDiTConfig, RankDiTModel)
 RankDiTConfig.register_for_auto_class()
 RankDiTModel.register_for_auto_class("AutoModel")
+PIPELINE_REGISTRY.register_pipeline(
+    IMPUTATION_TASK, pipeline_class=RankDiTImputationPipeline, pt_model=AutoModel, type="multimodal"
+)
 
 __all__ = [
     "RANK_DIT_PRESETS",
     "GENE_VOCAB_FILE",
+    "IMPUTATION_TASK",
+    "CellInputs",
     "CellTokenizer",
     "GeneVocab",
+    "RankDiTImputationPipeline",
     "RankDiTConfig",
     "RankDiTModel",
     "RankDiTOutput",
     "RankDiTPreTrainedModel",
+    "prepare_cell_inputs",
     "rank_tokens",
 ]

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,8 +27,10 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, cached_file
 
+from .cell_inputs import CellInputs, prepare_cell_inputs
 from .configuration_rank_dit import RankDiTConfig
 from .gene_vocab import GENE_VOCAB_FILE, GeneVocab
+from .pipeline_rank_dit import IMPUTATION_TASK, RankDiTImputationPipeline
 from .rank_tokenizer import rank_tokens
 
 
@@ -287,11 +292,55 @@ class RankDiTModel(RankDiTPreTrainedModel):
         """Rank tokens of one cell's raw counts with the rule this checkpoint was trained with."""
         return rank_tokens(counts, self.config.num_rank_bins)
 
+    def prepare_inputs(self, gene_ids, ranks=None, counts=None, mask=None) -> CellInputs:
+        """Pipeline input (gene names or ids, ranks or raw counts, mask) as a padded [`CellInputs`] batch for
+        this checkpoint: see [`prepare_cell_inputs`]."""
+        return prepare_cell_inputs(
+            gene_ids,
+            ranks,
+            counts,
+            mask,
+            num_rank_bins=self.config.num_rank_bins,
+            max_length=self.config.max_length,
+            gene_vocab=self.gene_vocab,
+            gene_vocab_size=self.config.gene_vocab_size,
+        )
+
+    @torch.no_grad()
+    def predictive_distribution(self, cells: CellInputs) -> torch.Tensor:
+        """p(x0 | visible tokens) over 0..B at every position of `cells` from one pass (at t = 1 when the model is
+        time-conditioned): float32 `(n_cells, length, B + 1)`, one-hot where visible, zero at padding."""
+        device = self.device
+        timesteps = torch.ones(len(cells), device=device) if self.config.time_conditioning else None
+        logits = self(
+            gene_ids=cells.gene_ids.to(device),
+            input_ids=cells.ranks.to(device),
+            attention_mask=cells.attention_mask.to(device),
+            timesteps=timesteps,
+        ).logits
+        probs = torch.softmax(logits.float(), dim=-1).cpu()
+        visible = ~cells.mask & cells.attention_mask
+        one_hot = F.one_hot(cells.ranks.clamp(max=self.config.num_rank_bins), self.config.num_rank_tokens)
+        probs = torch.where(visible[..., None], one_hot.to(probs.dtype), probs)
+        return probs * cells.attention_mask[..., None]
+
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
-        """Save config, weights and code as transformers does, plus `gene_vocab.json` when the model has one."""
+        """Save config, weights and code as transformers does, plus `gene_vocab.json` when the model has one and
+        the transformers pipeline task `"rank-imputation"`, so `pipeline(model=save_directory,
+        trust_remote_code=True)` works."""
         if self.gene_vocab is not None:  # first, so that a push to the Hub uploads it too
             self.gene_vocab.save_pretrained(save_directory)
+        pipeline_file = Path(sys.modules[RankDiTImputationPipeline.__module__].__file__)
+        self.config.custom_pipelines = {
+            IMPUTATION_TASK: {
+                "impl": f"{pipeline_file.stem}.{RankDiTImputationPipeline.__name__}",
+                "pt": ["AutoModel"],
+                "type": "multimodal",
+            }
+        }
         super().save_pretrained(save_directory, *args, **kwargs)
+        if not Path(save_directory, pipeline_file.name).exists():
+            shutil.copy(pipeline_file, save_directory)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args, **kwargs):

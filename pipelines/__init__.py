@@ -1,5 +1,18 @@
-"""Diffusion scheduler (and, later, the diffusers-style pipeline) of RankDiff."""
+"""Diffusion scheduler and the diffusers-style pipeline of RankDiff."""
 
-from .scheduling_masked_rank_diffusion import NOISE_SCHEDULES, MaskedRankDiffusionScheduler, mask_random_share
+from .pipeline_masked_rank_diffusion import MaskedRankDiffusionPipeline, MaskedRankDiffusionPipelineOutput
+from .scheduling_masked_rank_diffusion import (
+    NOISE_SCHEDULES,
+    SAMPLERS,
+    MaskedRankDiffusionScheduler,
+    MaskedRankDiffusionSchedulerOutput,
+)
 
-__all__ = ["NOISE_SCHEDULES", "MaskedRankDiffusionScheduler", "mask_random_share"]
+__all__ = [
+    "NOISE_SCHEDULES",
+    "SAMPLERS",
+    "MaskedRankDiffusionPipeline",
+    "MaskedRankDiffusionPipelineOutput",
+    "MaskedRankDiffusionScheduler",
+    "MaskedRankDiffusionSchedulerOutput",
+]

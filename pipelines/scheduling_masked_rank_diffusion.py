@@ -4,34 +4,33 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import BaseOutput
 
 NOISE_SCHEDULES = ("log-linear", "cosine")
+SAMPLERS = ("ancestral", "first-hitting", "confidence")
 
 
-def mask_random_share(
-    maskable: torch.Tensor, share: float, *, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """Choose exactly `round(share * n)` (at least one) of each row's n maskable positions, uniformly.
+@dataclass
+class MaskedRankDiffusionSchedulerOutput(BaseOutput):
+    """Output of [`MaskedRankDiffusionScheduler.step`].
 
     Args:
-        maskable (`torch.Tensor` of shape `(batch_size, sequence_length)`): True where a position may be masked.
-        share (`float`): the share of maskable positions to mask, in (0, 1].
-        generator (`torch.Generator`, *optional*): source of the draws (on the device of `maskable`).
-
-    Returns:
-        `torch.Tensor` of booleans, True at the chosen positions.
+        prev_sample (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
+            The tokens at the earlier time: some `[MASK]` positions filled, every other position unchanged.
+        pred_original_sample (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
+            The model's most likely clean token at every masked position (visible tokens carried over).
+        prev_timestep (`torch.Tensor` of shape `(batch_size,)`):
+            The time of each row after the step (per row with the first-hitting sampler).
     """
-    if not 0.0 < share <= 1.0:
-        raise ValueError(f"the share to mask must be in (0, 1], got {share}")
-    maskable = maskable.bool()
-    scores = torch.rand(maskable.shape, generator=generator, device=maskable.device).masked_fill(~maskable, 2.0)
-    rank = scores.argsort(dim=1).argsort(dim=1)
-    count = (maskable.sum(dim=1) * share).round().clamp(min=1)
-    return (rank < count.unsqueeze(1)) & maskable
+
+    prev_sample: torch.LongTensor
+    pred_original_sample: torch.LongTensor
+    prev_timestep: torch.Tensor
 
 
 class MaskedRankDiffusionScheduler(SchedulerMixin, ConfigMixin):
@@ -51,6 +50,13 @@ class MaskedRankDiffusionScheduler(SchedulerMixin, ConfigMixin):
             alpha(t) = eps + (1 - eps) cos(pi t / 2).
         eps (`float`, defaults to 1e-3):
             alpha(1) = eps, and training times are drawn from [eps, 1].
+        sampler (`str`, defaults to `"ancestral"`):
+            How [`~MaskedRankDiffusionScheduler.step`] unmasks: `"ancestral"` (MDLM: between t and s < t a masked
+            token is revealed with probability (alpha(s) - alpha(t)) / (1 - alpha(t)), its value drawn from the
+            model), `"first-hitting"` (exact: one token per step at the time the next one would be revealed, so as
+            many steps as masked tokens) or `"confidence"` (as many tokens per step as the schedule reveals on
+            average, the most confident ones, each set to its most likely value: MAP-style imputation that does
+            not sample the distribution).
     """
 
     order = 1
@@ -62,7 +68,10 @@ class MaskedRankDiffusionScheduler(SchedulerMixin, ConfigMixin):
         mask_token_id: int | None = None,
         noise_schedule: str = "log-linear",
         eps: float = 1e-3,
+        sampler: str = "ancestral",
     ):
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         if noise_schedule not in NOISE_SCHEDULES:
             raise ValueError(f"noise_schedule must be one of {NOISE_SCHEDULES}, got {noise_schedule!r}")
         if not 0.0 < eps < 1.0:
@@ -71,6 +80,9 @@ class MaskedRankDiffusionScheduler(SchedulerMixin, ConfigMixin):
             self.register_to_config(mask_token_id=num_rank_bins + 1)
         elif mask_token_id != num_rank_bins + 1:
             raise ValueError(f"mask_token_id must be num_rank_bins + 1 = {num_rank_bins + 1}, got {mask_token_id}")
+        self.sampler = sampler
+        self.num_inference_steps: int | None = None
+        self.timesteps: torch.Tensor | None = None
 
     def check_model_config(self, model_config) -> None:
         """Raise if a model's config disagrees with this scheduler on the token space."""
@@ -100,9 +112,14 @@ class MaskedRankDiffusionScheduler(SchedulerMixin, ConfigMixin):
         eps = self.config.eps
         if not eps <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [eps, 1] = [{eps}, 1], got {alpha}")
+        return float(self._time_at_mask_probability(torch.tensor(1.0 - alpha, dtype=torch.float64)))
+
+    def _time_at_mask_probability(self, mask_probability: torch.Tensor) -> torch.Tensor:
+        """The inverse of `mask_probability`."""
+        share = (mask_probability / (1.0 - self.config.eps)).clamp(0.0, 1.0)
         if self.config.noise_schedule == "log-linear":
-            return (1.0 - alpha) / (1.0 - eps)
-        return 2.0 / math.pi * math.acos((alpha - eps) / (1.0 - eps))
+            return share
+        return 4.0 / math.pi * torch.asin((share / 2.0).sqrt())
 
     def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
         """NELBO weight of a masked token, -alpha'(t) / (1 - alpha(t)) (MDLM eq. 10)."""
@@ -124,6 +141,26 @@ class MaskedRankDiffusionScheduler(SchedulerMixin, ConfigMixin):
         strata = torch.arange(batch_size, device=device, dtype=torch.float64) / batch_size
         u = torch.remainder(u0 + strata, 1.0)
         return (self.config.eps + (1.0 - self.config.eps) * u).float()
+
+    @staticmethod
+    def random_mask(maskable: torch.Tensor, share: float, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Choose exactly `round(share * n)` (at least one) of each row's n maskable positions, uniformly.
+
+        Args:
+            maskable (`torch.Tensor` of shape `(batch_size, sequence_length)`): True where a position may be masked.
+            share (`float`): the share of maskable positions to mask, in (0, 1].
+            generator (`torch.Generator`, *optional*): source of the draws (on the device of `maskable`).
+
+        Returns:
+            `torch.Tensor` of booleans, True at the chosen positions.
+        """
+        if not 0.0 < share <= 1.0:
+            raise ValueError(f"the share to mask must be in (0, 1], got {share}")
+        maskable = maskable.bool()
+        scores = torch.rand(maskable.shape, generator=generator, device=maskable.device).masked_fill(~maskable, 2.0)
+        rank = scores.argsort(dim=1).argsort(dim=1)
+        count = (maskable.sum(dim=1) * share).round().clamp(min=1)
+        return (rank < count.unsqueeze(1)) & maskable
 
     def add_noise(
         self,
@@ -153,3 +190,114 @@ class MaskedRankDiffusionScheduler(SchedulerMixin, ConfigMixin):
         if maskable is not None:
             masked &= maskable.bool()
         return original_samples.masked_fill(masked, self.config.mask_token_id)
+
+    def set_timesteps(
+        self, num_inference_steps: int, device: torch.device | str | None = None, sampler: str | None = None
+    ) -> None:
+        """Set the reverse-time grid 1 = t_0 > t_1 > ... > t_N = 0 (`timesteps` holds t_0..t_{N-1}).
+
+        Args:
+            num_inference_steps (`int`): N, the number of denoising steps (the first-hitting sampler takes one step
+                per masked token instead and only uses the grid's start).
+            device (`torch.device` or `str`, *optional*): where `timesteps` live.
+            sampler (`str`, *optional*): one of `SAMPLERS`, overriding the configured `sampler` from now on.
+        """
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
+        if sampler is not None:
+            if sampler not in SAMPLERS:
+                raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+            self.sampler = sampler
+        self.num_inference_steps = num_inference_steps
+        self._grid = torch.linspace(1.0, 0.0, num_inference_steps + 1, dtype=torch.float64, device=device)
+        self.timesteps = self._grid[:-1]
+
+    def _next_time(self, timestep: torch.Tensor) -> torch.Tensor:
+        """The grid time that follows each of `timestep` (0 after the last)."""
+        if self.timesteps is None:
+            raise ValueError("call set_timesteps() before step()")
+        index = torch.searchsorted(-self._grid, -timestep.to(self._grid.device), side="right")
+        return self._grid[index.clamp(max=len(self._grid) - 1)].to(timestep.device)
+
+    def predictive_distribution(
+        self, model_output: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0
+    ) -> torch.Tensor:
+        """Float64 probabilities over 0..B from the model's logits, with temperature and nucleus (top-p) cut.
+
+        Float64 so that rare values are drawn as often as they should be (float32 draws under-sample them).
+        """
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        probs = torch.softmax(model_output.double() / temperature, dim=-1)
+        if top_p < 1.0:
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # keep the smallest set reaching top_p
+            probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+            probs = probs / probs.sum(dim=-1, keepdim=True)
+        return probs
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: float | torch.Tensor,
+        sample: torch.LongTensor,
+        *,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        generator: torch.Generator | None = None,
+        return_dict: bool = True,
+    ) -> MaskedRankDiffusionSchedulerOutput | tuple:
+        """One reverse step from time t: fill some `[MASK]` positions of `sample`, never touch the others.
+
+        Args:
+            model_output (`torch.Tensor` of shape `(batch_size, sequence_length, num_rank_bins + 1)`):
+                The denoiser's logits over the clean tokens 0..B given `sample`.
+            timestep (`float` or `torch.Tensor` of shape `(batch_size,)`): t of each row, from `timesteps` (or
+                the `prev_timestep` of the last step with the first-hitting sampler).
+            sample (`torch.LongTensor` of shape `(batch_size, sequence_length)`): the current tokens.
+            temperature (`float`, defaults to 1.0): divides the logits before the softmax.
+            top_p (`float`, defaults to 1.0): keep the most likely values up to this probability mass.
+            generator (`torch.Generator`, *optional*): source of every draw (on the CPU).
+            return_dict (`bool`, defaults to `True`): return a [`MaskedRankDiffusionSchedulerOutput`], else a tuple.
+        """
+        batch_size = sample.shape[0]
+        t = torch.as_tensor(timestep, dtype=torch.float64).expand(batch_size).cpu()
+        masked = (sample == self.config.mask_token_id).cpu()
+        probs = self.predictive_distribution(model_output.detach().cpu(), temperature, top_p)
+        best = probs.argmax(dim=-1)
+        if self.sampler == "first-hitting":
+            # With n masked tokens the next is revealed when all n survive to s: m(s) = m(t) u^(1/n).
+            n = masked.sum(dim=1)
+            u = torch.rand(batch_size, generator=generator, dtype=torch.float64)
+            survival = u ** (1.0 / n.clamp(min=1))
+            prev_t = torch.where(n > 0, self._time_at_mask_probability(self.mask_probability(t) * survival), t)
+            scores = torch.rand(masked.shape, generator=generator, dtype=torch.float64).masked_fill(~masked, -1.0)
+            reveal = torch.zeros_like(masked)
+            reveal[torch.arange(batch_size), scores.argmax(dim=1)] = True
+            reveal &= masked
+        else:
+            prev_t = self._next_time(t)
+            share = 1.0 - self.mask_probability(prev_t) / self.mask_probability(t).clamp(min=1e-12)
+            if self.sampler == "ancestral":
+                reveal = masked & (torch.rand(masked.shape, generator=generator, dtype=torch.float64) < share[:, None])
+            else:  # confidence: the expected number of reveals, the most confident positions first
+                count = (masked.sum(dim=1) * share).round().long()
+                confidence = probs.max(dim=-1).values.masked_fill(~masked, -1.0)
+                rank = confidence.argsort(dim=1, descending=True).argsort(dim=1)
+                reveal = masked & (rank < count[:, None])
+        prev_sample = sample.cpu().clone()
+        prev_sample[reveal] = best[reveal] if self.sampler == "confidence" else self._draw(probs[reveal], generator)
+        pred_original_sample = torch.where(masked, best, sample.cpu())
+        prev_sample, pred_original_sample = prev_sample.to(sample.device), pred_original_sample.to(sample.device)
+        if not return_dict:
+            return prev_sample, pred_original_sample, prev_t
+        return MaskedRankDiffusionSchedulerOutput(prev_sample, pred_original_sample, prev_t)
+
+    @staticmethod
+    def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.LongTensor:
+        """One categorical draw per row of float64 `probs` (inverse CDF)."""
+        cdf = probs.cumsum(dim=-1)
+        u = torch.rand(probs.shape[0], generator=generator, dtype=torch.float64) * cdf[:, -1]
+        return torch.searchsorted(cdf, u[:, None], right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from pipelines import MaskedRankDiffusionScheduler, mask_random_share
+from pipelines import MaskedRankDiffusionScheduler
 
 
 @pytest.mark.parametrize("schedule", ["log-linear", "cosine"])
@@ -74,11 +74,11 @@ def test_add_noise_masks_at_the_scheduled_rate_and_never_padding():
 def test_mask_random_share_is_exact_per_row():
     maskable = torch.ones(3, 10, dtype=torch.bool)
     maskable[1, 6:] = False
-    masked = mask_random_share(maskable, 0.5, generator=torch.Generator().manual_seed(0))
+    masked = MaskedRankDiffusionScheduler.random_mask(maskable, 0.5, generator=torch.Generator().manual_seed(0))
     assert masked.sum(1).tolist() == [5, 3, 5]
     assert not (masked & ~maskable).any()
     with pytest.raises(ValueError, match="share"):
-        mask_random_share(maskable, 0.0)
+        MaskedRankDiffusionScheduler.random_mask(maskable, 0.0)
 
 
 def test_config_round_trip_and_model_check(tmp_path, tiny_config):
@@ -93,3 +93,80 @@ def test_config_round_trip_and_model_check(tmp_path, tiny_config):
         MaskedRankDiffusionScheduler(num_rank_bins=10, mask_token_id=3)
     with pytest.raises(ValueError, match="noise_schedule"):
         MaskedRankDiffusionScheduler(noise_schedule="linear")
+
+
+def _uniform_logits(sample, num_classes=11):
+    return torch.zeros(*sample.shape, num_classes)
+
+
+def test_set_timesteps_runs_from_one_towards_zero():
+    scheduler = MaskedRankDiffusionScheduler(num_rank_bins=10)
+    scheduler.set_timesteps(4)
+    torch.testing.assert_close(scheduler.timesteps, torch.tensor([1.0, 0.75, 0.5, 0.25], dtype=torch.float64))
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        scheduler.set_timesteps(4, sampler="greedy")
+
+
+@pytest.mark.parametrize("sampler", ["ancestral", "first-hitting", "confidence"])
+def test_step_fills_only_masked_positions_with_valid_ranks(sampler):
+    scheduler = MaskedRankDiffusionScheduler(num_rank_bins=10, sampler=sampler)
+    scheduler.set_timesteps(5)
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randint(0, 11, (6, 40), generator=generator)
+    masked = torch.rand(6, 40, generator=generator) < 0.5
+    sample[masked] = 11
+    logits = torch.randn(6, 40, 11, generator=generator)
+    out = scheduler.step(logits, scheduler.timesteps[1], sample, generator=generator)
+    assert torch.equal(out.prev_sample[~masked], sample[~masked])
+    revealed = masked & (out.prev_sample != 11)
+    assert revealed.any() and out.prev_sample[revealed].max() <= 10
+    assert torch.equal(out.pred_original_sample[masked], logits.argmax(-1)[masked])
+
+
+@pytest.mark.parametrize("schedule", ["log-linear", "cosine"])
+def test_ancestral_reveals_the_share_the_schedule_says(schedule):
+    scheduler = MaskedRankDiffusionScheduler(num_rank_bins=10, noise_schedule=schedule)
+    scheduler.set_timesteps(8)
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.full((50, 400), 11)
+    for t, s in zip(scheduler.timesteps, [*scheduler.timesteps[1:], torch.tensor(0.0)]):
+        masked = sample == 11
+        out = scheduler.step(_uniform_logits(sample), t, sample, generator=generator)
+        revealed = (masked & (out.prev_sample != 11)).sum().item() / masked.sum().item()
+        expected = 1 - scheduler.mask_probability(s.double()) / scheduler.mask_probability(t.double())
+        assert abs(revealed - float(expected)) < 0.01 + 0.05 * float(expected)
+        sample = out.prev_sample
+    assert not (sample == 11).any()
+
+
+def test_first_hitting_reveals_one_token_at_the_next_hitting_time():
+    scheduler = MaskedRankDiffusionScheduler(num_rank_bins=10, sampler="first-hitting")
+    scheduler.set_timesteps(1)
+    sample = torch.full((4000, 3), 11)
+    t = torch.full((4000,), 0.8, dtype=torch.float64)
+    out = scheduler.step(_uniform_logits(sample), t, sample, generator=torch.Generator().manual_seed(0))
+    assert torch.equal((out.prev_sample != 11).sum(dim=1), torch.ones(4000, dtype=torch.long))
+    # log-linear: s = t u^(1/n), so (s / t)^n is uniform on (0, 1).
+    u = (out.prev_timestep / 0.8) ** 3
+    assert abs(u.mean().item() - 0.5) < 0.02 and abs((u < 0.25).double().mean().item() - 0.25) < 0.02
+
+
+def test_confidence_reveals_the_most_likely_values_first():
+    scheduler = MaskedRankDiffusionScheduler(num_rank_bins=10, sampler="confidence")
+    scheduler.set_timesteps(2)
+    sample = torch.full((1, 4), 11)
+    logits = torch.full((1, 4, 11), -5.0)
+    logits[0, torch.arange(4), torch.tensor([3, 7, 1, 9])] = torch.tensor([1.0, 8.0, 2.0, 6.0])
+    out = scheduler.step(logits, scheduler.timesteps[0], sample)
+    assert out.prev_sample.tolist() == [[11, 7, 11, 9]]  # half revealed at t = 1 -> 0.5, the two most confident
+    out = scheduler.step(logits, scheduler.timesteps[1], out.prev_sample)
+    assert out.prev_sample.tolist() == [[3, 7, 1, 9]]
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    scheduler = MaskedRankDiffusionScheduler(num_rank_bins=3)
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
+    probs = scheduler.predictive_distribution(logits, top_p=0.7)
+    torch.testing.assert_close(probs, torch.tensor([0.625, 0.375, 0.0, 0.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="temperature"):
+        scheduler.predictive_distribution(logits, temperature=0.0)

@@ -11,7 +11,7 @@ import train_hf
 from dataset_scripts import RankDiffusionCollator, load_expression_data
 from metrics import PerGeneMarginal
 from modeling import CellTokenizer, RankDiTConfig, RankDiTModel, rank_tokens
-from pipelines import MaskedRankDiffusionScheduler
+from pipelines import MaskedRankDiffusionPipeline, MaskedRankDiffusionScheduler
 from training import RankDiffTrainingArguments, RankDiffusionTrainer, evaluate_masked_diffusion
 
 
@@ -166,10 +166,22 @@ assert "modeling" not in sys.modules and "train_hf" not in sys.modules
 assert model.gene_vocab is not None and model.gene_vocab.encode(["TP53"])
 inputs = torch.load({str(tmp_path / "inputs.pt")!r})
 torch.save(model(**inputs).logits, {str(tmp_path / "logits.pt")!r})
+
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained({str(out)!r}, trust_remote_code=True)
+assert "pipelines" not in sys.modules and "modeling" not in sys.modules
+sampled = pipe(gene_ids=GENES, counts=COUNTS, mask_ratio=0.5, generator=torch.Generator().manual_seed(3)).ranks
+torch.save(torch.from_numpy(sampled), {str(tmp_path / "sampled.pt")!r})
 """
+    genes, counts = [["TP53", "CD3E", "LYZ", "MS4A1", "GAPDH", "ACTB"]], [[0, 2, 9, 1, 30, 55]]
+    script = script.replace("GENES", repr(genes)).replace("COUNTS", repr(counts))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, check=True)
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected)
+    scheduler = MaskedRankDiffusionScheduler.from_pretrained(out / "scheduler")
+    pipe = MaskedRankDiffusionPipeline(model=model, scheduler=scheduler)
+    sampled = pipe(gene_ids=genes, counts=counts, mask_ratio=0.5, generator=torch.Generator().manual_seed(3)).ranks
+    np.testing.assert_array_equal(torch.load(tmp_path / "sampled.pt").numpy(), sampled)
 
 
 def test_every_flag_is_documented():

@@ -8,7 +8,7 @@ import torch
 from torch.nn import functional as F
 
 from metrics import PerGeneMarginal
-from pipelines import MaskedRankDiffusionScheduler, mask_random_share
+from pipelines import MaskedRankDiffusionScheduler
 
 from .loss import masked_nelbo
 
@@ -63,7 +63,7 @@ def evaluate_masked_diffusion(
             totals["nelbo"] += masked_nelbo(logits, original, noisy == mask_id, timesteps, scheduler).item()
         totals["tokens"] += real.sum().item()
 
-        masked = mask_random_share(real, mask_ratio, generator=generator)
+        masked = scheduler.random_mask(real, mask_ratio, generator=generator)
         logits = logits_for(original.masked_fill(masked, mask_id), batch, ratio_time)
         target = original.unsqueeze(-1)
         model_nll = -F.log_softmax(logits, dim=-1).gather(-1, target).squeeze(-1)
