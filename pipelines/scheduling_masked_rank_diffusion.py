@@ -265,8 +265,8 @@ class MaskedRankDiffusionScheduler(SchedulerMixin, ConfigMixin):
         batch_size = sample.shape[0]
         t = torch.as_tensor(timestep, dtype=torch.float64).expand(batch_size).cpu()
         masked = (sample == self.config.mask_token_id).cpu()
-        probs = self.predictive_distribution(model_output.detach().cpu(), temperature, top_p)
-        best = probs.argmax(dim=-1)
+        logits = model_output.detach().cpu()
+        best = logits.argmax(dim=-1)  # also the most likely value after temperature and top-p
         if self.sampler == "first-hitting":
             # With n masked tokens the next is revealed when all n survive to s: m(s) = m(t) u^(1/n).
             n = masked.sum(dim=1)
@@ -284,11 +284,17 @@ class MaskedRankDiffusionScheduler(SchedulerMixin, ConfigMixin):
                 reveal = masked & (torch.rand(masked.shape, generator=generator, dtype=torch.float64) < share[:, None])
             else:  # confidence: the expected number of reveals, the most confident positions first
                 count = (masked.sum(dim=1) * share).round().long()
-                confidence = probs.max(dim=-1).values.masked_fill(~masked, -1.0)
+                confidence = torch.full(masked.shape, -1.0, dtype=torch.float64)
+                confidence[masked] = self.predictive_distribution(logits[masked], temperature, top_p).max(-1).values
                 rank = confidence.argsort(dim=1, descending=True).argsort(dim=1)
                 reveal = masked & (rank < count[:, None])
         prev_sample = sample.cpu().clone()
-        prev_sample[reveal] = best[reveal] if self.sampler == "confidence" else self._draw(probs[reveal], generator)
+        if self.sampler == "confidence":
+            prev_sample[reveal] = best[reveal]
+        else:  # the distribution only where a value is drawn
+            prev_sample[reveal] = self._draw(
+                self.predictive_distribution(logits[reveal], temperature, top_p), generator
+            )
         pred_original_sample = torch.where(masked, best, sample.cpu())
         prev_sample, pred_original_sample = prev_sample.to(sample.device), pred_original_sample.to(sample.device)
         if not return_dict:
