@@ -20,8 +20,10 @@ import json
 import logging
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
 import numpy as np
 from transformers import HfArgumentParser, set_seed
 
@@ -32,6 +34,7 @@ from dataset_scripts import (
     load_expression_data,
     split_by_cell_id,
 )
+from dataset_scripts.expression_data import ExpressionSource
 from metrics import PerGeneMarginal
 from modeling import CellTokenizer, RankDiTConfig, RankDiTModel
 from pipelines import MaskedRankDiffusionPipeline, MaskedRankDiffusionScheduler
@@ -63,6 +66,47 @@ def export_pipeline_folder(
     return pipeline
 
 
+@dataclass
+class PreparedData:
+    """The data side of a run: rows, held-out split, and what is fitted on the training split alone."""
+
+    source: ExpressionSource
+    train_rows: datasets.Dataset | datasets.IterableDataset
+    eval_rows: datasets.Dataset | datasets.IterableDataset
+    baseline: PerGeneMarginal
+    gene_pool: np.ndarray
+    panel: np.ndarray
+
+
+def prepare_data(data_args: DataArguments, num_bins: int) -> PreparedData:
+    """Open the data, hold out cells by a hash of their id, and fit the per-gene marginal, the pool of genes seen
+    and the evaluation panel (the most often detected genes) on the training split only."""
+    source = load_expression_data(
+        data_args.data,
+        config_name=data_args.data_config,
+        gene_vocab=data_args.gene_vocab,
+        layer=data_args.layer,
+        gene_column=data_args.gene_column,
+        obs_columns=tuple(data_args.obs_columns),
+    )
+    train_rows, eval_rows = split_by_cell_id(source.rows, data_args.validation_share, seed=data_args.split_seed)
+    eval_rows = eval_rows.take(data_args.max_eval_cells)
+    logger.info("data: %s, %d genes in the vocabulary", source.name, len(source.vocab))
+    baseline = PerGeneMarginal(num_bins, source.vocab.size)
+    baseline.fit(full_cell_tokens(train_rows, num_bins, data_args.baseline_cells))
+    detection = baseline.detection_counts
+    gene_pool = np.flatnonzero(detection > 0)
+    panel_size = data_args.panel_size or data_args.max_length
+    panel = np.argsort(-detection, kind="stable")[: min(panel_size, len(gene_pool))]
+    logger.info(
+        "per-gene marginal fitted on %d training cells; %d genes seen, panel of %d",
+        baseline.num_cells,
+        len(gene_pool),
+        len(panel),
+    )
+    return PreparedData(source, train_rows, eval_rows, baseline, gene_pool, panel)
+
+
 def build_parser() -> HfArgumentParser:
     """The command line: model, data, diffusion and `TrainingArguments` flags."""
     return HfArgumentParser(
@@ -80,32 +124,9 @@ def train(
     evaluation metrics."""
     set_seed(training_args.seed)
     num_bins = model_args.num_rank_bins
-
-    source = load_expression_data(
-        data_args.data,
-        config_name=data_args.data_config,
-        gene_vocab=data_args.gene_vocab,
-        layer=data_args.layer,
-        gene_column=data_args.gene_column,
-        obs_columns=tuple(data_args.obs_columns),
-    )
-    train_rows, eval_rows = split_by_cell_id(source.rows, data_args.validation_share, seed=data_args.split_seed)
-    eval_rows = eval_rows.take(data_args.max_eval_cells)
-    logger.info("data: %s, %d genes in the vocabulary", source.name, len(source.vocab))
-
-    # The baseline, the pool of unexpressed genes and the panel all come from the training split only.
-    baseline = PerGeneMarginal(num_bins, source.vocab.size)
-    baseline.fit(full_cell_tokens(train_rows, num_bins, data_args.baseline_cells))
-    detection = baseline.detection_counts
-    gene_pool = np.flatnonzero(detection > 0)
-    panel_size = data_args.panel_size or data_args.max_length
-    panel = np.argsort(-detection, kind="stable")[: min(panel_size, len(gene_pool))]
-    logger.info(
-        "per-gene marginal fitted on %d training cells; %d genes seen, panel of %d",
-        baseline.num_cells,
-        len(gene_pool),
-        len(panel),
-    )
+    data = prepare_data(data_args, num_bins)
+    source, train_rows, eval_rows = data.source, data.train_rows, data.eval_rows
+    baseline, gene_pool, panel = data.baseline, data.gene_pool, data.panel
 
     tokenizer = CellTokenizer(
         num_bins=num_bins,
@@ -143,6 +164,9 @@ def train(
         baseline=baseline,
         eval_time_grid=diffusion_args.eval_time_grid,
         eval_mask_ratio=diffusion_args.eval_mask_ratio,
+        ordinal_term=diffusion_args.ordinal_term,
+        ordinal_weight=diffusion_args.ordinal_weight,
+        ordinal_time_weighting=diffusion_args.ordinal_time_weighting,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     metrics = trainer.evaluate()

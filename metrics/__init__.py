@@ -1,5 +1,8 @@
-"""Scoring of RankDiff models and the baselines they are compared with."""
+"""Scoring of RankDiff models and the baselines they are compared with.
 
-from .baselines import PerGeneMarginal
+The metrics are a local `evaluate` module: `evaluate.load("metrics/rank_imputation")` (see `rank_imputation/`).
+"""
 
-__all__ = ["PerGeneMarginal"]
+from .baselines import GlobalMarginal, NearestCells, PerGeneMarginal
+
+__all__ = ["GlobalMarginal", "NearestCells", "PerGeneMarginal"]

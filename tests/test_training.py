@@ -6,6 +6,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import randomize_zero_init
 
 import train_hf
 from dataset_scripts import RankDiffusionCollator, load_expression_data
@@ -190,3 +191,23 @@ def test_every_flag_is_documented():
         if action.dest != "help":
             assert action.help, f"--{action.dest} has no help"
     assert "--zero_share" in parser.format_help() and "--learning_rate" in parser.format_help()
+
+
+def test_mixed_loss_adds_the_weighted_ordinal_term_and_logs_the_nelbo_apart(small_trainer):
+    inputs = next(iter(small_trainer.get_train_dataloader()))
+    model = randomize_zero_init(small_trainer.model)
+    torch.manual_seed(5)
+    plain = small_trainer.compute_loss(model, inputs)
+    nelbo = small_trainer._loss_parts["nelbo"]
+    assert nelbo == pytest.approx(plain.item())
+    small_trainer.ordinal = ("rps", 2.0, "nelbo")
+    torch.manual_seed(5)
+    mixed = small_trainer.compute_loss(model, inputs)
+    ordinal = small_trainer._loss_parts["ordinal"]
+    assert ordinal > 0 and mixed.item() == pytest.approx(plain.item() + 2.0 * ordinal, rel=1e-5)
+    logs = {"loss": mixed.item()}
+    small_trainer.state.global_step = 2
+    small_trainer.log(logs)
+    # two compute_loss calls (both NELBOs, one ordinal term) over two steps
+    assert logs["nelbo"] == pytest.approx(nelbo, abs=1e-3) and logs["ordinal"] == pytest.approx(ordinal / 2, abs=1e-3)
+    assert small_trainer._loss_parts == {"nelbo": 0.0, "ordinal": 0.0}

@@ -9,6 +9,8 @@ from transformers import TrainingArguments
 from modeling import RANK_DIT_PRESETS
 from pipelines import NOISE_SCHEDULES
 
+from .loss import ORDINAL_TERMS, ORDINAL_TIME_WEIGHTINGS
+
 
 @dataclass
 class ModelArguments:
@@ -71,6 +73,25 @@ class DiffusionArguments:
         default=8, metadata={"help": "fixed times (midpoints of [eps, 1]) averaged for the evaluation NELBO"}
     )
     eval_mask_ratio: float = field(default=0.5, metadata={"help": "share of positions masked for the masked NLL"})
+    ordinal_term: str = field(
+        default="none",
+        metadata={"help": f"ordinal term added to the NELBO, one of {ORDINAL_TERMS} (none: plain MDLM)"},
+    )
+    ordinal_weight: float = field(default=1.0, metadata={"help": "lambda: weight of the ordinal term"})
+    ordinal_time_weighting: str = field(
+        default="nelbo",
+        metadata={"help": f"one of {ORDINAL_TIME_WEIGHTINGS}: weight the ordinal term by time like the NELBO or not"},
+    )
+
+    def __post_init__(self):
+        if self.ordinal_term not in ORDINAL_TERMS:
+            raise ValueError(f"ordinal_term must be one of {ORDINAL_TERMS}, got {self.ordinal_term!r}")
+        if self.ordinal_time_weighting not in ORDINAL_TIME_WEIGHTINGS:
+            raise ValueError(
+                f"ordinal_time_weighting must be one of {ORDINAL_TIME_WEIGHTINGS}, got {self.ordinal_time_weighting!r}"
+            )
+        if self.ordinal_weight < 0:
+            raise ValueError(f"ordinal_weight must be >= 0, got {self.ordinal_weight}")
 
 
 @dataclass

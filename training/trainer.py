@@ -9,23 +9,26 @@ from metrics import PerGeneMarginal
 from pipelines import MaskedRankDiffusionScheduler
 
 from .evaluation import evaluate_masked_diffusion
-from .loss import masked_nelbo
+from .loss import masked_nelbo, masked_ordinal
 
 
 class RankDiffusionTrainer(Trainer):
-    """Trains a RankDiT denoiser on the MDLM negative ELBO.
+    """Trains a RankDiT denoiser on the MDLM negative ELBO, plus an optional ordinal term.
 
-        Each step draws stratified times over the batch, masks tokens with the scheduler's forward process (padding
-        never), and returns the NELBO-weighted cross-entropy of masked tokens divided by the number of real tokens in
-        the (accumulated) batch, as MDLM reports it. `evaluate` scores held-out cells beside the per-gene marginal, in
-    this process (the whole held-out set; not yet split across ranks).
+    Each step draws stratified times over the batch, masks tokens with the scheduler's forward process (padding
+    never), and returns the NELBO-weighted cross-entropy of masked tokens + `ordinal_weight` x the ordinal term
+    ([`masked_ordinal`]), divided by the number of real tokens in the (accumulated) batch, as MDLM reports it.
+    The NELBO and the ordinal term are logged apart from the total (`nelbo`, `ordinal`). `evaluate` scores
+    held-out cells beside the per-gene marginal, in this process (the whole held-out set; not yet split across
+    ranks).
 
-        Args:
-            noise_scheduler: the [`MaskedRankDiffusionScheduler`] (noise schedule and loss weight).
-            eval_collator: collator of held-out rows (the evaluation selection rule).
-            baseline: the per-gene marginal fitted on the training split.
-            eval_time_grid, eval_mask_ratio: see [`evaluate_masked_diffusion`].
-            All other arguments go to [`~transformers.Trainer`].
+    Args:
+        noise_scheduler: the [`MaskedRankDiffusionScheduler`] (noise schedule and loss weight).
+        eval_collator: collator of held-out rows (the evaluation selection rule).
+        baseline: the per-gene marginal fitted on the training split.
+        eval_time_grid, eval_mask_ratio: see [`evaluate_masked_diffusion`].
+        ordinal_term, ordinal_weight, ordinal_time_weighting: the ordinal term (`"none"`: plain MDLM).
+        All other arguments go to [`~transformers.Trainer`].
     """
 
     def __init__(
@@ -36,6 +39,9 @@ class RankDiffusionTrainer(Trainer):
         baseline: PerGeneMarginal | None = None,
         eval_time_grid: int = 8,
         eval_mask_ratio: float = 0.5,
+        ordinal_term: str = "none",
+        ordinal_weight: float = 0.0,
+        ordinal_time_weighting: str = "nelbo",
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -45,6 +51,9 @@ class RankDiffusionTrainer(Trainer):
         self.baseline = baseline
         self.eval_time_grid = eval_time_grid
         self.eval_mask_ratio = eval_mask_ratio
+        self.ordinal = (ordinal_term, ordinal_weight, ordinal_time_weighting)
+        self._loss_parts = {"nelbo": 0.0, "ordinal": 0.0}
+        self._loss_parts_since = 0
         # compute_loss divides by `num_items_in_batch` (real tokens over the accumulated batch), so the Trainer
         # must count them and not divide again by the accumulation steps.
         self.model_accepts_loss_kwargs = True
@@ -58,11 +67,31 @@ class RankDiffusionTrainer(Trainer):
             gene_ids=inputs["gene_ids"], input_ids=noisy, attention_mask=attention_mask, timesteps=timesteps
         )
         masked = noisy == self.noise_scheduler.config.mask_token_id
-        loss = masked_nelbo(outputs.logits, original, masked, timesteps, self.noise_scheduler)
-        loss = loss / (num_items_in_batch if num_items_in_batch is not None else real.sum())
+        count = num_items_in_batch if num_items_in_batch is not None else real.sum()
+        nelbo = masked_nelbo(outputs.logits, original, masked, timesteps, self.noise_scheduler) / count
+        loss = nelbo
+        kind, weight, time_weighting = self.ordinal
+        if kind != "none":
+            ordinal = masked_ordinal(
+                outputs.logits, original, masked, timesteps, self.noise_scheduler, kind, time_weighting
+            )
+            loss = loss + weight * ordinal / count
+            self._loss_parts["ordinal"] += (ordinal / count).item()
+        self._loss_parts["nelbo"] += nelbo.item()
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients; the count above is global
         return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        """Add the mean NELBO (and ordinal term) per optimizer step since the last log to the training logs."""
+        if "loss" in logs:
+            steps = max(self.state.global_step - self._loss_parts_since, 1)
+            logs["nelbo"] = round(self._loss_parts["nelbo"] / steps, 4)
+            if self.ordinal[0] != "none":
+                logs["ordinal"] = round(self._loss_parts["ordinal"] / steps, 4)
+            self._loss_parts = dict.fromkeys(self._loss_parts, 0.0)
+            self._loss_parts_since = self.state.global_step
+        super().log(logs, *args, **kwargs)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset

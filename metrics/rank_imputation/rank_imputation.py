@@ -1,0 +1,121 @@
+"""`rank_imputation`: scores of predictive distributions over rank tokens at masked positions.
+
+A local `evaluate` module: `evaluate.load("metrics/rank_imputation")` works offline. Give it, for every *masked*
+position of held-out cells only, the predicted distribution over ranks 0..B, the true rank and the cell it
+belongs to.
+"""
+
+from __future__ import annotations
+
+import datasets
+import evaluate
+import numpy as np
+from scipy.stats import spearmanr
+
+_DESCRIPTION = """Scores of predictive distributions over ordered rank tokens 0..B at masked positions: masked NLL,
+accuracy and within-one-bin accuracy of the most likely rank, MAE of the expected rank (in bins), mean per-cell
+Spearman correlation of expected and true ranks (cells with at least `min_cell_positions` positions), coverage of
+the central 50% and 90% predictive intervals (of the randomised PIT, so a calibrated predictor scores the nominal
+level), and the expected calibration error of the most likely rank. Each is
+given over all positions (`*_all`), over positions whose true rank is 0 (`*_zero`) and over the others
+(`*_nonzero`)."""
+
+_KWARGS_DESCRIPTION = """
+Args:
+    predictions: `(n_positions, B + 1)` predicted probabilities of ranks 0..B at masked positions.
+    references: `(n_positions,)` true ranks.
+    cell_ids: `(n_positions,)` the cell of each position (for the per-cell Spearman correlation).
+    min_cell_positions: cells with fewer positions are left out of the Spearman mean (default 10).
+Returns:
+    dict of floats: nll_*, accuracy_*, within_one_*, mae_*, spearman_*, coverage_50_*, coverage_90_*, ece_*, and
+    positions_* / spearman_cells_* (how many were scored).
+Examples:
+    >>> metric = evaluate.load("metrics/rank_imputation")
+    >>> metric.compute(predictions=[[0.1, 0.9], [0.8, 0.2]], references=[1, 0], cell_ids=[0, 0])["accuracy_all"]
+    1.0
+"""
+
+SUBSETS = ("all", "zero", "nonzero")
+
+
+def interval_coverage(probs: np.ndarray, truth: np.ndarray, level: float) -> np.ndarray:
+    """How much of each truth's probability atom lies in the central `level` interval of the distribution.
+
+    This is the chance that the randomised PIT, uniform on [F(t - 1), F(t)], falls in [(1 - level) / 2,
+    (1 + level) / 2]: it averages to `level` exactly for a calibrated predictor, where counting whole discrete
+    intervals would over-cover.
+    """
+    rows = np.arange(len(truth))
+    upper = np.cumsum(probs, axis=1)[rows, truth]
+    atom = probs[rows, truth]
+    lower = upper - atom
+    overlap = np.clip(np.minimum(upper, (1.0 + level) / 2.0) - np.maximum(lower, (1.0 - level) / 2.0), 0.0, None)
+    return np.divide(overlap, atom, out=np.zeros_like(atom), where=atom > 0)
+
+
+def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, num_bins: int = 10) -> float:
+    """Mean |accuracy - confidence| over equal-width confidence bins, weighted by their sizes."""
+    bins = np.minimum((confidence * num_bins).astype(int), num_bins - 1)
+    total = 0.0
+    for b in np.unique(bins):
+        in_bin = bins == b
+        total += in_bin.sum() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
+    return float(total / len(confidence))
+
+
+def mean_cell_spearman(expected: np.ndarray, truth: np.ndarray, cells: np.ndarray, min_positions: int):
+    """Mean over cells (with enough positions and some spread) of Spearman(expected, truth); and the cell count."""
+    scores = []
+    order = np.argsort(cells, kind="stable")
+    starts = np.flatnonzero(np.r_[True, np.diff(cells[order]) != 0])
+    for group in np.split(order, starts[1:]):
+        if len(group) >= min_positions and np.ptp(truth[group]) > 0 and np.ptp(expected[group]) > 0:
+            scores.append(spearmanr(expected[group], truth[group]).statistic)
+    return (float(np.mean(scores)) if scores else float("nan")), len(scores)
+
+
+def score(probs: np.ndarray, truth: np.ndarray, cells: np.ndarray, min_cell_positions: int = 10) -> dict:
+    """Every metric of this module, as plain numpy (what `compute` calls)."""
+    probs, truth, cells = np.asarray(probs, dtype=np.float64), np.asarray(truth), np.asarray(cells)
+    ranks = np.arange(probs.shape[1])
+    best = probs.argmax(axis=1)
+    expected = probs @ ranks
+    results = {}
+    for subset in SUBSETS:
+        keep = np.ones(len(truth), bool) if subset == "all" else (truth == 0) == (subset == "zero")
+        results[f"positions_{subset}"] = int(keep.sum())
+        if not keep.any():
+            continue
+        p, t, b = probs[keep], truth[keep], best[keep]
+        results[f"nll_{subset}"] = float(-np.log(np.clip(p[np.arange(len(t)), t], 1e-12, None)).mean())
+        results[f"accuracy_{subset}"] = float((b == t).mean())
+        results[f"within_one_{subset}"] = float((np.abs(b - t) <= 1).mean())
+        results[f"mae_{subset}"] = float(np.abs(expected[keep] - t).mean())
+        spearman, n_cells = mean_cell_spearman(expected[keep], t, cells[keep], min_cell_positions)
+        results[f"spearman_{subset}"], results[f"spearman_cells_{subset}"] = spearman, n_cells
+        for level in (0.5, 0.9):
+            results[f"coverage_{round(level * 100)}_{subset}"] = float(interval_coverage(p, t, level).mean())
+        results[f"ece_{subset}"] = expected_calibration_error(p.max(axis=1), b == t)
+    return results
+
+
+@evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
+class RankImputation(evaluate.Metric):
+    """See the module docstring."""
+
+    def _info(self):
+        return evaluate.MetricInfo(
+            description=_DESCRIPTION,
+            citation="",
+            inputs_description=_KWARGS_DESCRIPTION,
+            features=datasets.Features(
+                {
+                    "predictions": datasets.Sequence(datasets.Value("float32")),
+                    "references": datasets.Value("int32"),
+                    "cell_ids": datasets.Value("int64"),
+                }
+            ),
+        )
+
+    def _compute(self, predictions, references, cell_ids, min_cell_positions: int = 10):
+        return score(np.asarray(predictions), np.asarray(references), np.asarray(cell_ids), min_cell_positions)
