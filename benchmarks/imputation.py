@@ -54,7 +54,7 @@ COLUMNS = {  # metric key -> table header
 class BenchmarkArguments:
     checkpoint: str = field(default="outputs/demo", metadata={"help": "a train_hf.py output folder"})
     mask_ratios: list[float] = field(default_factory=lambda: [0.2, 0.5, 0.8, 0.95])
-    sample_steps: int = field(default=16, metadata={"help": "denoising steps of the sampled imputation"})
+    sample_steps: int = field(default=16, metadata={"help": "denoising steps of the sampled imputation (0: skip)"})
     neighbours: int = field(default=15, metadata={"help": "k of the nearest-cells baseline"})
     seed: int = field(default=0, metadata={"help": "seed of the masks and the draws"})
     output: str = field(default="benchmarks/results/imputation.json")
@@ -80,7 +80,14 @@ def plot_metrics(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    panels = ["nll_all", "mae_all", "spearman_all", "accuracy_all", "coverage_90_all", "ece_all"]
+    panels = {
+        "nll_all": "NLL, nats per masked gene (lower is better)",
+        "mae_all": "MAE of the expected rank, bins (lower is better)",
+        "spearman_all": "Spearman of expected vs true rank, per cell",
+        "accuracy_all": "accuracy of the most likely rank",
+        "coverage_90_all": "coverage of the 90% interval",
+        "ece_all": "calibration error, ECE (lower is better)",
+    }
     figure, axes = plt.subplots(2, 3, figsize=(13, 7))
     for axis, key in zip(axes.ravel(), panels):
         for method, by_ratio in results.items():
@@ -90,7 +97,7 @@ def plot_metrics(results: dict, path: Path) -> None:
         if key == "coverage_90_all":
             axis.axhline(0.9, color="grey", linestyle=":", label="nominal")
         axis.set_xlabel("share of genes masked")
-        axis.set_title(COLUMNS[key] + (" (lower is better)" if key in ("nll_all", "mae_all", "ece_all") else ""))
+        axis.set_title(panels[key], fontsize=10)
         axis.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=8)
     figure.suptitle("Held-out cells, masked positions only")
@@ -99,8 +106,9 @@ def plot_metrics(results: dict, path: Path) -> None:
     plt.close(figure)
 
 
-def main() -> None:
-    bench_args, data_args = HfArgumentParser((BenchmarkArguments, DataArguments)).parse_args_into_dataclasses()
+def evaluate_checkpoint(bench_args: BenchmarkArguments, data_args: DataArguments) -> tuple[dict, int, str]:
+    """Scores per method and mask ratio (`results[method][str(ratio)]`), the number of held-out cells, and the
+    data source's name."""
     pipe = MaskedRankDiffusionPipeline.from_pretrained(bench_args.checkpoint, trust_remote_code=True)
     pipe.set_progress_bar_config(disable=True)
     model, scheduler = pipe.model.eval(), pipe.scheduler
@@ -125,16 +133,17 @@ def main() -> None:
         masked = scheduler.random_mask(real, ratio, generator=generator)
         cells = CellInputs(batch["gene_ids"], truth.masked_fill(masked, mask_id), masked, real)
         predictions = {"RankDiT, one pass": predict_model(model, cells)}
-        sampled = pipe(
-            gene_ids=[g[r].tolist() for g, r in zip(cells.gene_ids, real)],
-            ranks=[t[r].tolist() for t, r in zip(truth, real)],
-            mask=[m[r].tolist() for m, r in zip(masked, real)],
-            num_inference_steps=bench_args.sample_steps,
-            generator=generator,
-        ).ranks
-        predictions[f"RankDiT, sampled ({bench_args.sample_steps} steps)"] = one_hot(
-            torch.from_numpy(sampled), num_bins + 1
-        )
+        if bench_args.sample_steps:
+            sampled = pipe(
+                gene_ids=[g[r].tolist() for g, r in zip(cells.gene_ids, real)],
+                ranks=[t[r].tolist() for t, r in zip(truth, real)],
+                mask=[m[r].tolist() for m, r in zip(masked, real)],
+                num_inference_steps=bench_args.sample_steps,
+                generator=generator,
+            ).ranks
+            predictions[f"RankDiT, sampled ({bench_args.sample_steps} steps)"] = one_hot(
+                torch.from_numpy(sampled), num_bins + 1
+            )
         for name, baseline in baselines.items():
             predictions[name] = baseline.predict(cells.gene_ids, cells.ranks, real, mask_id)
         for name, probs in predictions.items():
@@ -143,16 +152,26 @@ def main() -> None:
                 scores = keep_point_metrics(scores)
             results.setdefault(name, {})[str(ratio)] = scores
         print(f"mask ratio {ratio}: {int(masked.sum())} masked positions in {len(truth)} cells", file=sys.stderr)
+    return results, len(truth), data.source.name
 
+
+def print_table(rows: dict[str, dict], title: str) -> None:
+    """One markdown table: a row of `COLUMNS` scores per name."""
+    print(f"\n{title}\n")
+    print("| | " + " | ".join(COLUMNS.values()) + " |")
+    print("| --- " * (len(COLUMNS) + 1) + "|")
+    for name, scores in rows.items():
+        cells_text = [f"{scores[k]:.3f}" if k in scores and np.isfinite(scores[k]) else "-" for k in COLUMNS]
+        print(f"| {name} | " + " | ".join(cells_text) + " |")
+
+
+def main() -> None:
+    bench_args, data_args = HfArgumentParser((BenchmarkArguments, DataArguments)).parse_args_into_dataclasses()
+    results, n_cells, data_name = evaluate_checkpoint(bench_args, data_args)
     for ratio in bench_args.mask_ratios:
         positions = next(iter(results.values()))[str(ratio)]["positions_all"]
-        print(f"\nMask ratio {ratio} ({positions} masked positions of {len(truth)} held-out cells)\n")
-        print("| method | " + " | ".join(COLUMNS.values()) + " |")
-        print("| --- " * (len(COLUMNS) + 1) + "|")
-        for name, by_ratio in results.items():
-            scores = by_ratio[str(ratio)]
-            cells_text = [f"{scores[k]:.3f}" if k in scores and np.isfinite(scores[k]) else "-" for k in COLUMNS]
-            print(f"| {name} | " + " | ".join(cells_text) + " |")
+        rows = {name: by_ratio[str(ratio)] for name, by_ratio in results.items()}
+        print_table(rows, f"Mask ratio {ratio} ({positions} masked positions of {n_cells} held-out cells)")
 
     output = Path(bench_args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -160,8 +179,8 @@ def main() -> None:
     plot_metrics(results, plot)
     record = {
         "checkpoint": bench_args.checkpoint,
-        "data": data.source.name,
-        "held_out_cells": len(truth),
+        "data": data_name,
+        "held_out_cells": n_cells,
         "mask_ratios": bench_args.mask_ratios,
         "results": results,
         "plot": str(plot),
