@@ -74,8 +74,11 @@ class DiffusionArguments:
     )
     eval_mask_ratio: float = field(default=0.5, metadata={"help": "share of positions masked for the masked NLL"})
     ordinal_term: str = field(
-        default="none",
-        metadata={"help": f"ordinal term added to the NELBO, one of {ORDINAL_TERMS} (none: plain MDLM)"},
+        default="rps",
+        metadata={
+            "help": f"ordinal term added to the NELBO, one of {ORDINAL_TERMS} (none: plain MDLM); rps won the "
+            "loss ablation (benchmarks/loss_ablation.py)"
+        },
     )
     ordinal_weight: float = field(default=1.0, metadata={"help": "lambda: weight of the ordinal term"})
     ordinal_time_weighting: str = field(
