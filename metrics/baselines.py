@@ -136,7 +136,7 @@ class NearestCells:
             reference = self.tokens[:, genes[visible]].toarray()
             distance = ((reference - query[visible]) ** 2).sum(axis=1)
             neighbours = np.argpartition(distance, self.k - 1)[: self.k]
-            votes = self.tokens[neighbours][:, genes[masked]].toarray().astype(np.int64)  # (k, masked)
+            votes = self.tokens[:, genes[masked]][neighbours].toarray().astype(np.int64)  # (k, masked)
             counts = np.stack([(votes == c).sum(axis=0) for c in range(num_classes)], axis=1)
             probs = (counts + self.prior_weight * self.prior[genes[masked]]) / (self.k + self.prior_weight)
             out[row, torch.from_numpy(np.flatnonzero(masked))] = torch.from_numpy(probs).float()

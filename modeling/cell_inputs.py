@@ -78,8 +78,9 @@ def prepare_cell_inputs(
         gene_ids: the genes of one cell (a flat sequence) or of several (a sequence of sequences or a 2-D array):
             token ids, or Ensembl ids / symbols looked up in `gene_vocab`.
         ranks: rank tokens 0..B at the same positions (values at masked positions are ignored).
-        counts: raw counts at the same positions, tokenized with [`rank_tokens`] over each cell's given genes
-            (give all of a cell's measured genes, as its bins are quantiles of its own counts).
+        counts: raw counts at the same positions, tokenized with [`rank_tokens`] over each cell's *visible* genes
+            (give all of a cell's measured genes, as its bins are quantiles of its own counts; masked values are
+            ignored and may be NaN).
         mask: True at the positions to predict. Without `ranks` or `counts` every position is predicted.
         num_rank_bins, max_length: B and L of the model.
         gene_vocab: to map gene names; gene_vocab_size: the number of gene ids of the model, to check ids.
@@ -126,13 +127,15 @@ def prepare_cell_inputs(
         if values is None:
             out_mask[i, :n] = True
             continue
-        if counts is not None:
-            tokens = rank_tokens(
-                np.asarray(values[i], dtype=np.float64), num_rank_bins, where=f"cell {i}", genes=genes
-            )
-        else:
-            tokens = np.asarray(values[i], dtype=np.int64)
         cell_mask = np.asarray(masks[i], dtype=bool) if masks is not None else np.zeros(n, dtype=bool)
+        if counts is not None:  # bins from the visible counts only: hidden values must not shape them (NaN allowed)
+            visible = np.asarray(values[i], dtype=np.float64)[~cell_mask]
+            tokens = np.zeros(n, dtype=np.int64)
+            if visible.any():  # a cell with no visible expressed gene has nothing to bin (bad values still raise)
+                where = f"cell {i}"
+                tokens[~cell_mask] = rank_tokens(visible, num_rank_bins, where=where, genes=genes[~cell_mask])
+        else:
+            tokens = np.nan_to_num(np.asarray(values[i], dtype=np.float64), nan=-1).astype(np.int64)
         bad = ~cell_mask & ((tokens < 0) | (tokens > num_rank_bins))
         if bad.any():
             j = int(np.flatnonzero(bad)[0])

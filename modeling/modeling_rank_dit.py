@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -338,9 +337,7 @@ class RankDiTModel(RankDiTPreTrainedModel):
                 "type": "multimodal",
             }
         }
-        super().save_pretrained(save_directory, *args, **kwargs)
-        if not Path(save_directory, pipeline_file.name).exists():
-            shutil.copy(pipeline_file, save_directory)
+        super().save_pretrained(save_directory, *args, **kwargs)  # copies pipeline_rank_dit.py: imported relatively
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args, **kwargs):

@@ -220,8 +220,8 @@ class CellTokenizer:
     panel: np.ndarray | None = None
 
     def __post_init__(self):
-        if not 0.0 <= self.zero_share < 1.0:
-            raise ValueError(f"zero_share must be in [0, 1), got {self.zero_share}")
+        if not 0.0 <= self.zero_share < 1.0 or round(self.zero_share * self.max_length) >= self.max_length:
+            raise ValueError(f"zero_share must be in [0, 1) and leave room for expressed genes, got {self.zero_share}")
         if not 0.0 <= self.panel_share <= 1.0:
             raise ValueError(f"panel_share must be in [0, 1], got {self.panel_share}")
         for name in ("gene_pool", "panel"):

@@ -134,14 +134,18 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
             cells.ranks[cells.mask] = self.scheduler.config.mask_token_id
 
         self.scheduler.set_timesteps(num_inference_steps, sampler=sampler)
-        results = {"ranks": [], "probs": [], "calls": []}
+        results = {"ranks": [], "probs": [], "expected": [], "calls": []}
         for start in range(0, len(cells), batch_size):
             batch = cells.rows(slice(start, start + batch_size))
             if output_type == "ranks":
                 sample, calls = self._denoise(batch, temperature, top_p, generator, use_cache, callback_on_step_end)
                 results["ranks"].append(sample)
-            else:
-                results["probs"].append(self.model.predictive_distribution(batch))
+            else:  # keep only what is returned: the (cells, length, B + 1) distributions can be large
+                probs = self.model.predictive_distribution(batch)
+                bins = torch.arange(probs.shape[-1], dtype=probs.dtype)
+                results["expected"].append((probs * bins).sum(dim=-1))
+                if output_type == "probs":
+                    results["probs"].append(probs)
                 calls = torch.ones(len(batch), dtype=torch.long)
             results["calls"].append(calls)
 
@@ -155,10 +159,11 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
             )
             ranks_out[real] = padded.numpy()[real]
         else:
-            probs = torch.cat([torch.nn.functional.pad(p, (0, 0, 0, width - p.shape[1])) for p in results["probs"]])
-            bins = torch.arange(probs.shape[-1], dtype=probs.dtype)
-            expected_out = np.where(real, (probs * bins).sum(dim=-1).numpy(), np.nan)
-            probs_out = probs.numpy() if output_type == "probs" else None
+            expected = torch.cat([torch.nn.functional.pad(e, (0, width - e.shape[1])) for e in results["expected"]])
+            expected_out = np.where(real, expected.numpy(), np.nan)
+            if output_type == "probs":
+                pads = [torch.nn.functional.pad(p, (0, 0, 0, width - p.shape[1])) for p in results["probs"]]
+                probs_out = torch.cat(pads).numpy()
         output = MaskedRankDiffusionPipelineOutput(
             ranks=ranks_out,
             probs=probs_out,
@@ -200,6 +205,9 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
             key_added (`str`, defaults to `"rankdiff"`): prefix of the new layers and `obsm` key.
             call_kwargs: passed to the pipeline call (`num_inference_steps`, `sampler`, `generator`, ...).
         """
+        reserved = {"gene_ids", "ranks", "counts", "mask", "mask_ratio", "output_type"} & set(call_kwargs)
+        if reserved:
+            raise ValueError(f"impute_anndata sets {sorted(reserved)} itself")
         counts = adata.layers[layer] if layer is not None else adata.X
         counts = np.asarray(counts.toarray() if hasattr(counts, "toarray") else counts, dtype=np.float64)
         mask = np.isnan(counts) if mask is None else np.asarray(mask, dtype=bool)
@@ -223,16 +231,18 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
                 ranks[i, visible] = self.model.rank_tokens(cell_counts)
         out_ranks = np.full(counts.shape, -1, dtype=np.int64)
         out_expected = np.full(counts.shape, np.nan)
-        out_probs = np.zeros((*counts.shape, self.model.config.num_rank_tokens), dtype=np.float32)
+        out_probs = np.zeros((*counts.shape, self.model.config.num_rank_tokens), np.float32) if return_probs else None
         for start in range(0, len(known), self.model.config.max_length):
             window = slice(start, start + self.model.config.max_length)
             columns = known[window]
             inputs = {"gene_ids": np.tile(gene_ids[columns], (adata.n_obs, 1)), "ranks": ranks[:, window]}
             inputs["mask"] = mask[:, columns]
             out_ranks[:, columns] = self(**inputs, **call_kwargs, output_type="ranks").ranks
-            scored = self(**inputs, output_type="probs", batch_size=call_kwargs.get("batch_size", 64))
+            scored_as = "probs" if return_probs else "expected"
+            scored = self(**inputs, output_type=scored_as, batch_size=call_kwargs.get("batch_size", 64))
             out_expected[:, columns] = scored.expected
-            out_probs[:, columns] = scored.probs
+            if return_probs:
+                out_probs[:, columns] = scored.probs
         result = adata.copy()
         result.layers[f"{key_added}_ranks"] = out_ranks
         result.layers[f"{key_added}_expected"] = out_expected

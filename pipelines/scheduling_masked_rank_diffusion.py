@@ -200,14 +200,14 @@ class MaskedRankDiffusionScheduler(SchedulerMixin, ConfigMixin):
             num_inference_steps (`int`): N, the number of denoising steps (the first-hitting sampler takes one step
                 per masked token instead and only uses the grid's start).
             device (`torch.device` or `str`, *optional*): where `timesteps` live.
-            sampler (`str`, *optional*): one of `SAMPLERS`, overriding the configured `sampler` from now on.
+            sampler (`str`, *optional*): one of `SAMPLERS` for this run; the configured `sampler` when None.
         """
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
-        if sampler is not None:
-            if sampler not in SAMPLERS:
-                raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-            self.sampler = sampler
+        sampler = sampler or self.config.sampler
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        self.sampler = sampler
         self.num_inference_steps = num_inference_steps
         self._grid = torch.linspace(1.0, 0.0, num_inference_steps + 1, dtype=torch.float64, device=device)
         self.timesteps = self._grid[:-1]
@@ -216,8 +216,9 @@ class MaskedRankDiffusionScheduler(SchedulerMixin, ConfigMixin):
         """The grid time that follows each of `timestep` (0 after the last)."""
         if self.timesteps is None:
             raise ValueError("call set_timesteps() before step()")
-        index = torch.searchsorted(-self._grid, -timestep.to(self._grid.device), side="right")
-        return self._grid[index.clamp(max=len(self._grid) - 1)].to(timestep.device)
+        # The grid is uniform: round to the nearest grid point first, so float noise in `timestep` cannot stall a step.
+        index = torch.round((1.0 - timestep.double().cpu()) * self.num_inference_steps).long() + 1
+        return self._grid.cpu()[index.clamp(0, self.num_inference_steps)].to(timestep.device)
 
     def predictive_distribution(
         self, model_output: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0

@@ -247,3 +247,14 @@ def test_denoising_is_recorded_and_drawn_as_a_gif(config, tmp_path):
         assert gif.n_frames == len(states)  # the held last frames are merged into one long one
         gif.seek(gif.n_frames - 1)
         assert gif.info["duration"] >= 1000
+
+
+def test_masked_counts_never_shape_the_visible_ranks(config):
+    model = StubDenoiser(config)
+    counts = np.array([[5.0, 1.0, 1.0, 2.0, 9.0]])
+    mask = np.array([[False, False, False, False, True]])
+    cells = model.prepare_inputs([[10, 11, 12, 13, 14]], counts=counts, mask=mask)
+    hidden_nan = model.prepare_inputs([[10, 11, 12, 13, 14]], counts=np.where(mask, np.nan, counts), mask=mask)
+    expected = rank_tokens(counts[0, :4], B)
+    np.testing.assert_array_equal(cells.ranks[0, :4].numpy(), expected)
+    assert torch.equal(cells.ranks, hidden_nan.ranks) and cells.ranks[0, 4] == MASK

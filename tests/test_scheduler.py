@@ -170,3 +170,14 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     torch.testing.assert_close(probs, torch.tensor([0.625, 0.375, 0.0, 0.0], dtype=torch.float64))
     with pytest.raises(ValueError, match="temperature"):
         scheduler.predictive_distribution(logits, temperature=0.0)
+
+
+def test_a_per_call_sampler_does_not_stick_and_float_noise_does_not_stall_a_step():
+    scheduler = MaskedRankDiffusionScheduler(num_rank_bins=10)
+    scheduler.set_timesteps(100, sampler="confidence")
+    assert scheduler.sampler == "confidence"
+    scheduler.set_timesteps(100)
+    assert scheduler.sampler == "ancestral"
+    t = scheduler.timesteps[1]
+    for noisy in (t, t.float(), t + 1e-9, t - 1e-9):
+        assert scheduler._next_time(noisy.reshape(1)).item() == pytest.approx(0.98)

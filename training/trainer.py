@@ -39,8 +39,8 @@ class RankDiffusionTrainer(Trainer):
         baseline: PerGeneMarginal | None = None,
         eval_time_grid: int = 8,
         eval_mask_ratio: float = 0.5,
-        ordinal_term: str = "none",
-        ordinal_weight: float = 0.0,
+        ordinal_term: str = "rps",
+        ordinal_weight: float = 1.0,
         ordinal_time_weighting: str = "nelbo",
         **kwargs,
     ):
@@ -53,7 +53,7 @@ class RankDiffusionTrainer(Trainer):
         self.eval_mask_ratio = eval_mask_ratio
         self.ordinal = (ordinal_term, ordinal_weight, ordinal_time_weighting)
         self._loss_parts = {"nelbo": 0.0, "ordinal": 0.0}
-        self._loss_parts_since = 0
+        self._loss_parts_calls = 0  # compute_loss calls since the last log (micro-batches)
         # compute_loss divides by `num_items_in_batch` (real tokens over the accumulated batch), so the Trainer
         # must count them and not divide again by the accumulation steps.
         self.model_accepts_loss_kwargs = True
@@ -71,26 +71,28 @@ class RankDiffusionTrainer(Trainer):
         nelbo = masked_nelbo(outputs.logits, original, masked, timesteps, self.noise_scheduler) / count
         loss = nelbo
         kind, weight, time_weighting = self.ordinal
-        if kind != "none":
+        if kind != "none" and weight > 0:
             ordinal = masked_ordinal(
                 outputs.logits, original, masked, timesteps, self.noise_scheduler, kind, time_weighting
             )
             loss = loss + weight * ordinal / count
-            self._loss_parts["ordinal"] += (ordinal / count).item()
-        self._loss_parts["nelbo"] += nelbo.item()
+            self._loss_parts["ordinal"] += (ordinal / count).detach()
+        self._loss_parts["nelbo"] += nelbo.detach()  # kept on the device: no sync per micro-batch
+        self._loss_parts_calls += 1
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients; the count above is global
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         """Add the mean NELBO (and ordinal term) per optimizer step since the last log to the training logs."""
-        if "loss" in logs:
-            steps = max(self.state.global_step - self._loss_parts_since, 1)
-            logs["nelbo"] = round(self._loss_parts["nelbo"] / steps, 4)
-            if self.ordinal[0] != "none":
-                logs["ordinal"] = round(self._loss_parts["ordinal"] / steps, 4)
+        if "loss" in logs and self._loss_parts_calls:
+            # Each micro-batch's part is already divided by the accumulated batch's tokens: a step sums them.
+            steps = max(self._loss_parts_calls / self.args.gradient_accumulation_steps, 1.0)
+            logs["nelbo"] = round(float(self._loss_parts["nelbo"]) / steps, 4)
+            if self.ordinal[0] != "none" and self.ordinal[1] > 0:
+                logs["ordinal"] = round(float(self._loss_parts["ordinal"]) / steps, 4)
             self._loss_parts = dict.fromkeys(self._loss_parts, 0.0)
-            self._loss_parts_since = self.state.global_step
+            self._loss_parts_calls = 0
         super().log(logs, *args, **kwargs)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
