@@ -146,12 +146,13 @@ class RankDiffusionCollator:
     """Tokenizes raw Tahoe-100M rows (as MosaicFM's collator does) and pads them into a batch.
 
     Args:
-        tokenizer: the [`CellTokenizer`] with the sequence rules.
+        cell_tokenizer: the [`CellTokenizer`] with the sequence rules (not named `tokenizer`: the Trainer would
+            call `save_pretrained` on it at every checkpoint).
         rule: force a selection rule (`"panel"` for evaluation); None lets the tokenizer draw one per cell.
         epoch: the training epoch, kept current by [`EpochCallback`] so each epoch draws new subsamples.
     """
 
-    tokenizer: CellTokenizer
+    cell_tokenizer: CellTokenizer
     rule: str | None = None
     epoch: int = 0
 
@@ -159,7 +160,9 @@ class RankDiffusionCollator:
         cells = []
         for row in rows:
             genes, counts = cell_counts(row)
-            cells.append(self.tokenizer(genes, counts, cell_id=row[CELL_ID_COLUMN], epoch=self.epoch, rule=self.rule))
+            cells.append(
+                self.cell_tokenizer(genes, counts, cell_id=row[CELL_ID_COLUMN], epoch=self.epoch, rule=self.rule)
+            )
         return pad_cells(cells)
 
 
