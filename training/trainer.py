@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from torch.utils.data import DataLoader
 from transformers import Trainer
+from transformers.trainer_utils import get_last_checkpoint
 
 from metrics import PerGeneMarginal
 from pipelines import MaskedRankDiffusionScheduler
 
+from .ema import EMACallback
 from .evaluation import evaluate_masked_diffusion
 from .loss import masked_nelbo, masked_ordinal
 
@@ -19,8 +23,8 @@ class RankDiffusionTrainer(Trainer):
     never), and returns the NELBO-weighted cross-entropy of masked tokens + `ordinal_weight` x the ordinal term
     ([`masked_ordinal`]), divided by the number of real tokens in the (accumulated) batch, as MDLM reports it.
     The NELBO and the ordinal term are logged apart from the total (`nelbo`, `ordinal`). `evaluate` scores
-    held-out cells beside the per-gene marginal, in this process (the whole held-out set; not yet split across
-    ranks).
+    held-out cells beside the per-gene marginal, with the EMA weights when there are some, in this process (the
+    whole held-out set; not yet split across ranks).
 
     Args:
         noise_scheduler: the [`MaskedRankDiffusionScheduler`] (noise schedule and loss weight).
@@ -28,6 +32,8 @@ class RankDiffusionTrainer(Trainer):
         baseline: the per-gene marginal fitted on the training split.
         eval_time_grid, eval_mask_ratio: see [`evaluate_masked_diffusion`].
         ordinal_term, ordinal_weight, ordinal_time_weighting: the ordinal term (`"none"`: plain MDLM).
+        ema_decay: keep an EMA of the weights with this decay ([`EMACallback`], saved with every checkpoint and
+            restored on resume) and evaluate with it; None or 0: no EMA.
         All other arguments go to [`~transformers.Trainer`].
     """
 
@@ -42,9 +48,13 @@ class RankDiffusionTrainer(Trainer):
         ordinal_term: str = "rps",
         ordinal_weight: float = 1.0,
         ordinal_time_weighting: str = "nelbo",
+        ema_decay: float | None = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
+        self.ema = EMACallback(ema_decay) if ema_decay else None
+        if self.ema is not None:
+            self.add_callback(self.ema)
         noise_scheduler.check_model_config(self.model.config)
         self.noise_scheduler = noise_scheduler
         self.eval_collator = eval_collator
@@ -83,6 +93,16 @@ class RankDiffusionTrainer(Trainer):
             loss = loss * self.accelerator.num_processes  # DDP averages gradients; the count above is global
         return (loss, outputs) if return_outputs else loss
 
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """[`~transformers.Trainer.train`], restoring the EMA weights too when resuming."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"no checkpoint to resume from in {self.args.output_dir}")
+        if resume_from_checkpoint and self.ema is not None:
+            self.ema.load(resume_from_checkpoint, self.model)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint or None, **kwargs)
+
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         """Add the mean NELBO (and ordinal term) per optimizer step since the last log to the training logs."""
         if "loss" in logs and self._loss_parts_calls:
@@ -105,16 +125,17 @@ class RankDiffusionTrainer(Trainer):
             collate_fn=self.eval_collator,
             num_workers=self.args.dataloader_num_workers,
         )
-        scores = evaluate_masked_diffusion(
-            self.model,
-            self.noise_scheduler,
-            batches,
-            self.baseline,
-            time_grid=self.eval_time_grid,
-            mask_ratio=self.eval_mask_ratio,
-            seed=self.args.seed,
-            device=self.args.device,
-        )
+        with self.ema.averaged_weights(self.model) if self.ema is not None else contextlib.nullcontext():
+            scores = evaluate_masked_diffusion(
+                self.model,
+                self.noise_scheduler,
+                batches,
+                self.baseline,
+                time_grid=self.eval_time_grid,
+                mask_ratio=self.eval_mask_ratio,
+                seed=self.args.seed,
+                device=self.args.device,
+            )
         scores["loss"] = scores["nelbo"]  # what `metric_for_best_model="loss"` and plateau schedulers read
         metrics = {f"{metric_key_prefix}_{name}": value for name, value in scores.items()}
         self.log(metrics)
