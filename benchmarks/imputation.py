@@ -25,17 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from transformers import HfArgumentParser
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from dataset_scripts import RankDiffusionCollator, full_cell_tokens  # noqa: E402
-from metrics import GlobalMarginal, NearestCells  # noqa: E402
-from metrics.imputation import keep_point_metrics, load_metric, one_hot, score_masked  # noqa: E402
-from modeling import CellInputs, CellTokenizer  # noqa: E402
+from metrics.imputation import compare_on_masks  # noqa: E402
 from pipelines import MaskedRankDiffusionPipeline  # noqa: E402
 from train_hf import prepare_data  # noqa: E402
 from training import DataArguments  # noqa: E402
+from training.plots import plot_metrics_vs_mask_ratio  # noqa: E402
 
 COLUMNS = {  # metric key -> table header
     "nll_all": "NLL",
@@ -61,98 +58,20 @@ class BenchmarkArguments:
     plot: str | None = field(default=None, metadata={"help": "PNG of metrics vs mask ratio (default: beside output)"})
 
 
-def held_out_cells(data, num_bins: int, max_length: int) -> dict[str, torch.Tensor]:
-    """The held-out cells as panel sequences, padded: `gene_ids`, `input_ids` (true tokens), `attention_mask`."""
-    tokenizer = CellTokenizer(num_bins=num_bins, max_length=max_length, panel=data.panel)
-    return RankDiffusionCollator(tokenizer, rule="panel")(list(data.eval_rows))
-
-
-def predict_model(model, cells: CellInputs, batch_size: int = 32) -> torch.Tensor:
-    parts = [
-        model.predictive_distribution(cells.rows(slice(i, i + batch_size))) for i in range(0, len(cells), batch_size)
-    ]
-    return torch.cat([torch.nn.functional.pad(p, (0, 0, 0, cells.gene_ids.shape[1] - p.shape[1])) for p in parts])
-
-
-def plot_metrics(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    panels = {
-        "nll_all": "NLL, nats per masked gene (lower is better)",
-        "mae_all": "MAE of the expected rank, bins (lower is better)",
-        "spearman_all": "Spearman of expected vs true rank, per cell",
-        "accuracy_all": "accuracy of the most likely rank",
-        "coverage_90_all": "coverage of the 90% interval",
-        "ece_all": "calibration error, ECE (lower is better)",
-    }
-    figure, axes = plt.subplots(2, 3, figsize=(13, 7))
-    for axis, key in zip(axes.ravel(), panels):
-        for method, by_ratio in results.items():
-            ratios = [float(r) for r in by_ratio if key in by_ratio[r]]
-            if ratios:
-                axis.plot(ratios, [by_ratio[str(r)][key] for r in ratios], marker="o", label=method)
-        if key == "coverage_90_all":
-            axis.axhline(0.9, color="grey", linestyle=":", label="nominal")
-        axis.set_xlabel("share of genes masked")
-        axis.set_title(panels[key], fontsize=10)
-        axis.grid(alpha=0.3)
-    axes[0, 0].legend(fontsize=8)
-    figure.suptitle("Held-out cells, masked positions only")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-
-
 def evaluate_checkpoint(bench_args: BenchmarkArguments, data_args: DataArguments) -> tuple[dict, int, str]:
     """Scores per method and mask ratio (`results[method][str(ratio)]`), the number of held-out cells, and the
     data source's name."""
     pipe = MaskedRankDiffusionPipeline.from_pretrained(bench_args.checkpoint, trust_remote_code=True)
     pipe.set_progress_bar_config(disable=True)
-    model, scheduler = pipe.model.eval(), pipe.scheduler
-    num_bins, mask_id = model.config.num_rank_bins, scheduler.config.mask_token_id
-    data_args.max_length = model.config.max_length
-    data = prepare_data(data_args, num_bins)
-    baselines = {
-        "per-gene marginal": data.baseline,
-        "global marginal": GlobalMarginal(data.baseline, data.panel),
-        f"nearest cells (k={bench_args.neighbours})": NearestCells(
-            full_cell_tokens(data.train_rows, num_bins, data_args.baseline_cells),
-            data.baseline,
-            k=bench_args.neighbours,
-        ),
-    }
-    batch = held_out_cells(data, num_bins, data_args.max_length)
-    truth, real = batch["input_ids"], batch["attention_mask"].bool()
-    metric = load_metric()
-    results: dict[str, dict[str, dict]] = {}
-    for i, ratio in enumerate(bench_args.mask_ratios):
-        generator = torch.Generator().manual_seed(bench_args.seed + i)
-        masked = scheduler.random_mask(real, ratio, generator=generator)
-        cells = CellInputs(batch["gene_ids"], truth.masked_fill(masked, mask_id), masked, real)
-        predictions = {"RankDiT, one pass": predict_model(model, cells)}
-        if bench_args.sample_steps:
-            sampled = pipe(
-                gene_ids=[g[r].tolist() for g, r in zip(cells.gene_ids, real)],
-                ranks=[t[r].tolist() for t, r in zip(truth, real)],
-                mask=[m[r].tolist() for m, r in zip(masked, real)],
-                num_inference_steps=bench_args.sample_steps,
-                generator=generator,
-            ).ranks
-            predictions[f"RankDiT, sampled ({bench_args.sample_steps} steps)"] = one_hot(
-                torch.from_numpy(sampled), num_bins + 1
-            )
-        for name, baseline in baselines.items():
-            predictions[name] = baseline.predict(cells.gene_ids, cells.ranks, real, mask_id)
-        for name, probs in predictions.items():
-            scores = score_masked(metric, probs, truth, masked)
-            if "sampled" in name:
-                scores = keep_point_metrics(scores)
-            results.setdefault(name, {})[str(ratio)] = scores
-        print(f"mask ratio {ratio}: {int(masked.sum())} masked positions in {len(truth)} cells", file=sys.stderr)
-    return results, len(truth), data.source.name
+    pipe.model.eval()
+    data_args.max_length = pipe.model.config.max_length
+    data = prepare_data(data_args, pipe.model.config.num_rank_bins)
+    cells = data.panel_cells(pipe.model.config.num_rank_bins, data_args.max_length)
+    baselines = data.imputation_baselines(data_args.baseline_cells, bench_args.neighbours)
+    results = compare_on_masks(
+        pipe, cells, baselines, bench_args.mask_ratios, seed=bench_args.seed, sample_steps=bench_args.sample_steps
+    )
+    return results, len(cells["input_ids"]), data.source.name
 
 
 def print_table(rows: dict[str, dict], title: str) -> None:
@@ -176,7 +95,7 @@ def main() -> None:
     output = Path(bench_args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     plot = Path(bench_args.plot) if bench_args.plot else output.with_suffix(".png")
-    plot_metrics(results, plot)
+    plot_metrics_vs_mask_ratio(results, plot)
     record = {
         "checkpoint": bench_args.checkpoint,
         "data": data_name,

@@ -98,6 +98,15 @@ class GeneVocab:
             raise KeyError(f"{len(unknown)} of {len(genes)} genes are not in the vocabulary: {shown}{more}")
         return ids.tolist()
 
+    def decode(self, token_ids: Iterable[int]) -> list[str]:
+        """Ensembl id of each token id; raises `KeyError` naming the ids that are not genes of the vocabulary."""
+        position = {int(t): i for i, t in enumerate(self.token_ids)}
+        token_ids = [int(t) for t in token_ids]
+        unknown = [t for t in token_ids if t not in position]
+        if unknown:
+            raise KeyError(f"{len(unknown)} token ids are not genes of the vocabulary: {unknown[:10]}")
+        return [self.ensembl_ids[position[t]] for t in token_ids]
+
     def to_dict(self) -> dict:
         return {
             "special_tokens": {str(k): v for k, v in SPECIAL_TOKENS.items()},

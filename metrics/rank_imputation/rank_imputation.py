@@ -18,7 +18,8 @@ Spearman correlation of expected and true ranks (cells with at least `min_cell_p
 the central 50% and 90% predictive intervals (of the randomised PIT, so a calibrated predictor scores the nominal
 level), and the expected calibration error of the most likely rank. Each is
 given over all positions (`*_all`), over positions whose true rank is 0 (`*_zero`) and over the others
-(`*_nonzero`)."""
+(`*_nonzero`). The points of the reliability diagram (10 equal-width bins of the confidence in the most likely rank,
+over all positions) come with them."""
 
 _KWARGS_DESCRIPTION = """
 Args:
@@ -28,7 +29,8 @@ Args:
     min_cell_positions: cells with fewer positions are left out of the Spearman mean (default 10).
 Returns:
     dict of floats: nll_*, accuracy_*, within_one_*, mae_*, spearman_*, coverage_50_*, coverage_90_*, ece_*, and
-    positions_* / spearman_cells_* (how many were scored).
+    positions_* / spearman_cells_* (how many were scored); and lists of 10: reliability_confidence,
+    reliability_accuracy (NaN for empty bins) and reliability_positions.
 Examples:
     >>> metric = evaluate.load("metrics/rank_imputation")
     >>> metric.compute(predictions=[[0.1, 0.9], [0.8, 0.2]], references=[1, 0], cell_ids=[0, 0])["accuracy_all"]
@@ -53,14 +55,22 @@ def interval_coverage(probs: np.ndarray, truth: np.ndarray, level: float) -> np.
     return np.divide(overlap, atom, out=np.zeros_like(atom), where=atom > 0)
 
 
+def reliability_table(confidence: np.ndarray, correct: np.ndarray, num_bins: int = 10):
+    """Per equal-width bin of the confidence in the most likely rank: mean confidence, accuracy and number of
+    positions (NaN where a bin is empty): the points of a reliability diagram."""
+    bins = np.minimum((confidence * num_bins).astype(int), num_bins - 1)
+    positions = np.bincount(bins, minlength=num_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_confidence = np.bincount(bins, confidence, minlength=num_bins) / positions
+        accuracy = np.bincount(bins, correct.astype(np.float64), minlength=num_bins) / positions
+    return mean_confidence, accuracy, positions
+
+
 def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, num_bins: int = 10) -> float:
     """Mean |accuracy - confidence| over equal-width confidence bins, weighted by their sizes."""
-    bins = np.minimum((confidence * num_bins).astype(int), num_bins - 1)
-    total = 0.0
-    for b in np.unique(bins):
-        in_bin = bins == b
-        total += in_bin.sum() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
-    return float(total / len(confidence))
+    mean_confidence, accuracy, positions = reliability_table(confidence, correct, num_bins)
+    filled = positions > 0
+    return float((positions[filled] * np.abs(accuracy[filled] - mean_confidence[filled])).sum() / len(confidence))
 
 
 def mean_cell_spearman(expected: np.ndarray, truth: np.ndarray, cells: np.ndarray, min_positions: int):
@@ -96,6 +106,9 @@ def score(probs: np.ndarray, truth: np.ndarray, cells: np.ndarray, min_cell_posi
         for level in (0.5, 0.9):
             results[f"coverage_{round(level * 100)}_{subset}"] = float(interval_coverage(p, t, level).mean())
         results[f"ece_{subset}"] = expected_calibration_error(p.max(axis=1), b == t)
+    table = reliability_table(probs.max(axis=1), best == truth)
+    for name, column in zip(("confidence", "accuracy", "positions"), table):
+        results[f"reliability_{name}"] = column.tolist()
     return results
 
 
