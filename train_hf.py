@@ -5,8 +5,11 @@ evaluates it on held-out cells beside the per-gene marginal baseline, and writes
 `DiffusionPipeline.from_pretrained(OUTPUT_DIR, trust_remote_code=True)` loads:
 
     OUTPUT_DIR/model_index.json, pipeline_masked_rank_diffusion.py, eval_results.json
+    OUTPUT_DIR/README.md       the model card, with plots/ and imputation_results.json
     OUTPUT_DIR/model/          config.json, model.safetensors, modeling code, gene_vocab.json
     OUTPUT_DIR/scheduler/      scheduler_config.json, scheduler code
+
+With `--push_to_hub --hub_model_id owner/name` the finished folder is uploaded to the Hub (checkpoints are not).
 
 Examples:
     python train_hf.py
@@ -25,6 +28,8 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import torch
+from huggingface_hub import HfApi
 from transformers import HfArgumentParser, set_seed
 
 from dataset_scripts import (
@@ -35,16 +40,19 @@ from dataset_scripts import (
     split_by_cell_id,
 )
 from dataset_scripts.expression_data import ExpressionSource
-from metrics import PerGeneMarginal
+from metrics import GlobalMarginal, NearestCells, PerGeneMarginal
 from modeling import CellTokenizer, RankDiTConfig, RankDiTModel
 from pipelines import MaskedRankDiffusionPipeline, MaskedRankDiffusionScheduler
 from training import (
+    CardArguments,
     DataArguments,
     DiffusionArguments,
     ModelArguments,
     RankDiffTrainingArguments,
     RankDiffusionTrainer,
+    default_ema_decay,
 )
+from training.report import hardware_name, write_model_card
 
 logger = logging.getLogger("train_hf")
 
@@ -66,6 +74,22 @@ def export_pipeline_folder(
     return pipeline
 
 
+def push_pipeline_folder(
+    output_dir: Path, repo_id: str, *, token: str | None = None, private: bool | None = None
+) -> str:
+    """Upload the finished pipeline folder (card, plots, model, scheduler, code; no checkpoints) to the Hub model
+    repo `repo_id`, creating it if needed; returns the commit URL."""
+    api = HfApi(token=token)
+    repo = api.create_repo(repo_id, private=private, exist_ok=True)
+    commit = api.upload_folder(
+        repo_id=repo.repo_id,
+        folder_path=output_dir,
+        commit_message="Upload RankDiff pipeline folder",
+        ignore_patterns=["checkpoint-*", "runs/*"],
+    )
+    return str(commit)
+
+
 @dataclass
 class PreparedData:
     """The data side of a run: rows, held-out split, and what is fitted on the training split alone."""
@@ -76,6 +100,23 @@ class PreparedData:
     baseline: PerGeneMarginal
     gene_pool: np.ndarray
     panel: np.ndarray
+
+    def panel_cells(self, num_bins: int, max_length: int, rows=None) -> dict[str, torch.Tensor]:
+        """The held-out cells (or `rows`) as panel sequences, padded: `gene_ids`, `input_ids` (true tokens),
+        `attention_mask`."""
+        tokenizer = CellTokenizer(num_bins=num_bins, max_length=max_length, panel=self.panel)
+        return RankDiffusionCollator(tokenizer, rule="panel")(list(self.eval_rows if rows is None else rows))
+
+    def imputation_baselines(self, max_cells: int, neighbours: int = 15) -> dict:
+        """The baselines a model's imputation is compared with, fitted on (up to `max_cells`) training cells: the
+        per-gene marginal, the global marginal over the panel, and the `neighbours` nearest training cells."""
+        return {
+            "per-gene marginal": self.baseline,
+            "global marginal": GlobalMarginal(self.baseline, self.panel),
+            f"nearest cells (k={neighbours})": NearestCells(
+                full_cell_tokens(self.train_rows, self.baseline.num_rank_bins, max_cells), self.baseline, k=neighbours
+            ),
+        }
 
 
 def prepare_data(data_args: DataArguments, num_bins: int) -> PreparedData:
@@ -110,7 +151,8 @@ def prepare_data(data_args: DataArguments, num_bins: int) -> PreparedData:
 def build_parser() -> HfArgumentParser:
     """The command line: model, data, diffusion and `TrainingArguments` flags."""
     return HfArgumentParser(
-        (ModelArguments, DataArguments, DiffusionArguments, RankDiffTrainingArguments), description=__doc__
+        (ModelArguments, DataArguments, DiffusionArguments, RankDiffTrainingArguments, CardArguments),
+        description=__doc__,
     )
 
 
@@ -119,9 +161,17 @@ def train(
     data_args: DataArguments,
     diffusion_args: DiffusionArguments,
     training_args: RankDiffTrainingArguments,
+    card_args: CardArguments | None = None,
 ) -> tuple[RankDiffusionTrainer, dict[str, float]]:
-    """Fit the baseline, train, evaluate and write the pipeline folder; returns the trainer and its final
-    evaluation metrics."""
+    """Fit the baseline, train, evaluate, write the pipeline folder and its model card, and push it to the Hub if
+    asked; returns the trainer and its final evaluation metrics."""
+    card_args = card_args or CardArguments()
+    # The Trainer would push its own checkpoints into the repo root; the finished pipeline folder goes up instead.
+    push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
+    hub_model_id = training_args.hub_model_id or Path(training_args.output_dir).absolute().name
+    ema_decay = (
+        training_args.ema_decay if training_args.ema_decay is not None else default_ema_decay(model_args.preset)
+    )
     set_seed(training_args.seed)
     num_bins = model_args.num_rank_bins
     data = prepare_data(data_args, num_bins)
@@ -167,13 +217,65 @@ def train(
         ordinal_term=diffusion_args.ordinal_term,
         ordinal_weight=diffusion_args.ordinal_weight,
         ordinal_time_weighting=diffusion_args.ordinal_time_weighting,
+        ema_decay=ema_decay,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    if trainer.ema is not None:
+        trainer.ema.copy_to(model)  # the EMA weights are the final model
     metrics = trainer.evaluate()
-    if trainer.is_world_process_zero():
-        export_pipeline_folder(Path(training_args.output_dir), model, scheduler, metrics)
-        logger.info("pipeline folder written to %s", training_args.output_dir)
+    if not trainer.is_world_process_zero():
+        return trainer, metrics
+    output_dir = Path(training_args.output_dir)
+    pipe = export_pipeline_folder(output_dir, model, scheduler, metrics)
+    logger.info("pipeline folder written to %s", output_dir)
+    if card_args.model_card:
+        pipe.set_progress_bar_config(disable=True)
+        data_name = source.name if is_hub_id(source.name) else Path(source.name).name
+        write_model_card(
+            output_dir,
+            pipe=pipe,
+            data=data,
+            trainer=trainer,
+            run=dict(
+                preset=model_args.preset,
+                data_name=data_name,
+                dataset=card_args.dataset_name or data_name,
+                steps=trainer.state.global_step,
+                batch_size=training_args.per_device_train_batch_size
+                * training_args.world_size
+                * training_args.gradient_accumulation_steps,
+                learning_rate=training_args.learning_rate,
+                loss=loss_description(diffusion_args),
+                noise_schedule=diffusion_args.noise_schedule,
+                ema_decay=ema_decay,
+                runtime_s=next((e["train_runtime"] for e in trainer.state.log_history if "train_runtime" in e), None),
+                hardware=hardware_name(),
+                metrics=metrics,
+                repo_id=hub_model_id if push_to_hub else str(output_dir),
+            ),
+            mask_ratios=card_args.card_mask_ratios,
+            neighbours=card_args.card_neighbours,
+            gif_steps=card_args.card_gif_steps,
+            seed=training_args.seed,
+        )
+    if push_to_hub:
+        url = push_pipeline_folder(
+            output_dir, hub_model_id, token=training_args.hub_token, private=training_args.hub_private_repo
+        )
+        logger.info("pipeline folder pushed to %s", url)
     return trainer, metrics
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether a `--data` value names a Hub dataset (owner/name) rather than a local path."""
+    return name.count("/") == 1 and not Path(name).exists() and not name.startswith((".", "/", "~"))
+
+
+def loss_description(diffusion_args: DiffusionArguments) -> str:
+    nelbo = f"MDLM NELBO (masked cross-entropy weighted by the {diffusion_args.noise_schedule} schedule)"
+    if diffusion_args.ordinal_term == "none" or diffusion_args.ordinal_weight == 0:
+        return nelbo
+    return f"{nelbo} + {diffusion_args.ordinal_weight:g} x the `{diffusion_args.ordinal_term}` ordinal term"
 
 
 def main(argv: list[str] | None = None) -> tuple[RankDiffusionTrainer, dict[str, float]]:

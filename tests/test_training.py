@@ -1,12 +1,15 @@
 import json
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import randomize_zero_init
+from huggingface_hub import ModelCard
 
 import train_hf
 from dataset_scripts import RankDiffusionCollator, load_expression_data
@@ -124,27 +127,71 @@ def test_a_few_steps_lower_the_loss(small_trainer):
     assert after < before - 0.3, (before, after)
 
 
-def test_train_hf_writes_a_loadable_pipeline_folder(tmp_path):
-    out = tmp_path / "demo"
-    trainer, metrics = train_hf.main(
-        [
-            "--output_dir",
-            str(out),
-            "--max_steps",
-            "3",
-            "--max_length",
-            "48",
-            "--per_device_train_batch_size",
-            "4",
-            "--max_eval_cells",
-            "8",
-            "--eval_time_grid",
-            "2",
-            "--use_cpu",
-            "--disable_tqdm",
-            "true",
-        ]
-    )
+class RecordingHfApi:
+    """Stands in for `huggingface_hub.HfApi` at the network boundary: records what would be uploaded."""
+
+    calls: list = []
+
+    def __init__(self, token=None):
+        self.token = token
+
+    def create_repo(self, repo_id, private=None, exist_ok=False):
+        self.calls.append(("create_repo", repo_id, private, exist_ok, self.token))
+        return type("RepoUrl", (), {"repo_id": repo_id})()
+
+    def upload_folder(self, repo_id, folder_path, commit_message=None, ignore_patterns=None):
+        from huggingface_hub.utils import filter_repo_objects
+
+        root = Path(folder_path)
+        files = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
+        uploaded = sorted(filter_repo_objects(files, ignore_patterns=ignore_patterns))
+        # What is on disk when the upload starts is what the repo gets.
+        self.calls.append(("upload_folder", repo_id, uploaded, (root / "README.md").read_text()))
+        return f"https://huggingface.co/{repo_id}/commit/0"
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """train_hf.py on the embedded sample for a few steps, with a checkpoint, the card and a (recorded) push."""
+    out = tmp_path_factory.mktemp("run") / "demo"
+    RecordingHfApi.calls = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_hf, "HfApi", RecordingHfApi)
+        trainer, metrics = train_hf.main(
+            [
+                "--output_dir",
+                str(out),
+                "--max_steps",
+                "4",
+                "--save_strategy",
+                "steps",
+                "--save_steps",
+                "2",
+                "--max_length",
+                "48",
+                "--per_device_train_batch_size",
+                "4",
+                "--max_eval_cells",
+                "8",
+                "--eval_time_grid",
+                "2",
+                "--card_gif_steps",
+                "4",
+                "--push_to_hub",
+                "--hub_model_id",
+                "someone/rankdiff-test",
+                "--hub_token",
+                "hf_fake",
+                "--use_cpu",
+                "--disable_tqdm",
+                "true",
+            ]
+        )
+    return out, trainer, metrics, list(RecordingHfApi.calls)
+
+
+def test_train_hf_writes_a_loadable_pipeline_folder(trained_run, tmp_path):
+    out, trainer, metrics, _ = trained_run
     saved = json.loads((out / "eval_results.json").read_text())
     for key in ("eval_nelbo", "eval_masked_nll_0.5", "eval_baseline_masked_nll_0.5"):
         assert np.isfinite(saved[key]) and saved[key] == metrics[key]
@@ -211,3 +258,62 @@ def test_mixed_loss_adds_the_weighted_ordinal_term_and_logs_the_nelbo_apart(smal
     # two micro-batches (both NELBOs, one ordinal term) make two steps without accumulation
     assert logs["nelbo"] == pytest.approx(nelbo, abs=1e-3) and logs["ordinal"] == pytest.approx(ordinal / 2, abs=1e-3)
     assert small_trainer._loss_parts == {"nelbo": 0.0, "ordinal": 0.0} and small_trainer._loss_parts_calls == 0
+
+
+def test_model_card_parses_and_matches_the_run(trained_run):
+    out, trainer, metrics, _ = trained_run
+    card = ModelCard.load(out / "README.md")
+    data = card.data.to_dict()
+    config = trainer.model.config
+    assert data["library_name"] == "diffusers" and data["license"] == "apache-2.0"
+    assert data["pipeline_tag"] == "other" and {"single-cell", "masked-diffusion", "custom_code"} <= set(data["tags"])
+    assert data["datasets"] == ["celltypist_sample"]
+    imputation = json.loads((out / "imputation_results.json").read_text())
+    model_scores = imputation["RankDiT, one pass"]
+    assert set(model_scores) == {"0.2", "0.5", "0.8", "0.95"}
+    assert {"per-gene marginal", "global marginal", "nearest cells (k=15)"} <= set(imputation)
+    results = {(r.metric_type, r.metric_config): r.metric_value for r in card.data.eval_results}
+    for ratio, scores in model_scores.items():
+        assert results[("nll", f"mask_ratio={ratio}")] == pytest.approx(scores["nll_all"], abs=1e-4)
+        assert results[("accuracy", f"mask_ratio={ratio}")] == pytest.approx(scores["accuracy_all"], abs=1e-4)
+    vocab = trainer.model.gene_vocab
+    assert len(data["widget"]) == 2
+    for widget in data["widget"]:
+        example = widget["structured_data"]
+        assert len(example["gene_ids"]) == len(example["ranks"]) == len(example["mask"]) == 12
+        assert all(vocab.lookup(example["gene_ids"]) >= 3) and 0 < sum(example["mask"]) < 12
+        assert all(0 <= r <= config.num_rank_bins for r in example["ranks"])
+    text = card.text
+    assert f"{trainer.model.num_parameters() / 1e6:.2f}M" in text and "4 optimizer steps of 4 cells" in text
+    assert f"up to {config.max_length} (gene, rank) pairs" in text and f"{config.gene_vocab_size:,} ids" in text
+    assert f"**{metrics['eval_masked_nll_0.5']:.3f}**" in text and "AutoModel.from_pretrained" in text
+    assert 'DiffusionPipeline.from_pretrained("someone/rankdiff-test"' in text
+
+
+def test_every_plot_the_card_links_exists_and_is_an_image(trained_run):
+    from PIL import Image
+
+    out, *_ = trained_run
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", ModelCard.load(out / "README.md").text)
+    expected = {"count_histogram.png", "rank_tokens.png", "loss_curves.png", "metrics_vs_mask_ratio.png",
+                "reliability.png", "denoising_high_corruption.gif", "denoising_low_corruption.gif"}  # fmt: skip
+    assert {Path(link).name for link in links} == expected
+    for link in links:
+        with Image.open(out / link) as image:
+            assert image.width > 300 and image.height > 200
+            if link.endswith(".gif"):
+                assert image.n_frames > 4  # masked input, the steps, the held last frame
+
+
+def test_push_to_hub_uploads_the_finished_folder_without_checkpoints(trained_run):
+    out, *_, calls = trained_run
+    assert (out / "checkpoint-2").is_dir()  # it was there to be left out
+    (create, repo_id, private, exist_ok, token), upload = calls
+    assert (create, repo_id, exist_ok, token) == ("create_repo", "someone/rankdiff-test", True, "hf_fake")
+    _, repo_id, files, readme = upload
+    assert repo_id == "someone/rankdiff-test"
+    assert not any(f.startswith("checkpoint-") for f in files)
+    required = ["README.md", "model_index.json", "model/model.safetensors", "model/config.json"]
+    required += ["scheduler/scheduler_config.json", "plots/loss_curves.png", "imputation_results.json"]
+    assert set(required) <= set(files)
+    assert readme == (out / "README.md").read_text()  # the card was complete before the upload began

@@ -1,16 +1,27 @@
 """Training of RankDiff with the Hugging Face Trainer: arguments, the MDLM loss and its evaluation."""
 
-from .arguments import DataArguments, DiffusionArguments, ModelArguments, RankDiffTrainingArguments
+from .arguments import (
+    CardArguments,
+    DataArguments,
+    DiffusionArguments,
+    ModelArguments,
+    RankDiffTrainingArguments,
+    default_ema_decay,
+)
+from .ema import EMACallback
 from .evaluation import evaluate_masked_diffusion
 from .loss import masked_nelbo
 from .trainer import RankDiffusionTrainer
 
 __all__ = [
+    "CardArguments",
     "DataArguments",
     "DiffusionArguments",
+    "EMACallback",
     "ModelArguments",
     "RankDiffTrainingArguments",
     "RankDiffusionTrainer",
+    "default_ema_decay",
     "evaluate_masked_diffusion",
     "masked_nelbo",
 ]

@@ -98,6 +98,31 @@ class DiffusionArguments:
 
 
 @dataclass
+class CardArguments:
+    model_card: bool = field(
+        default=True, metadata={"help": "write README.md (the model card) with plots into the output folder"}
+    )
+    card_mask_ratios: list[float] = field(
+        default_factory=lambda: [0.2, 0.5, 0.8, 0.95],
+        metadata={"help": "shares of genes masked in the card's evaluation table and plots"},
+    )
+    card_neighbours: int = field(default=15, metadata={"help": "k of the nearest-cells baseline in the card"})
+    card_gif_steps: int = field(default=32, metadata={"help": "denoising steps of the card's two GIFs"})
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub dataset id the card names as training data (e.g. tahoebio/Tahoe-100M for a local copy); "
+            "default: --data when it is a Hub id, else its file or folder name"
+        },
+    )
+
+
+def default_ema_decay(preset: str) -> float:
+    """EMA decay when `--ema_decay` is not given: none for the tiny preset (a few hundred steps), 0.9999 otherwise."""
+    return 0.0 if preset == "tiny" else 0.9999
+
+
+@dataclass
 class RankDiffTrainingArguments(TrainingArguments):
     """`TrainingArguments` with defaults that train the tiny preset on the embedded sample on a CPU in minutes."""
 
@@ -111,6 +136,15 @@ class RankDiffTrainingArguments(TrainingArguments):
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
     logging_steps: float = field(default=25, metadata={"help": "log every N steps"})
+    eval_strategy: str = field(default="steps", metadata={"help": "evaluate held-out cells: no, steps or epoch"})
+    eval_steps: float = field(default=100, metadata={"help": "evaluate every N steps (the card's loss curves)"})
     save_strategy: str = field(default="no", metadata={"help": "Trainer checkpoints: no, steps or epoch"})
     report_to: None | str | list[str] = field(default="none", metadata={"help": "experiment trackers"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "keep raw rows for the collator"})
+    ema_decay: float | None = field(
+        default=None,
+        metadata={
+            "help": "decay of the EMA of the weights, evaluated and saved as the final model (0: off); default: "
+            "off for the tiny preset, 0.9999 for the others"
+        },
+    )

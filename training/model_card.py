@@ -1,0 +1,287 @@
+"""The model card of a training run: Hub metadata (YAML front matter written with `huggingface_hub.ModelCardData`)
+and a README that says what the model is, how to call it, what it scored, on what, and shows the run's plots."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from modeling import GeneVocab
+
+from .plots import MODEL_METHOD
+
+LICENSE = "apache-2.0"
+TAGS = [
+    "single-cell",
+    "scRNA-seq",
+    "gene-expression",
+    "biology",
+    "masked-diffusion",
+    "discrete-diffusion",
+    "imputation",
+    "rankdiff",
+    "custom_code",
+]
+CARD_METRICS = {  # rank_imputation key -> (model-index metric type, name)
+    "nll_all": ("nll", "masked NLL (nats per gene)"),
+    "accuracy_all": ("accuracy", "accuracy of the most likely rank"),
+    "mae_all": ("mae", "MAE of the expected rank (bins)"),
+    "spearman_all": ("spearmanr", "Spearman of expected vs true rank, per cell"),
+    "coverage_90_all": ("coverage", "coverage of the 90% interval"),
+    "ece_all": ("ece", "expected calibration error"),
+}
+
+
+@dataclass
+class TrainingRun:
+    """What a model card says about a run.
+
+    Args:
+        config: the trained model's `RankDiTConfig`.
+        preset, num_parameters: model size.
+        data_name: the data source (a Hub id, or a local file or folder name); dataset: the Hub dataset id the card
+            names as training data (`datasets` and the model-index), else `data_name`.
+        training_cells, held_out_cells, panel_size: cells behind the baselines and panel, cells scored, panel genes.
+        steps, batch_size, learning_rate, loss, noise_schedule, ema_decay, runtime_s, hardware: the training budget.
+        metrics: the final `evaluate` metrics (`eval_*`).
+        imputation: `results[method][str(mask_ratio)]` of [`compare_on_masks`].
+        widgets: Hub widget examples (see [`widget_examples`]).
+        plots: caption -> path relative to the card.
+        repo_id: where the model is (Hub repo id or local path) in the usage snippets.
+    """
+
+    config: object
+    preset: str
+    num_parameters: int
+    data_name: str
+    dataset: str
+    training_cells: int
+    held_out_cells: int
+    panel_size: int
+    steps: int
+    batch_size: int
+    learning_rate: float
+    loss: str
+    noise_schedule: str
+    ema_decay: float
+    runtime_s: float | None
+    hardware: str
+    metrics: dict[str, float]
+    imputation: dict[str, dict[str, dict]]
+    widgets: list[dict] = field(default_factory=list)
+    plots: dict[str, str] = field(default_factory=dict)
+    repo_id: str = "outputs/demo"
+
+
+def widget_examples(
+    cells: list[tuple[np.ndarray, np.ndarray]],
+    vocab: GeneVocab,
+    *,
+    num_genes: int = 12,
+    num_masked: int = 4,
+    seed: int = 0,
+) -> list[dict]:
+    """Hub widget examples from real cells: per cell, its first `num_genes` genes (Ensembl ids), their rank tokens
+    and a mask hiding `num_masked` of them (drawn with `seed`); the arguments of `pipe(gene_ids=, ranks=, mask=)`.
+    The ranks under the mask are the true ones, which the pipeline ignores: there to compare with its answer."""
+    rng = np.random.default_rng(seed)
+    examples = []
+    for i, (genes, tokens) in enumerate(cells):
+        count = min(num_genes, len(genes))
+        if count < 2:
+            continue
+        mask = np.zeros(count, dtype=bool)
+        mask[rng.choice(count, size=min(num_masked, count - 1), replace=False)] = True
+        examples.append(
+            {
+                "example_title": f"Impute {int(mask.sum())} of {count} genes of training cell {i}",
+                "structured_data": {
+                    "gene_ids": vocab.decode(genes[:count]),
+                    "ranks": [int(t) for t in tokens[:count]],
+                    "mask": mask.tolist(),
+                },
+            }
+        )
+    return examples
+
+
+def _eval_results(run: TrainingRun) -> list[EvalResult]:
+    """model-index entries: the model's held-out scores at every mask ratio."""
+    results = []
+    dataset = run.dataset
+    for ratio, scores in run.imputation.get(MODEL_METHOD, {}).items():
+        for key, (metric_type, metric_name) in CARD_METRICS.items():
+            if key in scores and math.isfinite(scores[key]):
+                results.append(
+                    EvalResult(
+                        task_type="other",
+                        task_name="Rank imputation of masked genes",
+                        dataset_type=dataset,
+                        dataset_name=f"{dataset}, held-out cells",
+                        dataset_split="validation",
+                        metric_type=metric_type,
+                        metric_name=f"{metric_name}, {float(ratio):.0%} masked",
+                        metric_value=round(float(scores[key]), 4),
+                        metric_config=f"mask_ratio={ratio}",
+                    )
+                )
+    return results
+
+
+def card_data(run: TrainingRun, model_name: str) -> ModelCardData:
+    """The YAML front matter."""
+    return ModelCardData(
+        model_name=model_name,
+        library_name="diffusers",
+        license=LICENSE,
+        tags=TAGS,
+        datasets=[run.dataset],
+        pipeline_tag="other",
+        widget=run.widgets,
+        eval_results=_eval_results(run) or None,
+    )
+
+
+def _results_table(run: TrainingRun) -> str:
+    rows = [
+        "| mask ratio | method | NLL | accuracy | MAE (bins) | Spearman / cell | 90% cover | ECE |",
+        "|" + " --- |" * 8,
+    ]
+    ratios = sorted({ratio for by_ratio in run.imputation.values() for ratio in by_ratio}, key=float)
+    for ratio in ratios:
+        for method, by_ratio in run.imputation.items():
+            scores = by_ratio.get(ratio)
+            if scores is None:
+                continue
+            cells = [
+                f"{scores[key]:.3f}" if key in scores and math.isfinite(scores[key]) else "-"
+                for key in ("nll_all", "accuracy_all", "mae_all", "spearman_all", "coverage_90_all", "ece_all")
+            ]
+            name = f"**{method}**" if method == MODEL_METHOD else method
+            rows.append(f"| {ratio} | {name} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def _usage(run: TrainingRun) -> str:
+    example = (
+        run.widgets[0]["structured_data"] if run.widgets else {"gene_ids": ["CD3E"], "ranks": [0], "mask": [True]}
+    )
+    genes, ranks, mask = example["gene_ids"], example["ranks"], example["mask"]
+    return f'''```python
+import torch
+from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained("{run.repo_id}", trust_remote_code=True)
+# One training cell: genes (Ensembl ids, symbols or token ids), their rank tokens, and the genes to impute.
+gene_ids = {genes}
+ranks = {ranks}
+mask = {mask}
+# The predictive distribution of each masked gene's rank, given the visible ones (one denoiser pass).
+out = pipe(gene_ids=gene_ids, ranks=ranks, mask=mask, output_type="probs")
+out.probs[0], out.expected[0]  # (genes, {run.config.num_rank_bins + 1}) probabilities, expected rank
+# Draws: sampled ranks at the masked genes (ancestral sampler, {run.config.num_rank_bins + 1} classes).
+generator = torch.Generator().manual_seed(0)
+out = pipe(gene_ids=gene_ids, ranks=ranks, mask=mask, num_inference_steps=32, generator=generator)
+out.ranks[0]
+# AnnData of raw counts in and out (NaN entries are imputed):
+# result = pipe.impute_anndata(adata, layer="counts")
+```
+
+The model alone, and the transformers pipeline task `rank-imputation`:
+
+```python
+from transformers import AutoModel, pipeline
+
+model = AutoModel.from_pretrained("{run.repo_id}", subfolder="model", trust_remote_code=True)
+imputer = pipeline(model="{run.repo_id}/model", trust_remote_code=True)
+imputer(gene_ids={genes}, ranks={ranks}, mask={mask})  # probs, expected
+```'''
+
+
+def _model_table(run: TrainingRun) -> str:
+    config = run.config
+    bins = config.num_rank_bins
+    rows = {
+        "task": f"masked-token prediction over rank tokens 0..{bins} (`[MASK]` = {config.mask_token_id}), MDLM",
+        "tokenization": f"`{config.rank_scheme}`: per cell, quantiles of the non-zero raw counts at "
+        f"`linspace(0, 1, {bins})`, bins 1..{bins}; 0 = not expressed",
+        "sequence": f"up to {config.max_length} (gene, rank) pairs per cell, no order (no positional encoding)",
+        "gene vocabulary": f"{config.gene_vocab_size:,} ids (Tahoe-100M `gene_metadata` layout: Ensembl ids, symbols)",
+        "architecture": f"DiT: {config.num_hidden_layers} blocks, width {config.hidden_size}, "
+        f"{config.num_attention_heads} heads, adaLN {'with' if config.time_conditioning else 'without'} time input",
+        "parameters": f"{run.num_parameters / 1e6:.2f}M (`{run.preset}` preset)",
+    }
+    return "| | |\n| --- | --- |\n" + "\n".join(f"| {name} | {value} |" for name, value in rows.items())
+
+
+def model_card(run: TrainingRun, model_name: str = "RankDiT") -> ModelCard:
+    """The model card of `run`: `ModelCard.load` parses it back; every plot it shows is a path of `run.plots`."""
+    config = run.config
+    metrics = run.metrics
+    ratio_keys = [k for k in metrics if k.startswith("eval_masked_nll_")]
+    headline = ""
+    if ratio_keys:
+        ratio = ratio_keys[0].removeprefix("eval_masked_nll_")
+        headline = (
+            f"On {run.held_out_cells} held-out cells with {float(ratio):.0%} of the panel genes masked, its masked "
+            f"NLL is **{metrics[ratio_keys[0]]:.3f}** nats per gene against "
+            f"**{metrics.get('eval_baseline_masked_nll_' + ratio, float('nan')):.3f}** for the per-gene marginal "
+            f"on the same masks (NELBO {metrics.get('eval_nelbo', float('nan')):.3f} nats per token)."
+        )
+    runtime = f", {run.runtime_s / 60:.1f} minutes" if run.runtime_s else ""
+    ema = f"EMA of the weights with decay {run.ema_decay} (evaluated and saved)" if run.ema_decay else "no EMA"
+    plots = "\n\n".join(f"**{caption}**\n\n![{caption}]({path})" for caption, path in run.plots.items())
+    body = f"""
+# {model_name} ({run.preset}) for single-cell rank imputation
+
+A masked discrete diffusion model over single-cell gene expression, trained with RankDiff. Each cell is a set of
+(gene, rank token) pairs: rank 0 means the gene is not expressed, ranks 1..{config.num_rank_bins} are quantile bins
+of the cell's own non-zero counts. The model predicts, for any masked gene of a cell and at any masking level, a
+**distribution** over its rank given the visible genes; the pipeline samples from it (imputation, denoising, whole
+cells) or returns it.
+
+{headline}
+
+## Usage
+
+{_usage(run)}
+
+## Model
+
+{_model_table(run)}
+
+## Training
+
+- Data: `{run.data_name}`; the per-gene marginal, the gene pool and the evaluation panel (the
+  {run.panel_size:,} genes most often detected) were fitted on {run.training_cells:,} training cells; cells are
+  held out by a hash of their barcode.
+- Budget: {run.steps} optimizer steps of {run.batch_size} cells, peak learning rate {run.learning_rate:g},
+  {run.noise_schedule} noise schedule, {ema}; on {run.hardware}{runtime}.
+- Loss: {run.loss}.
+
+## Evaluation
+
+Held-out cells, the evaluation panel (chosen on training cells, without looking at the held-out counts), a share
+of each cell's panel genes masked (masks drawn once per ratio and shared by every method); **masked positions
+only**. Baselines: the per-gene marginal, the global marginal over the panel, and the nearest training cells on
+the visible genes.
+
+{_results_table(run)}
+
+## Plots
+
+{plots}
+
+## Limitations
+
+- Trained on `{run.data_name}` only: other tissues, species, assays or gene panels are out of distribution.
+- Ranks are per-cell quantile bins, so the model says nothing about library size or absolute counts; many
+  genes share bin 1 (count 1) and ties make the middle bins coarse.
+- A single sampled imputation is a draw, not a best guess: use `output_type="probs"` / `"expected"` for point
+  estimates, samples for populations.
+- The scores above come from one training run and one set of masks; small gaps between methods are within noise.
+"""
+    return ModelCard(f"---\n{card_data(run, model_name).to_yaml()}\n---\n{body}")
