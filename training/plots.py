@@ -89,7 +89,7 @@ def plot_loss_curves(log_history: list[dict], path: str | os.PathLike, baseline_
 
     curve(train, "loss", label="training loss (NELBO + ordinal term)", color="#4c72b0")
     curve(train, "nelbo", label="training NELBO", color="#4c72b0", linestyle="--")
-    curve(evals, "eval_nelbo", label="held-out NELBO", color="#dd8452", marker="o")
+    curve(evals, "eval_nelbo", label="held-out NELBO", color="#dd8452", marker="o", markersize=10, fillstyle="none")
     nll_keys = sorted({key for entry in evals for key in entry if key.startswith("eval_masked_nll_")})
     for key in nll_keys:
         ratio = key.removeprefix("eval_masked_nll_")

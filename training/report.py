@@ -105,10 +105,10 @@ def write_model_card(
             num_inference_steps=gif_steps,
             generator=torch.Generator().manual_seed(seed),
         )
-        title = f"Denoising a held-out cell, {share:.0%} of its {len(genes)} genes masked"
         path = plots_dir / f"denoising_{name}_corruption.gif"
+        title = f"Denoising a held-out cell ({share:.0%} masked)"
         write_denoising_gif(states, path, num_rank_bins=num_bins, title=title)
-        plots[title] = path
+        plots[f"Denoising a held-out cell, {share:.0%} of its {len(genes)} genes masked"] = path
 
     examples = data.panel_cells(num_bins, max_length, rows=data.train_rows.take(2))
     real = examples["attention_mask"].bool()
