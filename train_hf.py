@@ -178,6 +178,11 @@ def train(
     source, train_rows, eval_rows = data.source, data.train_rows, data.eval_rows
     baseline, gene_pool, panel = data.baseline, data.gene_pool, data.panel
 
+    if isinstance(train_rows, datasets.IterableDataset):
+        # Each process reads its own shards of a stream (accelerate shards a `datasets` stream by file) rather than
+        # process 0 reading everything and sending slices.
+        training_args.accelerator_config.dispatch_batches = False
+
     tokenizer = CellTokenizer(
         num_bins=num_bins,
         max_length=data_args.max_length,
@@ -219,7 +224,9 @@ def train(
         ordinal_time_weighting=diffusion_args.ordinal_time_weighting,
         ema_decay=ema_decay,
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    resume = training_args.resume_from_checkpoint
+    # `--resume_from_checkpoint true`: the last complete checkpoint of the output folder; else a checkpoint folder.
+    trainer.train(resume_from_checkpoint=True if str(resume).lower() == "true" else resume)
     if trainer.ema is not None:
         trainer.ema.copy_to(model)  # the EMA weights are the final model
     metrics = trainer.evaluate()

@@ -10,6 +10,7 @@ from .expression_data import (
     load_expression_data,
     pad_cells,
     read_gene_vocab,
+    shard_for_process,
     split_by_cell_id,
 )
 
@@ -23,5 +24,6 @@ __all__ = [
     "load_expression_data",
     "pad_cells",
     "read_gene_vocab",
+    "shard_for_process",
     "split_by_cell_id",
 ]

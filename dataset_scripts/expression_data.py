@@ -16,6 +16,7 @@ import datasets
 import numpy as np
 import pyarrow.parquet as pq
 import torch
+from datasets.distributed import split_dataset_by_node
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
@@ -114,6 +115,16 @@ def split_by_cell_id(rows, validation_share: float, seed: int = 0):
     train = rows.filter(is_held_out, batched=True, fn_kwargs={"held_out": False})
     validation = rows.filter(is_held_out, batched=True, fn_kwargs={"held_out": True})
     return train, validation
+
+
+def shard_for_process(rows, rank: int, world_size: int):
+    """The rows process `rank` of `world_size` reads: a contiguous block of a map-style dataset, or its own shards
+    of a streamed one (`datasets.distributed.split_dataset_by_node`, also split over its DataLoader workers)."""
+    if world_size == 1:
+        return rows
+    if isinstance(rows, datasets.IterableDataset):
+        return split_dataset_by_node(rows, rank=rank, world_size=world_size)
+    return rows.shard(num_shards=world_size, index=rank, contiguous=True)
 
 
 def cell_counts(row: dict) -> tuple[np.ndarray, np.ndarray]:

@@ -135,12 +135,24 @@ class MaskedRankDiffusionScheduler(SchedulerMixin, ConfigMixin):
         *,
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
+        first_stratum: int = 0,
+        num_strata: int | None = None,
     ) -> torch.Tensor:
-        """Stratified (antithetic) training times over the batch: u_i = (u + i / n) mod 1, t = eps + (1 - eps) u."""
-        u0 = torch.rand((), generator=generator, device=device, dtype=torch.float64)
-        strata = torch.arange(batch_size, device=device, dtype=torch.float64) / batch_size
+        """Stratified (antithetic) training times: u_i = (u + (first_stratum + i) / num_strata) mod 1,
+        t = eps + (1 - eps) u, with one uniform u from `generator` (on the CPU).
+
+        Over a global batch split across processes and accumulation steps, each part passes its offset
+        `first_stratum` and the global size `num_strata` (default `batch_size`), and the same generator state: the
+        whole global batch then covers [eps, 1] evenly, whatever each part holds.
+        """
+        num_strata = batch_size if num_strata is None else num_strata
+        if not (0 <= first_stratum and first_stratum + batch_size <= num_strata):
+            last = first_stratum + batch_size - 1
+            raise ValueError(f"strata {first_stratum}..{last} lie outside 0..{num_strata - 1} of num_strata")
+        u0 = torch.rand((), generator=generator, dtype=torch.float64)
+        strata = (first_stratum + torch.arange(batch_size, dtype=torch.float64)) / num_strata
         u = torch.remainder(u0 + strata, 1.0)
-        return (self.config.eps + (1.0 - self.config.eps) * u).float()
+        return (self.config.eps + (1.0 - self.config.eps) * u).float().to(device)
 
     @staticmethod
     def random_mask(maskable: torch.Tensor, share: float, *, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -56,6 +56,21 @@ def test_stratified_timesteps_cover_each_stratum_once():
     assert sorted(strata.tolist()) == list(range(16))
 
 
+def test_parts_of_a_global_batch_cover_each_global_stratum_once():
+    scheduler = MaskedRankDiffusionScheduler()
+    parts = [  # 2 processes x 2 accumulation steps of 4 cells, the last part short: one generator seed for all
+        scheduler.sample_timesteps(
+            4 if k < 3 else 3, generator=torch.Generator().manual_seed(7), first_stratum=4 * k, num_strata=16
+        )  # fmt: skip
+        for k in range(4)
+    ]
+    t = torch.cat(parts).double()
+    strata = ((t - 1e-3) / (1 - 1e-3) * 16).floor().long()
+    assert len(set(strata.tolist())) == 15 and strata.min() >= 0 and strata.max() <= 15  # 15 strata, once each
+    with pytest.raises(ValueError, match="num_strata"):
+        scheduler.sample_timesteps(4, first_stratum=14, num_strata=16)
+
+
 def test_add_noise_masks_at_the_scheduled_rate_and_never_padding():
     scheduler = MaskedRankDiffusionScheduler(num_rank_bins=10)
     clean = torch.randint(0, 11, (4, 20000))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch.nn import functional as F
@@ -24,6 +24,7 @@ def evaluate_masked_diffusion(
     mask_ratio: float = 0.5,
     seed: int = 0,
     device: torch.device | str = "cpu",
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Score held-out batches (from [`RankDiffusionCollator`]) on masked positions only.
 
@@ -32,7 +33,8 @@ def evaluate_masked_diffusion(
     - `masked_nll_{r}` and `baseline_masked_nll_{r}`: mean -log p of the true token over exactly a share `r` of
       each cell's positions, for the model and for the per-gene marginal on the same masks.
 
-    All masks come from a generator seeded with `seed`, so two models are scored on identical masks.
+    All masks come from a generator seeded with `seed`, so two models are scored on identical masks. With several
+    processes, each scores its own batches and `reduce` sums the totals over processes (before the ratios).
     """
     if not 0.0 < mask_ratio < 1.0 - scheduler.config.eps:
         raise ValueError(f"mask_ratio must be in (0, 1 - eps) = (0, {1.0 - scheduler.config.eps}), got {mask_ratio}")
@@ -73,6 +75,8 @@ def evaluate_masked_diffusion(
         totals["masked"] += masked.sum().item()
 
     model.train(was_training)
+    if reduce is not None:
+        totals = dict(zip(totals, reduce(torch.tensor(list(totals.values()), dtype=torch.float64)).tolist()))
     if not totals["tokens"]:
         raise ValueError("no held-out cells to evaluate")
     return {

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import contextlib
 
+import numpy as np
+import torch
 from torch.utils.data import DataLoader
 from transformers import Trainer
-from transformers.trainer_utils import get_last_checkpoint
 
+from dataset_scripts import shard_for_process
 from metrics import PerGeneMarginal
 from pipelines import MaskedRankDiffusionScheduler
 
+from .checkpoints import COMPLETE_MARKER, CheckpointCompleteCallback, is_complete_checkpoint, last_complete_checkpoint
 from .ema import EMACallback
 from .evaluation import evaluate_masked_diffusion
 from .loss import masked_nelbo, masked_ordinal
@@ -23,8 +26,8 @@ class RankDiffusionTrainer(Trainer):
     never), and returns the NELBO-weighted cross-entropy of masked tokens + `ordinal_weight` x the ordinal term
     ([`masked_ordinal`]), divided by the number of real tokens in the (accumulated) batch, as MDLM reports it.
     The NELBO and the ordinal term are logged apart from the total (`nelbo`, `ordinal`). `evaluate` scores
-    held-out cells beside the per-gene marginal, with the EMA weights when there are some, in this process (the
-    whole held-out set; not yet split across ranks).
+    held-out cells beside the per-gene marginal, with the EMA weights when there are some; each process scores its
+    share of the held-out cells and the sums are reduced over processes.
 
     Args:
         noise_scheduler: the [`MaskedRankDiffusionScheduler`] (noise schedule and loss weight).
@@ -55,6 +58,7 @@ class RankDiffusionTrainer(Trainer):
         self.ema = EMACallback(ema_decay) if ema_decay else None
         if self.ema is not None:
             self.add_callback(self.ema)
+        self.add_callback(CheckpointCompleteCallback())  # last: after every file of a checkpoint is written
         noise_scheduler.check_model_config(self.model.config)
         self.noise_scheduler = noise_scheduler
         self.eval_collator = eval_collator
@@ -64,6 +68,7 @@ class RankDiffusionTrainer(Trainer):
         self.ordinal = (ordinal_term, ordinal_weight, ordinal_time_weighting)
         self._loss_parts = {"nelbo": 0.0, "ordinal": 0.0}
         self._loss_parts_calls = 0  # compute_loss calls since the last log (micro-batches)
+        self._strata_step, self._micro_batch = -1, 0  # where the training times are in the global batch
         # compute_loss divides by `num_items_in_batch` (real tokens over the accumulated batch), so the Trainer
         # must count them and not divide again by the accumulation steps.
         self.model_accepts_loss_kwargs = True
@@ -71,7 +76,7 @@ class RankDiffusionTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         original, attention_mask = inputs["input_ids"], inputs["attention_mask"]
         real = attention_mask.bool()
-        timesteps = self.noise_scheduler.sample_timesteps(original.shape[0], device=original.device)
+        timesteps = self._global_strata_timesteps(original.shape[0], original.device)
         noisy = self.noise_scheduler.add_noise(original, timesteps, maskable=real)
         outputs = model(
             gene_ids=inputs["gene_ids"], input_ids=noisy, attention_mask=attention_mask, timesteps=timesteps
@@ -94,33 +99,70 @@ class RankDiffusionTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
-        """[`~transformers.Trainer.train`], restoring the EMA weights too when resuming."""
+        """[`~transformers.Trainer.train`]; `resume_from_checkpoint=True` takes the last *complete* checkpoint of
+        the output folder (a partial one, left by a killed run, is never used), and the EMA weights are restored
+        with the rest."""
         if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
-                raise ValueError(f"no checkpoint to resume from in {self.args.output_dir}")
+                raise ValueError(f"no complete checkpoint to resume from in {self.args.output_dir}")
+        if resume_from_checkpoint and not is_complete_checkpoint(resume_from_checkpoint):
+            raise ValueError(
+                f"{resume_from_checkpoint} is not a complete checkpoint (no {COMPLETE_MARKER} file): it was being "
+                "written when the run stopped; resume from an earlier one"
+            )
         if resume_from_checkpoint and self.ema is not None:
             self.ema.load(resume_from_checkpoint, self.model)
         return super().train(resume_from_checkpoint=resume_from_checkpoint or None, **kwargs)
+
+    def _global_strata_timesteps(self, batch_size: int, device) -> torch.Tensor:
+        """Training times stratified over the global batch (every process and accumulation step of one optimizer
+        step): one uniform per step from a generator seeded by (seed, step), the same on every process and again
+        after a resume; this micro-batch takes its own run of strata."""
+        step = self.state.global_step
+        if self._strata_step != step:
+            self._strata_step, self._micro_batch = step, 0
+        args = self.args
+        per_device = max(args.per_device_train_batch_size, batch_size)
+        part = self._micro_batch * args.world_size + args.process_index
+        self._micro_batch = (self._micro_batch + 1) % args.gradient_accumulation_steps
+        seed = int(np.random.SeedSequence([args.seed, step]).generate_state(1)[0])
+        return self.noise_scheduler.sample_timesteps(
+            batch_size,
+            generator=torch.Generator().manual_seed(seed),
+            device=device,
+            first_stratum=part * per_device,
+            num_strata=args.gradient_accumulation_steps * args.world_size * per_device,
+        )
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         """Add the mean NELBO (and ordinal term) per optimizer step since the last log to the training logs."""
         if "loss" in logs and self._loss_parts_calls:
             # Each micro-batch's part is already divided by the accumulated batch's tokens: a step sums them.
             steps = max(self._loss_parts_calls / self.args.gradient_accumulation_steps, 1.0)
-            logs["nelbo"] = round(float(self._loss_parts["nelbo"]) / steps, 4)
+            parts = [float(value) / steps for value in self._loss_parts.values()]
+            parts = torch.tensor(parts, device=self.args.device)
+            if self.accelerator.num_processes > 1:  # every process logs here together; `loss` is averaged the same way
+                parts = self.accelerator.reduce(parts, reduction="mean")
+            nelbo, ordinal = parts.tolist()
+            logs["nelbo"] = round(nelbo, 4)
             if self.ordinal[0] != "none" and self.ordinal[1] > 0:
-                logs["ordinal"] = round(float(self._loss_parts["ordinal"]) / steps, 4)
+                logs["ordinal"] = round(ordinal, 4)
             self._loss_parts = dict.fromkeys(self._loss_parts, 0.0)
             self._loss_parts_calls = 0
         super().log(logs, *args, **kwargs)
+
+    def _sum_over_processes(self, totals: torch.Tensor) -> torch.Tensor:
+        if self.accelerator.num_processes == 1:
+            return totals
+        return self.accelerator.reduce(totals.to(self.args.device), reduction="sum").cpu()
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None or self.baseline is None:
             raise ValueError("evaluation needs an eval_dataset and a fitted baseline")
         batches = DataLoader(
-            dataset,
+            shard_for_process(dataset, self.args.process_index, self.args.world_size),
             batch_size=self.args.per_device_eval_batch_size,
             collate_fn=self.eval_collator,
             num_workers=self.args.dataloader_num_workers,
@@ -135,6 +177,7 @@ class RankDiffusionTrainer(Trainer):
                 mask_ratio=self.eval_mask_ratio,
                 seed=self.args.seed,
                 device=self.args.device,
+                reduce=self._sum_over_processes,
             )
         scores["loss"] = scores["nelbo"]  # what `metric_for_best_model="loss"` and plateau schedulers read
         metrics = {f"{metric_key_prefix}_{name}": value for name, value in scores.items()}

@@ -1,0 +1,128 @@
+"""Training in several processes (gloo on the CPU) and exact resume after a SIGKILL."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from training.checkpoints import COMPLETE_MARKER, last_complete_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+SMALL_RUN = ["--max_length", "48", "--per_device_train_batch_size", "4", "--max_eval_cells", "8",
+             "--eval_time_grid", "2", "--model_card", "false", "--use_cpu", "--disable_tqdm", "true"]  # fmt: skip
+
+RECORDING_SCRIPT = """
+import json, sys
+import torch
+sys.path.insert(0, {repo!r})
+import train_hf
+from dataset_scripts import RankDiffusionCollator
+
+seen, collate = [], RankDiffusionCollator.__call__
+
+def recording(self, rows):
+    if self.rule is None:  # the training collator (evaluation uses the panel rule)
+        seen.extend(row["BARCODE_SUB_LIB_ID"] for row in rows)
+    return collate(self, rows)
+
+RankDiffusionCollator.__call__ = recording
+trainer, metrics = train_hf.main(sys.argv[1:])
+rank = trainer.args.process_index
+out = trainer.args.output_dir
+weights = {{name: tensor.detach().cpu() for name, tensor in trainer.model.state_dict().items()}}
+torch.save(weights, f"{{out}}/weights_rank{{rank}}.pt")
+with open(f"{{out}}/seen_rank{{rank}}.json", "w") as f:
+    json.dump({{"seen": seen, "metrics": metrics, "world_size": trainer.args.world_size}}, f)
+"""
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["OMP_NUM_THREADS"] = "1"  # two processes on a small machine
+    return env
+
+
+def test_two_processes_see_disjoint_cells_and_end_with_identical_weights(tmp_path):
+    script = tmp_path / "record.py"
+    script.write_text(RECORDING_SCRIPT.format(repo=str(REPO)))
+    out = tmp_path / "run"
+    # On a machine without GPUs, `--multi_gpu` starts the processes with torchrun and they talk over gloo
+    # (`--cpu` alone starts one process unless given an mpirun hostfile).
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", "29517"]  # fmt: skip
+    args = ["--output_dir", str(out), "--max_steps", "4", "--eval_steps", "2", *SMALL_RUN]
+    subprocess.run([*launch, str(script), *args], cwd=tmp_path, env=_env(), check=True, timeout=600)
+
+    ranks = [json.loads((out / f"seen_rank{r}.json").read_text()) for r in range(2)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    seen = [r["seen"] for r in ranks]
+    # 4 steps of 4 cells each, and the batch the data loader fetched ahead to find the end
+    assert 4 * 4 <= len(seen[0]) == len(seen[1]) <= 5 * 4
+    assert len(set(seen[0])) == len(seen[0]) and not set(seen[0]) & set(seen[1])  # none twice, disjoint ranks
+    first, second = (torch.load(out / f"weights_rank{r}.pt") for r in range(2))
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+    # Evaluation: each process scored its half of the held-out cells, the totals were summed over processes.
+    assert ranks[0]["metrics"] == ranks[1]["metrics"]
+    assert ranks[0]["metrics"]["eval_tokens"] == 8 * 48
+    saved = json.loads((out / "eval_results.json").read_text())
+    assert saved["eval_nelbo"] == pytest.approx(ranks[0]["metrics"]["eval_nelbo"])
+
+
+def _train(out: Path, *extra: str) -> subprocess.Popen:
+    args = ["--output_dir", str(out), "--max_steps", "18", "--save_strategy", "steps", "--save_steps", "3",
+            "--logging_steps", "1", "--eval_strategy", "no", "--ema_decay", "0.9", *SMALL_RUN, *extra]  # fmt: skip
+    return subprocess.Popen([sys.executable, str(REPO / "train_hf.py"), *args], cwd=REPO, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+
+
+def _losses(checkpoint: Path) -> dict[int, float]:
+    history = json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]
+    return {entry["step"]: entry["loss"] for entry in history if "loss" in entry}
+
+
+def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_losses_and_weights(tmp_path):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert _train(whole).wait(timeout=600) == 0
+
+    run = _train(killed)
+    deadline = time.time() + 600
+    while not (killed / "checkpoint-6" / COMPLETE_MARKER).exists():
+        assert run.poll() is None, run.stderr.read().decode()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.02)
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    assert not (killed / "model").exists()  # it did not get to the end
+
+    # A checkpoint folder left half-written (no marker) is never resumed from.
+    partial = killed / "checkpoint-15"
+    shutil.copytree(killed / "checkpoint-6", partial)
+    (partial / COMPLETE_MARKER).unlink()
+    (partial / "trainer_state.json").unlink()
+    resume_from = last_complete_checkpoint(killed)
+    assert resume_from is not None and int(resume_from.rsplit("-", 1)[1]) >= 6 and resume_from != str(partial)
+    bad = _train(killed, "--resume_from_checkpoint", str(partial))
+    assert bad.wait(timeout=600) != 0 and b"not a complete checkpoint" in bad.stderr.read()
+    shutil.rmtree(partial)
+
+    resumed = _train(killed, "--resume_from_checkpoint", "true")
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read().decode()[-3000:]
+
+    expected, got = _losses(whole / "checkpoint-18"), _losses(killed / "checkpoint-18")
+    assert sorted(got) == list(range(1, 19))
+    for step, loss in expected.items():
+        assert got[step] == pytest.approx(loss, rel=1e-6, abs=1e-6), step
+    for name in ("model/model.safetensors", "checkpoint-18/ema.safetensors"):
+        a, b = load_file(whole / name), load_file(killed / name)
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-6, atol=1e-7)

@@ -1,0 +1,48 @@
+"""Checkpoints that count only once completely written.
+
+The Trainer writes `checkpoint-N/` file by file (weights, optimizer, scheduler, per-process RNG states, trainer
+state; then the callbacks' own files, such as the EMA weights). A run killed in the middle leaves a folder that
+looks like a checkpoint but is not one. [`CheckpointCompleteCallback`] writes a marker file last, after every
+process has finished writing, and [`last_complete_checkpoint`] only picks folders that have it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from accelerate import PartialState
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+COMPLETE_MARKER = "checkpoint_complete"
+_CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+
+
+class CheckpointCompleteCallback(TrainerCallback):
+    """Marks `checkpoint-N/` complete once every process has written its part. Register it after every callback
+    that writes into checkpoints."""
+
+    def on_save(self, args, state, control, **kwargs):
+        PartialState().wait_for_everyone()
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            (folder / COMPLETE_MARKER).write_text(f"{state.global_step}\n")
+        PartialState().wait_for_everyone()
+
+
+def is_complete_checkpoint(folder: str | os.PathLike) -> bool:
+    return (Path(folder) / COMPLETE_MARKER).is_file()
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The complete `checkpoint-N` folder of `output_dir` with the largest N, or None; partial ones are skipped."""
+    if not os.path.isdir(output_dir):
+        return None
+    steps = [
+        (int(match.group(1)), name)
+        for name in os.listdir(output_dir)
+        if (match := _CHECKPOINT.match(name)) and is_complete_checkpoint(Path(output_dir) / name)
+    ]
+    return str(Path(output_dir) / max(steps)[1]) if steps else None
