@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import sys
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from dataset_scripts import (
     full_cell_tokens,
     load_expression_data,
     split_by_cell_id,
+    with_length_column,
 )
 from dataset_scripts.expression_data import ExpressionSource
 from metrics import GlobalMarginal, NearestCells, PerGeneMarginal
@@ -74,15 +76,16 @@ def export_pipeline_folder(
     return pipeline
 
 
-def push_pipeline_folder(
-    output_dir: Path, repo_id: str, *, token: str | None = None, private: bool | None = None
-) -> str:
+def create_hub_repo(repo_id: str, *, token: str | None = None, private: bool | None = None) -> str:
+    """Create the Hub model repo (if needed) and return its full id (`owner/name`)."""
+    return HfApi(token=token).create_repo(repo_id, private=private, exist_ok=True).repo_id
+
+
+def upload_pipeline_folder(output_dir: Path, repo_id: str, *, token: str | None = None) -> str:
     """Upload the finished pipeline folder (card, plots, model, scheduler, code; no checkpoints) to the Hub model
-    repo `repo_id`, creating it if needed; returns the commit URL."""
-    api = HfApi(token=token)
-    repo = api.create_repo(repo_id, private=private, exist_ok=True)
-    commit = api.upload_folder(
-        repo_id=repo.repo_id,
+    repo `repo_id`; returns the commit URL."""
+    commit = HfApi(token=token).upload_folder(
+        repo_id=repo_id,
         folder_path=output_dir,
         commit_message="Upload RankDiff pipeline folder",
         ignore_patterns=["checkpoint-*", "runs/*"],
@@ -168,19 +171,29 @@ def train(
     card_args = card_args or CardArguments()
     # The Trainer would push its own checkpoints into the repo root; the finished pipeline folder goes up instead.
     push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
-    hub_model_id = training_args.hub_model_id or Path(training_args.output_dir).absolute().name
-    ema_decay = (
-        training_args.ema_decay if training_args.ema_decay is not None else default_ema_decay(model_args.preset)
-    )
+    repo_id = None
+    if push_to_hub and training_args.process_index == 0:  # first, so a bad token or name fails before training
+        repo_id = create_hub_repo(
+            training_args.hub_model_id or Path(training_args.output_dir).absolute().name,
+            token=training_args.hub_token,
+            private=training_args.hub_private_repo,
+        )
+    ema_decay = training_args.ema_decay
+    if ema_decay is None:
+        fsdp = bool(training_args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+        ema_decay = 0.0 if fsdp else default_ema_decay(model_args.preset)  # no EMA of sharded weights yet
     set_seed(training_args.seed)
     num_bins = model_args.num_rank_bins
     data = prepare_data(data_args, num_bins)
     source, train_rows, eval_rows = data.source, data.train_rows, data.eval_rows
     baseline, gene_pool, panel = data.baseline, data.gene_pool, data.panel
 
+    if training_args.train_sampling_strategy == "group_by_length" and isinstance(train_rows, datasets.Dataset):
+        # Batches of cells of similar length: padded to their longest cell, they waste little compute.
+        train_rows = with_length_column(train_rows, data_args.max_length, training_args.length_column_name)
     if isinstance(train_rows, datasets.IterableDataset):
-        # Each process reads its own shards of a stream (accelerate shards a `datasets` stream by file) rather than
-        # process 0 reading everything and sending slices.
+        # Each process reads the stream itself (its own files when there are enough, else its share of each global
+        # batch) rather than process 0 reading everything and sending slices.
         training_args.accelerator_config.dispatch_batches = False
 
     tokenizer = CellTokenizer(
@@ -258,17 +271,15 @@ def train(
                 runtime_s=next((e["train_runtime"] for e in trainer.state.log_history if "train_runtime" in e), None),
                 hardware=hardware_name(),
                 metrics=metrics,
-                repo_id=hub_model_id if push_to_hub else str(output_dir),
+                repo_id=repo_id or str(output_dir),
             ),
             mask_ratios=card_args.card_mask_ratios,
             neighbours=card_args.card_neighbours,
             gif_steps=card_args.card_gif_steps,
             seed=training_args.seed,
         )
-    if push_to_hub:
-        url = push_pipeline_folder(
-            output_dir, hub_model_id, token=training_args.hub_token, private=training_args.hub_private_repo
-        )
+    if repo_id is not None:
+        url = upload_pipeline_folder(output_dir, repo_id, token=training_args.hub_token)
         logger.info("pipeline folder pushed to %s", url)
     return trainer, metrics
 

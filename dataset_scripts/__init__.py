@@ -12,6 +12,7 @@ from .expression_data import (
     read_gene_vocab,
     shard_for_process,
     split_by_cell_id,
+    with_length_column,
 )
 
 __all__ = [
@@ -26,4 +27,5 @@ __all__ = [
     "read_gene_vocab",
     "shard_for_process",
     "split_by_cell_id",
+    "with_length_column",
 ]

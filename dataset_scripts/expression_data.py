@@ -127,6 +127,17 @@ def shard_for_process(rows, rank: int, world_size: int):
     return rows.shard(num_shards=world_size, index=rank, contiguous=True)
 
 
+def with_length_column(rows: datasets.Dataset, max_length: int, column: str = "length") -> datasets.Dataset:
+    """Add each cell's number of expressed genes (without the `<cls>` marker), capped at `max_length`: the length
+    the Trainer's `group_by_length` sampler groups cells by, so a batch's padding stays small."""
+
+    def lengths(batch):
+        return {column: [min(len(genes) - int(len(e) > 0 and e[0] < 0), max_length)
+                         for genes, e in zip(batch["genes"], batch["expressions"])]}  # fmt: skip
+
+    return rows.map(lengths, batched=True, desc="cell lengths")
+
+
 def cell_counts(row: dict) -> tuple[np.ndarray, np.ndarray]:
     """Gene ids and counts of a row, without the position-0 `<cls>` marker (expression -2) when present."""
     genes = np.asarray(row["genes"], dtype=np.int64)

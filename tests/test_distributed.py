@@ -40,7 +40,8 @@ out = trainer.args.output_dir
 weights = {{name: tensor.detach().cpu() for name, tensor in trainer.model.state_dict().items()}}
 torch.save(weights, f"{{out}}/weights_rank{{rank}}.pt")
 with open(f"{{out}}/seen_rank{{rank}}.json", "w") as f:
-    json.dump({{"seen": seen, "metrics": metrics, "world_size": trainer.args.world_size}}, f)
+    json.dump({{"seen": seen, "metrics": metrics, "world_size": trainer.args.world_size,
+               "log_history": trainer.state.log_history}}, f)
 """
 
 
@@ -54,12 +55,10 @@ def test_two_processes_see_disjoint_cells_and_end_with_identical_weights(tmp_pat
     script = tmp_path / "record.py"
     script.write_text(RECORDING_SCRIPT.format(repo=str(REPO)))
     out = tmp_path / "run"
-    # On a machine without GPUs, `--multi_gpu` starts the processes with torchrun and they talk over gloo
-    # (`--cpu` alone starts one process unless given an mpirun hostfile).
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", "29517"]  # fmt: skip
-    args = ["--output_dir", str(out), "--max_steps", "4", "--eval_steps", "2", *SMALL_RUN]
+    # The README's command: on a machine without GPUs the config's torchrun launch talks over gloo.
+    config = REPO / "configs" / "accelerate" / "cpu_2_processes.yaml"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
+    args = ["--output_dir", str(out), "--max_steps", "4", "--eval_steps", "2", "--logging_steps", "1", *SMALL_RUN]
     subprocess.run([*launch, str(script), *args], cwd=tmp_path, env=_env(), check=True, timeout=600)
 
     ranks = [json.loads((out / f"seen_rank{r}.json").read_text()) for r in range(2)]
@@ -74,6 +73,11 @@ def test_two_processes_see_disjoint_cells_and_end_with_identical_weights(tmp_pat
     # Evaluation: each process scored its half of the held-out cells, the totals were summed over processes.
     assert ranks[0]["metrics"] == ranks[1]["metrics"]
     assert ranks[0]["metrics"]["eval_tokens"] == 8 * 48
+    # The logged loss parts are reduced over processes like the loss itself: they add up to it.
+    logs = [entry for entry in ranks[0]["log_history"] if "loss" in entry]
+    assert len(logs) == 4
+    for entry in logs:
+        assert entry["nelbo"] + entry["ordinal"] == pytest.approx(entry["loss"], abs=2e-3), entry
     saved = json.loads((out / "eval_results.json").read_text())
     assert saved["eval_nelbo"] == pytest.approx(ranks[0]["metrics"]["eval_nelbo"])
 
@@ -126,3 +130,13 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_losses_and_weights(
         a, b = load_file(whole / name), load_file(killed / name)
         for key in a:
             torch.testing.assert_close(b[key], a[key], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["single_gpu", "multi_gpu", "multi_node", "fsdp", "cpu_2_processes"])
+def test_accelerate_configs_load(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(REPO / "configs" / "accelerate" / f"{name}.yaml"))
+    assert config.num_processes >= 1 and config.num_machines >= 1
+    if name == "fsdp":
+        assert config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == "RankDiTBlock"

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -7,6 +9,7 @@ from metrics import PerGeneMarginal
 from modeling import CellTokenizer, RankDiTConfig, RankDiTModel
 from pipelines import MaskedRankDiffusionScheduler
 from training import EMACallback, RankDiffTrainingArguments, RankDiffusionTrainer
+from training.checkpoints import is_complete_checkpoint, last_complete_checkpoint
 from training.ema import EMA_WEIGHTS_NAME
 
 
@@ -66,7 +69,7 @@ def test_bad_decay_and_a_checkpoint_without_ema_weights_are_refused(tmp_path):
         EMACallback(decay=0.9).load(tmp_path, torch.nn.Linear(2, 2))
 
 
-def _trainer(output_dir, max_steps=12) -> RankDiffusionTrainer:
+def _trainer(output_dir, max_steps=12, save_total_limit=None) -> RankDiffusionTrainer:
     rows = load_expression_data().rows.select(range(40))
     config = RankDiTConfig.from_preset("tiny", gene_vocab_size=62757, max_length=32)
     torch.manual_seed(0)
@@ -79,6 +82,7 @@ def _trainer(output_dir, max_steps=12) -> RankDiffusionTrainer:
         logging_steps=4,
         save_strategy="steps",
         save_steps=6,
+        save_total_limit=save_total_limit,
         disable_tqdm=True,
         use_cpu=True,
         seed=0,
@@ -124,3 +128,24 @@ def test_ema_weights_are_saved_with_each_checkpoint_restored_on_resume_and_used_
     run.ema.copy_to(run.model)
     run.ema = None
     assert run.evaluate()["eval_nelbo"] == pytest.approx(with_ema["eval_nelbo"], rel=1e-6)
+
+
+def test_old_checkpoints_are_deleted_only_once_the_new_one_is_complete(tmp_path, monkeypatch):
+    import training.checkpoints
+
+    rotate = training.checkpoints.rotate_checkpoints
+    seen = []
+
+    def checking_rotate(output_dir, save_total_limit, best_model_checkpoint=None):
+        newest = last_complete_checkpoint(output_dir)
+        seen.append(Path(newest).name)
+        assert (Path(newest) / EMA_WEIGHTS_NAME).exists()  # every file, the marker last
+        rotate(output_dir, save_total_limit, best_model_checkpoint)
+
+    monkeypatch.setattr(training.checkpoints, "rotate_checkpoints", checking_rotate)
+    run = _trainer(tmp_path / "run", save_total_limit=1)
+    run.train()
+    assert seen == ["checkpoint-6", "checkpoint-12"]
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-12"]
+    assert is_complete_checkpoint(tmp_path / "run" / "checkpoint-12")
+    assert run.args.save_total_limit == 1  # lent to the callback, not changed

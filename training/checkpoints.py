@@ -3,7 +3,9 @@
 The Trainer writes `checkpoint-N/` file by file (weights, optimizer, scheduler, per-process RNG states, trainer
 state; then the callbacks' own files, such as the EMA weights). A run killed in the middle leaves a folder that
 looks like a checkpoint but is not one. [`CheckpointCompleteCallback`] writes a marker file last, after every
-process has finished writing, and [`last_complete_checkpoint`] only picks folders that have it.
+process has finished writing, and only then deletes checkpoints beyond `save_total_limit` (the Trainer would delete
+them before: `RankDiffusionTrainer` leaves that to this callback); [`last_complete_checkpoint`] only picks folders
+that have the marker. With `save_on_each_node` on disks that are not shared, only the first node's copy is marked.
 """
 
 from __future__ import annotations
@@ -14,21 +16,22 @@ from pathlib import Path
 
 from accelerate import PartialState
 from transformers import TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 COMPLETE_MARKER = "checkpoint_complete"
 _CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
 
 class CheckpointCompleteCallback(TrainerCallback):
-    """Marks `checkpoint-N/` complete once every process has written its part. Register it after every callback
-    that writes into checkpoints."""
+    """Marks `checkpoint-N/` complete once every process has written its part, then deletes the oldest
+    checkpoints beyond `save_total_limit`. Register it after every callback that writes into checkpoints."""
 
     def on_save(self, args, state, control, **kwargs):
         PartialState().wait_for_everyone()
         if state.is_world_process_zero:
             folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
             (folder / COMPLETE_MARKER).write_text(f"{state.global_step}\n")
+            rotate_checkpoints(args.output_dir, args.save_total_limit, state.best_model_checkpoint)
         PartialState().wait_for_everyone()
 
 

@@ -1,7 +1,7 @@
 """Exponential moving average (EMA) of the weights during training, as a `Trainer` callback.
 
 The arithmetic is diffusers' [`~diffusers.training_utils.EMAModel`]: after optimizer step n the shadow weights
-become `decay_n * shadow + (1 - decay_n) * weights` with `decay_n = min(decay, (1 + n) / (10 + n))` (the shadow
+become `decay_n * shadow + (1 - decay_n) * weights` with `decay_n = min(decay, n / (9 + n))` for n > 1 (the shadow
 copies the weights at the first step, then follows them less and less closely until `decay` is reached). The shadow
 is kept in float32 whatever the training precision, written to every checkpoint as `ema.safetensors` (by parameter
 name, so any safetensors reader can load it into the model) and read back on resume.
@@ -91,7 +91,9 @@ class EMACallback(TrainerCallback):
         if missing:
             raise ValueError(f"{path} lacks EMA weights for {missing[:5]}")
         state = self.ema.state_dict()
-        state.update(optimization_step=step, shadow_params=[tensors[name].float() for name in self.names])
+        parameters = dict(model.named_parameters())
+        shadow = [tensors[name].to(parameters[name].device, torch.float32) for name in self.names]
+        state.update(optimization_step=step, shadow_params=shadow)
         self.ema.load_state_dict(state)
 
     def copy_to(self, model: torch.nn.Module) -> None:

@@ -33,8 +33,9 @@ def evaluate_masked_diffusion(
     - `masked_nll_{r}` and `baseline_masked_nll_{r}`: mean -log p of the true token over exactly a share `r` of
       each cell's positions, for the model and for the per-gene marginal on the same masks.
 
-    All masks come from a generator seeded with `seed`, so two models are scored on identical masks. With several
-    processes, each scores its own batches and `reduce` sums the totals over processes (before the ratios).
+    All masks come from a generator seeded with `seed`, so two models are scored on identical masks (with the same
+    batches: the same batch size and number of processes). With several processes, each scores its own batches
+    and `reduce` sums the totals over processes (before the ratios).
     """
     if not 0.0 < mask_ratio < 1.0 - scheduler.config.eps:
         raise ValueError(f"mask_ratio must be in (0, 1 - eps) = (0, {1.0 - scheduler.config.eps}), got {mask_ratio}")

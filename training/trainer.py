@@ -22,9 +22,10 @@ from .loss import masked_nelbo, masked_ordinal
 class RankDiffusionTrainer(Trainer):
     """Trains a RankDiT denoiser on the MDLM negative ELBO, plus an optional ordinal term.
 
-    Each step draws stratified times over the batch, masks tokens with the scheduler's forward process (padding
-    never), and returns the NELBO-weighted cross-entropy of masked tokens + `ordinal_weight` x the ordinal term
-    ([`masked_ordinal`]), divided by the number of real tokens in the (accumulated) batch, as MDLM reports it.
+    Each step draws times stratified over the global batch (all processes and accumulation steps), masks tokens
+    with the scheduler's forward process (padding never), and returns the NELBO-weighted cross-entropy of masked
+    tokens + `ordinal_weight` x the ordinal term ([`masked_ordinal`]), divided by the number of real tokens in the
+    (accumulated) batch, as MDLM reports it.
     The NELBO and the ordinal term are logged apart from the total (`nelbo`, `ordinal`). `evaluate` scores
     held-out cells beside the per-gene marginal, with the EMA weights when there are some; each process scores its
     share of the held-out cells and the sums are reduced over processes.
@@ -55,6 +56,8 @@ class RankDiffusionTrainer(Trainer):
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
+        if ema_decay and self.is_fsdp_enabled:
+            raise ValueError("EMA of the weights is not supported with FSDP yet (sharded parameters): --ema_decay 0")
         self.ema = EMACallback(ema_decay) if ema_decay else None
         if self.ema is not None:
             self.add_callback(self.ema)
@@ -83,6 +86,10 @@ class RankDiffusionTrainer(Trainer):
         )
         masked = noisy == self.noise_scheduler.config.mask_token_id
         count = num_items_in_batch if num_items_in_batch is not None else real.sum()
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # The count is the global one and DDP averages gradients over processes: scale back up, so the mean
+            # over processes (of gradients, and of the logged loss and parts) is the global per-token loss.
+            count = count / self.accelerator.num_processes
         nelbo = masked_nelbo(outputs.logits, original, masked, timesteps, self.noise_scheduler) / count
         loss = nelbo
         kind, weight, time_weighting = self.ordinal
@@ -94,8 +101,6 @@ class RankDiffusionTrainer(Trainer):
             self._loss_parts["ordinal"] += (ordinal / count).detach()
         self._loss_parts["nelbo"] += nelbo.detach()  # kept on the device: no sync per micro-batch
         self._loss_parts_calls += 1
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            loss = loss * self.accelerator.num_processes  # DDP averages gradients; the count above is global
         return (loss, outputs) if return_outputs else loss
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
@@ -114,6 +119,15 @@ class RankDiffusionTrainer(Trainer):
         if resume_from_checkpoint and self.ema is not None:
             self.ema.load(resume_from_checkpoint, self.model)
         return super().train(resume_from_checkpoint=resume_from_checkpoint or None, **kwargs)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        # The Trainer deletes old checkpoints at the end of this call, before the callbacks have written their files
+        # and the completeness marker: `CheckpointCompleteCallback` deletes them once the new one is complete.
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
 
     def _global_strata_timesteps(self, batch_size: int, device) -> torch.Tensor:
         """Training times stratified over the global batch (every process and accumulation step of one optimizer
