@@ -276,7 +276,6 @@ def train(
             mask_ratios=card_args.card_mask_ratios,
             neighbours=card_args.card_neighbours,
             gif_steps=card_args.card_gif_steps,
-            seed=training_args.seed,
         )
     if repo_id is not None:
         url = upload_pipeline_folder(output_dir, repo_id, token=training_args.hub_token)

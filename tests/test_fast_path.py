@@ -1,4 +1,4 @@
-"""The training fast path: gradient checkpointing, length-grouped batches, and (on CUDA) bf16, the SDPA kernels,
+"""The training fast path: activation checkpointing, length-grouped batches, and (on CUDA) bf16, the SDPA kernels,
 fused AdamW and torch.compile. The CUDA tests run where a GPU is (`benchmarks/gpu_check.sh`)."""
 
 import pytest
@@ -30,12 +30,12 @@ def _gradients(model, inputs):
     return logits.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(tiny_config):
+def test_activation_checkpointing_gives_the_same_gradients(tiny_config):
     model = randomize_zero_init(RankDiTModel(tiny_config)).train()
     inputs = _inputs(tiny_config)
     logits, grads = _gradients(model, inputs)
-    model.gradient_checkpointing_enable()
-    assert model.is_gradient_checkpointing
+    model.activation_checkpointing_enable()
+    assert model.is_activation_checkpointing
     logits_ckpt, grads_ckpt = _gradients(model, inputs)
     torch.testing.assert_close(logits_ckpt, logits)
     for name in grads:
@@ -101,7 +101,7 @@ def test_sdpa_uses_the_fused_kernels_on_cuda(padded):
 @cuda
 def test_a_few_bf16_steps_with_fused_adamw_and_compile_lower_the_loss_on_cuda(tmp_path):
     flags = "--preset small --max_steps 30 --max_length 256 --per_device_train_batch_size 16 --learning_rate 2e-3"
-    flags += " --bf16 --torch_compile --gradient_checkpointing --logging_steps 5 --eval_strategy no"
+    flags += " --bf16 --torch_compile --activation_checkpointing --logging_steps 5 --eval_strategy no"
     flags += " --max_eval_cells 32 --model_card false --disable_tqdm true"
     trainer, _ = train_hf.main(["--output_dir", str(tmp_path / "run"), *flags.split()])
     assert trainer.args.optim == "adamw_torch_fused" and trainer.model.device.type == "cuda"

@@ -129,9 +129,12 @@ def plot_metrics_vs_mask_ratio(results: dict[str, dict[str, dict]], path: str | 
         axis.set_xlabel("share of genes masked")
         axis.set_title(title, fontsize=10)
         axis.grid(alpha=0.3)
-    axes[0, 0].legend(fontsize=8)
+    handles, labels = axes[1, 1].get_legend_handles_labels()  # the coverage panel also has the nominal line
+    figure.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9, frameon=False)
     figure.suptitle("Held-out cells, masked positions only")
-    return _save(figure, path)
+    figure.tight_layout(rect=(0, 0.05, 1, 1))
+    figure.savefig(path, dpi=110)
+    return Path(path)
 
 
 def plot_reliability(scores: dict[str, dict], mask_ratio: float, path: str | os.PathLike) -> Path:

@@ -62,6 +62,8 @@ def write_model_card(
         neighbours: k of the nearest-cells baseline.
         count_cells: training cells read for the count histogram.
         gif_steps: denoising steps of the two GIFs (one cell with 90% and with 20% of its genes masked).
+        seed: seed of the masks (per ratio, as `benchmarks/imputation.py` draws them: the same table for the same
+            checkpoint), the widget masks and the GIF draws.
     """
     output_dir = Path(output_dir)
     plots_dir = output_dir / PLOTS_DIR
