@@ -37,6 +37,7 @@ from dataset_scripts import (
     EpochCallback,
     RankDiffusionCollator,
     full_cell_tokens,
+    is_hub_dataset_id,
     load_expression_data,
     split_by_cell_id,
     with_length_column,
@@ -250,7 +251,7 @@ def train(
     logger.info("pipeline folder written to %s", output_dir)
     if card_args.model_card:
         pipe.set_progress_bar_config(disable=True)
-        data_name = source.name if is_hub_id(source.name) else Path(source.name).name
+        data_name = source.name if is_hub_dataset_id(source.name) else Path(source.name).name
         write_model_card(
             output_dir,
             pipe=pipe,
@@ -281,11 +282,6 @@ def train(
         url = upload_pipeline_folder(output_dir, repo_id, token=training_args.hub_token)
         logger.info("pipeline folder pushed to %s", url)
     return trainer, metrics
-
-
-def is_hub_id(name: str) -> bool:
-    """Whether a `--data` value names a Hub dataset (owner/name) rather than a local path."""
-    return name.count("/") == 1 and not Path(name).exists() and not name.startswith((".", "/", "~"))
 
 
 def loss_description(diffusion_args: DiffusionArguments) -> str:

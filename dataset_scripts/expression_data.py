@@ -89,13 +89,20 @@ def load_expression_data(
         rows = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train")
         return ExpressionSource(rows, read_gene_vocab(metadata), str(path))
 
-    if str(data).startswith(("/", ".", "~")) or str(data).endswith(".parquet") or str(data).count("/") != 1:
+    if not is_hub_dataset_id(str(data)):
         raise FileNotFoundError(f"{data} does not exist (a Hub dataset id looks like 'owner/name')")
     from huggingface_hub import hf_hub_download
 
     rows = datasets.load_dataset(str(data), config_name, split="train", streaming=True)
     metadata = hf_hub_download(str(data), GENE_METADATA_PATH, repo_type="dataset")
     return ExpressionSource(rows, read_gene_vocab(metadata), str(data))
+
+
+def is_hub_dataset_id(name: str) -> bool:
+    """Whether a data source names a Hub dataset (`owner/name`) rather than a local file or folder."""
+    if Path(name).exists() or name.startswith(("/", ".", "~")) or name.endswith(".parquet"):
+        return False
+    return name.count("/") == 1
 
 
 def held_out_fraction(cell_id: str, seed: int = 0) -> float:

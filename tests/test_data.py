@@ -8,6 +8,7 @@ import pytest
 from dataset_scripts import (
     EMBEDDED_SAMPLE,
     RankDiffusionCollator,
+    is_hub_dataset_id,
     load_expression_data,
     read_gene_vocab,
     split_by_cell_id,
@@ -142,3 +143,13 @@ def test_gene_vocab_lookup_and_round_trip(tmp_path):
         GeneVocab([1, 5], ["a", "b"], ["A", "B"])
     with pytest.raises(ValueError, match=r"Ensembl id; repeated: \['ENSG1'\]"):
         GeneVocab([3, 4], ["ENSG1", "ENSG1"], ["A", "B"])
+
+
+def test_hub_dataset_ids_are_told_apart_from_local_paths(tmp_path, monkeypatch):
+    (tmp_path / "owner").mkdir()
+    (tmp_path / "owner" / "name").mkdir()
+    assert is_hub_dataset_id("tahoebio/Tahoe-100M")
+    for local in ("./tahoe/data", "/data/tahoe", "~/cells", "cells/train.parquet", "a/b/c", "cells"):
+        assert not is_hub_dataset_id(local), local
+    monkeypatch.chdir(tmp_path)
+    assert not is_hub_dataset_id("owner/name")  # an existing folder wins
