@@ -6,13 +6,13 @@ from .expression_data import (
     ExpressionSource,
     RankDiffusionCollator,
     cell_counts,
-    full_cell_tokens,
     is_hub_dataset_id,
     load_expression_data,
     pad_cells,
     read_gene_vocab,
     shard_for_process,
     split_by_cell_id,
+    split_names,
     with_length_column,
 )
 
@@ -22,12 +22,12 @@ __all__ = [
     "ExpressionSource",
     "RankDiffusionCollator",
     "cell_counts",
-    "full_cell_tokens",
     "is_hub_dataset_id",
     "load_expression_data",
     "pad_cells",
     "read_gene_vocab",
     "shard_for_process",
     "split_by_cell_id",
+    "split_names",
     "with_length_column",
 ]

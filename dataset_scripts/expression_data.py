@@ -17,10 +17,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 from datasets.distributed import split_dataset_by_node
-from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
-from modeling import CellTokenizer, GeneVocab, rank_tokens
+from modeling import CellTokenizer, GeneVocab
 
 from .anndata_source import load_anndata
 from .schema import CELL_ID_COLUMN
@@ -106,22 +105,37 @@ def is_hub_dataset_id(name: str) -> bool:
 
 
 def held_out_fraction(cell_id: str, seed: int = 0) -> float:
-    """A stable number in [0, 1) per cell id: cells below the validation share are held out."""
+    """A stable number in [0, 1) per cell id, the key of the barcode split ([`split_names`])."""
     digest = hashlib.blake2b(f"{seed}:{cell_id}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") / 2**64
 
 
-def split_by_cell_id(rows, validation_share: float, seed: int = 0):
-    """Split rows into (train, validation) by a hash of `BARCODE_SUB_LIB_ID`: no cell lands in both."""
-    if not 0.0 < validation_share < 1.0:
-        raise ValueError(f"validation_share must be in (0, 1), got {validation_share}")
+def split_names(cell_ids: list[str], validation_share: float, test_share: float, seed: int = 0) -> np.ndarray:
+    """The split of each cell by a hash of its id: `"validation"` below `validation_share`, `"test"` in the next
+    `test_share`, `"train"` above. Stable across runs, machines and data orders; the one rule of every reader."""
+    if not (0.0 <= validation_share and 0.0 <= test_share and validation_share + test_share < 1.0):
+        raise ValueError(
+            f"validation_share and test_share must be >= 0 with a sum below 1, got {validation_share} and {test_share}"
+        )
+    fraction = np.array([held_out_fraction(c, seed) for c in cell_ids])
+    held_out = np.where(fraction < validation_share + test_share, "test", "train")
+    return np.where(fraction < validation_share, "validation", held_out)
 
-    def is_held_out(batch, held_out: bool):
-        return [(held_out_fraction(c, seed) < validation_share) == held_out for c in batch[CELL_ID_COLUMN]]
 
-    train = rows.filter(is_held_out, batched=True, fn_kwargs={"held_out": False})
-    validation = rows.filter(is_held_out, batched=True, fn_kwargs={"held_out": True})
-    return train, validation
+SPLIT_NAMES = ("train", "validation", "test")
+
+
+def split_by_cell_id(rows, validation_share: float, test_share: float = 0.0, seed: int = 0) -> dict:
+    """Split rows into train / validation / test by a hash of `BARCODE_SUB_LIB_ID` ([`split_names`]): no cell
+    lands in two splits. Returns `{"train": ..., "validation": ..., "test": ...}` (empty splits included)."""
+    if not 0.0 < validation_share:
+        raise ValueError(f"validation_share must be positive, got {validation_share}")
+
+    def in_split(batch, split: str):
+        return (split_names(batch[CELL_ID_COLUMN], validation_share, test_share, seed) == split).tolist()
+
+    split_names([], validation_share, test_share)  # checks the shares before any row is read
+    return {split: rows.filter(in_split, batched=True, fn_kwargs={"split": split}) for split in SPLIT_NAMES}
 
 
 def shard_for_process(rows, rank: int, world_size: int):
@@ -207,12 +221,3 @@ class EpochCallback(TrainerCallback):
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         self.collator.epoch = int(state.epoch + 1e-6)
-
-
-def full_cell_tokens(rows, num_bins: int, max_cells: int | None = None):
-    """Yield (gene ids, rank tokens) of every expressed gene of up to `max_cells` rows, with a progress bar."""
-    rows = rows.take(max_cells) if max_cells is not None else rows
-    total = len(rows) if isinstance(rows, datasets.Dataset) else max_cells
-    for row in tqdm(rows, desc="reading training cells", unit="cell", total=total):
-        genes, counts = cell_counts(row)
-        yield genes, rank_tokens(counts, num_bins, where=f"cell {row[CELL_ID_COLUMN]!r}")

@@ -47,7 +47,7 @@ from datasets.builder import Key
 
 from modeling import CellTokenizer
 
-from .expression_data import held_out_fraction
+from .expression_data import split_names
 from .schema import CELL_ID_COLUMN
 from .tokenization import tokenize_arrow_batch
 
@@ -113,8 +113,7 @@ class Tahoe100MTokenizedConfig(datasets.BuilderConfig):
             raise ValueError(f"split_by must be 'barcode' or 'plate', got {self.split_by!r}")
         if self.on_bad_files not in ("error", "skip"):
             raise ValueError(f"on_bad_files must be 'error' or 'skip', got {self.on_bad_files!r}")
-        if not 0.0 <= self.validation_share + self.test_share < 1.0:
-            raise ValueError("validation_share + test_share must be in [0, 1)")
+        split_names([], self.validation_share, self.test_share)  # checks the shares
         unknown = set(self.keep_columns) - set(METADATA_COLUMNS)
         if unknown:
             raise ValueError(f"keep_columns must come from {METADATA_COLUMNS}, got {sorted(unknown)}")
@@ -226,14 +225,8 @@ class Tahoe100MTokenized(datasets.ArrowBasedBuilder):
                     for p in plates
                 ]
             )
-        fraction = np.array(
-            [held_out_fraction(c, config.split_seed) for c in table.column(CELL_ID_COLUMN).to_pylist()]
-        )
-        return np.where(
-            fraction < config.validation_share,
-            "validation",
-            np.where(fraction < config.validation_share + config.test_share, "test", "train"),
-        )
+        cell_ids = table.column(CELL_ID_COLUMN).to_pylist()
+        return split_names(cell_ids, config.validation_share, config.test_share, config.split_seed)
 
     def _tokenize(self, table: pa.Table, tokenizer: CellTokenizer, known_genes, skipped: Counter) -> pa.Table:
         batch = tokenize_arrow_batch(table, self.config.num_rank_bins, known_genes)

@@ -12,6 +12,7 @@ from dataset_scripts import (
     load_expression_data,
     read_gene_vocab,
     split_by_cell_id,
+    split_names,
 )
 from dataset_scripts.schema import EXPRESSION_SCHEMA
 from modeling import CellTokenizer, GeneVocab
@@ -103,12 +104,17 @@ def test_missing_files_are_named(tmp_path):
 
 def test_split_is_disjoint_complete_and_stable():
     rows = load_expression_data().rows
-    train, validation = split_by_cell_id(rows, 0.2)
-    train_ids = set(train["BARCODE_SUB_LIB_ID"])
-    validation_ids = set(validation["BARCODE_SUB_LIB_ID"])
-    assert not train_ids & validation_ids and len(train_ids | validation_ids) == 559
-    assert 0.12 < len(validation_ids) / 559 < 0.28
-    assert set(split_by_cell_id(rows, 0.2)[1]["BARCODE_SUB_LIB_ID"]) == validation_ids
+    splits = split_by_cell_id(rows, 0.2, 0.1)
+    ids = {name: set(split["BARCODE_SUB_LIB_ID"]) for name, split in splits.items()}
+    assert not (ids["train"] & ids["validation"] or ids["train"] & ids["test"] or ids["validation"] & ids["test"])
+    assert len(ids["train"] | ids["validation"] | ids["test"]) == 559
+    assert 0.12 < len(ids["validation"]) / 559 < 0.28 and 0.05 < len(ids["test"]) / 559 < 0.15
+    assert set(split_by_cell_id(rows, 0.2, 0.1)["validation"]["BARCODE_SUB_LIB_ID"]) == ids["validation"]
+    # The same rule as the streaming builder's: the next slice of the hash is the test split.
+    names = split_names(sorted(ids["test"]), 0.2, 0.1)
+    assert set(names) == {"test"}
+    with pytest.raises(ValueError, match="sum below 1"):
+        split_by_cell_id(rows, 0.6, 0.5)
 
 
 def test_collator_strips_marker_and_pads():

@@ -1,0 +1,67 @@
+"""The data side of a run: splits, the training cells read for the baselines, the evaluation panels."""
+
+import numpy as np
+import pytest
+import torch
+
+from metrics.imputation import detection_strata, token_levels
+from modeling import rank_tokens
+from training import DataArguments
+from training.data import HVG_PANEL, RANDOM_PANEL, TRAINING_PANEL, prepare_data
+
+
+@pytest.fixture(scope="module")
+def data():
+    return prepare_data(DataArguments(max_length=256), num_bins=50)
+
+
+def test_splits_are_disjoint_and_everything_is_fitted_on_training_cells(data):
+    ids = {name: set(rows["BARCODE_SUB_LIB_ID"]) for name, rows in data.splits.items()}
+    assert not (ids["train"] & ids["validation"] or ids["train"] & ids["test"] or ids["validation"] & ids["test"])
+    assert len(data.reference) == data.baseline.num_cells == len(ids["train"])
+    # The gene pool is what the training cells express: a gene seen only in held-out cells is not in it.
+    train_genes = set(data.reference.counts.indices.tolist())
+    assert set(data.gene_pool.tolist()) == train_genes
+
+
+def test_three_panels_chosen_on_training_cells_without_looking_at_held_out_counts(data):
+    detection = data.reference.detection_rate
+    assert set(data.panels) == {TRAINING_PANEL, HVG_PANEL, RANDOM_PANEL}
+    assert all(len(genes) == 256 and np.all(np.diff(genes) > 0) for genes in data.panels.values())
+    training = data.panels[TRAINING_PANEL]
+    assert detection[training].min() >= np.sort(detection)[-256]  # the most often detected genes
+    assert detection[data.panels[RANDOM_PANEL]].min() >= 0.05
+    # Highly variable genes are not the most detected ones: the panels differ.
+    assert len(set(data.panels[HVG_PANEL]) & set(training)) < 200
+    assert len(set(data.panels[RANDOM_PANEL]) & set(training)) < 200
+
+
+def test_held_out_cells_carry_whole_cell_tokens_counts_and_levels(data):
+    genes = data.panels[RANDOM_PANEL]
+    cells = data.held_out_cells(data.test_rows.take(3), genes, num_bins=50)
+    assert cells.gene_ids.shape == (3, len(genes)) and cells.attention_mask.all()
+    row = next(iter(data.test_rows))
+    listed, counts = np.asarray(row["genes"][1:]), np.asarray(row["expressions"][1:], dtype=np.float64)
+    tokens = rank_tokens(counts, 50)  # from the whole cell, not from the panel
+    at = np.searchsorted(listed, genes)
+    found = (at < len(listed)) & (listed[at.clip(max=len(listed) - 1)] == genes)
+    expected = np.where(found, tokens[at.clip(max=len(listed) - 1)], 0)
+    np.testing.assert_array_equal(cells.tokens[0].numpy(), expected)
+    np.testing.assert_array_equal(cells.counts[0].numpy(), np.where(found, counts[at.clip(max=len(listed) - 1)], 0))
+    np.testing.assert_array_equal(cells.levels[0], token_levels(tokens, 50))
+    inputs, visible_counts = cells.masked(torch.tensor([[True] + [False] * (len(genes) - 1)] * 3), 51)
+    assert inputs.ranks[0, 0] == 51 and torch.isnan(visible_counts[:, 0]).all()
+
+
+def test_detection_strata_labels():
+    labels = detection_strata(np.array([0.0, 0.05, 0.1, 0.49, 0.5, 0.89, 0.9, 1.0]))
+    assert (
+        labels.tolist()
+        == ["detected_lt10"] * 2 + ["detected_10_50"] * 2 + ["detected_50_90"] * 2 + ["detected_ge90"] * 2
+    )
+
+
+def test_gene_loadings_put_co_varying_genes_close(data):
+    genes, loadings = data.reference.gene_loadings(8)
+    assert loadings.shape == (len(genes), 8) and np.allclose(loadings.std(axis=0), 1.0)
+    assert set(genes.tolist()) == set(data.gene_pool.tolist())
