@@ -1,15 +1,17 @@
-"""Imputation on held-out cells: a trained RankDiT beside the baselines, on identical masks.
+"""Imputation on held-out cells: a trained RankDiT beside the baselines, on identical masks, masked positions only.
 
-For mask ratios 0.2 / 0.5 / 0.8 / 0.95 of each held-out cell's panel genes (the evaluation panel is chosen on the
-training split, so being in a sequence leaks nothing), it scores, on masked positions only:
+For each evaluation panel (the training panel, highly variable genes, a random panel of detected genes; all chosen on
+training cells) and mask ratio (0.2 / 0.5 / 0.8 / 0.95 of each cell's panel genes), it scores:
 
 - RankDiT, one pass: the model's predictive distribution given the visible genes;
 - RankDiT, sampled: one draw per masked gene from the pipeline (point metrics only);
-- per-gene marginal, global marginal and k nearest training cells (on the visible genes).
+- the per-gene marginal; the cell-aware marginal (the per-gene marginal told which tokens the cell's visible genes
+  use and how deep the cell is); nearest training cells on the visible genes; MAGIC (`magic-impute`).
 
-The data flags are train_hf.py's (`--data`, `--validation_share`, `--split_seed`, ...): give the ones the
-checkpoint was trained with, so the held-out cells, the panel and the baselines' training cells are the same.
-Prints markdown tables, writes JSON and a plot of each metric against the mask ratio.
+Each baseline family's settings are chosen on validation cells; the numbers are reported on test cells
+(`--split test`, the default). The data flags are train_hf.py's (`--data`, `--validation_share`, `--test_share`,
+`--split_seed`, ...): give the ones the checkpoint was trained with, so the splits, the panels and the baselines'
+training cells are the same. Prints markdown tables, writes JSON and a plot of each metric against the mask ratio.
 
     python benchmarks/imputation.py --checkpoint outputs/demo --output benchmarks/results/imputation.json
 """
@@ -28,20 +30,21 @@ import numpy as np
 from transformers import HfArgumentParser
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from metrics.imputation import compare_on_masks  # noqa: E402
+from metrics.imputation import MODEL_METHOD  # noqa: E402
 from pipelines import MaskedRankDiffusionPipeline  # noqa: E402
-from train_hf import prepare_data  # noqa: E402
 from training import DataArguments  # noqa: E402
+from training.data import PANELS, prepare_data  # noqa: E402
+from training.evaluation import imputation_report  # noqa: E402
 from training.plots import plot_metrics_vs_mask_ratio  # noqa: E402
 
 COLUMNS = {  # metric key -> table header
     "nll_all": "NLL",
     "nll_nonzero": "NLL (expressed)",
     "accuracy_all": "accuracy",
-    "within_one_all": "within 1 bin",
-    "mae_all": "MAE (bins)",
-    "spearman_all": "Spearman / cell",
-    "coverage_50_all": "50% cover",
+    "mae_level_all": "MAE (levels)",
+    "within_one_level_all": "within 1 level",
+    "spearman_level_all": "Spearman / cell (levels)",
+    "spearman_all": "Spearman / cell (tokens)",
     "coverage_90_all": "90% cover",
     "ece_all": "ECE",
 }
@@ -50,62 +53,80 @@ COLUMNS = {  # metric key -> table header
 @dataclass
 class BenchmarkArguments:
     checkpoint: str = field(default="outputs/demo", metadata={"help": "a train_hf.py output folder"})
+    split: str = field(default="test", metadata={"help": "held-out cells to score: test (reported) or validation"})
+    panels: list[str] = field(default_factory=lambda: list(PANELS), metadata={"help": f"some of {PANELS}"})
     mask_ratios: list[float] = field(default_factory=lambda: [0.2, 0.5, 0.8, 0.95])
     sample_steps: int = field(default=16, metadata={"help": "denoising steps of the sampled imputation (0: skip)"})
-    neighbours: int = field(default=15, metadata={"help": "k of the nearest-cells baseline"})
     seed: int = field(default=0, metadata={"help": "seed of the masks and the draws"})
     output: str = field(default="benchmarks/results/imputation.json")
     plot: str | None = field(default=None, metadata={"help": "PNG of metrics vs mask ratio (default: beside output)"})
 
 
-def evaluate_checkpoint(bench_args: BenchmarkArguments, data_args: DataArguments) -> tuple[dict, int, str]:
-    """Scores per method and mask ratio (`results[method][str(ratio)]`), the number of held-out cells, and the
-    data source's name."""
+def evaluate_checkpoint(bench_args: BenchmarkArguments, data_args: DataArguments) -> dict:
+    """Score a checkpoint and the baselines ([`imputation_report`]), with the checkpoint's own data split."""
     pipe = MaskedRankDiffusionPipeline.from_pretrained(bench_args.checkpoint, trust_remote_code=True)
     pipe.set_progress_bar_config(disable=True)
     pipe.model.eval()
     data_args.max_length = pipe.model.config.max_length
     data = prepare_data(data_args, pipe.model.config.num_rank_bins)
-    cells = data.panel_cells(pipe.model.config.num_rank_bins, data_args.max_length)
-    baselines = data.imputation_baselines(data_args.baseline_cells, bench_args.neighbours)
-    results = compare_on_masks(
-        pipe, cells, baselines, bench_args.mask_ratios, seed=bench_args.seed, sample_steps=bench_args.sample_steps
+    record = imputation_report(
+        pipe,
+        data,
+        split=bench_args.split,
+        panels=bench_args.panels,
+        mask_ratios=bench_args.mask_ratios,
+        seed=bench_args.seed,
+        sample_steps=bench_args.sample_steps,
     )
-    return results, len(cells["input_ids"]), data.source.name
+    return {"checkpoint": bench_args.checkpoint, **record}
 
 
-def print_table(rows: dict[str, dict], title: str) -> None:
-    """One markdown table: a row of `COLUMNS` scores per name."""
+def print_table(rows: dict[str, dict], title: str, columns: dict[str, str] = COLUMNS) -> None:
+    """One markdown table: a row of `columns` scores per name; the best of each column in bold."""
     print(f"\n{title}\n")
-    print("| | " + " | ".join(COLUMNS.values()) + " |")
-    print("| --- " * (len(COLUMNS) + 1) + "|")
+    print("| | " + " | ".join(columns.values()) + " |")
+    print("| --- " * (len(columns) + 1) + "|")
     for name, scores in rows.items():
-        cells_text = [f"{scores[k]:.3f}" if k in scores and np.isfinite(scores[k]) else "-" for k in COLUMNS]
+        cells_text = [f"{scores[k]:.3f}" if k in scores and np.isfinite(scores[k]) else "-" for k in columns]
         print(f"| {name} | " + " | ".join(cells_text) + " |")
+
+
+def headline(results: dict[str, dict], ratio: float) -> str:
+    """Model NLL against the best baseline's at one ratio, per panel."""
+    parts = []
+    for panel, by_method in results.items():
+        nll = {m: r[str(ratio)]["nll_all"] for m, r in by_method.items() if "nll_all" in r.get(str(ratio), {})}
+        best = min((m for m in nll if m != MODEL_METHOD), key=nll.get)
+        parts.append(f"{panel}: {nll[MODEL_METHOD]:.3f} vs {nll[best]:.3f} ({best})")
+    return "; ".join(parts)
 
 
 def main() -> None:
     bench_args, data_args = HfArgumentParser((BenchmarkArguments, DataArguments)).parse_args_into_dataclasses()
-    results, n_cells, data_name = evaluate_checkpoint(bench_args, data_args)
-    for ratio in bench_args.mask_ratios:
-        positions = next(iter(results.values()))[str(ratio)]["positions_all"]
-        rows = {name: by_ratio[str(ratio)] for name, by_ratio in results.items()}
-        print_table(rows, f"Mask ratio {ratio} ({positions} masked positions of {n_cells} held-out cells)")
+    start = time.time()
+    record = evaluate_checkpoint(bench_args, data_args)
+    for family, choice in record["baseline_choices"].items():
+        print(f"{family}: chose {choice['chosen']} on validation cells")
+    for panel, by_method in record["results"].items():
+        for ratio in bench_args.mask_ratios:
+            positions = by_method[MODEL_METHOD][str(ratio)]["positions_all"]
+            rows = {name: by_ratio[str(ratio)] for name, by_ratio in by_method.items()}
+            title = f"{panel}, mask ratio {ratio} ({positions} masked positions, {bench_args.split} cells)"
+            print_table(rows, title)
+    if 0.5 in bench_args.mask_ratios:
+        print(f"\nMasked NLL at ratio 0.5, model vs best baseline: {headline(record['results'], 0.5)}")
 
     output = Path(bench_args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     plot = Path(bench_args.plot) if bench_args.plot else output.with_suffix(".png")
-    plot_metrics_vs_mask_ratio(results, plot)
-    record = {
-        "checkpoint": bench_args.checkpoint,
-        "data": data_name,
-        "held_out_cells": n_cells,
-        "mask_ratios": bench_args.mask_ratios,
-        "results": results,
-        "plot": str(plot),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-        "date": time.strftime("%Y-%m-%d"),
-    }
+    first_panel = next(iter(record["results"]))
+    plot_metrics_vs_mask_ratio(record["results"][first_panel], plot)
+    record.update(
+        plot=str(plot),
+        seconds=round(time.time() - start, 1),
+        machine=f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        date=time.strftime("%Y-%m-%d"),
+    )
     output.write_text(json.dumps(record, indent=2) + "\n")
 
 

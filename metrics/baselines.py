@@ -1,8 +1,10 @@
 """Baselines scored on the same masks as the model.
 
-Each has `predict(gene_ids, input_ids, attention_mask, mask_token_id)` -> `(batch, length, B + 1)` probabilities
-at every position, computed only from the visible positions (input tokens other than `[MASK]`) and the training
-cells it was fitted on.
+Each has `predict(cells, counts=None)` -> `(n_cells, length, B + 1)` probabilities at every position, computed only
+from what the model sees too (the genes of each sequence and the tokens at its visible positions: `cells` is a
+[`CellInputs`] with `[MASK]` at the masked positions) and from the training cells it was fitted on. `counts`, the
+raw counts at the visible positions (NaN where masked), is read only by [`MagicImputation`], the library method,
+whose users give it counts.
 """
 
 from __future__ import annotations
@@ -13,13 +15,14 @@ import numpy as np
 import torch
 from scipy import sparse
 
+from modeling import CellInputs
+
 
 class PerGeneMarginal:
     """Each gene's marginal distribution over rank tokens 0..B, estimated on training cells.
 
-    It predicts every masked position from its gene alone, ignoring the rest of the cell: the bar a model must
-    clear to show it learned anything about cells. Counts get a pseudocount of `pseudocount` spread evenly over the
-    B + 1 classes, so unseen genes are uniform and no probability is zero.
+    It predicts every masked position from its gene alone, ignoring the rest of the cell. Counts get a pseudocount
+    of `pseudocount` spread evenly over the B + 1 classes, so unseen genes are uniform and no probability is zero.
 
     Args:
         num_rank_bins (`int`): B.
@@ -70,74 +73,206 @@ class PerGeneMarginal:
             self._log_table = torch.from_numpy(np.log(self.probabilities())).float()
         return self._log_table.to(gene_ids.device)[gene_ids]
 
-    def predict(self, gene_ids: torch.Tensor, input_ids=None, attention_mask=None, mask_token_id=None) -> torch.Tensor:
+    def predict(self, cells: CellInputs, counts: torch.Tensor | None = None) -> torch.Tensor:
         """Each position's gene marginal, whatever the rest of the cell says."""
-        return self.log_probs(gene_ids).exp()
+        return self.log_probs(cells.gene_ids).exp()
 
 
-class GlobalMarginal:
-    """One distribution over rank tokens for every gene: the mean of the per-gene marginals over a gene set (the
-    evaluation panel), so it knows how ranks are spread but not which gene is which.
+def visible_token_sets(cells: CellInputs, num_classes: int) -> torch.Tensor:
+    """`(n_cells, num_classes)`: True for each token seen at a visible position of the cell, and for 0."""
+    visible = cells.attention_mask.bool() & ~cells.mask
+    seen = torch.zeros(len(cells), num_classes + 1, dtype=torch.bool)
+    seen.scatter_(1, torch.where(visible, cells.ranks, num_classes), True)
+    seen[:, 0] = True
+    return seen[:, :num_classes]
+
+
+def _depth_scale(rates: torch.Tensor, visible: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
+    """Per cell, the s >= 0 with sum over visible genes of 1 - exp(-rate * s) = observed expressed genes, by
+    bisection on log s (a Poisson model of detection: a deeper cell detects every gene more often)."""
+    low = torch.full((rates.shape[0],), -12.0, dtype=torch.float64)
+    high = torch.full_like(low, 12.0)
+    for _ in range(60):
+        middle = (low + high) / 2
+        detected = ((1 - torch.exp(-rates * middle.exp()[:, None])) * visible).sum(dim=1)
+        below = detected < observed
+        low, high = torch.where(below, middle, low), torch.where(below, high, middle)
+    return ((low + high) / 2).exp()
+
+
+class CellAwareMarginal:
+    """The per-gene marginal told what the cell's visible genes show: which tokens the cell uses and how deep it is.
+
+    Ties make the tokens of a cell few (count 1 is token 1, count 2 about token 18, ...), and they can be read off
+    its visible genes. Given expression, a masked gene's token is drawn from its marginal over expressed tokens with
+    every token the cell does not show at a visible gene down-weighted by `unseen_weight`. With `depth_adjusted`,
+    its chance of expression follows the cell's depth: each gene's detection rate p is a Poisson rate
+    -log(1 - p) scaled by a per-cell factor s fitted so that the expected number of expressed visible genes is the
+    number seen.
 
     Args:
-        per_gene (`PerGeneMarginal`): fitted on the training cells.
-        genes (`np.ndarray`): the genes to average over.
+        per_gene (`PerGeneMarginal`): fitted on training cells.
+        unseen_weight (`float`, defaults to 0.03): relative weight of tokens absent from the cell's visible genes.
+        depth_adjusted (`bool`, defaults to `True`): scale the chance of expression to the cell's depth.
     """
 
-    def __init__(self, per_gene: PerGeneMarginal, genes: np.ndarray):
-        self.probs = torch.from_numpy(per_gene.probabilities()[np.asarray(genes)].mean(axis=0)).float()
+    def __init__(self, per_gene: PerGeneMarginal, unseen_weight: float = 0.03, depth_adjusted: bool = True):
+        if not 0.0 < unseen_weight <= 1.0:
+            raise ValueError(f"unseen_weight must be in (0, 1], got {unseen_weight}")
+        self.per_gene = per_gene
+        self.unseen_weight = unseen_weight
+        self.depth_adjusted = depth_adjusted
+        self.table = torch.from_numpy(per_gene.probabilities())
 
-    def predict(self, gene_ids: torch.Tensor, input_ids=None, attention_mask=None, mask_token_id=None) -> torch.Tensor:
-        return self.probs.expand(*gene_ids.shape, -1).clone()
+    def predict(self, cells: CellInputs, counts: torch.Tensor | None = None) -> torch.Tensor:
+        probs = self.table[cells.gene_ids]  # float64 (n_cells, length, B + 1)
+        detection = (1 - probs[..., 0]).clamp(1e-4, 1 - 1e-4)
+        if self.depth_adjusted:
+            visible = cells.attention_mask.bool() & ~cells.mask
+            rates = -torch.log1p(-detection)
+            observed = (visible & (cells.ranks > 0)).sum(dim=1).double()
+            scale = _depth_scale(rates, visible.double(), observed)
+            detection = (1 - torch.exp(-rates * scale[:, None])).clamp(1e-4, 1 - 1e-4)
+        seen = visible_token_sets(cells, probs.shape[-1])
+        weights = torch.where(seen[:, None, 1:], 1.0, self.unseen_weight)
+        expressed = probs[..., 1:] * weights
+        expressed = expressed / expressed.sum(dim=-1, keepdim=True)
+        return torch.cat([(1 - detection)[..., None], detection[..., None] * expressed], dim=-1).float()
+
+
+def dense_levels(tokens: np.ndarray) -> np.ndarray:
+    """Tie-aware levels of one cell's tokens: 0 stays 0, the j-th smallest distinct non-zero token becomes j."""
+    distinct = np.unique(tokens[tokens > 0])
+    return np.where(tokens > 0, np.searchsorted(distinct, tokens) + 1, 0)
 
 
 class NearestCells:
     """k-nearest-neighbour imputation: the training cells closest to a cell on its visible genes vote.
 
-    The distance is Euclidean between rank tokens at the cell's visible genes (a training cell's token is 0 where
-    it does not express the gene). At a masked gene, the predictive distribution is the histogram of the `k`
-    neighbours' tokens there, smoothed towards the gene's marginal with weight `prior_weight` (in cells).
+    Cells are compared on the tie-aware level scale ([`dense_levels`]: a gene's level is the rank of its count among
+    the cell's distinct counts, so count 1 is level 1 in every cell whatever its token), by Euclidean distance over
+    the cell's visible genes. At a masked gene, each of the `k` neighbours votes for its level there, read as the
+    token the cell shows at that level (the highest one it shows when it shows fewer levels); the votes are smoothed
+    towards `prior` (a [`CellAwareMarginal`]) with weight `prior_weight` (in cells).
 
     Args:
         cells (iterable of `(genes, tokens)`): the training cells (expressed genes and their tokens).
-        prior (`PerGeneMarginal`): fitted on the same cells, for the smoothing.
+        prior (`CellAwareMarginal`): the smoothing distribution.
         k (`int`, defaults to 15): neighbours.
         prior_weight (`float`, defaults to 1.0): pseudo-cells of the prior.
     """
 
-    def __init__(self, cells: Iterable[tuple[np.ndarray, np.ndarray]], prior: PerGeneMarginal, k: int = 15,
+    def __init__(self, cells: Iterable[tuple[np.ndarray, np.ndarray]], prior: CellAwareMarginal, k: int = 15,
                  prior_weight: float = 1.0):  # fmt: skip
         rows, columns, values = [], [], []
         for i, (genes, tokens) in enumerate(cells):
             expressed = tokens > 0
             rows.append(np.full(int(expressed.sum()), i))
             columns.append(genes[expressed])
-            values.append(tokens[expressed])
+            values.append(dense_levels(tokens[expressed]))
         if not rows:
             raise ValueError("NearestCells needs training cells")
-        shape = (len(rows), len(prior.nonzero_counts))
-        self.tokens = sparse.csc_matrix(
+        shape = (len(rows), prior.table.shape[0])
+        self.levels = sparse.csc_matrix(
             (np.concatenate(values), (np.concatenate(rows), np.concatenate(columns))), shape=shape, dtype=np.float32
         )
-        self.prior = prior.probabilities()
+        self.prior = prior
         self.k = min(k, len(rows))
         self.prior_weight = prior_weight
 
-    def predict(self, gene_ids, input_ids, attention_mask, mask_token_id) -> torch.Tensor:
-        num_classes = self.prior.shape[1]
-        out = torch.from_numpy(self.prior[gene_ids.numpy()]).float()
-        for row in range(gene_ids.shape[0]):
-            real = attention_mask[row].bool().numpy()
-            masked = real & (input_ids[row] == mask_token_id).numpy()
+    def predict(self, cells: CellInputs, counts: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.prior.predict(cells)
+        num_classes = out.shape[-1]
+        for row in range(len(cells)):
+            real = cells.attention_mask[row].bool().numpy()
+            masked = real & cells.mask[row].numpy()
             visible = real & ~masked
             if not masked.any():
                 continue
-            genes, query = gene_ids[row].numpy(), input_ids[row].numpy()
-            reference = self.tokens[:, genes[visible]].toarray()
-            distance = ((reference - query[visible]) ** 2).sum(axis=1)
+            genes, query = cells.gene_ids[row].numpy(), cells.ranks[row].numpy()[visible]
+            query_levels = dense_levels(query)
+            shown = np.r_[0, np.unique(query[query > 0])]  # token of each level in this cell
+            reference = self.levels[:, genes[visible]].toarray()
+            distance = ((reference - query_levels) ** 2).sum(axis=1)
             neighbours = np.argpartition(distance, self.k - 1)[: self.k]
-            votes = self.tokens[:, genes[masked]][neighbours].toarray().astype(np.int64)  # (k, masked)
-            counts = np.stack([(votes == c).sum(axis=0) for c in range(num_classes)], axis=1)
-            probs = (counts + self.prior_weight * self.prior[genes[masked]]) / (self.k + self.prior_weight)
+            votes = self.levels[:, genes[masked]][neighbours].toarray().astype(np.int64)  # (k, masked)
+            tokens = shown[np.minimum(votes, len(shown) - 1)]
+            counts_per_token = np.stack([(tokens == c).sum(axis=0) for c in range(num_classes)], axis=1)
+            prior = out[row, torch.from_numpy(np.flatnonzero(masked))].double().numpy()
+            probs = (counts_per_token + self.prior_weight * prior) / (self.k + self.prior_weight)
             out[row, torch.from_numpy(np.flatnonzero(masked))] = torch.from_numpy(probs).float()
+        return out
+
+
+class MagicImputation:
+    """MAGIC (van Dijk et al., 2018, the `magic-impute` package) as a baseline, its imputed values read as tokens.
+
+    MAGIC smooths counts over a graph of similar cells. It is fitted on the training cells' counts at the sequence's
+    genes together with the cells being imputed, whose masked counts are zero (MAGIC's reading of a missing value:
+    a dropout), after library-size normalisation and a square root (MAGIC's recommended preprocessing). The rule
+    that turns its output into a distribution over the cell's own tokens: a masked gene takes the tokens of the
+    cell's visible genes with a Gaussian kernel on the distance between imputed values (z-scored within the cell,
+    bandwidth `bandwidth`), so it lands on the tokens the cell uses at similarly imputed genes; this is mixed with
+    `prior` (a [`CellAwareMarginal`]) with weight `prior_weight`.
+
+    Args:
+        reference_counts (`scipy.sparse.csr_matrix`): `(n_cells, gene_vocab_size)` raw counts of training cells.
+        prior (`CellAwareMarginal`): the distribution mixed in.
+        knn (`int`, defaults to 5), t (`int`, defaults to 3): MAGIC's neighbours and diffusion time.
+        bandwidth (`float`, defaults to 0.3): kernel width in within-cell standard deviations of imputed values.
+        prior_weight (`float`, defaults to 0.2): weight of the prior in the mixture.
+        seed (`int`, defaults to 0): MAGIC's random state.
+    """
+
+    def __init__(self, reference_counts: sparse.csr_matrix, prior: CellAwareMarginal, *, knn: int = 5, t: int = 3,
+                 bandwidth: float = 0.3, prior_weight: float = 0.2, seed: int = 0):  # fmt: skip
+        self.reference_counts = reference_counts.tocsc()
+        self.prior = prior
+        self.knn, self.t, self.bandwidth, self.prior_weight, self.seed = knn, t, bandwidth, prior_weight, seed
+        self._imputed: dict[tuple, np.ndarray] = {}
+
+    def impute(self, cells: CellInputs, counts: torch.Tensor) -> np.ndarray:
+        """MAGIC's imputed values (`(n_cells, length)`, z-scored within each cell over its real positions)."""
+        key = (cells.gene_ids.numpy().tobytes(), cells.mask.numpy().tobytes(), self.knn, self.t)
+        if key in self._imputed:  # the same masks are read with several bandwidths when tuning
+            return self._imputed[key]
+        import magic
+
+        real = cells.attention_mask.bool()
+        genes = np.unique(cells.gene_ids[real].numpy())
+        column = torch.from_numpy(np.searchsorted(genes, cells.gene_ids.numpy()))
+        visible = real & ~cells.mask
+        query = torch.zeros(len(cells), len(genes), dtype=torch.float64)
+        query.scatter_add_(1, column * visible, torch.where(visible, counts.double().nan_to_num(0.0), 0.0))
+        data = np.vstack([self.reference_counts[:, genes].toarray(), query.numpy()])
+        library = data.sum(axis=1, keepdims=True)
+        data = np.sqrt(data / np.maximum(library, 1e-12) * np.median(library[library > 0]))
+        operator = magic.MAGIC(knn=self.knn, t=self.t, n_pca=min(100, len(genes) - 1), random_state=self.seed)
+        imputed = torch.from_numpy(operator.set_params(verbose=0).fit_transform(data)[-len(cells) :])
+        values = imputed.gather(1, column).masked_fill(~real, 0.0)
+        n = real.sum(dim=1, keepdim=True)
+        mean = values.sum(dim=1, keepdim=True) / n
+        std = (((values - mean) ** 2 * real).sum(dim=1, keepdim=True) / n).sqrt().clamp(min=1e-8)
+        self._imputed[key] = ((values - mean) / std).numpy()
+        return self._imputed[key]
+
+    def predict(self, cells: CellInputs, counts: torch.Tensor | None = None) -> torch.Tensor:
+        if counts is None:
+            raise ValueError("MagicImputation needs the visible counts")
+        values = self.impute(cells, counts)
+        out = self.prior.predict(cells)
+        num_classes = out.shape[-1]
+        for row in range(len(cells)):
+            real = cells.attention_mask[row].bool().numpy()
+            masked = real & cells.mask[row].numpy()
+            visible = real & ~masked
+            if not masked.any() or not visible.any():
+                continue
+            distance = values[row, masked][:, None] - values[row, visible][None, :]
+            weights = np.exp(-0.5 * (distance / self.bandwidth) ** 2) + 1e-300
+            one_hot = np.eye(num_classes)[cells.ranks[row].numpy()[visible]]
+            kernel = weights @ one_hot / weights.sum(axis=1, keepdims=True)
+            at = torch.from_numpy(np.flatnonzero(masked))
+            mixed = (1 - self.prior_weight) * kernel + self.prior_weight * out[row, at].double().numpy()
+            out[row, at] = torch.from_numpy(mixed).float()
         return out

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import evaluate
+import numpy as np
 import torch
 
 from modeling import CellInputs
+from pipelines import MaskedRankDiffusionScheduler
 
 logger = logging.getLogger(__name__)
 METRIC_PATH = Path(__file__).resolve().parent / "rank_imputation"
+MODEL_METHOD = "RankDiT, one pass"
+# Strata of a gene's detection rate in training cells, reported apart: (label, lower bound).
+DETECTION_STRATA = (("detected_lt10", 0.0), ("detected_10_50", 0.1), ("detected_50_90", 0.5), ("detected_ge90", 0.9))
 
 
 def load_metric() -> evaluate.EvaluationModule:
@@ -19,19 +25,73 @@ def load_metric() -> evaluate.EvaluationModule:
     return evaluate.load(str(METRIC_PATH))
 
 
+def token_levels(tokens: np.ndarray, num_bins: int) -> np.ndarray:
+    """The tie-aware scale of one cell: `(B + 1,)` level of each token, from the tokens of all its expressed genes.
+
+    Level j is the cell's j-th smallest distinct token (so, as tied counts share a token, its j-th smallest distinct
+    count: count 1 is level 1, count 2 level 2, whatever their tokens); 0 stays 0; a token the cell does not use
+    lies between the levels of its neighbours (linear interpolation), above the largest at the largest.
+    """
+    distinct = np.unique(np.asarray(tokens)[np.asarray(tokens) > 0])
+    return np.interp(np.arange(num_bins + 1), np.r_[0, distinct], np.arange(len(distinct) + 1, dtype=np.float64))
+
+
+def detection_strata(detection_rate: np.ndarray) -> np.ndarray:
+    """The [`DETECTION_STRATA`] label of each gene id, from its detection rate in training cells."""
+    bounds = np.array([bound for _, bound in DETECTION_STRATA[1:]])
+    return np.array([label for label, _ in DETECTION_STRATA])[np.searchsorted(bounds, detection_rate, side="right")]
+
+
+@dataclass
+class HeldOutCells:
+    """Held-out cells on a gene panel, with what scoring needs beyond the model's input.
+
+    Attributes:
+        gene_ids (`torch.LongTensor` of shape `(n_cells, length)`): the panel's genes (0 at padding).
+        tokens (`torch.LongTensor` of shape `(n_cells, length)`): their true rank tokens, from the whole cell.
+        attention_mask (`torch.BoolTensor` of shape `(n_cells, length)`): True at real positions.
+        counts (`torch.FloatTensor` of shape `(n_cells, length)`): their raw counts.
+        levels (`np.ndarray` of shape `(n_cells, B + 1)`): each cell's [`token_levels`].
+    """
+
+    gene_ids: torch.LongTensor
+    tokens: torch.LongTensor
+    attention_mask: torch.BoolTensor
+    counts: torch.FloatTensor
+    levels: np.ndarray
+
+    def __len__(self) -> int:
+        return self.gene_ids.shape[0]
+
+    def masked(self, mask: torch.Tensor, mask_token_id: int) -> tuple[CellInputs, torch.Tensor]:
+        """The model's input with `mask` hidden, and the counts a user would have (NaN where masked)."""
+        inputs = CellInputs(self.gene_ids, self.tokens.masked_fill(mask, mask_token_id), mask, self.attention_mask)
+        return inputs, self.counts.masked_fill(mask, float("nan"))
+
+
 def score_masked(
-    metric: evaluate.EvaluationModule, probs: torch.Tensor, truth: torch.Tensor, masked: torch.Tensor
+    metric: evaluate.EvaluationModule,
+    probs: torch.Tensor,
+    truth: torch.Tensor,
+    masked: torch.Tensor,
+    levels: np.ndarray | None = None,
+    strata: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Score `(cells, length, B + 1)` predictions at the `masked` positions only, against the true tokens.
 
     Visible and padding positions are never scored: a model that copies its input would otherwise look good.
+    `levels` (`(cells, B + 1)`, [`token_levels`]) adds the tie-aware ordinal metrics; `strata` (`(cells, length)`
+    labels) adds every metric per label.
     """
     masked = masked.bool()
-    cells = torch.arange(masked.shape[0]).unsqueeze(1).expand_as(masked)
+    cells = torch.arange(masked.shape[0]).unsqueeze(1).expand_as(masked)[masked].numpy()
+    extra = {}
+    if levels is not None:
+        extra["levels"] = np.asarray(levels)[cells]
+    if strata is not None:
+        extra["strata"] = np.asarray(strata)[masked.numpy()]
     return metric.compute(
-        predictions=probs[masked].double().numpy(),
-        references=truth[masked].numpy(),
-        cell_ids=cells[masked].numpy(),
+        predictions=probs[masked].double().numpy(), references=truth[masked].numpy(), cell_ids=cells, **extra
     )
 
 
@@ -56,51 +116,73 @@ def predict_model(model, cells: CellInputs, batch_size: int = 32) -> torch.Tenso
     return torch.cat([torch.nn.functional.pad(p, (0, 0, 0, cells.gene_ids.shape[1] - p.shape[1])) for p in parts])
 
 
+def masked_nll(probs: torch.Tensor, truth: torch.Tensor, masked: torch.Tensor) -> float:
+    """Mean -log p of the true token over the masked positions."""
+    picked = probs.double().gather(-1, truth.unsqueeze(-1)).squeeze(-1)[masked]
+    return float(-torch.log(picked.clamp(min=1e-12)).mean())
+
+
+def choose_on_validation(
+    candidates: dict[str, object], cells: HeldOutCells, mask_token_id: int, *, mask_ratio: float = 0.5, seed: int = 0
+) -> tuple[str, dict[str, float]]:
+    """The candidate baseline with the lowest masked NLL on validation cells (one mask at `mask_ratio`), and the
+    NLL of every candidate."""
+    generator = torch.Generator().manual_seed(seed)
+    masked = MaskedRankDiffusionScheduler.random_mask(cells.attention_mask, mask_ratio, generator=generator)
+    inputs, counts = cells.masked(masked, mask_token_id)
+    nll = {
+        name: masked_nll(method.predict(inputs, counts), cells.tokens, masked) for name, method in candidates.items()
+    }
+    return min(nll, key=nll.get), nll
+
+
 def compare_on_masks(
     pipe,
-    cells: dict[str, torch.Tensor],
+    cells: HeldOutCells,
     baselines: dict,
     mask_ratios: list[float],
     *,
     seed: int = 0,
     sample_steps: int = 0,
+    strata: np.ndarray | None = None,
 ) -> dict[str, dict[str, dict]]:
     """Score the pipeline's model and each baseline on identical masks of held-out cells, masked positions only.
 
     Args:
         pipe: a [`MaskedRankDiffusionPipeline`]; its model gives the one-pass distribution ("RankDiT, one pass").
-        cells: padded held-out cells (`gene_ids`, `input_ids` = true tokens, `attention_mask`) on genes chosen
-            without looking at their counts (the evaluation panel).
-        baselines: name -> object with `predict(gene_ids, input_ids, attention_mask, mask_token_id)`.
+        cells: held-out cells on genes chosen without looking at their counts (an evaluation panel).
+        baselines: name -> object with `predict(cells, counts)` (see `metrics.baselines`).
         mask_ratios: share of each cell's positions masked; one mask per ratio, drawn from `seed + its index`.
         sample_steps: also score one sampled imputation with this many steps (point metrics only); 0: skip.
+        strata: `(gene_vocab_size,)` label of every gene (e.g. [`detection_strata`]): scores per label too.
 
     Returns:
         `results[method][str(ratio)]`: the `rank_imputation` scores.
     """
     model, scheduler = pipe.model, pipe.scheduler
     mask_id, num_bins = scheduler.config.mask_token_id, model.config.num_rank_bins
-    truth, real = cells["input_ids"], cells["attention_mask"].bool()
+    real = cells.attention_mask
+    position_strata = strata[cells.gene_ids.numpy()] if strata is not None else None
     metric = load_metric()
     results: dict[str, dict[str, dict]] = {}
     for i, ratio in enumerate(mask_ratios):
         generator = torch.Generator().manual_seed(seed + i)
         masked = scheduler.random_mask(real, ratio, generator=generator)
-        inputs = CellInputs(cells["gene_ids"], truth.masked_fill(masked, mask_id), masked, real)
-        predictions = {"RankDiT, one pass": predict_model(model, inputs)}
+        inputs, counts = cells.masked(masked, mask_id)
+        predictions = {MODEL_METHOD: predict_model(model, inputs)}
         if sample_steps:
             sampled = pipe(
-                gene_ids=[g[r].tolist() for g, r in zip(inputs.gene_ids, real)],
-                ranks=[t[r].tolist() for t, r in zip(truth, real)],
+                gene_ids=[g[r].tolist() for g, r in zip(cells.gene_ids, real)],
+                ranks=[t[r].tolist() for t, r in zip(cells.tokens, real)],
                 mask=[m[r].tolist() for m, r in zip(masked, real)],
                 num_inference_steps=sample_steps,
                 generator=generator,
             ).ranks
             predictions[f"RankDiT, sampled ({sample_steps} steps)"] = one_hot(torch.from_numpy(sampled), num_bins + 1)
         for name, baseline in baselines.items():
-            predictions[name] = baseline.predict(inputs.gene_ids, inputs.ranks, real, mask_id)
+            predictions[name] = baseline.predict(inputs, counts)
         for name, probs in predictions.items():
-            scores = score_masked(metric, probs, truth, masked)
+            scores = score_masked(metric, probs, cells.tokens, masked, cells.levels, position_strata)
             results.setdefault(name, {})[str(ratio)] = keep_point_metrics(scores) if "sampled" in name else scores
-        logger.info("mask ratio %g: %d masked positions in %d cells scored", ratio, int(masked.sum()), len(truth))
+        logger.info("mask ratio %g: %d masked positions in %d cells scored", ratio, int(masked.sum()), len(cells))
     return results

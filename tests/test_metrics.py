@@ -3,8 +3,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO
+from scipy import sparse
 
-from metrics import GlobalMarginal, NearestCells, PerGeneMarginal
+from metrics import CellAwareMarginal, MagicImputation, NearestCells, PerGeneMarginal
+from modeling import CellInputs, rank_tokens
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +45,37 @@ def test_per_cell_spearman_needs_enough_positions(metric):
     assert rng  # the seed documents that nothing here is random
 
 
+def test_per_cell_spearman_sign_and_value_by_hand(metric):
+    # Cell 0: predicted 1..10, truth with neighbours swapped (d = 1 everywhere): rho = 1 - 6 * 10 / (10 * 99).
+    # Cell 1: predicted 1..10, truth reversed: rho = -1. The mean over the two cells is their average.
+    predicted = np.tile(np.arange(1, 11), 2)
+    truth = np.r_[[2, 1, 4, 3, 6, 5, 8, 7, 10, 9], np.arange(10, 0, -1)]
+    scores = metric.compute(predictions=np.eye(11)[predicted], references=truth, cell_ids=np.repeat([0, 1], 10))
+    assert scores["spearman_all"] == pytest.approx(((1 - 60 / 990) + (-1)) / 2)
+
+
+def test_tie_aware_scale_counts_a_count_one_two_mix_up_as_one_level(metric):
+    # A cell whose counts 1, 2, 3 are tokens 1, 18, 30: predicting token 1 for a count-2 gene is 17 bins off but one
+    # level off; the expected level of a 50 / 50 guess between tokens 18 and 30 is 2.5.
+    from metrics.imputation import token_levels
+
+    levels = token_levels(np.array([1, 1, 18, 30, 1, 18]), num_bins=50)
+    assert levels[[0, 1, 18, 30]].tolist() == [0, 1, 2, 3] and levels[24] == pytest.approx(2.5) and levels[50] == 3
+    probs = np.zeros((2, 51))
+    probs[0, 1] = 1.0
+    probs[1, [18, 30]] = 0.5
+    scores = metric.compute(predictions=probs, references=[18, 18], cell_ids=[0, 0], levels=np.stack([levels] * 2))
+    assert scores["mae_all"] == pytest.approx((17 + 6) / 2) and scores["mae_level_all"] == pytest.approx(0.75)
+    assert scores["within_one_level_all"] == 1.0 and scores["within_one_all"] == 0.5
+
+
+def test_scores_per_stratum(metric):
+    probs = np.eye(3)[[0, 1, 2, 0]] * 0.7 + 0.1
+    scores = metric.compute(predictions=probs, references=[0, 1, 1, 2], cell_ids=[0] * 4, strata=["a", "a", "b", "b"])
+    assert scores["positions_a"] == 2 and scores["accuracy_a"] == 1.0 and scores["accuracy_b"] == 0.0
+    assert scores["nll_a"] == pytest.approx(-np.log(0.8))
+
+
 def test_a_calibrated_predictor_scores_near_nominal(metric):
     rng = np.random.default_rng(0)
     ranks = np.arange(51)
@@ -67,27 +100,73 @@ def _toy_cells():
     return cells
 
 
-def test_marginal_baselines_on_toy_cells():
+def _masked_cell(gene_ids, tokens, masked, mask_token_id):
+    gene_ids, tokens, masked = torch.tensor([gene_ids]), torch.tensor([tokens]), torch.tensor([masked])
+    return CellInputs(gene_ids, tokens.masked_fill(masked, mask_token_id), masked, torch.ones_like(masked))
+
+
+def test_per_gene_marginal_on_toy_cells():
     per_gene = PerGeneMarginal(num_rank_bins=9, gene_vocab_size=10, pseudocount=1e-9).fit(_toy_cells())
-    gene_ids = torch.tensor([[3, 6]])
-    probs = per_gene.predict(gene_ids)
+    probs = per_gene.predict(_masked_cell([3, 6], [9, 0], [False, True], 10))
     assert probs[0, 0, 0] == pytest.approx(0.5) and probs[0, 0, 9] + probs[0, 0, 8] == pytest.approx(0.5)
-    global_marginal = GlobalMarginal(per_gene, genes=np.arange(3, 9)).predict(gene_ids)
-    torch.testing.assert_close(global_marginal[0, 0], global_marginal[0, 1])
-    torch.testing.assert_close(global_marginal[0, 0], per_gene.predict(torch.arange(3, 9)).mean(0))
 
 
-def test_nearest_cells_follow_the_neighbours():
+def test_cell_aware_marginal_keeps_the_tokens_the_cell_shows_and_follows_its_depth():
+    per_gene = PerGeneMarginal(num_rank_bins=4, gene_vocab_size=12, pseudocount=1e-9)
+    # Genes 3-10 are expressed in half the cells, with tokens 1..4 equally often.
+    for i in range(16):
+        per_gene.update(np.arange(3, 11), np.where(np.arange(8) % 2 == i % 2, (i // 2) % 4 + 1, 0))
+    cell = _masked_cell([3, 4, 5, 6, 7, 8, 9, 10], [2, 2, 4, 4, 0, 0, 0, 0], [False] * 4 + [True] * 4, 5)
+    flat = CellAwareMarginal(per_gene, unseen_weight=0.01, depth_adjusted=False).predict(cell)[0, 7].double()
+    # Expressed: tokens 2 and 4 (seen) weigh 1, tokens 1 and 3 weigh 0.01; expression stays at the gene's 1/2.
+    torch.testing.assert_close(flat, torch.tensor([0.5, 0.005 / 2.02, 0.5 / 2.02, 0.005 / 2.02, 0.5 / 2.02]).double())
+    deep = CellAwareMarginal(per_gene, unseen_weight=0.01, depth_adjusted=True).predict(cell)[0, 7]
+    # All 4 visible genes expressed: solving 4 (1 - exp(-rate s)) = 4 drives the chance of expression up.
+    assert deep[0] < 0.05 and deep[1:].sum() > 0.95 and deep[2] == pytest.approx(deep[4])
+    shallow = _masked_cell([3, 4, 5, 6, 7, 8, 9, 10], [2, 0, 0, 0, 0, 0, 0, 0], [False] * 4 + [True] * 4, 5)
+    assert CellAwareMarginal(per_gene, depth_adjusted=True).predict(shallow)[0, 7, 0] > 0.5
+    with pytest.raises(ValueError, match="unseen_weight"):
+        CellAwareMarginal(per_gene, unseen_weight=0.0)
+
+
+def test_nearest_cells_follow_the_neighbours_on_the_level_scale():
     cells = _toy_cells()
-    prior = PerGeneMarginal(num_rank_bins=9, gene_vocab_size=10).fit(cells)
+    prior = CellAwareMarginal(PerGeneMarginal(num_rank_bins=9, gene_vocab_size=10).fit(cells))
     knn = NearestCells(cells, prior, k=5, prior_weight=0.0)
-    mask = 10
     # Visible: genes 3 and 4 high, gene 6 off. Masked: 5 (neighbours say 9) and 7 (neighbours say 0).
-    gene_ids, input_ids = torch.tensor([[3, 4, 6, 5, 7]]), torch.tensor([[9, 8, 0, mask, mask]])
-    probs = knn.predict(gene_ids, input_ids, torch.ones_like(gene_ids), mask)
-    assert probs[0, 3].argmax() == 9 and probs[0, 3, 9] == pytest.approx(1.0)
-    assert probs[0, 4, 0] == pytest.approx(1.0)
-    torch.testing.assert_close(probs[0, :3], prior.predict(gene_ids)[0, :3])  # visible rows: untouched prior
+    cell = _masked_cell([3, 4, 6, 5, 7], [9, 8, 0, 0, 0], [False, False, False, True, True], 10)
+    probs = knn.predict(cell)
+    assert probs[0, 3, 9] == pytest.approx(1.0) and probs[0, 4, 0] == pytest.approx(1.0)
+    torch.testing.assert_close(probs[0, :3], prior.predict(cell)[0, :3])  # visible rows: untouched prior
+    # The same cell with its levels shown by other tokens (counts 1 and 2 as tokens 3 and 7): the votes follow.
+    cell = _masked_cell([3, 4, 6, 5, 7], [7, 3, 0, 0, 0], [False, False, False, True, True], 10)
+    assert knn.predict(cell)[0, 3, 7] == pytest.approx(1.0)
+
+
+def test_magic_baseline_reads_the_cells_own_tokens_at_similar_genes():
+    rng = np.random.default_rng(0)
+    # 60 cells of two types: genes 3-12 high (counts ~20) in type A and low (~1) in type B, genes 13-22 the reverse.
+    counts = np.zeros((60, 25))
+    for i in range(60):
+        high = slice(3, 13) if i % 2 else slice(13, 23)
+        low = slice(13, 23) if i % 2 else slice(3, 13)
+        counts[i, high] = rng.poisson(20, 10)
+        counts[i, low] = rng.poisson(1, 10)
+    cells = [(np.flatnonzero(c), rank_tokens(c[c > 0], 10)) for c in counts]
+    prior = CellAwareMarginal(PerGeneMarginal(num_rank_bins=10, gene_vocab_size=25).fit(cells))
+    magic = MagicImputation(sparse.csr_matrix(counts), prior, knn=5, t=3, bandwidth=0.3, prior_weight=0.05)
+    # A type-A cell: gene 3 masked; the visible high genes (4-12) carry tokens 7..10, the low ones 1..3.
+    query = np.r_[0, 0, 0, rng.poisson(20, 10), rng.poisson(1, 10), 0, 0].astype(float)
+    genes = np.arange(3, 23)
+    tokens = rank_tokens(query[genes], 10)
+    masked = genes == 3
+    cell = _masked_cell(genes.tolist(), tokens.tolist(), masked.tolist(), 11)
+    visible_counts = torch.tensor([np.where(masked, np.nan, query[genes])]).float()
+    probs = magic.predict(cell, visible_counts)[0, 0]
+    high_tokens = np.unique(tokens[1:10])
+    assert probs[high_tokens].sum() > 0.8
+    with pytest.raises(ValueError, match="visible counts"):
+        magic.predict(cell)
 
 
 def test_only_masked_positions_are_scored(metric):

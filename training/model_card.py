@@ -9,9 +9,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from metrics.imputation import MODEL_METHOD
 from modeling import GeneVocab
-
-from .plots import MODEL_METHOD
 
 LICENSE = "apache-2.0"
 TAGS = [
@@ -28,8 +27,8 @@ TAGS = [
 CARD_METRICS = {  # rank_imputation key -> (model-index metric type, name)
     "nll_all": ("nll", "masked NLL (nats per gene)"),
     "accuracy_all": ("accuracy", "accuracy of the most likely rank"),
-    "mae_all": ("mae", "MAE of the expected rank (bins)"),
-    "spearman_all": ("spearmanr", "Spearman of expected vs true rank, per cell"),
+    "mae_level_all": ("mae", "MAE of the expected level (tie-aware)"),
+    "spearman_level_all": ("spearmanr", "Spearman of expected vs true level, per cell"),
     "coverage_90_all": ("coverage", "coverage of the 90% interval"),
     "ece_all": ("ece", "expected calibration error"),
 }
@@ -44,10 +43,12 @@ class TrainingRun:
         preset, num_parameters: model size.
         data_name: the data source (a Hub id, or a local file or folder name); dataset: the Hub dataset id the card
             names as training data (`datasets` and the model-index), else `data_name`.
-        training_cells, held_out_cells, panel_size: cells behind the baselines and panel, cells scored, panel genes.
+        training_cells, test_cells, panel_sizes: cells behind the baselines and panels, test cells scored, genes of
+            each evaluation panel.
         steps, batch_size, learning_rate, loss, noise_schedule, ema_decay, runtime_s, hardware: the training budget.
         metrics: the final `evaluate` metrics (`eval_*`).
-        imputation: `results[method][str(mask_ratio)]` of [`compare_on_masks`].
+        imputation: `results[panel][method][str(mask_ratio)]` of [`imputation_report`].
+        baseline_choices: each baseline family's setting, chosen on validation cells.
         widgets: Hub widget examples (see [`widget_examples`]).
         plots: caption -> path relative to the card.
         repo_id: where the model is (Hub repo id or local path) in the usage snippets.
@@ -59,8 +60,8 @@ class TrainingRun:
     data_name: str
     dataset: str
     training_cells: int
-    held_out_cells: int
-    panel_size: int
+    test_cells: int
+    panel_sizes: dict[str, int]
     steps: int
     batch_size: int
     learning_rate: float
@@ -70,7 +71,8 @@ class TrainingRun:
     runtime_s: float | None
     hardware: str
     metrics: dict[str, float]
-    imputation: dict[str, dict[str, dict]]
+    imputation: dict[str, dict[str, dict[str, dict]]]
+    baseline_choices: dict[str, str] = field(default_factory=dict)
     widgets: list[dict] = field(default_factory=list)
     plots: dict[str, str] = field(default_factory=dict)
     repo_id: str = "outputs/demo"
@@ -109,25 +111,25 @@ def widget_examples(
 
 
 def _eval_results(run: TrainingRun) -> list[EvalResult]:
-    """model-index entries: the model's held-out scores at every mask ratio."""
+    """model-index entries: the model's test scores on every panel at every mask ratio."""
     results = []
-    dataset = run.dataset
-    for ratio, scores in run.imputation.get(MODEL_METHOD, {}).items():
-        for key, (metric_type, metric_name) in CARD_METRICS.items():
-            if key in scores and math.isfinite(scores[key]):
-                results.append(
-                    EvalResult(
-                        task_type="other",
-                        task_name="Rank imputation of masked genes",
-                        dataset_type=dataset,
-                        dataset_name=f"{dataset}, held-out cells",
-                        dataset_split="validation",
-                        metric_type=metric_type,
-                        metric_name=f"{metric_name}, {float(ratio):.0%} masked",
-                        metric_value=round(float(scores[key]), 4),
-                        metric_config=f"mask_ratio={ratio}",
+    for panel, by_method in run.imputation.items():
+        for ratio, scores in by_method.get(MODEL_METHOD, {}).items():
+            for key, (metric_type, metric_name) in CARD_METRICS.items():
+                if key in scores and math.isfinite(scores[key]):
+                    results.append(
+                        EvalResult(
+                            task_type="other",
+                            task_name="Rank imputation of masked genes",
+                            dataset_type=run.dataset,
+                            dataset_name=f"{run.dataset}, test cells, {panel}",
+                            dataset_split="test",
+                            metric_type=metric_type,
+                            metric_name=f"{metric_name}, {panel}, {float(ratio):.0%} masked",
+                            metric_value=round(float(scores[key]), 4),
+                            metric_config=f"panel={panel}, mask_ratio={ratio}",
+                        )
                     )
-                )
     return results
 
 
@@ -145,24 +147,46 @@ def card_data(run: TrainingRun, model_name: str) -> ModelCardData:
     )
 
 
-def _results_table(run: TrainingRun) -> str:
-    rows = [
-        "| mask ratio | method | NLL | accuracy | MAE (bins) | Spearman / cell | 90% cover | ECE |",
-        "|" + " --- |" * 8,
-    ]
-    ratios = sorted({ratio for by_ratio in run.imputation.values() for ratio in by_ratio}, key=float)
+TABLE_COLUMNS = {
+    "nll_all": "NLL",
+    "accuracy_all": "accuracy",
+    "mae_level_all": "MAE (levels)",
+    "spearman_level_all": "Spearman / cell (levels)",
+    "coverage_90_all": "90% cover",
+    "ece_all": "ECE",
+}
+
+
+def _results_table(by_method: dict[str, dict[str, dict]]) -> str:
+    rows = ["| mask ratio | method | " + " | ".join(TABLE_COLUMNS.values()) + " |", "|" + " --- |" * 8]
+    ratios = sorted({ratio for by_ratio in by_method.values() for ratio in by_ratio}, key=float)
     for ratio in ratios:
-        for method, by_ratio in run.imputation.items():
+        for method, by_ratio in by_method.items():
             scores = by_ratio.get(ratio)
             if scores is None:
                 continue
-            cells = [
-                f"{scores[key]:.3f}" if key in scores and math.isfinite(scores[key]) else "-"
-                for key in ("nll_all", "accuracy_all", "mae_all", "spearman_all", "coverage_90_all", "ece_all")
-            ]
+            cells = [f"{scores[k]:.3f}" if k in scores and math.isfinite(scores[k]) else "-" for k in TABLE_COLUMNS]
             name = f"**{method}**" if method == MODEL_METHOD else method
             rows.append(f"| {ratio} | {name} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+def strongest_baseline(by_method: dict[str, dict[str, dict]], ratio: str) -> tuple[str, float]:
+    """The baseline with the lowest NLL at one mask ratio, and that NLL."""
+    nll = {m: r[ratio]["nll_all"] for m, r in by_method.items() if m != MODEL_METHOD and "nll_all" in r.get(ratio, {})}
+    best = min(nll, key=nll.get)
+    return best, nll[best]
+
+
+def headline(run: TrainingRun) -> str:
+    """Model NLL against the strongest baseline's, at the mask ratio closest to one half, per panel."""
+    parts = []
+    for panel, by_method in run.imputation.items():
+        ratio = min(by_method[MODEL_METHOD], key=lambda r: abs(float(r) - 0.5))
+        name, nll = strongest_baseline(by_method, ratio)
+        model = by_method[MODEL_METHOD][ratio]["nll_all"]
+        parts.append(f"{panel}: **{model:.3f}** vs {nll:.3f} ({name}), {float(ratio):.0%} masked")
+    return "; ".join(parts)
 
 
 def _usage(run: TrainingRun) -> str:
@@ -220,20 +244,12 @@ def _model_table(run: TrainingRun) -> str:
 def model_card(run: TrainingRun, model_name: str = "RankDiT") -> ModelCard:
     """The model card of `run`: `ModelCard.load` parses it back; every plot it shows is a path of `run.plots`."""
     config = run.config
-    metrics = run.metrics
-    ratio_keys = [k for k in metrics if k.startswith("eval_masked_nll_")]
-    headline = ""
-    if ratio_keys:
-        ratio = ratio_keys[0].removeprefix("eval_masked_nll_")
-        headline = (
-            f"On {run.held_out_cells} held-out cells with {float(ratio):.0%} of the panel genes masked, its masked "
-            f"NLL is **{metrics[ratio_keys[0]]:.3f}** nats per gene against "
-            f"**{metrics.get('eval_baseline_masked_nll_' + ratio, float('nan')):.3f}** for the per-gene marginal "
-            f"on the same masks (NELBO {metrics.get('eval_nelbo', float('nan')):.3f} nats per token)."
-        )
     runtime = f", {run.runtime_s / 60:.1f} minutes" if run.runtime_s else ""
     ema = f"EMA of the weights with decay {run.ema_decay} (evaluated and saved)" if run.ema_decay else "no EMA"
     plots = "\n\n".join(f"**{caption}**\n\n![{caption}]({path})" for caption, path in run.plots.items())
+    panels = ", ".join(f"{name}: {size:,} genes" for name, size in run.panel_sizes.items())
+    choices = "; ".join(f"{family}: {choice}" for family, choice in run.baseline_choices.items())
+    tables = "\n\n".join(f"### {panel}\n\n{_results_table(by_method)}" for panel, by_method in run.imputation.items())
     body = f"""
 # {model_name} ({run.preset}) for single-cell rank imputation
 
@@ -243,7 +259,8 @@ of the cell's own non-zero counts. The model predicts, for any masked gene of a 
 **distribution** over its rank given the visible genes; the pipeline samples from it (imputation, denoising, whole
 cells) or returns it.
 
-{headline}
+Masked NLL on {run.test_cells} test cells (nats per masked gene, lower is better), model vs the strongest
+baseline on the same masks, per evaluation panel: {headline(run)}.
 
 ## Usage
 
@@ -255,21 +272,25 @@ cells) or returns it.
 
 ## Training
 
-- Data: `{run.data_name}`; the per-gene marginal, the gene pool and the evaluation panel (the
-  {run.panel_size:,} genes most often detected) were fitted on {run.training_cells:,} training cells; cells are
-  held out by a hash of their barcode.
+- Data: `{run.data_name}`; cells are split into train / validation / test by a hash of their barcode. The
+  baselines, the gene pool and the evaluation panels were fitted on {run.training_cells:,} training cells;
+  settings were chosen on validation cells; every number below is on test cells.
 - Budget: {run.steps} optimizer steps of {run.batch_size} cells, peak learning rate {run.learning_rate:g},
   {run.noise_schedule} noise schedule, {ema}; on {run.hardware}{runtime}.
 - Loss: {run.loss}.
 
 ## Evaluation
 
-Held-out cells, the evaluation panel (chosen on training cells, without looking at the held-out counts), a share
-of each cell's panel genes masked (masks drawn once per ratio and shared by every method); **masked positions
-only**. Baselines: the per-gene marginal, the global marginal over the panel, and the nearest training cells on
-the visible genes.
+Test cells, on three gene panels chosen on training cells without looking at the test counts
+({panels}), a share of each cell's panel genes masked (masks drawn once per ratio and shared by every method);
+**masked positions only**. NLL on rank tokens; the ordinal metrics also on the tie-aware level scale (level j =
+the cell's j-th smallest distinct count, so a count 1 / count 2 mix-up costs one level, not 17 bins).
+Baselines, each fitted on the training cells with its setting chosen on validation cells ({choices}): the per-gene
+marginal; the cell-aware marginal (the per-gene marginal told which tokens the cell's visible genes use and how
+deep the cell is); the nearest training cells on the visible genes; MAGIC (`magic-impute`), its imputed values
+read as the tokens the cell uses at similarly imputed visible genes.
 
-{_results_table(run)}
+{tables}
 
 ## Plots
 

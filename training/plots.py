@@ -13,8 +13,6 @@ from matplotlib.figure import Figure
 
 from metrics import PerGeneMarginal
 
-MODEL_METHOD = "RankDiT, one pass"
-
 
 def _save(figure: Figure, path: str | os.PathLike) -> Path:
     figure.tight_layout()

@@ -12,9 +12,10 @@ import torch
 from huggingface_hub import ModelCard
 
 from dataset_scripts.expression_data import cell_counts
-from metrics.imputation import compare_on_masks
 from pipelines.denoising_animation import record_denoising, write_denoising_gif
 
+from .data import TRAINING_PANEL
+from .evaluation import imputation_report
 from .model_card import TrainingRun, model_card, widget_examples
 from .plots import (
     plot_count_histogram,
@@ -45,31 +46,30 @@ def write_model_card(
     trainer,
     run: dict,
     mask_ratios: list[float],
-    neighbours: int = 15,
     count_cells: int = 500,
     gif_steps: int = 32,
     seed: int = 0,
 ) -> ModelCard:
-    """Score the trained model beside the baselines at each mask ratio, draw the plots and the denoising GIFs into
-    `output_dir/plots/`, and write `output_dir/README.md` (the model card) and `imputation_results.json`.
+    """Score the trained model beside the baselines on test cells, for each panel and mask ratio, draw the plots
+    and the denoising GIFs into `output_dir/plots/`, and write `output_dir/README.md` (the model card) and
+    `imputation_results.json`.
 
     Args:
         pipe: the trained [`MaskedRankDiffusionPipeline`].
-        data: the run's `PreparedData` (rows, split, baseline, panel).
+        data: the run's [`PreparedData`] (rows, splits, baseline, panels).
         trainer: the finished [`RankDiffusionTrainer`] (its log history and final metrics).
         run: the [`TrainingRun`] fields the data and trainer do not give (preset, loss, budget, repo id, ...).
-        mask_ratios: shares masked for the evaluation table and plots.
-        neighbours: k of the nearest-cells baseline.
+        mask_ratios: shares masked for the evaluation tables and plots.
         count_cells: training cells read for the count histogram.
         gif_steps: denoising steps of the two GIFs (one cell with 90% and with 20% of its genes masked).
-        seed: seed of the masks (per ratio, as `benchmarks/imputation.py` draws them: the same table for the same
+        seed: seed of the masks (per ratio, as `benchmarks/imputation.py` draws them: the same tables for the same
             checkpoint), the widget masks and the GIF draws.
     """
     output_dir = Path(output_dir)
     plots_dir = output_dir / PLOTS_DIR
     plots_dir.mkdir(parents=True, exist_ok=True)
     model = pipe.model.eval()
-    num_bins, max_length = model.config.num_rank_bins, model.config.max_length
+    num_bins = model.config.num_rank_bins
     plots: dict[str, Path] = {}
 
     counts = [cell_counts(row)[1] for row in data.train_rows.take(count_cells)]
@@ -81,23 +81,22 @@ def write_model_card(
     )
     metrics = run["metrics"]
     baseline_key = next((k for k in metrics if k.startswith("eval_baseline_masked_nll_")), None)
-    plots["Training and held-out losses"] = plot_loss_curves(
+    plots["Training and validation losses"] = plot_loss_curves(
         trainer.state.log_history, plots_dir / "loss_curves.png", baseline_key
     )
 
-    cells = data.panel_cells(num_bins, max_length)
-    baselines = data.imputation_baselines(data.baseline.num_cells, neighbours)
-    imputation = compare_on_masks(pipe, cells, baselines, mask_ratios, seed=seed)
-    (output_dir / IMPUTATION_RESULTS).write_text(json.dumps(imputation, indent=2) + "\n")
-    plots["Held-out metrics against the share of genes masked"] = plot_metrics_vs_mask_ratio(
+    report = imputation_report(pipe, data, split="test", mask_ratios=mask_ratios, seed=seed)
+    (output_dir / IMPUTATION_RESULTS).write_text(json.dumps(report, indent=2) + "\n")
+    imputation = report["results"][TRAINING_PANEL]
+    plots["Test metrics against the share of genes masked, training panel"] = plot_metrics_vs_mask_ratio(
         imputation, plots_dir / "metrics_vs_mask_ratio.png"
     )
     ratio = min(mask_ratios, key=lambda r: abs(r - 0.5))
-    at_ratio = {method: by_ratio[str(ratio)] for method, by_ratio in imputation.items() if "global" not in method}
+    at_ratio = {method: by_ratio[str(ratio)] for method, by_ratio in imputation.items()}
     plots[f"Calibration, {ratio:.0%} masked"] = plot_reliability(at_ratio, ratio, plots_dir / "reliability.png")
 
-    real = cells["attention_mask"][0].bool()
-    genes, ranks = cells["gene_ids"][0][real].tolist(), cells["input_ids"][0][real].tolist()
+    cells = data.held_out_cells(data.test_rows.take(1), data.panel, num_bins)
+    genes, ranks = cells.gene_ids[0].tolist(), cells.tokens[0].tolist()
     for share, name in ((0.9, "high"), (0.2, "low")):
         states = record_denoising(
             pipe,
@@ -108,23 +107,22 @@ def write_model_card(
             generator=torch.Generator().manual_seed(seed),
         )
         path = plots_dir / f"denoising_{name}_corruption.gif"
-        title = f"Denoising a held-out cell ({share:.0%} masked)"
+        title = f"Denoising a test cell ({share:.0%} masked)"
         write_denoising_gif(states, path, num_rank_bins=num_bins, title=title)
-        plots[f"Denoising a held-out cell, {share:.0%} of its {len(genes)} genes masked"] = path
+        plots[f"Denoising a test cell, {share:.0%} of its {len(genes)} panel genes masked"] = path
 
-    examples = data.panel_cells(num_bins, max_length, rows=data.train_rows.take(2))
-    real = examples["attention_mask"].bool()
-    example_cells = [(examples["gene_ids"][i][real[i]].numpy(), examples["input_ids"][i][real[i]].numpy())
-                     for i in range(len(real))]  # fmt: skip
+    examples = data.held_out_cells(data.train_rows.take(2), data.panel, num_bins)
+    example_cells = [(examples.gene_ids[i].numpy(), examples.tokens[i].numpy()) for i in range(len(examples))]
     widgets = widget_examples(example_cells, model.gene_vocab, seed=seed)
     card = model_card(
         TrainingRun(
             config=model.config,
             num_parameters=model.num_parameters(),
             training_cells=data.baseline.num_cells,
-            held_out_cells=len(cells["input_ids"]),
-            panel_size=len(data.panel),
-            imputation=imputation,
+            test_cells=report["cells"]["test"],
+            panel_sizes=report["panel_sizes"],
+            imputation=report["results"],
+            baseline_choices={family: choice["chosen"] for family, choice in report["baseline_choices"].items()},
             widgets=widgets,
             plots={caption: path.relative_to(output_dir).as_posix() for caption, path in plots.items()},
             **run,

@@ -19,7 +19,14 @@ the central 50% and 90% predictive intervals (of the randomised PIT, so a calibr
 level), and the expected calibration error of the most likely rank. Each is
 given over all positions (`*_all`), over positions whose true rank is 0 (`*_zero`) and over the others
 (`*_nonzero`). The points of the reliability diagram (10 equal-width bins of the confidence in the most likely rank,
-over all positions) come with them."""
+over all positions) come with them.
+
+Ties make token distances misleading: most non-zero counts are 1, so count 1 is token 1 and count 2 is token 18 or
+so. Given `levels`, the value of each token on a tie-aware scale in that position's cell (see `token_levels` in
+`metrics/imputation.py`: level j is the cell's j-th smallest distinct count, 0 is not expressed), the ordinal
+metrics are also computed on that scale (`mae_level_*`, `within_one_level_*`, `spearman_level_*`), where a count
+1 / count 2 mix-up costs one level. Given `strata`, a label per position (for example the gene's detection rate in
+training cells), every metric is also given per label (`nll_<label>`, ...)."""
 
 _KWARGS_DESCRIPTION = """
 Args:
@@ -27,17 +34,18 @@ Args:
     references: `(n_positions,)` true ranks.
     cell_ids: `(n_positions,)` the cell of each position (for the per-cell Spearman correlation).
     min_cell_positions: cells with fewer positions are left out of the Spearman mean (default 10).
+    levels: optional `(n_positions, B + 1)` value of each token on the tie-aware scale of the position's cell.
+    strata: optional `(n_positions,)` string labels; every metric is also given per label.
 Returns:
-    dict of floats: nll_*, accuracy_*, within_one_*, mae_*, spearman_*, coverage_50_*, coverage_90_*, ece_*, and
-    positions_* / spearman_cells_* (how many were scored); and lists of 10: reliability_confidence,
+    dict of floats: nll_*, accuracy_*, within_one_*, mae_*, spearman_*, coverage_50_*, coverage_90_*, ece_*, with
+    `levels` mae_level_*, within_one_level_*, spearman_level_*, and positions_* / spearman_cells_* (how many were
+    scored), for * in all, zero, nonzero and each stratum label; and lists of 10: reliability_confidence,
     reliability_accuracy (NaN for empty bins) and reliability_positions.
 Examples:
     >>> metric = evaluate.load("metrics/rank_imputation")
     >>> metric.compute(predictions=[[0.1, 0.9], [0.8, 0.2]], references=[1, 0], cell_ids=[0, 0])["accuracy_all"]
     1.0
 """
-
-SUBSETS = ("all", "zero", "nonzero")
 
 
 def interval_coverage(probs: np.ndarray, truth: np.ndarray, level: float) -> np.ndarray:
@@ -84,15 +92,30 @@ def mean_cell_spearman(expected: np.ndarray, truth: np.ndarray, cells: np.ndarra
     return (float(np.mean(scores)) if scores else float("nan")), len(scores)
 
 
-def score(probs: np.ndarray, truth: np.ndarray, cells: np.ndarray, min_cell_positions: int = 10) -> dict:
+def score(
+    probs: np.ndarray,
+    truth: np.ndarray,
+    cells: np.ndarray,
+    min_cell_positions: int = 10,
+    levels: np.ndarray | None = None,
+    strata: np.ndarray | None = None,
+) -> dict:
     """Every metric of this module, as plain numpy (what `compute` calls)."""
     probs, truth, cells = np.asarray(probs, dtype=np.float64), np.asarray(truth), np.asarray(cells)
     ranks = np.arange(probs.shape[1])
     best = probs.argmax(axis=1)
     expected = probs @ ranks
+    subsets = {"all": np.ones(len(truth), bool), "zero": truth == 0, "nonzero": truth != 0}
+    if strata is not None:
+        strata = np.asarray(strata).astype(str)
+        subsets.update({label: strata == label for label in sorted(set(strata.tolist()))})
+    if levels is not None:
+        levels = np.asarray(levels, dtype=np.float64)
+        rows = np.arange(len(truth))
+        true_level, best_level = levels[rows, truth], levels[rows, best]
+        expected_level = (probs * levels).sum(axis=1)
     results = {}
-    for subset in SUBSETS:
-        keep = np.ones(len(truth), bool) if subset == "all" else (truth == 0) == (subset == "zero")
+    for subset, keep in subsets.items():
         results[f"positions_{subset}"] = int(keep.sum())
         if not keep.any():
             continue
@@ -103,6 +126,12 @@ def score(probs: np.ndarray, truth: np.ndarray, cells: np.ndarray, min_cell_posi
         results[f"mae_{subset}"] = float(np.abs(expected[keep] - t).mean())
         spearman, n_cells = mean_cell_spearman(expected[keep], t, cells[keep], min_cell_positions)
         results[f"spearman_{subset}"], results[f"spearman_cells_{subset}"] = spearman, n_cells
+        if levels is not None:
+            results[f"mae_level_{subset}"] = float(np.abs(expected_level[keep] - true_level[keep]).mean())
+            results[f"within_one_level_{subset}"] = float((np.abs(best_level[keep] - true_level[keep]) <= 1).mean())
+            results[f"spearman_level_{subset}"] = mean_cell_spearman(
+                expected_level[keep], true_level[keep], cells[keep], min_cell_positions
+            )[0]
         for level in (0.5, 0.9):
             results[f"coverage_{round(level * 100)}_{subset}"] = float(interval_coverage(p, t, level).mean())
         results[f"ece_{subset}"] = expected_calibration_error(p.max(axis=1), b == t)
@@ -130,5 +159,7 @@ class RankImputation(evaluate.Metric):
             ),
         )
 
-    def _compute(self, predictions, references, cell_ids, min_cell_positions: int = 10):
-        return score(np.asarray(predictions), np.asarray(references), np.asarray(cell_ids), min_cell_positions)
+    def _compute(self, predictions, references, cell_ids, min_cell_positions: int = 10, levels=None, strata=None):
+        return score(
+            np.asarray(predictions), np.asarray(references), np.asarray(cell_ids), min_cell_positions, levels, strata
+        )
