@@ -24,26 +24,13 @@ import logging
 import os
 import shutil
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
-import numpy as np
-import torch
 from huggingface_hub import HfApi
 from transformers import HfArgumentParser, set_seed
 
-from dataset_scripts import (
-    EpochCallback,
-    RankDiffusionCollator,
-    full_cell_tokens,
-    is_hub_dataset_id,
-    load_expression_data,
-    split_by_cell_id,
-    with_length_column,
-)
-from dataset_scripts.expression_data import ExpressionSource
-from metrics import GlobalMarginal, NearestCells, PerGeneMarginal
+from dataset_scripts import EpochCallback, RankDiffusionCollator, is_hub_dataset_id, with_length_column
 from modeling import CellTokenizer, RankDiTConfig, RankDiTModel
 from pipelines import MaskedRankDiffusionPipeline, MaskedRankDiffusionScheduler
 from training import (
@@ -55,6 +42,7 @@ from training import (
     RankDiffusionTrainer,
     default_ema_decay,
 )
+from training.data import prepare_data
 from training.report import hardware_name, write_model_card
 
 logger = logging.getLogger("train_hf")
@@ -94,64 +82,6 @@ def upload_pipeline_folder(output_dir: Path, repo_id: str, *, token: str | None 
     return str(commit)
 
 
-@dataclass
-class PreparedData:
-    """The data side of a run: rows, held-out split, and what is fitted on the training split alone."""
-
-    source: ExpressionSource
-    train_rows: datasets.Dataset | datasets.IterableDataset
-    eval_rows: datasets.Dataset | datasets.IterableDataset
-    baseline: PerGeneMarginal
-    gene_pool: np.ndarray
-    panel: np.ndarray
-
-    def panel_cells(self, num_bins: int, max_length: int, rows=None) -> dict[str, torch.Tensor]:
-        """The held-out cells (or `rows`) as panel sequences, padded: `gene_ids`, `input_ids` (true tokens),
-        `attention_mask`."""
-        tokenizer = CellTokenizer(num_bins=num_bins, max_length=max_length, panel=self.panel)
-        return RankDiffusionCollator(tokenizer, rule="panel")(list(self.eval_rows if rows is None else rows))
-
-    def imputation_baselines(self, max_cells: int, neighbours: int = 15) -> dict:
-        """The baselines a model's imputation is compared with, fitted on (up to `max_cells`) training cells: the
-        per-gene marginal, the global marginal over the panel, and the `neighbours` nearest training cells."""
-        return {
-            "per-gene marginal": self.baseline,
-            "global marginal": GlobalMarginal(self.baseline, self.panel),
-            f"nearest cells (k={neighbours})": NearestCells(
-                full_cell_tokens(self.train_rows, self.baseline.num_rank_bins, max_cells), self.baseline, k=neighbours
-            ),
-        }
-
-
-def prepare_data(data_args: DataArguments, num_bins: int) -> PreparedData:
-    """Open the data, hold out cells by a hash of their id, and fit the per-gene marginal, the pool of genes seen
-    and the evaluation panel (the most often detected genes) on the training split only."""
-    source = load_expression_data(
-        data_args.data,
-        config_name=data_args.data_config,
-        gene_vocab=data_args.gene_vocab,
-        layer=data_args.layer,
-        gene_column=data_args.gene_column,
-        obs_columns=tuple(data_args.obs_columns),
-    )
-    train_rows, eval_rows = split_by_cell_id(source.rows, data_args.validation_share, seed=data_args.split_seed)
-    eval_rows = eval_rows.take(data_args.max_eval_cells)
-    logger.info("data: %s, %d genes in the vocabulary", source.name, len(source.vocab))
-    baseline = PerGeneMarginal(num_bins, source.vocab.size)
-    baseline.fit(full_cell_tokens(train_rows, num_bins, data_args.baseline_cells))
-    detection = baseline.detection_counts
-    gene_pool = np.flatnonzero(detection > 0)
-    panel_size = data_args.panel_size or data_args.max_length
-    panel = np.argsort(-detection, kind="stable")[: min(panel_size, len(gene_pool))]
-    logger.info(
-        "per-gene marginal fitted on %d training cells; %d genes seen, panel of %d",
-        baseline.num_cells,
-        len(gene_pool),
-        len(panel),
-    )
-    return PreparedData(source, train_rows, eval_rows, baseline, gene_pool, panel)
-
-
 def build_parser() -> HfArgumentParser:
     """The command line: model, data, diffusion and `TrainingArguments` flags."""
     return HfArgumentParser(
@@ -186,7 +116,7 @@ def train(
     set_seed(training_args.seed)
     num_bins = model_args.num_rank_bins
     data = prepare_data(data_args, num_bins)
-    source, train_rows, eval_rows = data.source, data.train_rows, data.eval_rows
+    source, train_rows, eval_rows = data.source, data.train_rows, data.validation_rows
     baseline, gene_pool, panel = data.baseline, data.gene_pool, data.panel
 
     if training_args.train_sampling_strategy == "group_by_length" and isinstance(train_rows, datasets.Dataset):
@@ -202,6 +132,7 @@ def train(
         max_length=data_args.max_length,
         zero_share=data_args.zero_share,
         panel_share=data_args.panel_share,
+        random_share=data_args.random_share,
         seed=training_args.seed,
         gene_pool=gene_pool,
         panel=panel,
@@ -209,13 +140,16 @@ def train(
     collator = RankDiffusionCollator(tokenizer)
     config = RankDiTConfig.from_preset(
         model_args.preset,
-        num_rank_bins=num_bins,
         gene_vocab_size=source.vocab.size,
         max_length=data_args.max_length,
-        time_conditioning=model_args.time_conditioning,
+        **model_args.config_overrides(),
     )
     model = RankDiTModel(config)
     model.gene_vocab = source.vocab
+    if config.gene_prior:
+        model.init_gene_prior(baseline.probabilities())
+    if model_args.gene_embedding_init == "pca":
+        model.init_gene_embedding(*data.reference.gene_loadings(config.hidden_size, seed=training_args.seed))
     logger.info("RankDiT %s: %.2fM parameters", model_args.preset, model.num_parameters() / 1e6)
     scheduler = MaskedRankDiffusionScheduler(
         num_rank_bins=num_bins, noise_schedule=diffusion_args.noise_schedule, eps=diffusion_args.eps
@@ -275,7 +209,6 @@ def train(
                 repo_id=repo_id or str(output_dir),
             ),
             mask_ratios=card_args.card_mask_ratios,
-            neighbours=card_args.card_neighbours,
             gif_steps=card_args.card_gif_steps,
         )
     if repo_id is not None:

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SELECTION_RULES = ("expressed", "panel")
-# Independent hash streams of a cell: the rule draw, the expressed genes kept, the zero genes added, the panel kept.
+SELECTION_RULES = ("expressed", "panel", "random")
+# Independent hash streams of a cell: the rule draw, the expressed genes kept, the zero genes added, the panel (or
+# random) genes kept.
 _STREAMS = ("rule", "expressed", "zeros", "panel")
 
 
@@ -42,8 +43,28 @@ def quantile_edges(sorted_counts: np.ndarray, num_bins: int) -> np.ndarray:
     return interpolate_edges(sorted_counts[low[0]], sorted_counts[high[0]], remainder[0])
 
 
+def _checked_counts(counts, where: str, genes: np.ndarray | None = None) -> np.ndarray:
+    counts = np.asarray(counts, dtype=np.float64)
+    if counts.ndim != 1:
+        raise ValueError(f"{where}: counts must be 1-D, got shape {counts.shape}")
+    bad = ~np.isfinite(counts) | (counts < 0) | (counts != np.round(counts))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        gene = f" (gene {int(genes[i])})" if genes is not None else ""
+        raise ValueError(
+            f"{where}: counts must be non-negative integers (raw UMI counts), got {float(counts[i])} at position "
+            f"{i}{gene}; {int(bad.sum())} bad values in all"
+        )
+    return counts
+
+
 def rank_tokens(
-    counts: np.ndarray, num_bins: int = 50, *, where: str = "cell", genes: np.ndarray | None = None
+    counts: np.ndarray,
+    num_bins: int = 50,
+    *,
+    where: str = "cell",
+    genes: np.ndarray | None = None,
+    reference: np.ndarray | None = None,
 ) -> np.ndarray:
     """Rank tokens of one cell's counts with the MosaicFM / Tahoe-x1 rule.
 
@@ -56,28 +77,21 @@ def rank_tokens(
         num_bins (`int`): B, the number of bins for expressed genes.
         where (`str`): how to name the cell in error messages.
         genes (`np.ndarray`, *optional*): the gene id of each count, to name a bad count's gene.
+        reference (`np.ndarray`, *optional*): the counts whose quantiles make the edges, when they are not `counts`
+            itself: for example a cell's visible counts, to put its held-out counts on the scale the visible
+            tokens use (a count above them all gets bin B).
 
     Returns:
         `np.ndarray` of int64 tokens in 0..B, one per count.
     """
-    counts = np.asarray(counts, dtype=np.float64)
-    if counts.ndim != 1:
-        raise ValueError(f"{where}: counts must be 1-D, got shape {counts.shape}")
-    bad = ~np.isfinite(counts) | (counts < 0) | (counts != np.round(counts))
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        gene = f" (gene {int(genes[i])})" if genes is not None else ""
-        raise ValueError(
-            f"{where}: counts must be non-negative integers (raw UMI counts), got {float(counts[i])} at position "
-            f"{i}{gene}; {int(bad.sum())} bad values in all"
-        )
-    expressed = counts > 0
-    if not expressed.any():
+    counts = _checked_counts(counts, where, genes)
+    binned_by = counts if reference is None else _checked_counts(reference, f"{where} (reference counts)")
+    if not (binned_by > 0).any():
         raise ValueError(f"{where}: the cell has no expressed genes")
-    nonzero = counts[expressed]
-    edges = quantile_edges(np.sort(nonzero), num_bins)
+    edges = quantile_edges(np.sort(binned_by[binned_by > 0]), num_bins)
+    expressed = counts > 0
     tokens = np.zeros(len(counts), dtype=np.int64)
-    tokens[expressed] = np.searchsorted(edges, nonzero, side="left") + 1
+    tokens[expressed] = np.minimum(np.searchsorted(edges, counts[expressed], side="left") + 1, num_bins)
     return tokens
 
 
@@ -195,8 +209,11 @@ class CellTokenizer:
       the zero share, so the model learns zeros. Being in such a sequence says a gene is probably expressed.
     - `"panel"`: up to `max_length` genes of `panel` drawn without looking at the counts (the whole panel when it
       fits), each with its token (0 if not expressed). Being in the sequence says nothing about expression.
+    - `"random"`: `max_length` genes of `gene_pool` drawn uniformly without looking at the counts, each with its
+      token: a new gene list for every cell and epoch, like the panels users bring.
 
-    With `rule=None` each cell uses `"panel"` with probability `panel_share`, else `"expressed"`. All draws are
+    With `rule=None` each cell uses `"panel"` with probability `panel_share`, `"random"` with probability
+    `random_share`, else `"expressed"`. All draws are
     hashes of salts fixed by (seed, epoch, cell id) ([`cell_salts`]): a gene is drawn when its hash key is among
     the smallest, so [`~CellTokenizer.select_expressed`] on a batch of cells gives each cell what it gets alone.
 
@@ -205,9 +222,10 @@ class CellTokenizer:
         max_length (`int`): L, the most pairs in a sequence.
         zero_share (`float`): share of the `"expressed"` sequence given to unexpressed genes.
         panel_share (`float`): probability of the `"panel"` rule when the rule is not given.
+        random_share (`float`): probability of the `"random"` rule when the rule is not given.
         seed (`int`): base seed of the draws.
         gene_pool (`np.ndarray`, *optional*): the genes to draw unexpressed genes from (for example the genes seen
-            in the training split); needed when `zero_share > 0`.
+            in the training split); needed when `zero_share > 0` or `random_share > 0`.
         panel (`np.ndarray`, *optional*): the gene panel of the `"panel"` rule; needed when that rule is used.
     """
 
@@ -215,6 +233,7 @@ class CellTokenizer:
     max_length: int = 1024
     zero_share: float = 0.0
     panel_share: float = 0.0
+    random_share: float = 0.0
     seed: int = 0
     gene_pool: np.ndarray | None = None
     panel: np.ndarray | None = None
@@ -222,13 +241,14 @@ class CellTokenizer:
     def __post_init__(self):
         if not 0.0 <= self.zero_share < 1.0 or round(self.zero_share * self.max_length) >= self.max_length:
             raise ValueError(f"zero_share must be in [0, 1) and leave room for expressed genes, got {self.zero_share}")
-        if not 0.0 <= self.panel_share <= 1.0:
-            raise ValueError(f"panel_share must be in [0, 1], got {self.panel_share}")
+        shares = (self.panel_share, self.random_share)
+        if min(shares) < 0.0 or sum(shares) > 1.0:
+            raise ValueError(f"panel_share and random_share must be >= 0 with a sum <= 1, got {shares}")
         for name in ("gene_pool", "panel"):
             if getattr(self, name) is not None:
                 setattr(self, name, np.unique(np.asarray(getattr(self, name), dtype=np.int64)))
-        if self.zero_share > 0 and self.gene_pool is None:
-            raise ValueError("zero_share > 0 needs a gene_pool to draw unexpressed genes from")
+        if (self.zero_share > 0 or self.random_share > 0) and self.gene_pool is None:
+            raise ValueError("zero_share > 0 and random_share > 0 need a gene_pool to draw genes from")
         if self.panel_share > 0 and self.panel is None:
             raise ValueError("panel_share > 0 needs a panel")
 
@@ -248,7 +268,8 @@ class CellTokenizer:
             counts (`np.ndarray`): their raw counts (zeros allowed).
             cell_id (`str`): a stable id of the cell (Tahoe-100M: `BARCODE_SUB_LIB_ID`), seeds the draws.
             epoch (`int`): the training epoch, so each epoch draws another subsample.
-            rule (`str`, *optional*): `"expressed"` or `"panel"`; drawn with `panel_share` when None.
+            rule (`str`, *optional*): one of `SELECTION_RULES`; drawn with `panel_share` and `random_share` when
+                None.
 
         Returns:
             `(gene_ids, input_ids)`: two int64 arrays of the same length, at most `max_length`.
@@ -275,10 +296,22 @@ class CellTokenizer:
         """
         salts = cell_salts(self.seed, epoch, [cell_id])
         if rule is None:
-            drawn = hash_keys(salts[0, _STREAMS.index("rule")], 0) < self.panel_share * 2**32
-            rule = "panel" if drawn else "expressed"
+            drawn = hash_keys(salts[0, _STREAMS.index("rule")], 0) / 2**32
+            rule = (
+                "panel"
+                if drawn < self.panel_share
+                else "random"
+                if drawn < self.panel_share + self.random_share
+                else "expressed"
+            )
         if rule == "panel":
-            return self._panel(genes, tokens, salts[0])
+            if self.panel is None:
+                raise ValueError("the panel rule needs CellTokenizer(panel=...)")
+            return self._listed(self.panel, genes, tokens, salts[0])
+        if rule == "random":
+            if self.gene_pool is None:
+                raise ValueError("the random rule needs CellTokenizer(gene_pool=...)")
+            return self._listed(self.gene_pool, genes, tokens, salts[0])
         if rule == "expressed":
             expressed = tokens > 0
             offsets = np.array([0, expressed.sum()])
@@ -327,15 +360,13 @@ class CellTokenizer:
         out_genes[zeros_at] = zeros
         return out_offsets, out_genes, out_tokens
 
-    def _panel(self, genes, tokens, salts):
-        if self.panel is None:
-            raise ValueError("the panel rule needs CellTokenizer(panel=...)")
-        panel = self.panel
-        if len(panel) > self.max_length:
-            keys = hash_keys(salts[_STREAMS.index("panel")], panel)
-            panel = panel.take(smallest_keys(np.array([0, len(panel)]), keys, self.max_length))
+    def _listed(self, candidates, genes, tokens, salts):
+        """Up to `max_length` of `candidates` (all when they fit, else drawn by hash key), each with its token."""
+        if len(candidates) > self.max_length:
+            keys = hash_keys(salts[_STREAMS.index("panel")], candidates)
+            candidates = candidates.take(smallest_keys(np.array([0, len(candidates)]), keys, self.max_length))
         order = np.argsort(genes)
-        position = np.searchsorted(genes[order], panel).clip(max=len(genes) - 1)
-        listed = genes[order][position] == panel
+        position = np.searchsorted(genes[order], candidates).clip(max=len(genes) - 1)
+        listed = genes[order][position] == candidates
         input_ids = np.where(listed, tokens[order][position], 0)
-        return panel.copy(), input_ids
+        return candidates.copy(), input_ids

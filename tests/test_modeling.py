@@ -24,10 +24,82 @@ def test_logits_cover_rank_tokens_only(tiny_model, tiny_config):
 def test_fresh_model_starts_uniform_with_zero_gates(tiny_model, tiny_config):
     for block in tiny_model.blocks:
         assert block.adaLN_modulation.weight.abs().max() == 0 and block.adaLN_modulation.bias.abs().max() == 0
-    assert tiny_model.proj_out.weight.abs().max() == 0
+    assert tiny_model.proj_out.weight.abs().max() == 0 and tiny_model.gene_prior.weight.abs().max() == 0
+    assert tiny_model.copy_head.query.weight.abs().max() == 0
     gene_ids, input_ids = _inputs(tiny_config)
-    logits = tiny_model(gene_ids=gene_ids, input_ids=input_ids).logits
+    no_copy = RankDiTModel(RankDiTConfig(**{**tiny_config.to_dict(), "copy_head": False}))
+    logits = no_copy(gene_ids=gene_ids, input_ids=input_ids).logits
     torch.testing.assert_close(logits, torch.zeros_like(logits))
+    # With the copy head, every visible position and the generate slot weigh the same at first.
+    probs = tiny_model(gene_ids=gene_ids, input_ids=input_ids).logits.exp()
+    visible = input_ids != tiny_config.mask_token_id
+    one_hot = torch.nn.functional.one_hot(input_ids.clamp(max=10), 11).float() * visible[..., None]
+    expected = (one_hot.sum(1, keepdim=True) + 1 / 11) / (visible.sum(1)[:, None, None] + 1)
+    torch.testing.assert_close(probs, expected.expand_as(probs))
+
+
+def test_copy_head_mixes_visible_tokens_and_the_generated_distribution(tiny_model, tiny_config):
+    model = randomize_zero_init(tiny_model)
+    gene_ids, input_ids = _inputs(tiny_config, length=16)
+    input_ids[:, :8] = tiny_config.mask_token_id
+    input_ids[:, 8:] = 4  # every visible position holds token 4
+    probs = model(gene_ids=gene_ids, input_ids=input_ids).logits.exp()
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 16))
+    model.copy_head = None
+    generated = model(gene_ids=gene_ids, input_ids=input_ids).logits.softmax(-1)
+    # Tokens other than 4 get only the generate slot's share of the generated distribution: p = w * q, w in (0, 1).
+    share = probs[..., [0, 1, 2, 3, 5, 6]] / generated[..., [0, 1, 2, 3, 5, 6]]
+    torch.testing.assert_close(share, share[..., :1].expand_as(share))
+    assert ((share > 0) & (share < 1)).all() and (probs[..., 4] > generated[..., 4]).all()
+    all_masked = torch.full_like(input_ids, tiny_config.mask_token_id)  # nothing to copy: all generated
+    model.copy_head = RankDiTModel(tiny_config).copy_head
+    torch.testing.assert_close(
+        model(gene_ids=gene_ids, input_ids=all_masked).logits.exp(), generated_for(model, gene_ids, all_masked)
+    )
+
+
+def generated_for(model, gene_ids, input_ids):
+    copy_head, model.copy_head = model.copy_head, None
+    probs = model(gene_ids=gene_ids, input_ids=input_ids).logits.softmax(-1)
+    model.copy_head = copy_head
+    return probs
+
+
+def test_gene_prior_starts_at_given_marginals_and_cell_profile_sees_the_visible_tokens(tiny_config):
+    config = RankDiTConfig(**{**tiny_config.to_dict(), "copy_head": False})
+    model = RankDiTModel(config)
+    generator = torch.Generator().manual_seed(0)
+    marginals = torch.rand(config.gene_vocab_size, 11, generator=generator, dtype=torch.float64) + 0.01
+    marginals /= marginals.sum(-1, keepdim=True)
+    model.init_gene_prior(marginals)
+    gene_ids, input_ids = _inputs(config)
+    probs = model(gene_ids=gene_ids, input_ids=input_ids).logits.softmax(-1)
+    torch.testing.assert_close(probs, marginals[gene_ids].float())
+    with pytest.raises(ValueError, match="shape"):
+        model.init_gene_prior(marginals[:5])
+    # The profile of visible tokens reaches every position through the conditioning.
+    model = randomize_zero_init(model)
+    other = input_ids.clone()
+    other[:, -1] = (input_ids[:, -1] + 3) % 11
+    changed = model(gene_ids=gene_ids, input_ids=other).logits - model(gene_ids=gene_ids, input_ids=input_ids).logits
+    assert changed[:, 0].abs().max() > 1e-4
+    model.cell_profile = None
+    model.blocks = model.blocks[:0]  # without attention blocks, only the profile links positions
+    changed = model(gene_ids=gene_ids, input_ids=other).logits - model(gene_ids=gene_ids, input_ids=input_ids).logits
+    assert changed[:, 0].abs().max() == 0
+
+
+def test_gene_embedding_starts_at_given_vectors(tiny_model, tiny_config):
+    vectors = torch.randn(3, 5, generator=torch.Generator().manual_seed(0)).numpy()
+    before = tiny_model.gene_embedding.weight.clone()
+    tiny_model.init_gene_embedding([7, 9, 11], vectors)
+    after = tiny_model.gene_embedding.weight
+    scaled = torch.from_numpy(vectors) / torch.from_numpy(vectors).std() * tiny_config.initializer_range
+    torch.testing.assert_close(after[[7, 9, 11], :5], scaled.float())
+    torch.testing.assert_close(after[[7, 9, 11], 5:], before[[7, 9, 11], 5:])
+    torch.testing.assert_close(after[8], before[8])
+    with pytest.raises(ValueError, match="vectors must be"):
+        tiny_model.init_gene_embedding([7], vectors)
 
 
 def test_loading_restores_every_weight_without_reinitialising(tiny_model, tmp_path):
@@ -136,5 +208,7 @@ def test_base_preset_is_the_mosaicfm_70m_backbone():
         model = RankDiTModel(RankDiTConfig.from_preset("base"))
     config = model.config
     assert (config.hidden_size, config.num_hidden_layers) == (512, 12)
-    modulation = sum(p.numel() for n, p in model.named_parameters() if "adaLN" in n)
-    assert 68e6 < model.num_parameters() - modulation < 72e6
+    # Beside the backbone: adaLN modulation, the cell profile, the per-gene prior and the copy head.
+    extras = ("adaLN", "cell_profile", "gene_prior", "copy_head")
+    added = sum(p.numel() for n, p in model.named_parameters() if any(part in n for part in extras))
+    assert 68e6 < model.num_parameters() - added < 72e6

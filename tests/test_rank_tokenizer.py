@@ -2,6 +2,7 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
+import torch
 
 from modeling import CellTokenizer, rank_tokens
 from modeling.rank_tokenizer import cell_salts, draw_unexpressed, hash_keys, smallest_keys
@@ -241,3 +242,23 @@ def test_unexpressed_draws_take_every_gene_a_small_pool_has():
                                       np.arange(3, 9), 10)  # fmt: skip
     assert offsets.tolist() == [0, 4, 9]
     assert sorted(zeros[:4].tolist()) == [5, 6, 7, 8] and sorted(zeros[4:].tolist()) == [4, 5, 6, 7, 8]
+
+
+def tahoe_x1_bins(counts: np.ndarray, num_bins: int = 50) -> np.ndarray:
+    """Tahoe-x1's own formulation (its collator's `binning` on a row of expressed counts, `n_bins = B + 1`):
+    float32 quantiles at `linspace(0, 1, B)`, `torch.bucketize(right=False)`, + 1."""
+    row = torch.as_tensor(counts, dtype=torch.float32)
+    edges = torch.quantile(row, torch.linspace(0, 1, num_bins, dtype=torch.float32))
+    return (torch.bucketize(row, edges, right=False) + 1).numpy()
+
+
+def test_rank_rule_matches_tahoe_x1_on_every_cell_of_the_embedded_sample():
+    from dataset_scripts import cell_counts, load_expression_data
+
+    cells = 0
+    for row in load_expression_data().rows:
+        _, counts = cell_counts(row)
+        expressed = counts[counts > 0]
+        np.testing.assert_array_equal(rank_tokens(expressed, 50), tahoe_x1_bins(expressed), err_msg=str(cells))
+        cells += 1
+    assert cells == 559

@@ -15,8 +15,44 @@ from .loss import ORDINAL_TERMS, ORDINAL_TIME_WEIGHTINGS
 @dataclass
 class ModelArguments:
     preset: str = field(default="tiny", metadata={"help": f"model size, one of {sorted(RANK_DIT_PRESETS)}"})
+    hidden_size: int | None = field(default=None, metadata={"help": "width, overriding the preset's"})
+    num_hidden_layers: int | None = field(default=None, metadata={"help": "DiT blocks, overriding the preset's"})
+    num_attention_heads: int | None = field(default=None, metadata={"help": "heads, overriding the preset's"})
     num_rank_bins: int = field(default=50, metadata={"help": "B: quantile bins of expressed genes (tokens 1..B)"})
     time_conditioning: bool = field(default=False, metadata={"help": "condition the denoiser on diffusion time"})
+    cell_profile: bool = field(
+        default=True, metadata={"help": "condition every block on the cell's visible token profile"}
+    )
+    cell_embedding: bool = field(
+        default=False,
+        metadata={"help": "add the token-weighted mean of the visible genes' embeddings to the cell profile"},
+    )
+    level_embedding: bool = field(
+        default=False,
+        metadata={"help": "add an embedding of each visible token's level (its rank among the cell's visible tokens)"},
+    )
+    gene_prior: bool = field(
+        default=True,
+        metadata={"help": "a learned per-gene bias over the tokens, started at the training cells' per-gene marginal"},
+    )
+    copy_head: bool = field(
+        default=True, metadata={"help": "mix a pointer to the visible positions' tokens into the prediction"}
+    )
+    gene_embedding_init: str = field(
+        default="random",
+        metadata={
+            "help": "start of the gene embeddings: random, or pca (loadings of the training cells' principal axes, "
+            "so genes that vary together start close)"
+        },
+    )
+
+    def config_overrides(self) -> dict:
+        """The `RankDiTConfig` fields these arguments set besides the preset."""
+        sizes = ("hidden_size", "num_hidden_layers", "num_attention_heads")
+        overrides = {name: getattr(self, name) for name in sizes if getattr(self, name) is not None}
+        flags = ("num_rank_bins", "time_conditioning", "cell_profile", "cell_embedding", "level_embedding")
+        flags += ("gene_prior", "copy_head")
+        return {**overrides, **{name: getattr(self, name) for name in flags}}
 
 
 @dataclass
@@ -44,8 +80,16 @@ class DataArguments:
     panel_share: float = field(
         default=0.5,
         metadata={
-            "help": "share of training sequences built from the gene panel without looking at the counts (the "
-            "rule evaluation uses); the rest hold expressed genes plus the zero share"
+            "help": "share of training sequences built from the training panel without looking at the counts (the "
+            "rule the trainer's evaluation uses)"
+        },
+    )
+    random_share: float = field(
+        default=0.0,
+        metadata={
+            "help": "share of training sequences of L genes drawn at random from the genes seen in training, "
+            "without looking at the counts (like the gene lists users bring); the rest hold expressed genes plus the "
+            "zero share"
         },
     )
     panel_size: int | None = field(
@@ -53,16 +97,24 @@ class DataArguments:
         metadata={"help": "genes in the panel: the most often detected genes of the training split (default L)"},
     )
     validation_share: float = field(
-        default=0.15, metadata={"help": "share of cells held out, by a hash of BARCODE_SUB_LIB_ID"}
+        default=0.1,
+        metadata={
+            "help": "share of cells held out for validation (by a hash of BARCODE_SUB_LIB_ID): the evaluations "
+            "during training and every choice of setting are made on them"
+        },
+    )
+    test_share: float = field(
+        default=0.15,
+        metadata={"help": "share of cells held out for testing (the next slice of the hash): the reported numbers"},
     )
     split_seed: int = field(
         default=0, metadata={"help": "salt of that hash; unlike --seed it keeps the held-out cells across runs"}
     )
     baseline_cells: int = field(
-        default=100_000,
-        metadata={"help": "training cells read to fit the per-gene marginal baseline and choose the panel"},
+        default=20_000,
+        metadata={"help": "training cells read to fit the baselines and choose the gene pool and the panels"},
     )
-    max_eval_cells: int = field(default=512, metadata={"help": "held-out cells scored at evaluation"})
+    max_eval_cells: int = field(default=512, metadata={"help": "validation (and test) cells scored at most"})
 
 
 @dataclass
@@ -106,7 +158,6 @@ class CardArguments:
         default_factory=lambda: [0.2, 0.5, 0.8, 0.95],
         metadata={"help": "shares of genes masked in the card's evaluation table and plots"},
     )
-    card_neighbours: int = field(default=15, metadata={"help": "k of the nearest-cells baseline in the card"})
     card_gif_steps: int = field(default=32, metadata={"help": "denoising steps of the card's two GIFs"})
     dataset_name: str | None = field(
         default=None,
