@@ -2,7 +2,9 @@
 
 The model has no positional encoding (gene order carries no meaning, so it is permutation-equivariant), attends
 bidirectionally with a key-padding mask, and modulates every block with adaLN-Zero from a conditioning vector: a
-learned vector shared by all cells, plus an embedding of the diffusion time when `config.time_conditioning`.
+learned vector shared by all cells, plus an embedding of the cell's visible token profile (`config.cell_profile`)
+and of the diffusion time (`config.time_conditioning`). The output adds a per-gene prior over the tokens
+(`config.gene_prior`) and mixes in a pointer to the visible positions' tokens (`config.copy_head`).
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ class RankDiTOutput(ModelOutput):
 
     Args:
         logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, num_rank_bins + 1)`):
-            Float32 scores of the rank tokens 0..B at every position (the mask class is never predicted).
+            Float32 scores of the rank tokens 0..B at every position (the mask class is never predicted); their
+            softmax is the predicted distribution (with `config.copy_head` they are its log-probabilities).
         last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`):
             Output of the last DiT block, before the final modulation and head.
     """
@@ -98,6 +101,115 @@ class RankDiTTimestepEmbedding(nn.Module):
         angles = 1000.0 * timesteps.float()[:, None] * torch.exp(exponent)[None]
         frequencies = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
         return self.linear_2(F.silu(self.linear_1(frequencies.to(self.linear_1.weight.dtype))))
+
+
+class RankDiTGenePrior(nn.Embedding):
+    """A per-gene bias over the rank tokens added to the logits, zero at initialisation."""
+
+
+class RankDiTExpressionWeight(nn.Embedding):
+    """A vector per rank token weighing a gene's embedding in the cell embedding: +1 for expressed tokens and -1
+    for token 0 at initialisation."""
+
+
+def visible_levels(input_ids: torch.Tensor, visible: torch.Tensor, num_rank_tokens: int) -> torch.Tensor:
+    """The level of each visible position: the rank of its token among the distinct tokens of its row's visible
+    positions (token 0 is level 0); `num_rank_tokens` at masked and padding positions."""
+    slots = torch.where(visible, input_ids, num_rank_tokens)
+    present = torch.zeros(input_ids.shape[0], num_rank_tokens + 1, dtype=torch.long, device=input_ids.device)
+    present = present.scatter_(1, slots, 1)[:, :num_rank_tokens]
+    present[:, 0] = 0
+    levels = present.cumsum(dim=1)  # levels[t]: distinct non-zero tokens <= t
+    return torch.where(visible, levels.gather(1, input_ids.clamp(max=num_rank_tokens - 1)), num_rank_tokens)
+
+
+class RankDiTCellProfile(nn.Module):
+    """Embedding of a cell's visible token profile: the share of each token 0..B among its visible positions, which
+    tokens occur there, and the share (and log number) of its positions that are visible; with
+    `config.cell_embedding`, also the mean of the visible genes' embeddings weighted by their tokens.
+
+    Ties make a cell's tokens few and its own (count 1 is token 1, count 2 token 18 in one cell and 25 in another);
+    the visible positions show which ones, how deep the cell is and which genes it expresses.
+    """
+
+    def __init__(self, config: RankDiTConfig):
+        super().__init__()
+        self.num_rank_tokens = config.num_rank_tokens
+        self.log_max_length = math.log1p(config.max_length)
+        self.expression_weight = (
+            RankDiTExpressionWeight(config.num_rank_tokens, config.hidden_size) if config.cell_embedding else None
+        )
+        in_features = 2 * config.num_rank_tokens + 2 + (config.hidden_size if config.cell_embedding else 0)
+        self.linear_1 = nn.Linear(in_features, config.hidden_size)
+        self.linear_2 = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(
+        self, input_ids: torch.Tensor, visible: torch.Tensor, real: torch.Tensor, gene_embeddings: torch.Tensor
+    ) -> torch.Tensor:
+        slots = torch.where(visible, input_ids, self.num_rank_tokens)  # masked and padding positions: a spare slot
+        counts = torch.zeros(input_ids.shape[0], self.num_rank_tokens + 1, device=input_ids.device)
+        counts = counts.scatter_add_(1, slots, torch.ones_like(slots, dtype=counts.dtype))[:, :-1]
+        n_visible = counts.sum(dim=1, keepdim=True)
+        n_real = real.sum(dim=1, keepdim=True).clamp(min=1).to(counts.dtype)
+        features = torch.cat(
+            [
+                counts / n_visible.clamp(min=1),
+                (counts > 0).to(counts.dtype),
+                n_visible / n_real,
+                torch.log1p(n_visible) / self.log_max_length,
+            ],
+            dim=1,
+        )
+        if self.expression_weight is not None:
+            weights = self.expression_weight(input_ids.clamp(max=self.num_rank_tokens - 1)) * visible[..., None]
+            pooled = (gene_embeddings * weights).sum(dim=1) / n_visible.clamp(min=1).to(weights.dtype)
+            features = torch.cat([features, F.layer_norm(pooled.float(), pooled.shape[-1:])], dim=1)
+        return self.linear_2(F.silu(self.linear_1(features.to(self.linear_1.weight.dtype))))
+
+
+class RankDiTCopyHead(nn.Module):
+    """A pointer over the visible positions, mixed with the generated distribution.
+
+    Position i puts weight on each visible position j (score q_i . k_j) and on a "generate" slot (score g . h_i),
+    all under one softmax; its distribution is the weighted sum of the visible positions' one-hot tokens plus the
+    generate weight times the softmax of the head's logits. A masked gene can so take the tokens the cell uses at
+    genes the model finds similar. The query and the generate score start at zero: at initialisation every visible
+    position and the generate slot weigh the same.
+    """
+
+    def __init__(self, config: RankDiTConfig):
+        super().__init__()
+        self.num_rank_tokens = config.num_rank_tokens
+        self.query = RankDiTZeroLinear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(config.hidden_size, config.hidden_size)
+        self.generate_score = RankDiTZeroLinear(config.hidden_size, 1)
+        self.scaling = config.hidden_size**-0.5
+
+    def forward(
+        self, hidden_states: torch.Tensor, input_ids: torch.Tensor, visible: torch.Tensor, logits: torch.Tensor
+    ) -> torch.Tensor:
+        batch_size, length, hidden_size = hidden_states.shape
+        hidden_states = hidden_states.float()  # the mixture is formed in float32, also under autocast
+        with torch.autocast(device_type=hidden_states.device.type, enabled=False):
+            # One attention call: the generate slot is an extra key, scored by an extra query feature, whose value
+            # is an extra channel; the visible positions' values are their one-hot tokens.
+            query = torch.cat([self.query(hidden_states), self.generate_score(hidden_states) / self.scaling], -1)
+            key = F.pad(self.key(hidden_states), (0, 1))
+            generate_key = F.pad(key.new_ones(batch_size, 1, 1), (hidden_size, 0))
+            tokens = F.one_hot(input_ids.clamp(max=self.num_rank_tokens - 1), self.num_rank_tokens + 1)
+            value = (tokens * visible[..., None]).float()
+            generate_value = F.pad(value.new_ones(batch_size, 1, 1), (self.num_rank_tokens, 0))
+            keys = F.pad(visible, (0, 1), value=True)[:, None, None, :]
+            mixture = F.scaled_dot_product_attention(
+                query[:, None],
+                torch.cat([key, generate_key], dim=1)[:, None],
+                torch.cat([value, generate_value], dim=1)[:, None],
+                attn_mask=keys,
+                scale=self.scaling,
+            )[:, 0]
+            copied, generate_weight = mixture[..., :-1], mixture[..., -1:]
+            probs = copied + generate_weight * F.softmax(logits.float(), dim=-1)
+            return probs.clamp(min=1e-30).log()
 
 
 class RankDiTAttention(nn.Module):
@@ -185,6 +297,10 @@ class RankDiTPreTrainedModel(PreTrainedModel):
         if isinstance(module, RankDiTZeroLinear):
             init.zeros_(module.weight)
             init.zeros_(module.bias)
+        elif isinstance(module, RankDiTGenePrior):
+            init.zeros_(module.weight)
+        elif isinstance(module, RankDiTExpressionWeight):
+            init.copy_(module.weight, torch.ones_like(module.weight).index_fill_(0, torch.tensor([0]), -1.0))
 
 
 class RankDiTModel(RankDiTPreTrainedModel):
@@ -211,14 +327,22 @@ class RankDiTModel(RankDiTPreTrainedModel):
     def __init__(self, config: RankDiTConfig):
         super().__init__(config)
         self.rank_embedding = nn.Embedding(config.num_rank_bins + 2, config.hidden_size)
+        self.level_embedding = (
+            nn.Embedding(config.num_rank_tokens + 1, config.hidden_size) if config.level_embedding else None
+        )
         self.gene_embedding = nn.Embedding(config.gene_vocab_size, config.hidden_size)
         # The conditioning every cell shares; time (and later cell metadata) embeddings are added to it.
         self.base_conditioning = nn.Embedding(1, config.hidden_size)
         self.time_embedding = RankDiTTimestepEmbedding(config.hidden_size) if config.time_conditioning else None
+        self.cell_profile = RankDiTCellProfile(config) if config.cell_profile else None
         self.blocks = nn.ModuleList(RankDiTBlock(config) for _ in range(config.num_hidden_layers))
         self.norm_out = nn.LayerNorm(config.hidden_size, eps=config.norm_eps, elementwise_affine=False)
         self.adaLN_out = RankDiTZeroLinear(config.hidden_size, 2 * config.hidden_size)
         self.proj_out = RankDiTZeroLinear(config.hidden_size, config.num_rank_tokens)
+        self.gene_prior = (
+            RankDiTGenePrior(config.gene_vocab_size, config.num_rank_tokens) if config.gene_prior else None
+        )
+        self.copy_head = RankDiTCopyHead(config) if config.copy_head else None
         self.gene_vocab: GeneVocab | None = None
         self.post_init()
 
@@ -270,8 +394,17 @@ class RankDiTModel(RankDiTPreTrainedModel):
             [`RankDiTOutput`] with `logits` of shape `(batch_size, sequence_length, num_rank_bins + 1)`.
         """
         self._check_inputs(gene_ids, input_ids, attention_mask, timesteps)
-        hidden_states = self.rank_embedding(input_ids) + self.gene_embedding(gene_ids)
+        gene_embeddings = self.gene_embedding(gene_ids)
+        hidden_states = self.rank_embedding(input_ids) + gene_embeddings
+        real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        visible = real & (input_ids != self.config.mask_token_id)
+        if self.level_embedding is not None:
+            hidden_states = hidden_states + self.level_embedding(
+                visible_levels(input_ids, visible, self.config.num_rank_tokens)
+            )
         conditioning = self.base_conditioning.weight.expand(input_ids.shape[0], -1)
+        if self.cell_profile is not None:
+            conditioning = conditioning + self.cell_profile(input_ids, visible, real, gene_embeddings)
         if self.time_embedding is not None:
             conditioning = conditioning + self.time_embedding(
                 timesteps.to(hidden_states.device).expand(input_ids.shape[0])
@@ -282,25 +415,58 @@ class RankDiTModel(RankDiTPreTrainedModel):
         for block in self.blocks:
             hidden_states = block(hidden_states, conditioning, mask)
         shift, scale = self.adaLN_out(F.silu(conditioning)).chunk(2, dim=-1)
-        logits = self.proj_out(modulate(self.norm_out(hidden_states), shift, scale)).float()
+        output_states = modulate(self.norm_out(hidden_states), shift, scale)
+        logits = self.proj_out(output_states).float()
+        if self.gene_prior is not None:
+            logits = logits + self.gene_prior(gene_ids).float()
+        if self.copy_head is not None:
+            logits = self.copy_head(output_states, input_ids, visible, logits)
         if not return_dict:
             return logits, hidden_states
         return RankDiTOutput(logits=logits, last_hidden_state=hidden_states)
+
+    @torch.no_grad()
+    def init_gene_prior(self, probabilities: np.ndarray | torch.Tensor) -> None:
+        """Start the per-gene prior at given per-gene token probabilities (`(gene_vocab_size, B + 1)`, e.g. the
+        per-gene marginal of the training cells), so training starts from them instead of uniform logits."""
+        if self.gene_prior is None:
+            raise ValueError("this model has no gene prior (config.gene_prior is False)")
+        probabilities = torch.as_tensor(probabilities, dtype=torch.float64)
+        expected = tuple(self.gene_prior.weight.shape)
+        if tuple(probabilities.shape) != expected:
+            raise ValueError(f"probabilities must have shape {expected}, got {tuple(probabilities.shape)}")
+        log_probs = probabilities.clamp(min=1e-12).log()
+        self.gene_prior.weight.copy_((log_probs - log_probs.mean(dim=1, keepdim=True)).to(self.gene_prior.weight))
+
+    @torch.no_grad()
+    def init_gene_embedding(self, genes: np.ndarray, vectors: np.ndarray) -> None:
+        """Start the embeddings of `genes` at `vectors` (`(len(genes), k)`, k <= hidden_size, e.g. principal-axis
+        loadings of the training cells' expression, so co-varying genes start close), scaled to the initialiser's
+        standard deviation; the other dimensions and genes keep their random start."""
+        vectors = torch.as_tensor(np.asarray(vectors), dtype=torch.float32)
+        if vectors.ndim != 2 or vectors.shape[0] != len(genes) or vectors.shape[1] > self.config.hidden_size:
+            raise ValueError(
+                f"vectors must be (len(genes), k <= {self.config.hidden_size}), got {tuple(vectors.shape)} for "
+                f"{len(genes)} genes"
+            )
+        weight = self.gene_embedding.weight
+        scaled = vectors / vectors.std().clamp(min=1e-12) * self.config.initializer_range
+        weight[torch.as_tensor(np.asarray(genes)), : vectors.shape[1]] = scaled.to(weight)
 
     def rank_tokens(self, counts: np.ndarray) -> np.ndarray:
         """Rank tokens of one cell's raw counts with the rule this checkpoint was trained with."""
         return rank_tokens(counts, self.config.num_rank_bins)
 
-    def prepare_inputs(self, gene_ids, ranks=None, counts=None, mask=None) -> CellInputs:
+    def prepare_inputs(self, gene_ids, ranks=None, counts=None, mask=None, context_counts=None) -> CellInputs:
         """Pipeline input (gene names or ids, ranks or raw counts, mask) as a padded [`CellInputs`] batch for
-        this checkpoint: see [`prepare_cell_inputs`]."""
+        this checkpoint: see [`prepare_cell_inputs`]. Cells may be longer than `config.max_length`."""
         return prepare_cell_inputs(
             gene_ids,
             ranks,
             counts,
             mask,
             num_rank_bins=self.config.num_rank_bins,
-            max_length=self.config.max_length,
+            context_counts=context_counts,
             gene_vocab=self.gene_vocab,
             gene_vocab_size=self.config.gene_vocab_size,
         )
@@ -308,16 +474,18 @@ class RankDiTModel(RankDiTPreTrainedModel):
     @torch.no_grad()
     def predictive_distribution(self, cells: CellInputs) -> torch.Tensor:
         """p(x0 | visible tokens) over 0..B at every position of `cells` from one pass (at t = 1 when the model is
-        time-conditioned): float32 `(n_cells, length, B + 1)`, one-hot where visible, zero at padding."""
-        device = self.device
-        timesteps = torch.ones(len(cells), device=device) if self.config.time_conditioning else None
+        time-conditioned): float32 `(n_cells, length, B + 1)`, one-hot where visible, zero at padding. A cell longer
+        than `config.max_length` is seen in windows of random genes ([`CellInputs.windows`])."""
+        windows = cells.windows(self.config.max_length)
+        inputs, device = windows.inputs, self.device
+        timesteps = torch.ones(len(inputs), device=device) if self.config.time_conditioning else None
         logits = self(
-            gene_ids=cells.gene_ids.to(device),
-            input_ids=cells.ranks.to(device),
-            attention_mask=cells.attention_mask.to(device),
+            gene_ids=inputs.gene_ids.to(device),
+            input_ids=inputs.ranks.to(device),
+            attention_mask=inputs.attention_mask.to(device),
             timesteps=timesteps,
         ).logits
-        probs = torch.softmax(logits.float(), dim=-1).cpu()
+        probs = windows.to_cells(torch.softmax(logits.float(), dim=-1).cpu())
         visible = ~cells.mask & cells.attention_mask
         one_hot = F.one_hot(cells.ranks.clamp(max=self.config.num_rank_bins), self.config.num_rank_tokens)
         probs = torch.where(visible[..., None], one_hot.to(probs.dtype), probs)

@@ -16,19 +16,20 @@ IMPUTATION_TASK = "rank-imputation"
 class RankDiTImputationPipeline(Pipeline):
     """One denoiser pass over cells with masked positions: per-position distributions over ranks 0..B.
 
-    Call with `gene_ids=` (ids, Ensembl ids or symbols; one cell or a list of cells), `ranks=` or raw `counts=`,
-    and `mask=` (True = predict). Returns, per cell, a dict with `gene_ids`, `mask`, `probs` (`(length, B + 1)`,
-    one-hot where visible) and `expected` (the expected rank). Sampling lives in the diffusers
-    `MaskedRankDiffusionPipeline`.
+    Call with `gene_ids=` (ids, Ensembl ids or symbols; one cell or a list of cells, any number of genes), `ranks=`
+    or raw `counts=` (and `context_counts=`, the counts of a cell's other genes), and `mask=` (True = predict).
+    Returns, per cell, a dict with `gene_ids`, `mask`, `probs` (`(length, B + 1)`, one-hot where visible) and
+    `expected` (the expected rank). Sampling lives in the diffusers `MaskedRankDiffusionPipeline`.
     """
 
     def _sanitize_parameters(self, **kwargs):
         return {}, {}, {}
 
-    def __call__(self, gene_ids=None, ranks=None, counts=None, mask=None, **kwargs):
+    def __call__(self, gene_ids=None, ranks=None, counts=None, mask=None, context_counts=None, **kwargs):
         if gene_ids is None:
             raise ValueError("call the pipeline with gene_ids=... (and ranks= or counts=, mask=)")
-        return super().__call__({"gene_ids": gene_ids, "ranks": ranks, "counts": counts, "mask": mask}, **kwargs)
+        inputs = dict(gene_ids=gene_ids, ranks=ranks, counts=counts, mask=mask, context_counts=context_counts)
+        return super().__call__(inputs, **kwargs)
 
     def preprocess(self, inputs):
         return {"cells": self.model.prepare_inputs(**inputs)}

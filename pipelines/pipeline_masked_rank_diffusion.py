@@ -86,6 +86,7 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
         mask=None,
         mask_ratio: float | None = None,
         counts=None,
+        context_counts=None,
         num_inference_steps: int = 64,
         sampler: str | None = None,
         temperature: float = 1.0,
@@ -105,7 +106,11 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
             ranks: rank tokens 0..B at the same positions; None (and no `counts`) generates every position.
             mask: True at the positions to generate, False where the given rank is kept.
             mask_ratio (`float`, *optional*): instead of `mask`, mask this share of each cell's genes at random.
-            counts: raw counts instead of `ranks`, tokenized with the checkpoint's own rule over each cell's genes.
+            counts: raw counts instead of `ranks`, tokenized with the checkpoint's own rule over each cell's visible
+                counts (masked ones never shape the visible tokens). Give whole cells: any number of genes, shown
+                to the model in windows of random genes when a cell is longer than `model.config.max_length`.
+            context_counts: with `counts` of part of a cell, the counts of its other genes, so its quantile bins
+                are those of the whole cell, as in training (a warning says when a cell looks like a part).
             num_inference_steps (`int`, defaults to 64): denoising steps (first-hitting: one per masked token).
             sampler (`str`, *optional*): `"ancestral"`, `"first-hitting"` or `"confidence"`; the scheduler's
                 configured sampler by default.
@@ -126,7 +131,9 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if mask_ratio is not None and mask is not None:
             raise ValueError("give mask or mask_ratio, not both")
-        cells = self.model.prepare_inputs(gene_ids, ranks=ranks, counts=counts, mask=mask)
+        cells = self.model.prepare_inputs(
+            gene_ids, ranks=ranks, counts=counts, mask=mask, context_counts=context_counts
+        )
         if mask_ratio is not None:
             if ranks is None and counts is None:
                 raise ValueError("mask_ratio needs the ranks (or counts) of the positions it keeps")
@@ -138,8 +145,12 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
         for start in range(0, len(cells), batch_size):
             batch = cells.rows(slice(start, start + batch_size))
             if output_type == "ranks":
-                sample, calls = self._denoise(batch, temperature, top_p, generator, use_cache, callback_on_step_end)
-                results["ranks"].append(sample)
+                windows = batch.windows(self.model.config.max_length)
+                sample, calls = self._denoise(
+                    windows.inputs, temperature, top_p, generator, use_cache, callback_on_step_end
+                )
+                results["ranks"].append(windows.to_cells(sample, fill=-1))
+                calls = torch.zeros(len(batch), dtype=torch.long).index_add_(0, windows.cell, calls)
             else:  # keep only what is returned: the (cells, length, B + 1) distributions can be large
                 probs = self.model.predictive_distribution(batch)
                 bins = torch.arange(probs.shape[-1], dtype=probs.dtype)
@@ -189,12 +200,12 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
     ):
         """Impute the masked (or missing) values of an AnnData of raw counts; returns an annotated copy.
 
-        Each cell's visible counts are turned into rank tokens with the checkpoint's rule; the masked ones are
-        sampled (`layers[key_added + "_ranks"]`, rank tokens 0..B) and scored (`layers[key_added + "_expected"]`,
-        the expected rank from one denoiser pass; `obsm[key_added + "_probs"]`, `(n_obs, n_vars, B + 1)`, with
-        `return_probs`). Visible positions keep their own rank. Genes outside the checkpoint's vocabulary get -1
-        and NaN and are reported; with more genes than the model's `max_length` the genes are taken in windows of
-        that many. `obs`, `var` and the data are kept as they are.
+        Each cell is a whole cell: its visible counts at every gene the checkpoint knows are turned into rank tokens
+        with the checkpoint's rule; the masked ones are sampled (`layers[key_added + "_ranks"]`, rank tokens 0..B)
+        and scored (`layers[key_added + "_expected"]`, the expected rank from one denoiser pass;
+        `obsm[key_added + "_probs"]`, `(n_obs, n_vars, B + 1)`, with `return_probs`). Visible positions keep their
+        own rank. Genes outside the checkpoint's vocabulary get -1 and NaN and are reported. A cell with more genes
+        than the model's `max_length` is seen in windows of random genes. `obs`, `var` and the data are kept.
 
         Args:
             adata (`anndata.AnnData`): raw counts in `X` or `layers[layer]`, genes as symbols or Ensembl ids in
@@ -205,9 +216,9 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
             key_added (`str`, defaults to `"rankdiff"`): prefix of the new layers and `obsm` key.
             call_kwargs: passed to the pipeline call (`num_inference_steps`, `sampler`, `generator`, ...).
         """
-        reserved = {"gene_ids", "ranks", "counts", "mask", "mask_ratio", "output_type"} & set(call_kwargs)
-        if reserved:
-            raise ValueError(f"impute_anndata sets {sorted(reserved)} itself")
+        reserved = {"gene_ids", "ranks", "counts", "context_counts", "mask", "mask_ratio", "output_type"}
+        if reserved & set(call_kwargs):
+            raise ValueError(f"impute_anndata sets {sorted(reserved & set(call_kwargs))} itself")
         counts = adata.layers[layer] if layer is not None else adata.X
         counts = np.asarray(counts.toarray() if hasattr(counts, "toarray") else counts, dtype=np.float64)
         mask = np.isnan(counts) if mask is None else np.asarray(mask, dtype=bool)
@@ -223,30 +234,24 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
                            len(gene_ids) - len(known), len(gene_ids))  # fmt: skip
         if not len(known):
             raise ValueError("none of the AnnData's genes is in the checkpoint's vocabulary")
-        ranks = np.zeros((adata.n_obs, len(known)), dtype=np.int64)
-        for i in range(adata.n_obs):  # each cell's bins are quantiles of its own visible counts
-            visible = np.flatnonzero(~mask[i, known])
-            cell_counts = counts[i, known[visible]]
-            if (cell_counts > 0).any():
-                ranks[i, visible] = self.model.rank_tokens(cell_counts)
+        inputs = {
+            "gene_ids": np.tile(gene_ids[known], (adata.n_obs, 1)),
+            "counts": np.where(mask[:, known], np.nan, counts[:, known]),
+            "mask": mask[:, known],
+            "context_counts": [[]] * adata.n_obs,  # each row is a whole cell
+        }
         out_ranks = np.full(counts.shape, -1, dtype=np.int64)
         out_expected = np.full(counts.shape, np.nan)
-        out_probs = np.zeros((*counts.shape, self.model.config.num_rank_tokens), np.float32) if return_probs else None
-        for start in range(0, len(known), self.model.config.max_length):
-            window = slice(start, start + self.model.config.max_length)
-            columns = known[window]
-            inputs = {"gene_ids": np.tile(gene_ids[columns], (adata.n_obs, 1)), "ranks": ranks[:, window]}
-            inputs["mask"] = mask[:, columns]
-            out_ranks[:, columns] = self(**inputs, **call_kwargs, output_type="ranks").ranks
-            scored_as = "probs" if return_probs else "expected"
-            scored = self(**inputs, output_type=scored_as, batch_size=call_kwargs.get("batch_size", 64))
-            out_expected[:, columns] = scored.expected
-            if return_probs:
-                out_probs[:, columns] = scored.probs
+        out_ranks[:, known] = self(**inputs, **call_kwargs, output_type="ranks").ranks
+        scored_as = "probs" if return_probs else "expected"
+        scored = self(**inputs, output_type=scored_as, batch_size=call_kwargs.get("batch_size", 64))
+        out_expected[:, known] = scored.expected
         result = adata.copy()
         result.layers[f"{key_added}_ranks"] = out_ranks
         result.layers[f"{key_added}_expected"] = out_expected
         if return_probs:
+            out_probs = np.zeros((*counts.shape, self.model.config.num_rank_tokens), np.float32)
+            out_probs[:, known] = scored.probs
             result.obsm[f"{key_added}_probs"] = out_probs
         return result
 

@@ -147,8 +147,6 @@ def test_ragged_cells_gene_names_counts_and_mask_ratio(config):
         np.testing.assert_array_equal(out.ranks[i, : len(cell)][visible], tokens[visible])
     with pytest.raises(KeyError, match="NOPE"):
         pipe([["G10", "NOPE"]])
-    with pytest.raises(ValueError, match="at most 64"):
-        pipe([list(range(3, 80))])
     with pytest.raises(ValueError, match="ranks must be in 0..10"):
         pipe([[10, 11]], ranks=[[3, 12]])
 
@@ -230,6 +228,21 @@ np.save("probs0.npy", out[0]["probs"]); np.save("probs1.npy", out[1]["probs"])
     np.testing.assert_allclose(np.load(tmp_path / "probs1.npy"), expected[1, :3].numpy(), rtol=1e-5, atol=1e-6)
 
 
+def test_transformers_task_takes_whole_cells_longer_than_the_model_length(saved_pipeline):
+    from modeling import RankDiTImputationPipeline
+
+    pipe, _ = saved_pipeline  # model length 64
+    rng = np.random.default_rng(0)
+    genes = rng.choice(np.arange(3, 200), 150, replace=False).tolist()
+    counts = (rng.poisson(2.0, 150) + (np.arange(150) == 0)).astype(float)
+    mask = (rng.random(150) < 0.5).tolist()
+    task = RankDiTImputationPipeline(model=pipe.model)
+    out = task(gene_ids=genes, counts=counts.tolist(), mask=mask, context_counts=[[]])
+    cells = pipe.model.prepare_inputs([genes], counts=[counts], mask=[mask], context_counts=[[]])
+    np.testing.assert_allclose(out["probs"], pipe.model.predictive_distribution(cells)[0].numpy(), rtol=1e-6)
+    assert out["probs"].shape == (150, B + 1) and np.allclose(out["probs"].sum(-1), 1.0, atol=1e-5)
+
+
 def test_denoising_is_recorded_and_drawn_as_a_gif(config, tmp_path):
     from PIL import Image
 
@@ -258,3 +271,50 @@ def test_masked_counts_never_shape_the_visible_ranks(config):
     expected = rank_tokens(counts[0, :4], B)
     np.testing.assert_array_equal(cells.ranks[0, :4].numpy(), expected)
     assert torch.equal(cells.ranks, hidden_nan.ranks) and cells.ranks[0, 4] == MASK
+
+
+def test_whole_cells_longer_than_the_model_length_are_seen_in_windows(config):
+    model = StubDenoiser(config)  # trained length 64; the stub's output at a gene ignores the rest of the cell
+    rng = np.random.default_rng(0)
+    genes = rng.choice(np.arange(3, 200), 150, replace=False)
+    counts = rng.poisson(2.0, 150).astype(float)
+    counts[0] += 1
+    mask = rng.random(150) < 0.5
+    cells = model.prepare_inputs([genes], counts=[counts], mask=[mask], context_counts=[[]])
+    windows = cells.windows(64)
+    real = windows.inputs.attention_mask
+    assert len(real) == 3 and real.sum(1).tolist() == [50, 50, 50]
+    assert sorted(windows.position[real].tolist()) == list(range(150))  # every position once
+    shuffled = model.prepare_inputs([genes], counts=[rng.permutation(counts)], mask=[~mask], context_counts=[[]])
+    assert torch.equal(shuffled.windows(64).position, windows.position)  # drawn without looking at counts or mask
+
+    pipe = _pipe(model)
+    out = pipe(gene_ids=[genes], counts=[counts], mask=[mask], context_counts=[[]], output_type="probs")
+    tokens = np.zeros(150, dtype=np.int64)
+    tokens[~mask] = rank_tokens(counts[~mask], B)
+    expected = torch.softmax(model.log_table[torch.from_numpy(genes)], -1).numpy()
+    np.testing.assert_allclose(out.probs[0][mask], expected[mask], rtol=1e-5)
+    np.testing.assert_array_equal(out.probs[0][~mask].argmax(-1), tokens[~mask])
+    model.rows_seen = 0
+    sampled = pipe(gene_ids=[genes], counts=[counts], mask=[mask], context_counts=[[]], num_inference_steps=4,
+                   generator=torch.Generator().manual_seed(0))  # fmt: skip
+    np.testing.assert_array_equal(sampled.ranks[0][~mask], tokens[~mask])
+    assert sampled.ranks[0][mask].min() >= 0 and sampled.ranks[0][mask].max() <= B
+    assert sampled.model_calls.tolist() == [12] and model.rows_seen == 12  # 3 windows x 4 steps
+
+
+def test_context_counts_give_the_whole_cells_bins_and_a_part_of_a_cell_is_named(config, caplog):
+    model = StubDenoiser(config)
+    panel, rest = np.array([1.0, 0.0, 2.0, 5.0, 0.0]), np.array([1.0, 1.0, 1.0, 3.0, 8.0, 1.0])
+    with caplog.at_level("WARNING", logger="modeling.cell_inputs"):
+        alone = model.prepare_inputs([[10, 11, 12, 13, 14]], counts=[panel])
+    assert "context_counts" in caplog.text and "1 cells" in caplog.text
+    np.testing.assert_array_equal(alone.ranks[0].numpy(), rank_tokens(panel, B))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="modeling.cell_inputs"):
+        whole = model.prepare_inputs([[10, 11, 12, 13, 14]], counts=[panel], context_counts=[rest])
+    assert not caplog.text
+    np.testing.assert_array_equal(whole.ranks[0].numpy(), rank_tokens(np.r_[panel, rest], B)[:5])
+    assert not torch.equal(whole.ranks, alone.ranks)
+    with pytest.raises(ValueError, match="context_counts go with counts"):
+        model.prepare_inputs([[10, 11]], ranks=[[1, 2]], context_counts=[[1.0]])

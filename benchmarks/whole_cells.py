@@ -1,0 +1,123 @@
+"""Whole cells through the pipeline: raw counts in, tokens made by the pipeline, against the training rule's tokens.
+
+A user passes whole cells (every expressed gene, any number of them) with their raw counts and a mask; the pipeline
+bins each cell's *visible* counts (the masked ones must not shape them) and shows cells longer than the model's
+length in windows of random genes. The training rule bins the whole cell, masked genes included. This benchmark
+scores both on the same test cells, masks and windows through the public `pipe(...)` call (one denoiser pass,
+masked positions only), each against the true tokens on its own scale: the training rule's tokens for the ranks
+path, the masked counts binned by the visible counts' edges (`rank_tokens(..., reference=visible)`) for the counts
+path, which is what the pipeline's visible tokens mean:
+
+    python benchmarks/whole_cells.py --checkpoint outputs/demo --output benchmarks/results/whole_cells.json
+
+The data flags are train_hf.py's (`--data`, `--validation_share`, `--test_share`, ...): give the checkpoint's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from transformers import HfArgumentParser
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from dataset_scripts import cell_counts  # noqa: E402
+from modeling import rank_tokens  # noqa: E402
+from pipelines import MaskedRankDiffusionPipeline  # noqa: E402
+from training import DataArguments  # noqa: E402
+from training.data import prepare_data  # noqa: E402
+
+
+@dataclass
+class WholeCellArguments:
+    checkpoint: str = field(default="outputs/demo", metadata={"help": "a train_hf.py output folder"})
+    mask_ratio: float = field(default=0.5, metadata={"help": "share of each cell's genes masked"})
+    min_genes: int = field(
+        default=1500, metadata={"help": "cells with at least this many genes are also scored apart"}
+    )
+    seed: int = field(default=0, metadata={"help": "seed of the masks"})
+    output: str = field(default="benchmarks/results/whole_cells.json")
+
+
+def masked_nll(probs: np.ndarray, tokens: list[np.ndarray], masks: list[np.ndarray], cells: list[int]) -> float:
+    """Mean -log p(true token) over the masked positions of `cells`."""
+    picked = [probs[i, : len(tokens[i])][masks[i], tokens[i][masks[i]]] for i in cells]
+    return float(-np.log(np.clip(np.concatenate(picked), 1e-12, None)).mean())
+
+
+def main() -> None:
+    args, data_args = HfArgumentParser((WholeCellArguments, DataArguments)).parse_args_into_dataclasses()
+    pipe = MaskedRankDiffusionPipeline.from_pretrained(args.checkpoint, trust_remote_code=True)
+    pipe.set_progress_bar_config(disable=True)
+    num_bins = pipe.model.config.num_rank_bins
+    data_args.max_length = pipe.model.config.max_length
+    data = prepare_data(data_args, num_bins)
+    rng = np.random.default_rng(args.seed)
+    genes, counts, tokens, visible_scale, masks = [], [], [], [], []
+    for row in data.test_rows:
+        cell_genes, cell_values = cell_counts(row)
+        genes.append(cell_genes)
+        counts.append(cell_values)
+        tokens.append(rank_tokens(cell_values, num_bins))  # the training rule: the whole cell, masked genes too
+        mask = np.zeros(len(cell_genes), dtype=bool)
+        mask[rng.choice(len(cell_genes), round(args.mask_ratio * len(cell_genes)), replace=False)] = True
+        masks.append(mask)
+        visible_scale.append(rank_tokens(cell_values, num_bins, reference=cell_values[~mask]))
+    start = time.time()
+    through_counts = pipe(
+        gene_ids=genes,
+        counts=[np.where(m, np.nan, c) for c, m in zip(counts, masks)],
+        mask=masks,
+        context_counts=[[]] * len(genes),
+        output_type="probs",
+    ).probs
+    counts_seconds = time.time() - start
+    through_ranks = pipe(gene_ids=genes, ranks=tokens, mask=masks, output_type="probs").probs
+    sizes = np.array([len(g) for g in genes])
+    groups = {
+        "all test cells": list(range(len(genes))),
+        f">= {args.min_genes} genes": np.flatnonzero(sizes >= args.min_genes).tolist(),
+    }
+    rows = {}
+    for name, cells in groups.items():
+        if not cells:
+            continue
+        counts_nll = masked_nll(through_counts, visible_scale, masks, cells)
+        ranks_nll = masked_nll(through_ranks, tokens, masks, cells)
+        rows[name] = {
+            "cells": len(cells),
+            "median_genes": float(np.median(sizes[cells])),
+            "max_genes": int(sizes[cells].max()),
+            "masked_positions": int(sum(masks[i].sum() for i in cells)),
+            "nll_through_counts": counts_nll,
+            "nll_through_training_ranks": ranks_nll,
+            "relative_gap": counts_nll / ranks_nll - 1,
+        }
+    print(f"\nWhole test cells, {args.mask_ratio:.0%} of each cell's genes masked, model length "
+          f"{pipe.model.config.max_length} ({args.checkpoint})\n")  # fmt: skip
+    print("| cells | n | median genes | max genes | NLL through counts | NLL through the training rule | gap |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name, row in rows.items():
+        print(f"| {name} | {row['cells']} | {row['median_genes']:.0f} | {row['max_genes']} | "
+              f"{row['nll_through_counts']:.3f} | {row['nll_through_training_ranks']:.3f} | "
+              f"{100 * row['relative_gap']:+.1f}% |")  # fmt: skip
+    record = {
+        "checkpoint": args.checkpoint,
+        "mask_ratio": args.mask_ratio,
+        "results": rows,
+        "seconds_through_counts": round(counts_seconds, 1),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(record, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
