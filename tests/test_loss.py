@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -50,3 +52,24 @@ def test_masked_ordinal_counts_masked_tokens_only_and_follows_the_time_weighting
     assert masked_nelbo(logits, target, torch.zeros_like(masked), t, scheduler) == 0
     with pytest.raises(ValueError, match="ordinal term"):
         ordinal_term(PROBS, torch.tensor(1), "hinge")
+
+
+@pytest.mark.parametrize(
+    ("schedule", "weights"),
+    [
+        # log-linear: -alpha'(t) / (1 - alpha(t)) = (1 - eps) / ((1 - eps) t) = 1 / t
+        ("log-linear", [1 / 0.5, 1 / 0.25]),
+        # cosine: (1 - eps)(pi / 2) sin(pi t / 2) / ((1 - eps)(1 - cos(pi t / 2)))
+        ("cosine", [(math.pi / 2) * math.sin(math.pi / 4) / (1 - math.cos(math.pi / 4)),
+                    (math.pi / 2) * math.sin(math.pi / 8) / (1 - math.cos(math.pi / 8))]),
+    ],
+)  # fmt: skip
+def test_masked_nelbo_by_hand(schedule, weights):
+    # eps = 0.1, so a weight of 1 / (1 - alpha(t)) instead of -alpha'(t) / (1 - alpha(t)) is off by 10% or more.
+    scheduler = MaskedRankDiffusionScheduler(num_rank_bins=2, noise_schedule=schedule, eps=0.1)
+    logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25], [0.1, 0.6, 0.3]], [[0.2, 0.2, 0.6], [0.7, 0.2, 0.1]]]))
+    target = torch.tensor([[0, 2], [2, 1]])
+    masked = torch.tensor([[True, True], [False, True]])
+    expected = (-math.log(0.5) - math.log(0.3)) * weights[0] - math.log(0.2) * weights[1]
+    nelbo = masked_nelbo(logits, target, masked, torch.tensor([0.5, 0.25]), scheduler)
+    assert nelbo.item() == pytest.approx(expected, rel=1e-5)

@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import re
 import subprocess
@@ -17,6 +18,7 @@ from metrics import PerGeneMarginal
 from modeling import CellTokenizer, RankDiTConfig, RankDiTModel, rank_tokens
 from pipelines import MaskedRankDiffusionPipeline, MaskedRankDiffusionScheduler
 from training import RankDiffTrainingArguments, RankDiffusionTrainer, evaluate_masked_diffusion
+from training.data import PANELS
 
 
 class MarginalModel(torch.nn.Module):
@@ -125,6 +127,65 @@ def test_a_few_steps_lower_the_loss(small_trainer):
     small_trainer.train()
     after = small_trainer.evaluate()["eval_nelbo"]
     assert after < before - 0.3, (before, after)
+
+
+class FixedDistribution(torch.nn.Module):
+    """Predicts the same distribution at every position (a parameter, so the Trainer has something to train)."""
+
+    def __init__(self, probs: list[float]):
+        super().__init__()
+        self.log_probs = torch.nn.Parameter(torch.log(torch.tensor(probs)))
+        self.config = RankDiTConfig(num_rank_bins=len(probs) - 1, gene_vocab_size=50)
+
+    def forward(self, gene_ids, input_ids, attention_mask=None, timesteps=None):
+        return type("Output", (), {"logits": self.log_probs.expand(*input_ids.shape, -1)})()
+
+
+@pytest.mark.parametrize("schedule", ["log-linear", "cosine"])
+def test_trainer_loss_is_the_hand_computed_nelbo(tmp_path, schedule):
+    probs = [0.5, 0.3, 0.2]
+    model = FixedDistribution(probs)
+    scheduler = MaskedRankDiffusionScheduler(num_rank_bins=2, noise_schedule=schedule, eps=0.1)
+    args = RankDiffTrainingArguments(output_dir=str(tmp_path), use_cpu=True, eval_strategy="no")
+    trainer = RankDiffusionTrainer(model=model, args=args, noise_scheduler=scheduler, ordinal_term="none")
+    inputs = {
+        "gene_ids": torch.tensor([[3, 4, 5], [6, 7, 0]]),
+        "input_ids": torch.tensor([[0, 2, 1], [1, 0, 0]]),
+        "attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0]]),
+    }
+    masked = torch.tensor([[True, True, False], [False, True, False]])
+    times = torch.tensor([0.5, 0.25])
+    trainer._global_strata_timesteps = lambda batch_size, device: times
+    scheduler.add_noise = lambda original, timesteps, **kwargs: original.masked_fill(masked, 3)
+    if schedule == "log-linear":
+        weights = [1 / 0.5, 1 / 0.25]
+    else:
+        weights = [(math.pi / 2) * math.sin(math.pi * t / 2) / (1 - math.cos(math.pi * t / 2)) for t in (0.5, 0.25)]
+    # masked: token 0 (p 0.5) and token 2 (p 0.2) at t = 0.5, token 0 (p 0.5) at t = 0.25; 5 real tokens
+    expected = ((-math.log(0.5) - math.log(0.2)) * weights[0] - math.log(0.5) * weights[1]) / 5
+    assert trainer.compute_loss(model, inputs).item() == pytest.approx(expected, rel=1e-5)
+
+
+class CopyVisible(torch.nn.Module):
+    """Certain of the visible tokens, uniform over the B + 1 tokens where masked."""
+
+    def forward(self, gene_ids, input_ids, attention_mask=None, timesteps=None):
+        visible = input_ids <= 10
+        copied = torch.nn.functional.one_hot(input_ids.clamp(max=10), 11).float() * 50.0
+        return type("Output", (), {"logits": torch.where(visible[..., None], copied, torch.zeros_like(copied))})()
+
+
+def test_evaluation_scores_masked_positions_only():
+    cells = _toy_cells()
+    baseline = PerGeneMarginal(num_rank_bins=10, gene_vocab_size=50).fit(cells)
+    tokens = torch.from_numpy(np.stack([t for _, t in cells]))
+    gene_ids = torch.from_numpy(np.stack([g for g, _ in cells]))
+    batch = {"gene_ids": gene_ids, "input_ids": tokens, "attention_mask": torch.ones_like(tokens)}
+    scheduler = MaskedRankDiffusionScheduler(num_rank_bins=10)
+    scores = evaluate_masked_diffusion(CopyVisible(), scheduler, [batch], baseline, time_grid=4)
+    # Scoring the visible positions too would pull the NLL far below log(11), the uniform's.
+    assert scores["masked_nll_0.5"] == pytest.approx(math.log(11), rel=1e-6)
+    assert scores["masked_tokens"] == pytest.approx(0.5 * tokens.numel())
 
 
 class RecordingHfApi:
@@ -268,14 +329,20 @@ def test_model_card_parses_and_matches_the_run(trained_run):
     assert data["library_name"] == "diffusers" and data["license"] == "apache-2.0"
     assert data["pipeline_tag"] == "other" and {"single-cell", "masked-diffusion", "custom_code"} <= set(data["tags"])
     assert data["datasets"] == ["celltypist_sample"]
-    imputation = json.loads((out / "imputation_results.json").read_text())
-    model_scores = imputation["RankDiT, one pass"]
-    assert set(model_scores) == {"0.2", "0.5", "0.8", "0.95"}
-    assert {"per-gene marginal", "global marginal", "nearest cells (k=15)"} <= set(imputation)
+    report = json.loads((out / "imputation_results.json").read_text())
+    assert report["split"] == "test" and set(report["results"]) == set(PANELS)
+    assert set(report["baseline_choices"]) == {"cell-aware marginal", "nearest cells", "MAGIC"}
     results = {(r.metric_type, r.metric_config): r.metric_value for r in card.data.eval_results}
-    for ratio, scores in model_scores.items():
-        assert results[("nll", f"mask_ratio={ratio}")] == pytest.approx(scores["nll_all"], abs=1e-4)
-        assert results[("accuracy", f"mask_ratio={ratio}")] == pytest.approx(scores["accuracy_all"], abs=1e-4)
+    for panel, by_method in report["results"].items():
+        assert {"per-gene marginal", "cell-aware marginal"} <= set(by_method)
+        assert any(m.startswith("nearest cells") for m in by_method) and any(m.startswith("MAGIC") for m in by_method)
+        model_scores = by_method["RankDiT, one pass"]
+        assert set(model_scores) == {"0.2", "0.5", "0.8", "0.95"}
+        for ratio, scores in model_scores.items():
+            config_key = f"panel={panel}, mask_ratio={ratio}"
+            assert results[("nll", config_key)] == pytest.approx(scores["nll_all"], abs=1e-4)
+            assert results[("spearmanr", config_key)] == pytest.approx(scores["spearman_level_all"], abs=1e-4)
+        assert {"nll_detected_ge90", "mae_level_all"} <= set(model_scores["0.5"])
     vocab = trainer.model.gene_vocab
     assert len(data["widget"]) == 2
     for widget in data["widget"]:
@@ -286,7 +353,8 @@ def test_model_card_parses_and_matches_the_run(trained_run):
     text = card.text
     assert f"{trainer.model.num_parameters() / 1e6:.2f}M" in text and "4 optimizer steps of 4 cells" in text
     assert f"up to {config.max_length} (gene, rank) pairs" in text and f"{config.gene_vocab_size:,} ids" in text
-    assert f"**{metrics['eval_masked_nll_0.5']:.3f}**" in text and "AutoModel.from_pretrained" in text
+    model_nll = report["results"]["training panel"]["RankDiT, one pass"]["0.5"]["nll_all"]
+    assert f"training panel: **{model_nll:.3f}** vs" in text and "AutoModel.from_pretrained" in text
     assert 'DiffusionPipeline.from_pretrained("someone/rankdiff-test"' in text
 
 
