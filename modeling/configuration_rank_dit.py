@@ -56,15 +56,6 @@ class RankDiTConfig(PreTrainedConfig):
             positions, which tokens occur, the share of positions visible) to the conditioning vector of every
             block. Ties make a cell use few tokens, and which ones can be read off its visible genes; so can its
             depth. Computed from the input tokens alone, so sampling may still reuse outputs.
-        cell_embedding (`bool`, *optional*, defaults to `False`):
-            Add to the cell profile the mean of the visible genes' embeddings, each weighted by a learned vector of
-            its token (starting at +1 for expressed genes and -1 for unexpressed ones): a summary of which genes the
-            cell expresses, so every block knows the cell's state (its type, its programmes).
-        level_embedding (`bool`, *optional*, defaults to `False`):
-            Add to each visible position an embedding of its level: the rank of its token among the distinct tokens
-            of the cell's visible positions (0 for token 0). Tokens mean different counts in different cells (count
-            2 is token 18 in one, 25 in another); levels mean the same (count 2 is level 2 wherever count 1 is
-            seen), so what the model learns about one cell carries over to the next.
         gene_prior (`bool`, *optional*, defaults to `True`):
             Add a learned per-gene bias over the rank tokens to the logits (zero at initialisation; training can
             start it at the per-gene marginal of the training cells with [`~RankDiTModel.init_gene_prior`]).
@@ -107,8 +98,6 @@ class RankDiTConfig(PreTrainedConfig):
     max_length: int = 1024
     time_conditioning: bool = False
     cell_profile: bool = True
-    cell_embedding: bool = False
-    level_embedding: bool = False
     gene_prior: bool = True
     copy_head: bool = True
     attention_dropout: float = 0.0
@@ -135,8 +124,6 @@ class RankDiTConfig(PreTrainedConfig):
                 f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
                 f"({self.num_attention_heads})"
             )
-        if self.cell_embedding and not self.cell_profile:
-            raise ValueError("cell_embedding is part of the cell profile: it needs cell_profile=True")
         if self.intermediate_size is None:
             self.intermediate_size = 4 * self.hidden_size
         # Unknown keys are kept (the base class stores them), but a near-miss of a field is a typo, not metadata.

@@ -107,45 +107,22 @@ class RankDiTGenePrior(nn.Embedding):
     """A per-gene bias over the rank tokens added to the logits, zero at initialisation."""
 
 
-class RankDiTExpressionWeight(nn.Embedding):
-    """A vector per rank token weighing a gene's embedding in the cell embedding: +1 for expressed tokens and -1
-    for token 0 at initialisation."""
-
-
-def visible_levels(input_ids: torch.Tensor, visible: torch.Tensor, num_rank_tokens: int) -> torch.Tensor:
-    """The level of each visible position: the rank of its token among the distinct tokens of its row's visible
-    positions (token 0 is level 0); `num_rank_tokens` at masked and padding positions."""
-    slots = torch.where(visible, input_ids, num_rank_tokens)
-    present = torch.zeros(input_ids.shape[0], num_rank_tokens + 1, dtype=torch.long, device=input_ids.device)
-    present = present.scatter_(1, slots, 1)[:, :num_rank_tokens]
-    present[:, 0] = 0
-    levels = present.cumsum(dim=1)  # levels[t]: distinct non-zero tokens <= t
-    return torch.where(visible, levels.gather(1, input_ids.clamp(max=num_rank_tokens - 1)), num_rank_tokens)
-
-
 class RankDiTCellProfile(nn.Module):
     """Embedding of a cell's visible token profile: the share of each token 0..B among its visible positions, which
-    tokens occur there, and the share (and log number) of its positions that are visible; with
-    `config.cell_embedding`, also the mean of the visible genes' embeddings weighted by their tokens.
+    tokens occur there, and the share (and log number) of its positions that are visible.
 
     Ties make a cell's tokens few and its own (count 1 is token 1, count 2 token 18 in one cell and 25 in another);
-    the visible positions show which ones, how deep the cell is and which genes it expresses.
+    the visible positions show which ones, and how deep the cell is.
     """
 
     def __init__(self, config: RankDiTConfig):
         super().__init__()
         self.num_rank_tokens = config.num_rank_tokens
         self.log_max_length = math.log1p(config.max_length)
-        self.expression_weight = (
-            RankDiTExpressionWeight(config.num_rank_tokens, config.hidden_size) if config.cell_embedding else None
-        )
-        in_features = 2 * config.num_rank_tokens + 2 + (config.hidden_size if config.cell_embedding else 0)
-        self.linear_1 = nn.Linear(in_features, config.hidden_size)
+        self.linear_1 = nn.Linear(2 * config.num_rank_tokens + 2, config.hidden_size)
         self.linear_2 = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def forward(
-        self, input_ids: torch.Tensor, visible: torch.Tensor, real: torch.Tensor, gene_embeddings: torch.Tensor
-    ) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, visible: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         slots = torch.where(visible, input_ids, self.num_rank_tokens)  # masked and padding positions: a spare slot
         counts = torch.zeros(input_ids.shape[0], self.num_rank_tokens + 1, device=input_ids.device)
         counts = counts.scatter_add_(1, slots, torch.ones_like(slots, dtype=counts.dtype))[:, :-1]
@@ -160,10 +137,6 @@ class RankDiTCellProfile(nn.Module):
             ],
             dim=1,
         )
-        if self.expression_weight is not None:
-            weights = self.expression_weight(input_ids.clamp(max=self.num_rank_tokens - 1)) * visible[..., None]
-            pooled = (gene_embeddings * weights).sum(dim=1) / n_visible.clamp(min=1).to(weights.dtype)
-            features = torch.cat([features, F.layer_norm(pooled.float(), pooled.shape[-1:])], dim=1)
         return self.linear_2(F.silu(self.linear_1(features.to(self.linear_1.weight.dtype))))
 
 
@@ -299,8 +272,6 @@ class RankDiTPreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias)
         elif isinstance(module, RankDiTGenePrior):
             init.zeros_(module.weight)
-        elif isinstance(module, RankDiTExpressionWeight):
-            init.copy_(module.weight, torch.ones_like(module.weight).index_fill_(0, torch.tensor([0]), -1.0))
 
 
 class RankDiTModel(RankDiTPreTrainedModel):
@@ -327,9 +298,6 @@ class RankDiTModel(RankDiTPreTrainedModel):
     def __init__(self, config: RankDiTConfig):
         super().__init__(config)
         self.rank_embedding = nn.Embedding(config.num_rank_bins + 2, config.hidden_size)
-        self.level_embedding = (
-            nn.Embedding(config.num_rank_tokens + 1, config.hidden_size) if config.level_embedding else None
-        )
         self.gene_embedding = nn.Embedding(config.gene_vocab_size, config.hidden_size)
         # The conditioning every cell shares; time (and later cell metadata) embeddings are added to it.
         self.base_conditioning = nn.Embedding(1, config.hidden_size)
@@ -394,17 +362,12 @@ class RankDiTModel(RankDiTPreTrainedModel):
             [`RankDiTOutput`] with `logits` of shape `(batch_size, sequence_length, num_rank_bins + 1)`.
         """
         self._check_inputs(gene_ids, input_ids, attention_mask, timesteps)
-        gene_embeddings = self.gene_embedding(gene_ids)
-        hidden_states = self.rank_embedding(input_ids) + gene_embeddings
+        hidden_states = self.rank_embedding(input_ids) + self.gene_embedding(gene_ids)
         real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         visible = real & (input_ids != self.config.mask_token_id)
-        if self.level_embedding is not None:
-            hidden_states = hidden_states + self.level_embedding(
-                visible_levels(input_ids, visible, self.config.num_rank_tokens)
-            )
         conditioning = self.base_conditioning.weight.expand(input_ids.shape[0], -1)
         if self.cell_profile is not None:
-            conditioning = conditioning + self.cell_profile(input_ids, visible, real, gene_embeddings)
+            conditioning = conditioning + self.cell_profile(input_ids, visible, real)
         if self.time_embedding is not None:
             conditioning = conditioning + self.time_embedding(
                 timesteps.to(hidden_states.device).expand(input_ids.shape[0])
