@@ -9,6 +9,7 @@ whose users give it counts.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 
 import numpy as np
@@ -16,6 +17,8 @@ import torch
 from scipy import sparse
 
 from modeling import CellInputs
+
+from .imputation import token_levels
 
 
 class PerGeneMarginal:
@@ -140,16 +143,10 @@ class CellAwareMarginal:
         return torch.cat([(1 - detection)[..., None], detection[..., None] * expressed], dim=-1).float()
 
 
-def dense_levels(tokens: np.ndarray) -> np.ndarray:
-    """Tie-aware levels of one cell's tokens: 0 stays 0, the j-th smallest distinct non-zero token becomes j."""
-    distinct = np.unique(tokens[tokens > 0])
-    return np.where(tokens > 0, np.searchsorted(distinct, tokens) + 1, 0)
-
-
 class NearestCells:
     """k-nearest-neighbour imputation: the training cells closest to a cell on its visible genes vote.
 
-    Cells are compared on the tie-aware level scale ([`dense_levels`]: a gene's level is the rank of its count among
+    Cells are compared on the tie-aware level scale ([`token_levels`]: a gene's level is the rank of its count among
     the cell's distinct counts, so count 1 is level 1 in every cell whatever its token), by Euclidean distance over
     the cell's visible genes. At a masked gene, each of the `k` neighbours votes for its level there, read as the
     token the cell shows at that level (the highest one it shows when it shows fewer levels); the votes are smoothed
@@ -164,12 +161,13 @@ class NearestCells:
 
     def __init__(self, cells: Iterable[tuple[np.ndarray, np.ndarray]], prior: CellAwareMarginal, k: int = 15,
                  prior_weight: float = 1.0):  # fmt: skip
+        num_bins = prior.table.shape[1] - 1
         rows, columns, values = [], [], []
         for i, (genes, tokens) in enumerate(cells):
             expressed = tokens > 0
             rows.append(np.full(int(expressed.sum()), i))
             columns.append(genes[expressed])
-            values.append(dense_levels(tokens[expressed]))
+            values.append(token_levels(tokens, num_bins)[tokens[expressed]])
         if not rows:
             raise ValueError("NearestCells needs training cells")
         shape = (len(rows), prior.table.shape[0])
@@ -190,7 +188,7 @@ class NearestCells:
             if not masked.any():
                 continue
             genes, query = cells.gene_ids[row].numpy(), cells.ranks[row].numpy()[visible]
-            query_levels = dense_levels(query)
+            query_levels = token_levels(query, num_classes - 1)[query]
             shown = np.r_[0, np.unique(query[query > 0])]  # token of each level in this cell
             reference = self.levels[:, genes[visible]].toarray()
             distance = ((reference - query_levels) ** 2).sum(axis=1)
@@ -247,8 +245,13 @@ class MagicImputation:
         data = np.vstack([self.reference_counts[:, genes].toarray(), query.numpy()])
         library = data.sum(axis=1, keepdims=True)
         data = np.sqrt(data / np.maximum(library, 1e-12) * np.median(library[library > 0]))
-        operator = magic.MAGIC(knn=self.knn, t=self.t, n_pca=min(100, len(genes) - 1), random_state=self.seed)
-        imputed = torch.from_numpy(operator.set_params(verbose=0).fit_transform(data)[-len(cells) :])
+        operator = magic.MAGIC(
+            knn=self.knn, t=self.t, n_pca=min(100, len(genes) - 1), random_state=self.seed, verbose=0
+        )
+        with warnings.catch_warnings():  # magic's logger is deprecated; identical cells are legal here
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            warnings.filterwarnings("ignore", message="Detected zero distance", category=RuntimeWarning)
+            imputed = torch.from_numpy(operator.fit_transform(data)[-len(cells) :])
         values = imputed.gather(1, column).masked_fill(~real, 0.0)
         n = real.sum(dim=1, keepdim=True)
         mean = values.sum(dim=1, keepdim=True) / n
