@@ -23,14 +23,6 @@ class ModelArguments:
     cell_profile: bool = field(
         default=True, metadata={"help": "condition every block on the cell's visible token profile"}
     )
-    cell_embedding: bool = field(
-        default=False,
-        metadata={"help": "add the token-weighted mean of the visible genes' embeddings to the cell profile"},
-    )
-    level_embedding: bool = field(
-        default=False,
-        metadata={"help": "add an embedding of each visible token's level (its rank among the cell's visible tokens)"},
-    )
     gene_prior: bool = field(
         default=True,
         metadata={"help": "a learned per-gene bias over the tokens, started at the training cells' per-gene marginal"},
@@ -50,8 +42,7 @@ class ModelArguments:
         """The `RankDiTConfig` fields these arguments set besides the preset."""
         sizes = ("hidden_size", "num_hidden_layers", "num_attention_heads")
         overrides = {name: getattr(self, name) for name in sizes if getattr(self, name) is not None}
-        flags = ("num_rank_bins", "time_conditioning", "cell_profile", "cell_embedding", "level_embedding")
-        flags += ("gene_prior", "copy_head")
+        flags = ("num_rank_bins", "time_conditioning", "cell_profile", "gene_prior", "copy_head")
         return {**overrides, **{name: getattr(self, name) for name in flags}}
 
 
@@ -90,6 +81,13 @@ class DataArguments:
             "help": "share of training sequences of L genes drawn at random from the genes seen in training, "
             "without looking at the counts (like the gene lists users bring); the rest hold expressed genes plus the "
             "zero share"
+        },
+    )
+    thinning: float = field(
+        default=1.0,
+        metadata={
+            "help": "below 1, thin each training cell by a share drawn from [thinning, 1] every epoch (binomial "
+            "downsampling of its counts, as if sequenced less deeply); 1: off"
         },
     )
     panel_size: int | None = field(
