@@ -137,7 +137,7 @@ def train(
         gene_pool=gene_pool,
         panel=panel,
     )
-    collator = RankDiffusionCollator(tokenizer, thinning=data_args.thinning)
+    collator = RankDiffusionCollator(tokenizer)
     config = RankDiTConfig.from_preset(
         model_args.preset,
         gene_vocab_size=source.vocab.size,

@@ -20,7 +20,6 @@ from datasets.distributed import split_dataset_by_node
 from transformers import TrainerCallback
 
 from modeling import CellTokenizer, GeneVocab
-from modeling.rank_tokenizer import cell_salts
 
 from .anndata_source import load_anndata
 from .schema import CELL_ID_COLUMN
@@ -194,38 +193,19 @@ class RankDiffusionCollator:
             call `save_pretrained` on it at every checkpoint).
         rule: force a selection rule (`"panel"` for evaluation); None lets the tokenizer draw one per cell.
         epoch: the training epoch, kept current by [`EpochCallback`] so each epoch draws new subsamples.
-        thinning: below 1, each cell is first thinned by a share q drawn uniformly from [thinning, 1] (every UMI
-            kept with probability q, a binomial draw per count), as if it had been sequenced less deeply: new
-            cells for every epoch, with the depth and detection they would have. The draws are fixed by (seed,
-            epoch, cell id). 1 (the default, and what evaluation uses): the counts as they are.
     """
 
     cell_tokenizer: CellTokenizer
     rule: str | None = None
     epoch: int = 0
-    thinning: float = 1.0
-
-    def __post_init__(self):
-        if not 0.0 < self.thinning <= 1.0:
-            raise ValueError(f"thinning must be in (0, 1], got {self.thinning}")
-
-    def thin(self, counts: np.ndarray, cell_id: str) -> np.ndarray:
-        """The cell's counts thinned by its share of this epoch (unchanged when that leaves nothing, or when they
-        are not counts: the tokenizer then names the bad value)."""
-        if not (np.isfinite(counts).all() and (counts >= 0).all() and (counts == np.round(counts)).all()):
-            return counts
-        rng = np.random.default_rng(cell_salts(self.cell_tokenizer.seed, self.epoch, [cell_id])[0])
-        thinned = rng.binomial(counts.astype(np.int64), rng.uniform(self.thinning, 1.0)).astype(counts.dtype)
-        return thinned if thinned.any() else counts
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         cells = []
         for row in rows:
             genes, counts = cell_counts(row)
-            cell_id = row[CELL_ID_COLUMN]
-            if self.thinning < 1.0:
-                counts = self.thin(counts, cell_id)
-            cells.append(self.cell_tokenizer(genes, counts, cell_id=cell_id, epoch=self.epoch, rule=self.rule))
+            cells.append(
+                self.cell_tokenizer(genes, counts, cell_id=row[CELL_ID_COLUMN], epoch=self.epoch, rule=self.rule)
+            )
         return pad_cells(cells)
 
 

@@ -8,7 +8,6 @@ import pytest
 from dataset_scripts import (
     EMBEDDED_SAMPLE,
     RankDiffusionCollator,
-    cell_counts,
     is_hub_dataset_id,
     load_expression_data,
     read_gene_vocab,
@@ -134,31 +133,6 @@ def test_collator_names_a_bad_row():
     row["genes"] = row["genes"][:10]
     with pytest.raises(ValueError, match="celltypist_sample_Cell_1.*10 genes but"):
         RankDiffusionCollator(CellTokenizer())([row])
-
-
-def test_thinning_draws_shallower_cells_fixed_by_seed_epoch_and_cell():
-    rows = [dict(r) for r in load_expression_data().rows.select(range(20))]
-    collator = RankDiffusionCollator(CellTokenizer(max_length=4096), thinning=0.5)
-    kept = []
-    for row in rows:
-        _, counts = cell_counts(row)
-        thinned = collator.thin(counts, row["BARCODE_SUB_LIB_ID"])
-        assert (thinned <= counts).all() and (thinned == np.round(thinned)).all() and thinned.any()
-        np.testing.assert_array_equal(thinned, collator.thin(counts, row["BARCODE_SUB_LIB_ID"]))
-        kept.append(thinned.sum() / counts.sum())
-    assert 0.5 <= min(kept) and max(kept) <= 1.0 and np.std(kept) > 0.05  # a share per cell, in [0.5, 1]
-    _, counts = cell_counts(rows[0])
-    epoch_0 = collator.thin(counts, rows[0]["BARCODE_SUB_LIB_ID"])
-    collator.epoch = 1
-    assert not np.array_equal(collator.thin(counts, rows[0]["BARCODE_SUB_LIB_ID"]), epoch_0)
-    batch = collator(rows[:2])
-    plain = RankDiffusionCollator(CellTokenizer(max_length=4096))(rows[:2])
-    assert batch["attention_mask"].sum() < plain["attention_mask"].sum()  # thinned cells express fewer genes
-    bad = dict(rows[0], expressions=[-2.0, -1.0] + list(rows[0]["expressions"][2:]))
-    with pytest.raises(ValueError, match="non-negative integers"):
-        collator([bad])
-    with pytest.raises(ValueError, match="thinning"):
-        RankDiffusionCollator(CellTokenizer(), thinning=0.0)
 
 
 def test_gene_vocab_lookup_and_round_trip(tmp_path):

@@ -11,6 +11,8 @@ from pipelines import NOISE_SCHEDULES
 
 from .loss import ORDINAL_TERMS, ORDINAL_TIME_WEIGHTINGS
 
+GENE_EMBEDDING_INITS = ("random", "pca")
+
 
 @dataclass
 class ModelArguments:
@@ -31,12 +33,20 @@ class ModelArguments:
         default=True, metadata={"help": "mix a pointer to the visible positions' tokens into the prediction"}
     )
     gene_embedding_init: str = field(
-        default="random",
+        default="pca",
         metadata={
             "help": "start of the gene embeddings: random, or pca (loadings of the training cells' principal axes, "
             "so genes that vary together start close)"
         },
     )
+
+    def __post_init__(self):
+        if self.preset not in RANK_DIT_PRESETS:
+            raise ValueError(f"preset must be one of {sorted(RANK_DIT_PRESETS)}, got {self.preset!r}")
+        if self.gene_embedding_init not in GENE_EMBEDDING_INITS:
+            raise ValueError(
+                f"gene_embedding_init must be one of {GENE_EMBEDDING_INITS}, got {self.gene_embedding_init!r}"
+            )
 
     def config_overrides(self) -> dict:
         """The `RankDiTConfig` fields these arguments set besides the preset."""
@@ -69,25 +79,18 @@ class DataArguments:
         default=0.1, metadata={"help": "share of an expressed-gene sequence filled with unexpressed genes (token 0)"}
     )
     panel_share: float = field(
-        default=0.5,
+        default=0.34,
         metadata={
             "help": "share of training sequences built from the training panel without looking at the counts (the "
             "rule the trainer's evaluation uses)"
         },
     )
     random_share: float = field(
-        default=0.0,
+        default=0.33,
         metadata={
             "help": "share of training sequences of L genes drawn at random from the genes seen in training, "
             "without looking at the counts (like the gene lists users bring); the rest hold expressed genes plus the "
             "zero share"
-        },
-    )
-    thinning: float = field(
-        default=1.0,
-        metadata={
-            "help": "below 1, thin each training cell by a share drawn from [thinning, 1] every epoch (binomial "
-            "downsampling of its counts, as if sequenced less deeply); 1: off"
         },
     )
     panel_size: int | None = field(
@@ -176,17 +179,17 @@ class RankDiffTrainingArguments(TrainingArguments):
     """`TrainingArguments` with defaults that train the tiny preset on the embedded sample on a CPU in minutes."""
 
     output_dir: str | None = field(default="outputs/demo", metadata={"help": "where the pipeline folder goes"})
-    max_steps: int = field(default=300, metadata={"help": "optimizer steps (needed for streamed data)"})
+    max_steps: int = field(default=600, metadata={"help": "optimizer steps (needed for streamed data)"})
     per_device_train_batch_size: int = field(default=16, metadata={"help": "cells per device and step"})
     per_device_eval_batch_size: int = field(default=32, metadata={"help": "cells per device at evaluation"})
-    learning_rate: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate"})
+    learning_rate: float = field(default=6e-3, metadata={"help": "peak AdamW learning rate"})
     warmup_steps: float = field(default=0.05, metadata={"help": "warm-up steps (a float < 1: share of max_steps)"})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "learning-rate schedule"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
     logging_steps: float = field(default=25, metadata={"help": "log every N steps"})
     eval_strategy: str = field(default="steps", metadata={"help": "evaluate held-out cells: no, steps or epoch"})
-    eval_steps: float = field(default=100, metadata={"help": "evaluate every N steps (the card's loss curves)"})
+    eval_steps: float = field(default=200, metadata={"help": "evaluate every N steps (the card's loss curves)"})
     save_strategy: str = field(default="no", metadata={"help": "Trainer checkpoints: no, steps or epoch"})
     report_to: None | str | list[str] = field(default="none", metadata={"help": "experiment trackers"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "keep raw rows for the collator"})
