@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .gene_vocab import GeneVocab
-from .rank_tokenizer import cell_salts, hash_keys, rank_tokens
+from .rank_tokenizer import cell_salts, checked_counts, hash_keys, rank_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -43,17 +43,21 @@ class CellInputs:
         """The cells cut into windows of at most `max_length` positions, for a model trained on sequences that long.
 
         A cell that fits is one window. A longer one is cut into `ceil(n / max_length)` windows of nearly equal
-        size, each a random share of its genes, masked and visible alike (drawn by a hash of `seed` and the gene
-        id, so without looking at the counts, and the same for the same genes at every call): like the random gene
-        lists of training, each masked gene is predicted from the visible genes of its window.
+        size, each a random share of its masked genes and the same share of its visible ones (drawn by a hash of
+        `seed`, the cell's index and the gene id, never by the counts), so every window has visible genes to go
+        on and, as with the random gene lists of training, each masked gene is predicted from those of its window.
+        The same genes and mask give the same windows at every call.
         """
-        salt = cell_salts(seed, 0, ["windows"])[0, 0]
         cells, positions = [], []
         for cell in range(len(self)):
             real = np.flatnonzero(self.attention_mask[cell].numpy())
-            if len(real) > max_length:
-                order = real[np.argsort(hash_keys(salt, self.gene_ids[cell, real].numpy()), kind="stable")]
-                parts = [np.sort(part) for part in np.array_split(order, math.ceil(len(real) / max_length))]
+            count = math.ceil(len(real) / max_length) if len(real) else 1
+            if count > 1:
+                salt = cell_salts(seed, cell, ["windows"])[0, 0]
+                keys = hash_keys(salt, self.gene_ids[cell, real].numpy())
+                masked = self.mask[cell, real].numpy()
+                order = np.lexsort((keys, ~masked))  # masked genes first, each group in hash order
+                parts = [np.sort(real[order[start::count]]) for start in range(count)]  # dealt round-robin
             else:
                 parts = [real]
             cells += [cell] * len(parts)
@@ -204,14 +208,12 @@ def prepare_cell_inputs(
             context = np.asarray(contexts[i] if contexts is not None else [], dtype=np.float64)
             if contexts is None and n < WHOLE_CELL_GENES and (visible == 0).any():
                 partial.append(i)
-            tokens = np.zeros(n + len(context), dtype=np.int64)
-            known = np.r_[visible, context]
-            if known.any():  # a cell with no visible expressed gene has nothing to bin (bad values still raise)
-                where = f"cell {i}"
-                tokens[np.r_[~cell_mask, np.ones(len(context), dtype=bool)]] = rank_tokens(
-                    known, num_rank_bins, where=where
-                )
-            tokens = tokens[:n]
+            # Checked here, so an error names the position and gene in the cell as given.
+            checked_counts(visible, f"cell {i}", genes[~cell_mask], np.flatnonzero(~cell_mask))
+            checked_counts(context, f"cell {i}, context_counts")
+            tokens = np.zeros(n, dtype=np.int64)
+            if visible.any() or context.any():  # with no visible expressed gene there is nothing to bin
+                tokens[~cell_mask] = rank_tokens(visible, num_rank_bins, reference=np.r_[visible, context])
         else:
             tokens = np.nan_to_num(np.asarray(values[i], dtype=np.float64), nan=-1).astype(np.int64)
         bad = ~cell_mask & ((tokens < 0) | (tokens > num_rank_bins))

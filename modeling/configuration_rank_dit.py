@@ -23,7 +23,8 @@ class RankDiTConfig(PreTrainedConfig):
     r"""
     Configuration of a [`RankDiTModel`], the denoiser of RankDiff's masked discrete diffusion over per-cell rank
     tokens. A cell is a set of (gene id, rank token) pairs; rank token 0 means "not expressed", 1..B are per-cell
-    quantile bins of the non-zero counts and B + 1 is `[MASK]`.
+    quantile bins of the non-zero counts and B + 1 is `[MASK]`. `cell_profile`, `gene_prior` and `copy_head` default
+    to off, so a checkpoint saved without them loads as it was trained; `train_hf.py` turns all three on.
 
     Args:
         num_rank_bins (`int`, *optional*, defaults to 50):
@@ -51,15 +52,15 @@ class RankDiTConfig(PreTrainedConfig):
         time_conditioning (`bool`, *optional*, defaults to `False`):
             Condition the blocks on the diffusion time. Masked diffusion does not need it (MDLM, RADD), and
             without it samplers may reuse model outputs between steps.
-        cell_profile (`bool`, *optional*, defaults to `True`):
+        cell_profile (`bool`, *optional*, defaults to `False`):
             Add an embedding of the cell's visible token profile (the share of each token among the visible
             positions, which tokens occur, the share of positions visible) to the conditioning vector of every
             block. Ties make a cell use few tokens, and which ones can be read off its visible genes; so can its
             depth. Computed from the input tokens alone, so sampling may still reuse outputs.
-        gene_prior (`bool`, *optional*, defaults to `True`):
+        gene_prior (`bool`, *optional*, defaults to `False`):
             Add a learned per-gene bias over the rank tokens to the logits (zero at initialisation; training can
             start it at the per-gene marginal of the training cells with [`~RankDiTModel.init_gene_prior`]).
-        copy_head (`bool`, *optional*, defaults to `True`):
+        copy_head (`bool`, *optional*, defaults to `False`):
             Predict each position as a mixture of the tokens of the cell's visible positions (a pointer over them,
             weighted by learned similarity) and the generated distribution, the weights from one softmax over the
             visible positions and a "generate" slot. A masked gene then takes the tokens the cell uses at similar
@@ -97,9 +98,9 @@ class RankDiTConfig(PreTrainedConfig):
     hidden_act: str = "gelu_pytorch_tanh"
     max_length: int = 1024
     time_conditioning: bool = False
-    cell_profile: bool = True
-    gene_prior: bool = True
-    copy_head: bool = True
+    cell_profile: bool = False
+    gene_prior: bool = False
+    copy_head: bool = False
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
     norm_eps: float = 1e-6

@@ -162,12 +162,12 @@ class RankDiTCopyHead(nn.Module):
         self, hidden_states: torch.Tensor, input_ids: torch.Tensor, visible: torch.Tensor, logits: torch.Tensor
     ) -> torch.Tensor:
         batch_size, length, hidden_size = hidden_states.shape
-        hidden_states = hidden_states.float()  # the mixture is formed in float32, also under autocast
+        # The projections run in the weights' dtype (or autocast's); the mixture is formed in float32.
+        query = torch.cat([self.query(hidden_states), self.generate_score(hidden_states) / self.scaling], -1).float()
+        key = F.pad(self.key(hidden_states).float(), (0, 1))
         with torch.autocast(device_type=hidden_states.device.type, enabled=False):
             # One attention call: the generate slot is an extra key, scored by an extra query feature, whose value
             # is an extra channel; the visible positions' values are their one-hot tokens.
-            query = torch.cat([self.query(hidden_states), self.generate_score(hidden_states) / self.scaling], -1)
-            key = F.pad(self.key(hidden_states), (0, 1))
             generate_key = F.pad(key.new_ones(batch_size, 1, 1), (hidden_size, 0))
             tokens = F.one_hot(input_ids.clamp(max=self.num_rank_tokens - 1), self.num_rank_tokens + 1)
             value = (tokens * visible[..., None]).float()
@@ -391,7 +391,8 @@ class RankDiTModel(RankDiTPreTrainedModel):
     @torch.no_grad()
     def init_gene_prior(self, probabilities: np.ndarray | torch.Tensor) -> None:
         """Start the per-gene prior at given per-gene token probabilities (`(gene_vocab_size, B + 1)`, e.g. the
-        per-gene marginal of the training cells), so training starts from them instead of uniform logits."""
+        per-gene marginal of the training cells), so the generated distribution starts from them instead of
+        uniform logits (with the copy head, mixed with the visible tokens)."""
         if self.gene_prior is None:
             raise ValueError("this model has no gene prior (config.gene_prior is False)")
         probabilities = torch.as_tensor(probabilities, dtype=torch.float64)
@@ -435,20 +436,25 @@ class RankDiTModel(RankDiTPreTrainedModel):
         )
 
     @torch.no_grad()
-    def predictive_distribution(self, cells: CellInputs) -> torch.Tensor:
+    def predictive_distribution(self, cells: CellInputs, batch_size: int = 64) -> torch.Tensor:
         """p(x0 | visible tokens) over 0..B at every position of `cells` from one pass (at t = 1 when the model is
         time-conditioned): float32 `(n_cells, length, B + 1)`, one-hot where visible, zero at padding. A cell longer
-        than `config.max_length` is seen in windows of random genes ([`CellInputs.windows`])."""
+        than `config.max_length` is seen in windows of random genes ([`CellInputs.windows`]); `batch_size` windows go
+        through the model at a time."""
         windows = cells.windows(self.config.max_length)
-        inputs, device = windows.inputs, self.device
-        timesteps = torch.ones(len(inputs), device=device) if self.config.time_conditioning else None
-        logits = self(
-            gene_ids=inputs.gene_ids.to(device),
-            input_ids=inputs.ranks.to(device),
-            attention_mask=inputs.attention_mask.to(device),
-            timesteps=timesteps,
-        ).logits
-        probs = windows.to_cells(torch.softmax(logits.float(), dim=-1).cpu())
+        probs = []
+        for start in range(0, len(windows.inputs), batch_size):
+            inputs, device = windows.inputs.rows(slice(start, start + batch_size)), self.device
+            timesteps = torch.ones(len(inputs), device=device) if self.config.time_conditioning else None
+            logits = self(
+                gene_ids=inputs.gene_ids.to(device),
+                input_ids=inputs.ranks.to(device),
+                attention_mask=inputs.attention_mask.to(device),
+                timesteps=timesteps,
+            ).logits
+            width = windows.inputs.gene_ids.shape[1] - logits.shape[1]
+            probs.append(F.pad(torch.softmax(logits.float(), dim=-1).cpu(), (0, 0, 0, width)))
+        probs = windows.to_cells(torch.cat(probs))
         visible = ~cells.mask & cells.attention_mask
         one_hot = F.one_hot(cells.ranks.clamp(max=self.config.num_rank_bins), self.config.num_rank_tokens)
         probs = torch.where(visible[..., None], one_hot.to(probs.dtype), probs)

@@ -43,7 +43,11 @@ def quantile_edges(sorted_counts: np.ndarray, num_bins: int) -> np.ndarray:
     return interpolate_edges(sorted_counts[low[0]], sorted_counts[high[0]], remainder[0])
 
 
-def _checked_counts(counts, where: str, genes: np.ndarray | None = None) -> np.ndarray:
+def checked_counts(
+    counts, where: str, genes: np.ndarray | None = None, positions: np.ndarray | None = None
+) -> np.ndarray:
+    """`counts` as 1-D float64, or a `ValueError` naming the first value that is not a raw count (a non-negative
+    integer), its position (`positions[i]` when given) and its gene (`genes[i]` when given)."""
     counts = np.asarray(counts, dtype=np.float64)
     if counts.ndim != 1:
         raise ValueError(f"{where}: counts must be 1-D, got shape {counts.shape}")
@@ -51,9 +55,10 @@ def _checked_counts(counts, where: str, genes: np.ndarray | None = None) -> np.n
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         gene = f" (gene {int(genes[i])})" if genes is not None else ""
+        position = int(positions[i]) if positions is not None else i
         raise ValueError(
             f"{where}: counts must be non-negative integers (raw UMI counts), got {float(counts[i])} at position "
-            f"{i}{gene}; {int(bad.sum())} bad values in all"
+            f"{position}{gene}; {int(bad.sum())} bad values in all"
         )
     return counts
 
@@ -84,10 +89,12 @@ def rank_tokens(
     Returns:
         `np.ndarray` of int64 tokens in 0..B, one per count.
     """
-    counts = _checked_counts(counts, where, genes)
-    binned_by = counts if reference is None else _checked_counts(reference, f"{where} (reference counts)")
+    counts = checked_counts(counts, where, genes)
+    binned_by = counts if reference is None else checked_counts(reference, f"{where} (reference counts)")
     if not (binned_by > 0).any():
-        raise ValueError(f"{where}: the cell has no expressed genes")
+        raise ValueError(
+            f"{where}: the cell has no expressed genes" + (" in the reference" if reference is not None else "")
+        )
     edges = quantile_edges(np.sort(binned_by[binned_by > 0]), num_bins)
     expressed = counts > 0
     tokens = np.zeros(len(counts), dtype=np.int64)

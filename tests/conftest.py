@@ -21,7 +21,16 @@ from modeling import RankDiTConfig, RankDiTModel  # noqa: E402
 
 @pytest.fixture
 def tiny_config() -> RankDiTConfig:
-    return RankDiTConfig.from_preset("tiny", num_rank_bins=10, gene_vocab_size=200, max_length=64)
+    """The tiny preset with the heads `train_hf.py` trains with (cell profile, gene prior, copy head)."""
+    return RankDiTConfig.from_preset(
+        "tiny",
+        num_rank_bins=10,
+        gene_vocab_size=200,
+        max_length=64,
+        cell_profile=True,
+        gene_prior=True,
+        copy_head=True,
+    )
 
 
 @pytest.fixture

@@ -28,6 +28,7 @@ def test_fresh_model_starts_uniform_with_zero_gates(tiny_model, tiny_config):
     assert tiny_model.copy_head.query.weight.abs().max() == 0
     gene_ids, input_ids = _inputs(tiny_config)
     no_copy = RankDiTModel(RankDiTConfig(**{**tiny_config.to_dict(), "copy_head": False}))
+    assert RankDiTModel(RankDiTConfig.from_preset("tiny", gene_vocab_size=200)).copy_head is None  # off by default
     logits = no_copy(gene_ids=gene_ids, input_ids=input_ids).logits
     torch.testing.assert_close(logits, torch.zeros_like(logits))
     # With the copy head, every visible position and the generate slot weigh the same at first.
@@ -87,6 +88,24 @@ def test_gene_prior_starts_at_given_marginals_and_cell_profile_sees_the_visible_
     model.blocks = model.blocks[:0]  # without attention blocks, only the profile links positions
     changed = model(gene_ids=gene_ids, input_ids=other).logits - model(gene_ids=gene_ids, input_ids=input_ids).logits
     assert changed[:, 0].abs().max() == 0
+
+
+def test_a_config_saved_without_the_heads_loads_without_them(tiny_model, tmp_path):
+    # Checkpoints from before the cell profile, gene prior and copy head must predict as they were trained.
+    config = tiny_model.config.to_dict()
+    for name in ("cell_profile", "gene_prior", "copy_head"):
+        config.pop(name)
+    loaded = RankDiTConfig.from_dict(config)
+    assert not (loaded.cell_profile or loaded.gene_prior or loaded.copy_head)
+    model = RankDiTModel(loaded)
+    assert model.cell_profile is None and model.gene_prior is None and model.copy_head is None
+
+
+def test_copy_head_runs_in_bfloat16_weights(tiny_model, tiny_config):
+    model = randomize_zero_init(tiny_model).to(torch.bfloat16)
+    gene_ids, input_ids = _inputs(tiny_config)
+    logits = model(gene_ids=gene_ids, input_ids=input_ids).logits
+    assert logits.dtype == torch.float32 and torch.allclose(logits.exp().sum(-1), torch.ones(2, 12), atol=1e-4)
 
 
 def test_gene_embedding_starts_at_given_vectors(tiny_model, tiny_config):
