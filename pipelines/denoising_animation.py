@@ -20,7 +20,12 @@ def record_denoising(pipe, gene_ids, **call_kwargs) -> list[np.ndarray]:
     states = []
 
     def record(pipe, step, timestep, callback_kwargs):
-        states.append(callback_kwargs["sample"][0].numpy().copy())
+        sample, cell, position = (callback_kwargs[k].numpy() for k in ("sample", "cell", "position"))
+        state = np.full(len(gene_ids), -1, dtype=sample.dtype)
+        for row in np.flatnonzero(cell == 0):  # the cell's windows (one when it fits the model's length)
+            real = position[row] >= 0
+            state[position[row, real]] = sample[row, real]
+        states.append(state)
 
     output = pipe(gene_ids=[list(np.asarray(gene_ids).tolist())], callback_on_step_end=record, **call_kwargs)
     first = np.asarray(output.ranks[0]).copy()

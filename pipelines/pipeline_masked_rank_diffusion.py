@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput, logging
+from torch.nn import functional as F
 
 logger = logging.get_logger(__name__)
 
@@ -121,60 +122,68 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
                 predictive distribution at every position from one denoiser pass (and the expected ranks);
                 `"expected"` returns only the expected ranks.
             return_dict (`bool`, defaults to `True`): return a [`MaskedRankDiffusionPipelineOutput`], else a tuple.
-            batch_size (`int`, defaults to 64): cells denoised together.
+            batch_size (`int`, defaults to 64): windows (cells, or parts of cells longer than the model's length)
+                denoised together.
             use_cache (`bool`, defaults to `True`): reuse a cell's last model output while none of its tokens
                 changed (only for models without time conditioning, whose output depends on the tokens alone).
-            callback_on_step_end (`Callable`, *optional*): called as `fn(pipe, step, timestep, {"sample": ...})`
-                after every step, for example to record the states of a run.
+            callback_on_step_end (`Callable`, *optional*): called as `fn(pipe, step, timestep, {"sample": ...,
+                "cell": ..., "position": ...})` after every step, for example to record the states of a run; the
+                samples are those of up to `batch_size` windows, `cell` and `position` say where their positions
+                belong (-1 at padding; a cell that fits the model's length is one window).
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if mask_ratio is not None and mask is not None:
             raise ValueError("give mask or mask_ratio, not both")
+        if mask_ratio is not None:  # drawn before the tokens are made: masked counts must not shape the bins
+            if ranks is None and counts is None:
+                raise ValueError("mask_ratio needs the ranks (or counts) of the positions it keeps")
+            real = self.model.prepare_inputs(gene_ids).attention_mask
+            drawn = self.scheduler.random_mask(real, mask_ratio, generator=generator)
+            mask = [m[r].tolist() for m, r in zip(drawn, real)]
         cells = self.model.prepare_inputs(
             gene_ids, ranks=ranks, counts=counts, mask=mask, context_counts=context_counts
         )
-        if mask_ratio is not None:
-            if ranks is None and counts is None:
-                raise ValueError("mask_ratio needs the ranks (or counts) of the positions it keeps")
-            cells.mask = self.scheduler.random_mask(cells.attention_mask, mask_ratio, generator=generator)
-            cells.ranks[cells.mask] = self.scheduler.config.mask_token_id
 
         self.scheduler.set_timesteps(num_inference_steps, sampler=sampler)
-        results = {"ranks": [], "probs": [], "expected": [], "calls": []}
-        for start in range(0, len(cells), batch_size):
-            batch = cells.rows(slice(start, start + batch_size))
+        windows = cells.windows(self.model.config.max_length)
+        results = []
+        for start in range(0, len(windows.inputs), batch_size):  # `batch_size` windows at a time
+            chunk = slice(start, start + batch_size)
+            batch = windows.inputs.rows(chunk)
             if output_type == "ranks":
-                windows = batch.windows(self.model.config.max_length)
-                sample, calls = self._denoise(
-                    windows.inputs, temperature, top_p, generator, use_cache, callback_on_step_end
-                )
-                results["ranks"].append(windows.to_cells(sample, fill=-1))
-                calls = torch.zeros(len(batch), dtype=torch.long).index_add_(0, windows.cell, calls)
-            else:  # keep only what is returned: the (cells, length, B + 1) distributions can be large
-                probs = self.model.predictive_distribution(batch)
-                bins = torch.arange(probs.shape[-1], dtype=probs.dtype)
-                results["expected"].append((probs * bins).sum(dim=-1))
-                if output_type == "probs":
-                    results["probs"].append(probs)
-                calls = torch.ones(len(batch), dtype=torch.long)
-            results["calls"].append(calls)
+                step_callback = None
+                if callback_on_step_end is not None:
+                    where = {
+                        "cell": windows.cell[chunk],
+                        "position": windows.position[chunk, : batch.gene_ids.shape[1]].masked_fill(
+                            ~batch.attention_mask, -1
+                        ),
+                    }
 
-        width = cells.gene_ids.shape[1]
+                    def step_callback(pipe, step, timestep, callback_kwargs, where=where):
+                        return callback_on_step_end(pipe, step, timestep, {**callback_kwargs, **where})
+
+                sample, calls = self._denoise(batch, temperature, top_p, generator, use_cache, step_callback)
+                results.append((sample, calls))
+            else:  # one pass; the (cells, length, B + 1) distributions are kept only when asked for
+                probs = self.model.predictive_distribution(batch, batch_size=batch_size)
+                results.append((probs, torch.ones(len(batch), dtype=torch.long)))
+        calls = torch.zeros(len(cells), dtype=torch.long).index_add_(
+            0, windows.cell, torch.cat([c for _, c in results])
+        )
+        width = windows.inputs.gene_ids.shape[1]
+        per_window = torch.cat([F.pad(v, (0, 0) * (v.dim() - 2) + (0, width - v.shape[1])) for v, _ in results])
+
         real = cells.attention_mask.numpy()
         ranks_out = probs_out = expected_out = None
         if output_type == "ranks":
-            ranks_out = np.full(real.shape, -1, dtype=np.int64)
-            padded = torch.cat(
-                [torch.nn.functional.pad(s, (0, width - s.shape[1]), value=-1) for s in results["ranks"]]
-            )
-            ranks_out[real] = padded.numpy()[real]
+            ranks_out = windows.to_cells(per_window, fill=-1).numpy()
         else:
-            expected = torch.cat([torch.nn.functional.pad(e, (0, width - e.shape[1])) for e in results["expected"]])
+            probs = windows.to_cells(per_window)
+            expected = (probs * torch.arange(probs.shape[-1], dtype=probs.dtype)).sum(dim=-1)
             expected_out = np.where(real, expected.numpy(), np.nan)
-            if output_type == "probs":
-                pads = [torch.nn.functional.pad(p, (0, 0, 0, width - p.shape[1])) for p in results["probs"]]
-                probs_out = torch.cat(pads).numpy()
+            probs_out = probs.numpy() if output_type == "probs" else None
         output = MaskedRankDiffusionPipelineOutput(
             ranks=ranks_out,
             probs=probs_out,
@@ -182,7 +191,7 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
             mask=cells.mask.numpy(),
             gene_ids=cells.gene_ids.numpy(),
             attention_mask=real,
-            model_calls=torch.cat(results["calls"]).numpy(),
+            model_calls=calls.numpy(),
         )
         self.maybe_free_model_hooks()
         return output if return_dict else output.to_tuple()
@@ -200,12 +209,13 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
     ):
         """Impute the masked (or missing) values of an AnnData of raw counts; returns an annotated copy.
 
-        Each cell is a whole cell: its visible counts at every gene the checkpoint knows are turned into rank tokens
-        with the checkpoint's rule; the masked ones are sampled (`layers[key_added + "_ranks"]`, rank tokens 0..B)
-        and scored (`layers[key_added + "_expected"]`, the expected rank from one denoiser pass;
-        `obsm[key_added + "_probs"]`, `(n_obs, n_vars, B + 1)`, with `return_probs`). Visible positions keep their
-        own rank. Genes outside the checkpoint's vocabulary get -1 and NaN and are reported. A cell with more genes
-        than the model's `max_length` is seen in windows of random genes. `obs`, `var` and the data are kept.
+        Each row is a whole cell: its visible counts (at every gene, also those the checkpoint does not know) are
+        turned into rank tokens with the checkpoint's rule; the masked ones are sampled (`layers[key_added +
+        "_ranks"]`, rank tokens 0..B) and scored (`layers[key_added + "_expected"]`, the expected rank from one
+        denoiser pass; `obsm[key_added + "_probs"]`, `(n_obs, n_vars, B + 1)`, with `return_probs`). Visible
+        positions keep their own rank. Genes outside the checkpoint's vocabulary get -1 and NaN and are reported. A
+        cell with more genes than the model's `max_length` is seen in windows of random genes. `obs`, `var` and the
+        data are kept.
 
         Args:
             adata (`anndata.AnnData`): raw counts in `X` or `layers[layer]`, genes as symbols or Ensembl ids in
@@ -228,8 +238,8 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
         if self.model.gene_vocab is None:
             raise ValueError("impute_anndata needs the checkpoint's gene vocabulary (model.gene_vocab is None)")
         gene_ids = self.model.gene_vocab.lookup([str(name) for name in names])
-        known = np.flatnonzero(gene_ids >= 0)
-        if len(known) < len(gene_ids):
+        known, unknown = np.flatnonzero(gene_ids >= 0), np.flatnonzero(gene_ids < 0)
+        if len(unknown):
             logger.warning("%d of %d genes are not in the checkpoint's vocabulary and stay empty",
                            len(gene_ids) - len(known), len(gene_ids))  # fmt: skip
         if not len(known):
@@ -238,7 +248,10 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
             "gene_ids": np.tile(gene_ids[known], (adata.n_obs, 1)),
             "counts": np.where(mask[:, known], np.nan, counts[:, known]),
             "mask": mask[:, known],
-            "context_counts": [[]] * adata.n_obs,  # each row is a whole cell
+            # Each row is a whole cell: its genes outside the vocabulary still shape its bins.
+            "context_counts": [
+                row[np.isfinite(row) & (row > 0)] for row in np.where(mask, np.nan, counts)[:, unknown]
+            ],
         }
         out_ranks = np.full(counts.shape, -1, dtype=np.int64)
         out_expected = np.full(counts.shape, np.nan)

@@ -141,10 +141,10 @@ def test_ragged_cells_gene_names_counts_and_mask_ratio(config):
     assert out.attention_mask.tolist() == [[True] * 4, [True, True, True, False]]
     assert out.mask.sum(1).tolist() == [2, 2] and not out.mask[1, 3]
     assert out.ranks[1, 3] == -1
-    for i, cell in enumerate(counts):
+    for i, cell in enumerate(counts):  # the mask is drawn first: the visible counts alone make the bins
         visible = ~out.mask[i, : len(cell)]
-        tokens = rank_tokens(np.array(cell, dtype=float), B)
-        np.testing.assert_array_equal(out.ranks[i, : len(cell)][visible], tokens[visible])
+        tokens = rank_tokens(np.array(cell, dtype=float)[visible], B)
+        np.testing.assert_array_equal(out.ranks[i, : len(cell)][visible], tokens)
     with pytest.raises(KeyError, match="NOPE"):
         pipe([["G10", "NOPE"]])
     with pytest.raises(ValueError, match="ranks must be in 0..10"):
@@ -168,9 +168,11 @@ def test_anndata_in_anndata_out(config):
     assert (ranks[:, -1] == -1).all() and np.isnan(expected[:, -1]).all()
     missing = np.isnan(counts[:, :-1])
     assert ranks[:, :-1][missing].min() >= 0 and ranks[:, :-1][missing].max() <= B
-    for i in range(5):
+    for i in range(5):  # bins from the whole cell's visible counts, the gene the vocabulary lacks included
         visible = ~missing[i]
-        np.testing.assert_array_equal(ranks[i, :-1][visible], rank_tokens(counts[i, :-1][visible], B))
+        other = counts[i, -1:][np.isfinite(counts[i, -1:])]
+        expected = rank_tokens(counts[i, :-1][visible], B, reference=np.r_[counts[i, :-1][visible], other])
+        np.testing.assert_array_equal(ranks[i, :-1][visible], expected)
     assert result.obsm["rankdiff_probs"].shape == (5, 12, B + 1)
 
 
@@ -285,8 +287,10 @@ def test_whole_cells_longer_than_the_model_length_are_seen_in_windows(config):
     real = windows.inputs.attention_mask
     assert len(real) == 3 and real.sum(1).tolist() == [50, 50, 50]
     assert sorted(windows.position[real].tolist()) == list(range(150))  # every position once
-    shuffled = model.prepare_inputs([genes], counts=[rng.permutation(counts)], mask=[~mask], context_counts=[[]])
-    assert torch.equal(shuffled.windows(64).position, windows.position)  # drawn without looking at counts or mask
+    shuffled = model.prepare_inputs([genes], counts=[rng.permutation(counts)], mask=[mask], context_counts=[[]])
+    assert torch.equal(shuffled.windows(64).position, windows.position)  # drawn without looking at the counts
+    per_window = windows.inputs.mask.sum(1).tolist()
+    assert max(per_window) - min(per_window) <= 1  # masked genes dealt evenly: every window has visible ones too
 
     pipe = _pipe(model)
     out = pipe(gene_ids=[genes], counts=[counts], mask=[mask], context_counts=[[]], output_type="probs")
@@ -295,6 +299,7 @@ def test_whole_cells_longer_than_the_model_length_are_seen_in_windows(config):
     expected = torch.softmax(model.log_table[torch.from_numpy(genes)], -1).numpy()
     np.testing.assert_allclose(out.probs[0][mask], expected[mask], rtol=1e-5)
     np.testing.assert_array_equal(out.probs[0][~mask].argmax(-1), tokens[~mask])
+    assert out.model_calls.tolist() == [3]  # one pass per window
     model.rows_seen = 0
     sampled = pipe(gene_ids=[genes], counts=[counts], mask=[mask], context_counts=[[]], num_inference_steps=4,
                    generator=torch.Generator().manual_seed(0))  # fmt: skip
@@ -318,3 +323,13 @@ def test_context_counts_give_the_whole_cells_bins_and_a_part_of_a_cell_is_named(
     assert not torch.equal(whole.ranks, alone.ranks)
     with pytest.raises(ValueError, match="context_counts go with counts"):
         model.prepare_inputs([[10, 11]], ranks=[[1, 2]], context_counts=[[1.0]])
+
+
+def test_a_drawn_mask_is_drawn_before_the_counts_are_binned(config):
+    model = StubDenoiser(config)
+    counts = np.array([[9.0, 1.0, 1.0, 2.0, 5.0, 3.0, 1.0, 7.0]])
+    out = _pipe(model)(gene_ids=[list(range(10, 18))], counts=counts, mask_ratio=0.5, output_type="probs")
+    visible = ~out.mask[0]
+    assert out.mask[0].sum() == 4
+    # The visible tokens are the bins of the visible counts alone, as with a mask given by the caller.
+    np.testing.assert_array_equal(out.probs[0][visible].argmax(-1), rank_tokens(counts[0][visible], B))
