@@ -30,7 +30,7 @@ import numpy as np
 from transformers import HfArgumentParser
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from metrics.imputation import MODEL_METHOD  # noqa: E402
+from metrics.imputation import MODEL_METHOD, strongest_baseline  # noqa: E402
 from pipelines import MaskedRankDiffusionPipeline  # noqa: E402
 from training import DataArguments  # noqa: E402
 from training.data import PANELS, prepare_data  # noqa: E402
@@ -92,12 +92,11 @@ def print_table(rows: dict[str, dict], title: str, columns: dict[str, str] = COL
 
 
 def headline(results: dict[str, dict], ratio: float) -> str:
-    """Model NLL against the best baseline's at one ratio, per panel."""
+    """Model NLL against the strongest baseline's at one ratio, per panel."""
     parts = []
     for panel, by_method in results.items():
-        nll = {m: r[str(ratio)]["nll_all"] for m, r in by_method.items() if "nll_all" in r.get(str(ratio), {})}
-        best = min((m for m in nll if m != MODEL_METHOD), key=nll.get)
-        parts.append(f"{panel}: {nll[MODEL_METHOD]:.3f} vs {nll[best]:.3f} ({best})")
+        name, nll = strongest_baseline(by_method, str(ratio))
+        parts.append(f"{panel}: {by_method[MODEL_METHOD][str(ratio)]['nll_all']:.3f} vs {nll:.3f} ({name})")
     return "; ".join(parts)
 
 

@@ -24,10 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from transformers import HfArgumentParser
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dataset_scripts import cell_counts  # noqa: E402
+from metrics.imputation import masked_nll  # noqa: E402
 from modeling import rank_tokens  # noqa: E402
 from pipelines import MaskedRankDiffusionPipeline  # noqa: E402
 from training import DataArguments  # noqa: E402
@@ -45,10 +47,12 @@ class WholeCellArguments:
     output: str = field(default="benchmarks/results/whole_cells.json")
 
 
-def masked_nll(probs: np.ndarray, tokens: list[np.ndarray], masks: list[np.ndarray], cells: list[int]) -> float:
-    """Mean -log p(true token) over the masked positions of `cells`."""
-    picked = [probs[i, : len(tokens[i])][masks[i], tokens[i][masks[i]]] for i in cells]
-    return float(-np.log(np.clip(np.concatenate(picked), 1e-12, None)).mean())
+def nll_over(probs: np.ndarray, tokens: list[np.ndarray], masks: list[np.ndarray], cells: list[int]) -> float:
+    """Masked NLL ([`masked_nll`]) of the true `tokens` over the masked positions of `cells`."""
+    width = probs.shape[1]
+    truth = torch.tensor(np.stack([np.pad(tokens[i], (0, width - len(tokens[i]))) for i in cells]))
+    masked = torch.tensor(np.stack([np.pad(masks[i], (0, width - len(masks[i]))) for i in cells]))
+    return masked_nll(torch.from_numpy(probs[cells]), truth, masked)
 
 
 def main() -> None:
@@ -88,8 +92,8 @@ def main() -> None:
     for name, cells in groups.items():
         if not cells:
             continue
-        counts_nll = masked_nll(through_counts, visible_scale, masks, cells)
-        ranks_nll = masked_nll(through_ranks, tokens, masks, cells)
+        counts_nll = nll_over(through_counts, visible_scale, masks, cells)
+        ranks_nll = nll_over(through_ranks, tokens, masks, cells)
         rows[name] = {
             "cells": len(cells),
             "median_genes": float(np.median(sizes[cells])),

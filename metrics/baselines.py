@@ -9,6 +9,7 @@ whose users give it counts.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Iterable
 
@@ -178,6 +179,12 @@ class NearestCells:
         self.k = min(k, len(rows))
         self.prior_weight = prior_weight
 
+    def with_settings(self, k: int, prior_weight: float) -> NearestCells:
+        """The same training cells (shared, not copied) with other settings."""
+        other = copy.copy(self)
+        other.k, other.prior_weight = min(k, self.levels.shape[0]), prior_weight
+        return other
+
     def predict(self, cells: CellInputs, counts: torch.Tensor | None = None) -> torch.Tensor:
         out = self.prior.predict(cells)
         num_classes = out.shape[-1]
@@ -227,12 +234,18 @@ class MagicImputation:
         self.reference_counts = reference_counts.tocsc()
         self.prior = prior
         self.knn, self.t, self.bandwidth, self.prior_weight, self.seed = knn, t, bandwidth, prior_weight, seed
-        self._imputed: dict[tuple, np.ndarray] = {}
+        self._imputed: dict[tuple, np.ndarray] = {}  # shared by `with_settings` copies
+
+    def with_settings(self, *, knn: int, t: int, bandwidth: float, prior_weight: float) -> MagicImputation:
+        """The same training cells and imputations (shared, not copied) with other settings."""
+        other = copy.copy(self)
+        other.knn, other.t, other.bandwidth, other.prior_weight = knn, t, bandwidth, prior_weight
+        return other
 
     def impute(self, cells: CellInputs, counts: torch.Tensor) -> np.ndarray:
         """MAGIC's imputed values (`(n_cells, length)`, z-scored within each cell over its real positions)."""
-        key = (cells.gene_ids.numpy().tobytes(), cells.mask.numpy().tobytes(), self.knn, self.t)
-        if key in self._imputed:  # the same masks are read with several bandwidths when tuning
+        key = (self.knn, self.t, *(x.numpy().tobytes() for x in (cells.gene_ids, cells.mask, counts.nan_to_num(-1))))
+        if key in self._imputed:  # the same cells are read with several bandwidths when settings are chosen
             return self._imputed[key]
         import magic
 

@@ -28,9 +28,10 @@ def load_metric() -> evaluate.EvaluationModule:
 def token_levels(tokens: np.ndarray, num_bins: int) -> np.ndarray:
     """The tie-aware scale of one cell: `(B + 1,)` level of each token, from the tokens of all its expressed genes.
 
-    Level j is the cell's j-th smallest distinct token (so, as tied counts share a token, its j-th smallest distinct
-    count: count 1 is level 1, count 2 level 2, whatever their tokens); 0 stays 0; a token the cell does not use
-    lies between the levels of its neighbours (linear interpolation), above the largest at the largest.
+    Level j is the cell's j-th smallest distinct token. Tied counts share a token, and low counts (where ties are)
+    each have a token of their own, so count 1 is level 1, count 2 level 2, whatever their tokens; at the top,
+    where bins are wide, a few distinct counts can share a level. 0 stays 0; a token the cell does not use lies
+    between the levels of its neighbours (linear interpolation), above the largest at the largest.
     """
     distinct = np.unique(np.asarray(tokens)[np.asarray(tokens) > 0])
     return np.interp(np.arange(num_bins + 1), np.r_[0, distinct], np.arange(len(distinct) + 1, dtype=np.float64))
@@ -43,8 +44,8 @@ def detection_strata(detection_rate: np.ndarray) -> np.ndarray:
 
 
 @dataclass
-class HeldOutCells:
-    """Held-out cells on a gene panel, with what scoring needs beyond the model's input.
+class PanelCells:
+    """Cells on a gene panel, with what scoring needs beyond the model's input.
 
     Attributes:
         gene_ids (`torch.LongTensor` of shape `(n_cells, length)`): the panel's genes (0 at padding).
@@ -122,8 +123,15 @@ def masked_nll(probs: torch.Tensor, truth: torch.Tensor, masked: torch.Tensor) -
     return float(-torch.log(picked.clamp(min=1e-12)).mean())
 
 
+def strongest_baseline(by_method: dict[str, dict[str, dict]], ratio: str) -> tuple[str, float]:
+    """The baseline with the lowest masked NLL at one mask ratio (`by_method[method][ratio]`), and that NLL."""
+    nll = {m: r[ratio]["nll_all"] for m, r in by_method.items() if m != MODEL_METHOD and "nll_all" in r.get(ratio, {})}
+    best = min(nll, key=nll.get)
+    return best, nll[best]
+
+
 def choose_on_validation(
-    candidates: dict[str, object], cells: HeldOutCells, mask_token_id: int, *, mask_ratio: float = 0.5, seed: int = 0
+    candidates: dict[str, object], cells: PanelCells, mask_token_id: int, *, mask_ratio: float = 0.5, seed: int = 0
 ) -> tuple[str, dict[str, float]]:
     """The candidate baseline with the lowest masked NLL on validation cells (one mask at `mask_ratio`), and the
     NLL of every candidate."""
@@ -138,7 +146,7 @@ def choose_on_validation(
 
 def compare_on_masks(
     pipe,
-    cells: HeldOutCells,
+    cells: PanelCells,
     baselines: dict,
     mask_ratios: list[float],
     *,

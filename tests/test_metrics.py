@@ -141,6 +141,10 @@ def test_nearest_cells_follow_the_neighbours_on_the_level_scale():
     # The same cell with its levels shown by other tokens (counts 1 and 2 as tokens 3 and 7): the votes follow.
     cell = _masked_cell([3, 4, 6, 5, 7], [7, 3, 0, 0, 0], [False, False, False, True, True], 10)
     assert knn.predict(cell)[0, 3, 7] == pytest.approx(1.0)
+    # Settings chosen on validation share the training cells: the same as building anew.
+    torch.testing.assert_close(
+        knn.with_settings(3, 2.0).predict(cell), NearestCells(cells, prior, 3, 2.0).predict(cell)
+    )
 
 
 def test_magic_baseline_reads_the_cells_own_tokens_at_similar_genes():
@@ -165,6 +169,11 @@ def test_magic_baseline_reads_the_cells_own_tokens_at_similar_genes():
     probs = magic.predict(cell, visible_counts)[0, 0]
     high_tokens = np.unique(tokens[1:10])
     assert probs[high_tokens].sum() > 0.8
+    # Imputations are kept per cells, mask and counts: other counts at the same genes are imputed anew.
+    other = magic.with_settings(knn=5, t=3, bandwidth=1.0, prior_weight=0.05)
+    swapped = torch.tensor([np.where(masked, np.nan, np.r_[query[13:23], query[3:13]])]).float()
+    assert not np.allclose(other.impute(cell, swapped), other.impute(cell, visible_counts))
+    assert len(magic._imputed) == 2 and other._imputed is magic._imputed
     with pytest.raises(ValueError, match="visible counts"):
         magic.predict(cell)
 

@@ -36,9 +36,9 @@ def test_three_panels_chosen_on_training_cells_without_looking_at_held_out_count
     assert len(set(data.panels[RANDOM_PANEL]) & set(training)) < 200
 
 
-def test_held_out_cells_carry_whole_cell_tokens_counts_and_levels(data):
+def test_panel_cells_carry_whole_cell_tokens_counts_and_levels(data):
     genes = data.panels[RANDOM_PANEL]
-    cells = data.held_out_cells(data.test_rows.take(3), genes, num_bins=50)
+    cells = data.panel_cells(data.test_rows.take(3), genes, num_bins=50)
     assert cells.gene_ids.shape == (3, len(genes)) and cells.attention_mask.all()
     row = next(iter(data.test_rows))
     listed, counts = np.asarray(row["genes"][1:]), np.asarray(row["expressions"][1:], dtype=np.float64)

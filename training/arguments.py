@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from dataset_scripts.expression_data import TEST_SHARE, VALIDATION_SHARE
 from modeling import RANK_DIT_PRESETS
 from pipelines import NOISE_SCHEDULES
 
@@ -98,14 +99,14 @@ class DataArguments:
         metadata={"help": "genes in the panel: the most often detected genes of the training split (default L)"},
     )
     validation_share: float = field(
-        default=0.1,
+        default=VALIDATION_SHARE,
         metadata={
             "help": "share of cells held out for validation (by a hash of BARCODE_SUB_LIB_ID): the evaluations "
             "during training and every choice of setting are made on them"
         },
     )
     test_share: float = field(
-        default=0.15,
+        default=TEST_SHARE,
         metadata={"help": "share of cells held out for testing (the next slice of the hash): the reported numbers"},
     )
     split_seed: int = field(
@@ -188,7 +189,7 @@ class RankDiffTrainingArguments(TrainingArguments):
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
     logging_steps: float = field(default=25, metadata={"help": "log every N steps"})
-    eval_strategy: str = field(default="steps", metadata={"help": "evaluate held-out cells: no, steps or epoch"})
+    eval_strategy: str = field(default="steps", metadata={"help": "evaluate validation cells: no, steps or epoch"})
     eval_steps: float = field(default=200, metadata={"help": "evaluate every N steps (the card's loss curves)"})
     save_strategy: str = field(default="no", metadata={"help": "Trainer checkpoints: no, steps or epoch"})
     report_to: None | str | list[str] = field(default="none", metadata={"help": "experiment trackers"})

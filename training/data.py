@@ -1,5 +1,5 @@
 """The data side of a run: the train / validation / test split, what is fitted on training cells alone (the per-gene
-marginal, the pool of genes seen, the evaluation panels) and the held-out cells as panel sequences."""
+marginal, the pool of genes seen, the evaluation panels) and cells as panel sequences."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from dataset_scripts import cell_counts, load_expression_data, split_by_cell_id
 from dataset_scripts.expression_data import ExpressionSource
 from dataset_scripts.schema import CELL_ID_COLUMN
 from metrics import CellAwareMarginal, MagicImputation, NearestCells, PerGeneMarginal
-from metrics.imputation import HeldOutCells, choose_on_validation, token_levels
+from metrics.imputation import PanelCells, choose_on_validation, token_levels
 from modeling import CellTokenizer, rank_tokens
 
 from .arguments import DataArguments
@@ -48,9 +48,9 @@ class ReferenceCells:
             yield self.tokens.indices[start:stop].astype(np.int64), self.tokens.data[start:stop].astype(np.int64)
 
     def gene_loadings(self, n_components: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """Each seen gene's loadings on the top principal axes of the cells' library-size-normalised log counts
-        (randomised SVD of the uncentred sparse matrix): `(genes, (len(genes), n_components))`, each column of unit
-        variance. Genes that vary together get similar loadings."""
+        """Each seen gene's coordinates on the top principal axes of the cells' library-size-normalised log counts
+        (randomised SVD of the uncentred sparse matrix): `(genes, (len(genes), n_components))`, each axis scaled to
+        unit variance over the genes, so every axis counts alike. Genes that vary together get similar rows."""
         from sklearn.utils.extmath import randomized_svd
 
         genes = np.flatnonzero(np.bincount(self.counts.indices, minlength=self.counts.shape[1]))
@@ -59,9 +59,8 @@ class ReferenceCells:
         matrix = sparse.diags(1e4 / np.maximum(library, 1e-12)) @ matrix
         matrix.data = np.log1p(matrix.data)
         n_components = min(n_components, min(matrix.shape) - 1)
-        _, singular_values, axes = randomized_svd(matrix, n_components, random_state=seed)
-        loadings = axes.T * singular_values
-        return genes, loadings / loadings.std(axis=0, keepdims=True).clip(min=1e-12)
+        _, _, axes = randomized_svd(matrix, n_components, random_state=seed)
+        return genes, axes.T / axes.T.std(axis=0, keepdims=True).clip(min=1e-12)
 
     @property
     def detection_rate(self) -> np.ndarray:
@@ -156,8 +155,8 @@ class PreparedData:
         """The training panel (the `"panel"` training rule and the trainer's evaluation)."""
         return self.panels[TRAINING_PANEL]
 
-    def held_out_cells(self, rows, genes: np.ndarray, num_bins: int) -> HeldOutCells:
-        """`rows` (held-out cells) on the panel `genes`, with tokens from each whole cell."""
+    def panel_cells(self, rows, genes: np.ndarray, num_bins: int) -> PanelCells:
+        """`rows` (cells) on the panel `genes`, with tokens from each whole cell by the training rule."""
         tokenizer = CellTokenizer(num_bins=num_bins, max_length=len(genes), panel=genes)
         gene_ids, tokens, counts, levels = [], [], [], []
         for row in rows:
@@ -170,8 +169,8 @@ class PreparedData:
             tokens.append(panel_tokens)
             levels.append(token_levels(cell_tokens, num_bins))
         if not gene_ids:
-            raise ValueError("no held-out cells to score")
-        return HeldOutCells(
+            raise ValueError("no cells to score on the panel")
+        return PanelCells(
             torch.from_numpy(np.stack(gene_ids)),
             torch.from_numpy(np.stack(tokens)),
             torch.ones(len(gene_ids), len(genes), dtype=torch.bool),
@@ -179,7 +178,7 @@ class PreparedData:
             np.stack(levels),
         )
 
-    def imputation_baselines(self, validation: HeldOutCells, mask_token_id: int) -> tuple[dict, dict]:
+    def imputation_baselines(self, validation: PanelCells, mask_token_id: int) -> tuple[dict, dict]:
         """The baselines the model is compared with, fitted on the training cells, each family's settings chosen
         by masked NLL on `validation` (validation cells on the training panel, half of each cell masked).
 
@@ -201,16 +200,17 @@ class PreparedData:
                 for d in (False, True)
             },
         )
-        cells = list(self.reference.cells())
+        nearest = NearestCells(self.reference.cells(), cell_aware)
         nearest = choose(
             "nearest cells",
-            {f"k={k}, prior_weight={w}": NearestCells(cells, cell_aware, k, w) for k in (5, 15, 50) for w in (1, 5)},
+            {f"k={k}, prior_weight={w}": nearest.with_settings(k, w) for k in (5, 15, 50) for w in (1, 5)},
         )
+        magic = MagicImputation(self.reference.counts, cell_aware)
         magic = choose(
             "MAGIC",
             {
-                f"knn={knn}, t={t}, bandwidth={h}, prior_weight={w}": MagicImputation(
-                    self.reference.counts, cell_aware, knn=knn, t=t, bandwidth=h, prior_weight=w
+                f"knn={knn}, t={t}, bandwidth={h}, prior_weight={w}": magic.with_settings(
+                    knn=knn, t=t, bandwidth=h, prior_weight=w
                 )
                 for knn in (5, 15)
                 for t in (1, 3)

@@ -125,12 +125,12 @@ def imputation_report(
     if unknown:
         raise ValueError(f"unknown panels {sorted(unknown)}; choose from {list(data.panels)}")
     num_bins, mask_id = pipe.model.config.num_rank_bins, pipe.model.config.mask_token_id
-    validation = data.held_out_cells(data.validation_rows, data.panel, num_bins)
+    validation = data.panel_cells(data.validation_rows, data.panel, num_bins)
     baselines, choices = data.imputation_baselines(validation, mask_id)
     strata = detection_strata(data.reference.detection_rate)
     results, scored = {}, 0
     for panel in panels:
-        cells = data.held_out_cells(data.splits[split], data.panels[panel], num_bins)
+        cells = data.panel_cells(data.splits[split], data.panels[panel], num_bins)
         scored = len(cells)
         steps = sample_steps if panel == TRAINING_PANEL else 0
         results[panel] = compare_on_masks(

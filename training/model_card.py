@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from metrics.imputation import MODEL_METHOD
+from metrics.imputation import MODEL_METHOD, strongest_baseline
 from modeling import GeneVocab
 
 LICENSE = "apache-2.0"
@@ -158,7 +158,8 @@ TABLE_COLUMNS = {
 
 
 def _results_table(by_method: dict[str, dict[str, dict]]) -> str:
-    rows = ["| mask ratio | method | " + " | ".join(TABLE_COLUMNS.values()) + " |", "|" + " --- |" * 8]
+    header = "| mask ratio | method | " + " | ".join(TABLE_COLUMNS.values()) + " |"
+    rows = [header, "|" + " --- |" * (len(TABLE_COLUMNS) + 2)]
     ratios = sorted({ratio for by_ratio in by_method.values() for ratio in by_ratio}, key=float)
     for ratio in ratios:
         for method, by_ratio in by_method.items():
@@ -169,13 +170,6 @@ def _results_table(by_method: dict[str, dict[str, dict]]) -> str:
             name = f"**{method}**" if method == MODEL_METHOD else method
             rows.append(f"| {ratio} | {name} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
-
-
-def strongest_baseline(by_method: dict[str, dict[str, dict]], ratio: str) -> tuple[str, float]:
-    """The baseline with the lowest NLL at one mask ratio, and that NLL."""
-    nll = {m: r[ratio]["nll_all"] for m, r in by_method.items() if m != MODEL_METHOD and "nll_all" in r.get(ratio, {})}
-    best = min(nll, key=nll.get)
-    return best, nll[best]
 
 
 def headline(run: TrainingRun) -> str:
@@ -232,7 +226,8 @@ def _model_table(run: TrainingRun) -> str:
         "task": f"masked-token prediction over rank tokens 0..{bins} (`[MASK]` = {config.mask_token_id}), MDLM",
         "tokenization": f"`{config.rank_scheme}`: per cell, quantiles of the non-zero raw counts at "
         f"`linspace(0, 1, {bins})`, bins 1..{bins}; 0 = not expressed",
-        "sequence": f"up to {config.max_length} (gene, rank) pairs per cell, no order (no positional encoding)",
+        "sequence": f"trained on up to {config.max_length} (gene, rank) pairs per cell, no order (no positional "
+        "encoding); longer cells are seen in windows of random genes",
         "gene vocabulary": f"{config.gene_vocab_size:,} ids (Tahoe-100M `gene_metadata` layout: Ensembl ids, symbols)",
         "architecture": f"DiT: {config.num_hidden_layers} blocks, width {config.hidden_size}, "
         f"{config.num_attention_heads} heads, adaLN {'with' if config.time_conditioning else 'without'} time input",
@@ -284,7 +279,8 @@ baseline on the same masks, per evaluation panel: {headline(run)}.
 Test cells, on three gene panels chosen on training cells without looking at the test counts
 ({panels}), a share of each cell's panel genes masked (masks drawn once per ratio and shared by every method);
 **masked positions only**. NLL on rank tokens; the ordinal metrics also on the tie-aware level scale (level j =
-the cell's j-th smallest distinct count, so a count 1 / count 2 mix-up costs one level, not 17 bins).
+the cell's j-th smallest distinct token, in effect its j-th smallest distinct count, so a count 1 / count 2 mix-up
+costs one level, not the many bins between their tokens).
 Baselines, each fitted on the training cells with its setting chosen on validation cells ({choices}): the per-gene
 marginal; the cell-aware marginal (the per-gene marginal told which tokens the cell's visible genes use and how
 deep the cell is); the nearest training cells on the visible genes; MAGIC (`magic-impute`), its imputed values

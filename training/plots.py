@@ -1,4 +1,4 @@
-"""Figures of a training run for its model card: the data, the training curves and the held-out scores.
+"""Figures of a training run for its model card: the data, the training curves and the test scores.
 
 Each function draws one PNG with matplotlib's object API (no pyplot state, no GUI backend) and returns its path.
 """
@@ -71,7 +71,7 @@ def plot_rank_token_distribution(baseline: PerGeneMarginal, panel: np.ndarray, p
 
 
 def plot_loss_curves(log_history: list[dict], path: str | os.PathLike, baseline_key: str | None = None) -> Path:
-    """Training loss (and its NELBO part) against the step, with the held-out NELBO and masked NLL of each
+    """Training loss (and its NELBO part) against the step, with the validation NELBO and masked NLL of each
     evaluation, and the per-gene marginal's masked NLL (`baseline_key` of the evaluation logs) as a reference."""
     train = [entry for entry in log_history if "loss" in entry and "step" in entry]
     evals = [entry for entry in log_history if "eval_nelbo" in entry and "step" in entry]
@@ -87,16 +87,16 @@ def plot_loss_curves(log_history: list[dict], path: str | os.PathLike, baseline_
 
     curve(train, "loss", label="training loss (NELBO + ordinal term)", color="#4c72b0")
     curve(train, "nelbo", label="training NELBO", color="#4c72b0", linestyle="--")
-    curve(evals, "eval_nelbo", label="held-out NELBO", color="#dd8452", marker="o", markersize=10, fillstyle="none")
+    curve(evals, "eval_nelbo", label="validation NELBO", color="#dd8452", marker="o", markersize=10, fillstyle="none")
     nll_keys = sorted({key for entry in evals for key in entry if key.startswith("eval_masked_nll_")})
     for key in nll_keys:
         ratio = key.removeprefix("eval_masked_nll_")
-        curve(evals, key, label=f"held-out masked NLL ({float(ratio):.0%} masked)", color="#55a868", marker="s")
+        curve(evals, key, label=f"validation masked NLL ({float(ratio):.0%} masked)", color="#55a868", marker="s")
     if baseline_key and evals and baseline_key in evals[-1]:
         axis.axhline(evals[-1][baseline_key], color="grey", linestyle=":", label="per-gene marginal, masked NLL")
     axis.set_xlabel("optimizer step")
     axis.set_ylabel("nats per token")
-    axis.set_title("Training and held-out losses", fontsize=10)
+    axis.set_title("Training and validation losses", fontsize=10)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
     return _save(figure, path)
@@ -129,7 +129,7 @@ def plot_metrics_vs_mask_ratio(results: dict[str, dict[str, dict]], path: str | 
         axis.grid(alpha=0.3)
     handles, labels = axes[1, 1].get_legend_handles_labels()  # the coverage panel also has the nominal line
     figure.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9, frameon=False)
-    figure.suptitle("Held-out cells, masked positions only")
+    figure.suptitle("Test cells, masked positions only")
     figure.tight_layout(rect=(0, 0.05, 1, 1))
     figure.savefig(path, dpi=110)
     return Path(path)
@@ -154,7 +154,7 @@ def plot_reliability(scores: dict[str, dict], mask_ratio: float, path: str | os.
         bin_left = np.arange(len(positions)) / len(positions)
         bottom.bar(bin_left + i * width, positions / positions.sum(), width=width, align="edge", label=method)
     top.set_ylabel("accuracy of the most likely rank")
-    top.set_title(f"Calibration on held-out cells, {mask_ratio:.0%} of the genes masked", fontsize=10)
+    top.set_title(f"Calibration on test cells, {mask_ratio:.0%} of the genes masked", fontsize=10)
     top.set_xlim(0, 1)
     top.set_ylim(0, 1)
     top.grid(alpha=0.3)

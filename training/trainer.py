@@ -27,8 +27,8 @@ class RankDiffusionTrainer(Trainer):
     tokens + `ordinal_weight` x the ordinal term ([`masked_ordinal`]), divided by the number of real tokens in the
     (accumulated) batch, as MDLM reports it.
     The NELBO and the ordinal term are logged apart from the total (`nelbo`, `ordinal`). `evaluate` scores
-    held-out cells beside the per-gene marginal, with the EMA weights when there are some; each process scores its
-    share of the held-out cells and the sums are reduced over processes.
+    validation cells beside the per-gene marginal, with the EMA weights when there are some; each process scores
+    its share of the cells and the sums are reduced over processes.
 
     Args:
         noise_scheduler: the [`MaskedRankDiffusionScheduler`] (noise schedule and loss weight).
