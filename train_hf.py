@@ -1,8 +1,8 @@
 """Train a RankDiT denoiser as an MDLM-style masked diffusion model with the Hugging Face Trainer.
 
 With no arguments it trains the tiny preset on the embedded real sample (559 cells) on the CPU in a few minutes,
-evaluates it on held-out cells beside the per-gene marginal baseline, and writes a diffusers pipeline folder that
-`DiffusionPipeline.from_pretrained(OUTPUT_DIR, trust_remote_code=True)` loads:
+evaluates it on validation cells during training and on test cells beside four baselines at the end, and writes a
+diffusers pipeline folder that `DiffusionPipeline.from_pretrained(OUTPUT_DIR, trust_remote_code=True)` loads:
 
     OUTPUT_DIR/model_index.json, pipeline_masked_rank_diffusion.py, eval_results.json
     OUTPUT_DIR/README.md       the model card, with plots/ and imputation_results.json
@@ -100,6 +100,8 @@ def train(
     """Fit the baseline, train, evaluate, write the pipeline folder and its model card, and push it to the Hub if
     asked; returns the trainer and its final evaluation metrics."""
     card_args = card_args or CardArguments()
+    if card_args.model_card and data_args.test_share <= 0:  # before training: the card reports test cells
+        raise ValueError("the model card scores test cells: give --test_share > 0, or --model_card false")
     # The Trainer would push its own checkpoints into the repo root; the finished pipeline folder goes up instead.
     push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
     repo_id = None

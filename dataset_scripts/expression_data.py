@@ -104,6 +104,10 @@ def is_hub_dataset_id(name: str) -> bool:
     return name.count("/") == 1
 
 
+# Default shares of the split, for every reader (the trainer's data and the streaming builder).
+VALIDATION_SHARE, TEST_SHARE = 0.1, 0.15
+
+
 def held_out_fraction(cell_id: str, seed: int = 0) -> float:
     """A stable number in [0, 1) per cell id, the key of the barcode split ([`split_names`])."""
     digest = hashlib.blake2b(f"{seed}:{cell_id}".encode(), digest_size=8).digest()

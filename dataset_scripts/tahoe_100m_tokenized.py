@@ -47,7 +47,7 @@ from datasets.builder import Key
 
 from modeling import CellTokenizer
 
-from .expression_data import split_names
+from .expression_data import TEST_SHARE, VALIDATION_SHARE, split_names
 from .schema import CELL_ID_COLUMN
 from .tokenization import tokenize_arrow_batch
 
@@ -81,7 +81,8 @@ class Tahoe100MTokenizedConfig(datasets.BuilderConfig):
         zero_share (`float`, defaults to 0.0): share of the sequence given to unexpressed vocabulary genes.
         seed (`int`, defaults to 0): seed of the per-cell draws.
         split_by (`str`, defaults to `"barcode"`): `"barcode"` (hash of `BARCODE_SUB_LIB_ID`) or `"plate"`.
-        validation_share, test_share (`float`, default 0.05 each): shares held out with `split_by="barcode"`.
+        validation_share, test_share (`float`, defaults to 0.1 and 0.15, as for `train_hf.py`): shares held out with
+            `split_by="barcode"`.
         split_seed (`int`, defaults to 0): salt of the barcode hash.
         validation_plates, test_plates (`tuple[str, ...]`): plates held out with `split_by="plate"`.
         keep_columns (`tuple[str, ...]`): metadata columns carried to the output.
@@ -97,8 +98,8 @@ class Tahoe100MTokenizedConfig(datasets.BuilderConfig):
     zero_share: float = 0.0
     seed: int = 0
     split_by: str = "barcode"
-    validation_share: float = 0.05
-    test_share: float = 0.05
+    validation_share: float = VALIDATION_SHARE
+    test_share: float = TEST_SHARE
     split_seed: int = 0
     validation_plates: tuple[str, ...] = ()
     test_plates: tuple[str, ...] = ()
