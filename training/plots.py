@@ -104,8 +104,8 @@ def plot_loss_curves(log_history: list[dict], path: str | os.PathLike, baseline_
 
 METRIC_PANELS = {
     "nll_all": "NLL, nats per masked gene (lower is better)",
-    "mae_all": "MAE of the expected rank, bins (lower is better)",
-    "spearman_all": "Spearman of expected vs true rank, per cell",
+    "mae_level_all": "MAE of the expected level, tie-aware (lower is better)",
+    "spearman_level_all": "Spearman of expected vs true level, per cell",
     "accuracy_all": "accuracy of the most likely rank",
     "coverage_90_all": "coverage of the 90% interval (nominal 0.9)",
     "ece_all": "calibration error, ECE (lower is better)",
