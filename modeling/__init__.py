@@ -1,22 +1,24 @@
-"""The RankDiff model: config, DiT denoiser, rank tokenizer and gene vocabulary.
+"""The RankDiff model: config, DiT denoiser, processor (gene vocabulary, rank rule, windows) and the transformers task.
 
 The files of this package import only each other (relatively), torch, numpy and transformers, so that a saved
 checkpoint carries them as Hub remote code.
 """
 
-from transformers import AutoConfig, AutoModel
+from transformers import AutoConfig, AutoFeatureExtractor, AutoModel
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from .cell_inputs import CellInputs, prepare_cell_inputs
-from .configuration_rank_dit import RANK_DIT_PRESETS, RankDiTConfig
+from .cell_inputs import CellInputs, CellWindows
+from .configuration_rank_dit import IMPUTATION_TASK, RANK_DIT_PRESETS, RankDiTConfig
 from .gene_vocab import GENE_VOCAB_FILE, GeneVocab
 from .modeling_rank_dit import RankDiTModel, RankDiTOutput, RankDiTPreTrainedModel
-from .pipeline_rank_dit import IMPUTATION_TASK, RankDiTImputationPipeline
+from .pipeline_rank_dit import RankDiTImputationPipeline
+from .processing_rank_dit import RankDiTProcessor
 from .rank_tokenizer import CellTokenizer, rank_tokens
 
 # In-process Auto classes, and `auto_map` + code files in every checkpoint for `trust_remote_code` loading.
 AutoConfig.register(RankDiTConfig.model_type, RankDiTConfig)
 AutoModel.register(RankDiTConfig, RankDiTModel)
+AutoFeatureExtractor.register(RankDiTConfig, RankDiTProcessor)
 RankDiTConfig.register_for_auto_class()
 RankDiTModel.register_for_auto_class("AutoModel")
 PIPELINE_REGISTRY.register_pipeline(
@@ -29,12 +31,13 @@ __all__ = [
     "IMPUTATION_TASK",
     "CellInputs",
     "CellTokenizer",
+    "CellWindows",
     "GeneVocab",
     "RankDiTImputationPipeline",
     "RankDiTConfig",
     "RankDiTModel",
     "RankDiTOutput",
     "RankDiTPreTrainedModel",
-    "prepare_cell_inputs",
+    "RankDiTProcessor",
     "rank_tokens",
 ]

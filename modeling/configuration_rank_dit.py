@@ -17,6 +17,12 @@ RANK_DIT_PRESETS: dict[str, dict[str, int]] = {
 }
 
 RANK_SCHEMES = ("mosaicfm_quantile",)
+# The transformers task every checkpoint offers (`pipeline(model=folder, trust_remote_code=True)`); its code,
+# `pipeline_rank_dit.py`, travels with the processor saved beside the model.
+IMPUTATION_TASK = "rank-imputation"
+TASK_PIPELINES = {
+    IMPUTATION_TASK: {"impl": "pipeline_rank_dit.RankDiTImputationPipeline", "pt": ["AutoModel"], "type": "multimodal"}
+}
 
 
 class RankDiTConfig(PreTrainedConfig):
@@ -134,6 +140,8 @@ class RankDiTConfig(PreTrainedConfig):
             if key not in fields and close:
                 raise ValueError(f"unknown RankDiTConfig argument {key!r}; did you mean {close[0]!r}?")
         super().__post_init__(**kwargs)
+        if not getattr(self, "custom_pipelines", None):
+            self.custom_pipelines = TASK_PIPELINES
 
     @property
     def num_rank_tokens(self) -> int:

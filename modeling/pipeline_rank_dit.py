@@ -10,45 +10,70 @@ from __future__ import annotations
 import torch
 from transformers import Pipeline
 
-IMPUTATION_TASK = "rank-imputation"
+from .configuration_rank_dit import IMPUTATION_TASK
+
+PREPROCESS_PARAMETERS = ("unknown_genes",)
+FORWARD_PARAMETERS = ("window_batch_size",)
 
 
 class RankDiTImputationPipeline(Pipeline):
     """One denoiser pass over cells with masked positions: per-position distributions over ranks 0..B.
 
     Call with `gene_ids=` (ids, Ensembl ids or symbols; one cell or a list of cells, any number of genes), `ranks=`
-    or raw `counts=` (and `context_counts=`, the counts of a cell's other genes), and `mask=` (True = predict).
-    Returns, per cell, a dict with `gene_ids`, `mask`, `probs` (`(length, B + 1)`, one-hot where visible) and
-    `expected` (the expected rank). Sampling lives in the diffusers `MaskedRankDiffusionPipeline`.
+    or raw `counts=` (and `context_counts=`, the counts of a cell's other genes), and `mask=` (True = predict);
+    `unknown_genes="ignore"` leaves genes outside the vocabulary out, `window_batch_size=` sets how many windows of
+    long cells go through the model at a time. Returns, per cell, a dict with `gene_ids`, `mask`, `probs`
+    (`(length, B + 1)`, one-hot where visible) and `expected` (the expected rank). The checkpoint's
+    `RankDiTProcessor`, saved beside the model, is loaded as the pipeline's `feature_extractor`. Sampling lives in
+    the diffusers `MaskedRankDiffusionPipeline`.
     """
 
+    _load_feature_extractor = True
+    _load_tokenizer = False
+    _load_image_processor = False
+    _load_processor = False
+
     def _sanitize_parameters(self, **kwargs):
-        return {}, {}, {}
+        unknown = sorted(set(kwargs) - set(PREPROCESS_PARAMETERS) - set(FORWARD_PARAMETERS))
+        if unknown:
+            raise TypeError(
+                f"the {IMPUTATION_TASK} pipeline got unknown arguments {unknown}; it takes gene_ids, ranks, counts, "
+                f"mask, context_counts, {', '.join(PREPROCESS_PARAMETERS + FORWARD_PARAMETERS)} (sampling with "
+                "temperature or mask_ratio lives in the diffusers MaskedRankDiffusionPipeline)"
+            )
+        preprocess = {key: kwargs[key] for key in PREPROCESS_PARAMETERS if key in kwargs}
+        forward = {key: kwargs[key] for key in FORWARD_PARAMETERS if key in kwargs}
+        return preprocess, forward, {}
 
     def __call__(self, gene_ids=None, ranks=None, counts=None, mask=None, context_counts=None, **kwargs):
         if gene_ids is None:
             raise ValueError("call the pipeline with gene_ids=... (and ranks= or counts=, mask=)")
+        if self.feature_extractor is None:
+            raise ValueError("this pipeline needs the checkpoint's RankDiTProcessor as its feature_extractor")
         inputs = dict(gene_ids=gene_ids, ranks=ranks, counts=counts, mask=mask, context_counts=context_counts)
         return super().__call__(inputs, **kwargs)
 
-    def preprocess(self, inputs):
-        return {"cells": self.model.prepare_inputs(**inputs)}
+    def preprocess(self, inputs, unknown_genes: str = "raise"):
+        return {"cells": self.feature_extractor(**inputs, unknown_genes=unknown_genes)}
 
-    def _forward(self, model_inputs):
-        return {"cells": model_inputs["cells"], "probs": self.model.predictive_distribution(model_inputs["cells"])}
+    def _forward(self, model_inputs, window_batch_size: int = 64):
+        cells = model_inputs["cells"]
+        probs = self.feature_extractor.predictive_distribution(self.model, cells, batch_size=window_batch_size)
+        return {"cells": cells, "probs": probs}
 
     def postprocess(self, model_outputs):
         cells, probs = model_outputs["cells"], model_outputs["probs"]
         expected = (probs * torch.arange(probs.shape[-1], dtype=probs.dtype)).sum(dim=-1)
+        expected = expected.masked_fill(~cells.attention_mask, float("nan"))
         results = []
         for i in range(len(cells)):
-            real = cells.attention_mask[i]
+            given = cells.gene_ids[i] != 0  # the cell's positions, ignored genes (-1) included
             results.append(
                 {
-                    "gene_ids": cells.gene_ids[i][real].tolist(),
-                    "mask": cells.mask[i][real].tolist(),
-                    "probs": probs[i][real].numpy(),
-                    "expected": expected[i][real].numpy(),
+                    "gene_ids": cells.gene_ids[i][given].tolist(),
+                    "mask": cells.mask[i][given].tolist(),
+                    "probs": probs[i][given].numpy(),
+                    "expected": expected[i][given].numpy(),
                 }
             )
         return results[0] if len(results) == 1 else results
