@@ -20,14 +20,19 @@ def record_denoising(pipe, gene_ids, **call_kwargs) -> list[np.ndarray]:
     states = []
 
     def record(pipe, step, timestep, callback_kwargs):
-        sample, cell, position = (callback_kwargs[k].numpy() for k in ("sample", "cell", "position"))
+        sample, cell, position = (callback_kwargs[k].cpu().numpy() for k in ("sample", "cell", "position"))
         state = np.full(len(gene_ids), -1, dtype=sample.dtype)
         for row in np.flatnonzero(cell == 0):  # the cell's windows (one when it fits the model's length)
             real = position[row] >= 0
             state[position[row, real]] = sample[row, real]
         states.append(state)
 
-    output = pipe(gene_ids=[list(np.asarray(gene_ids).tolist())], callback_on_step_end=record, **call_kwargs)
+    output = pipe(
+        gene_ids=[list(np.asarray(gene_ids).tolist())],
+        callback_on_step_end=record,
+        callback_on_step_end_tensor_inputs=["sample", "cell", "position"],
+        **call_kwargs,
+    )
     first = np.asarray(output.ranks[0]).copy()
     first[output.mask[0]] = pipe.scheduler.config.mask_token_id
     return [first, *states] if states else [first, np.asarray(output.ranks[0])]

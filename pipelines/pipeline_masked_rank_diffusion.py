@@ -7,11 +7,12 @@ remote code: `DiffusionPipeline.from_pretrained(path, trust_remote_code=True)`.
 
 from __future__ import annotations
 
+import inspect
 import json
+import math
 import os
 import shutil
-import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,11 +20,34 @@ import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput, logging
+from diffusers.utils.dynamic_modules_utils import get_relative_import_files
+from huggingface_hub import HfApi
 from torch.nn import functional as F
+from tqdm.auto import tqdm
 
 logger = logging.get_logger(__name__)
 
 OUTPUT_TYPES = ("ranks", "probs", "expected")
+# One cell's genes (token ids, Ensembl ids or symbols; a list, an array, a tensor or a pandas Index), or per-gene
+# values; a batch is a sequence of them or a 2-D array.
+CellValues = Sequence | np.ndarray | torch.Tensor
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import torch
+        >>> from diffusers import DiffusionPipeline
+
+        >>> pipe = DiffusionPipeline.from_pretrained("outputs/demo", trust_remote_code=True)
+        >>> out = pipe(
+        ...     gene_ids=[["CD3E", "MS4A1", "LYZ", "NKG7"]],
+        ...     ranks=[[12, 0, 50, 3]],
+        ...     mask=[[False, True, True, False]],
+        ...     generator=torch.Generator().manual_seed(0),
+        ... )
+        >>> out.ranks  # the masked positions sampled, the others as given
+        ```
+"""
 
 
 @dataclass
@@ -32,14 +56,15 @@ class MaskedRankDiffusionPipelineOutput(BaseOutput):
 
     Args:
         ranks (`np.ndarray` of shape `(n_cells, length)`, *optional*): rank tokens 0..B, the given ones kept and
-            the masked ones sampled (`output_type="ranks"`); -1 at padding.
+            the masked ones sampled (`output_type="ranks"`); -1 at padding and at genes left out.
         probs (`np.ndarray` of shape `(n_cells, length, B + 1)`, *optional*): the model's predictive distribution
             over 0..B at every position given the visible tokens (one-hot where visible; `output_type="probs"`).
         expected (`np.ndarray` of shape `(n_cells, length)`, *optional*): the expected rank under `probs`
             (`output_type="probs"` or `"expected"`).
         mask (`np.ndarray` of shape `(n_cells, length)`): True at the positions that were predicted.
-        gene_ids (`np.ndarray` of shape `(n_cells, length)`): the gene token ids of each position.
-        attention_mask (`np.ndarray` of shape `(n_cells, length)`): True at real (not padding) positions.
+        gene_ids (`np.ndarray` of shape `(n_cells, length)`): the gene token ids of each position (0 at padding,
+            -1 at genes outside the vocabulary left out with `unknown_genes="ignore"`).
+        attention_mask (`np.ndarray` of shape `(n_cells, length)`): True at the positions the model saw.
         model_calls (`np.ndarray` of shape `(n_cells,)`): denoiser evaluations of each cell.
     """
 
@@ -56,145 +81,234 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
     r"""Fill masked rank tokens of cells, or generate whole cells, with a masked-diffusion denoiser.
 
     Components:
-        model ([`RankDiTModel`]): the denoiser, with its gene vocabulary (`model.gene_vocab`).
+        model ([`RankDiTModel`]): the denoiser.
         scheduler ([`MaskedRankDiffusionScheduler`]): the noise schedule and samplers.
-
-    Examples:
-
-    ```python
-    >>> import torch
-    >>> from diffusers import DiffusionPipeline
-
-    >>> pipe = DiffusionPipeline.from_pretrained("outputs/demo", trust_remote_code=True)
-    >>> out = pipe(gene_ids=[["CD3E", "MS4A1", "LYZ", "NKG7"]], ranks=[[12, 0, 50, 3]],
-    ...            mask=[[False, True, True, False]], generator=torch.Generator().manual_seed(0))
-    >>> out.ranks  # the masked positions sampled, the others as given
-    ```
+        processor ([`RankDiTProcessor`]): gene vocabulary, rank rule, checks, windows, distributions.
     """
 
     model_cpu_offload_seq = "model"
+    _callback_tensor_inputs = ["sample", "logits", "cell", "position"]
 
-    def __init__(self, model, scheduler):
+    def __init__(self, model, scheduler, processor):
         super().__init__()
         scheduler.check_model_config(model.config)
-        self.register_modules(model=model, scheduler=scheduler)
+        processor.check_model_config(model.config)
+        self.register_modules(model=model, scheduler=scheduler, processor=processor)
+
+    def check_inputs(
+        self,
+        mask,
+        mask_ratio,
+        num_inference_steps,
+        temperature,
+        top_p,
+        batch_size,
+        generator,
+        output_type,
+        callback_on_step_end_tensor_inputs,
+    ) -> None:
+        """Raise a clear error for any argument the call cannot use (the cells are checked by the processor)."""
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if mask_ratio is not None and mask is not None:
+            raise ValueError("give mask or mask_ratio, not both")
+        if mask_ratio is not None and not (isinstance(mask_ratio, (int, float)) and 0.0 < mask_ratio <= 1.0):
+            raise ValueError(f"mask_ratio must be a number in (0, 1], got {mask_ratio!r}")
+        for name, value in (("num_inference_steps", num_inference_steps), ("batch_size", batch_size)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+        if not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
+            raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(
+                f"generator must be a torch.Generator (e.g. torch.Generator().manual_seed(0)), got "
+                f"{type(generator).__name__}"
+            )
+        unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
+        if unknown:
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs {sorted(unknown)} are not among {self._callback_tensor_inputs}"
+            )
 
     @torch.no_grad()
     def __call__(
         self,
-        gene_ids,
-        ranks=None,
-        mask=None,
+        gene_ids: CellValues,
+        ranks: CellValues | None = None,
+        mask: CellValues | None = None,
         mask_ratio: float | None = None,
-        counts=None,
-        context_counts=None,
+        counts: CellValues | None = None,
+        context_counts: CellValues | None = None,
+        unknown_genes: str = "raise",
         num_inference_steps: int = 64,
         sampler: str | None = None,
         temperature: float = 1.0,
         top_p: float = 1.0,
+        batch_size: int = 64,
+        use_cache: bool = True,
         generator: torch.Generator | None = None,
         output_type: str = "ranks",
         return_dict: bool = True,
-        batch_size: int = 64,
-        use_cache: bool = True,
         callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["sample"],  # noqa: B006 (diffusers' signature)
     ) -> MaskedRankDiffusionPipelineOutput | tuple:
         r"""Impute the masked positions of cells, denoise them, or generate whole cells.
 
         Args:
             gene_ids: the genes of one cell (a flat sequence) or of several (a sequence of sequences or a 2-D
-                array): token ids, Ensembl ids or symbols of the checkpoint's vocabulary.
-            ranks: rank tokens 0..B at the same positions; None (and no `counts`) generates every position.
-            mask: True at the positions to generate, False where the given rank is kept.
+                array): token ids, Ensembl ids or symbols of the checkpoint's vocabulary; a pandas `Index` works.
+            ranks: rank tokens, integers in 0..B, at the same positions; None (and no `counts`) generates every
+                position.
+            mask: booleans, True at the positions to generate, False where the given rank is kept.
             mask_ratio (`float`, *optional*): instead of `mask`, mask this share of each cell's genes at random.
             counts: raw counts instead of `ranks`, tokenized with the checkpoint's own rule over each cell's visible
                 counts (masked ones never shape the visible tokens). Give whole cells: any number of genes, shown
-                to the model in windows of random genes when a cell is longer than `model.config.max_length`.
+                to the model in windows of random genes when a cell is longer than the model's length.
             context_counts: with `counts` of part of a cell, the counts of its other genes, so its quantile bins
                 are those of the whole cell, as in training (a warning says when a cell looks like a part).
+            unknown_genes (`str`, defaults to `"raise"`): `"ignore"` leaves genes outside the vocabulary out of
+                the model's input (gene id -1 in the output) instead of refusing the cell.
             num_inference_steps (`int`, defaults to 64): denoising steps (first-hitting: one per masked token).
             sampler (`str`, *optional*): `"ancestral"`, `"first-hitting"` or `"confidence"`; the scheduler's
                 configured sampler by default.
             temperature (`float`, defaults to 1.0), top_p (`float`, defaults to 1.0): reshape the model's
                 distribution before each draw.
-            generator (`torch.Generator`, *optional*): a CPU generator; the same seed gives the same output.
+            batch_size (`int`, defaults to 64): windows (cells, or parts of cells longer than the model's length)
+                denoised together; the output does not depend on it.
+            use_cache (`bool`, defaults to `True`): reuse a window's last model output while none of its tokens
+                changed (only for models without time conditioning). Costs one host sync per step; turn it off on
+                a GPU with many masked genes per step.
+            generator (`torch.Generator`, *optional*): seeds every draw; the same seed gives the same output.
             output_type (`str`, defaults to `"ranks"`): `"ranks"` samples the masked tokens; `"probs"` returns the
                 predictive distribution at every position from one denoiser pass (and the expected ranks);
                 `"expected"` returns only the expected ranks.
             return_dict (`bool`, defaults to `True`): return a [`MaskedRankDiffusionPipelineOutput`], else a tuple.
-            batch_size (`int`, defaults to 64): windows (cells, or parts of cells longer than the model's length)
-                denoised together.
-            use_cache (`bool`, defaults to `True`): reuse a cell's last model output while none of its tokens
-                changed (only for models without time conditioning, whose output depends on the tokens alone).
-            callback_on_step_end (`Callable`, *optional*): called as `fn(pipe, step, timestep, {"sample": ...,
-                "cell": ..., "position": ...})` after every step, for example to record the states of a run; the
-                samples are those of up to `batch_size` windows, `cell` and `position` say where their positions
-                belong (-1 at padding; a cell that fits the model's length is one window).
+            callback_on_step_end (`Callable`, *optional*): called as `fn(pipe, step, timestep, callback_kwargs)`
+                after every step with the tensors named in `callback_on_step_end_tensor_inputs`, for up to
+                `batch_size` windows; a returned `"sample"` replaces the tokens the next step starts from.
+            callback_on_step_end_tensor_inputs (`list[str]`, defaults to `["sample"]`): among `"sample"` (the tokens
+                after the step), `"logits"` (the model's output it drew from), `"cell"` (the cell of each window) and
+                `"position"` (the cell position of each window position, -1 at padding).
+
+        Examples:
+
+        Returns:
+            [`MaskedRankDiffusionPipelineOutput`] or `tuple`: the sampled ranks, or the distributions and expected
+            ranks, with the mask, gene ids and attention mask of every cell, and the denoiser calls per cell.
         """
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        if mask_ratio is not None and mask is not None:
-            raise ValueError("give mask or mask_ratio, not both")
+        self.check_inputs(
+            mask, mask_ratio, num_inference_steps, temperature, top_p, batch_size, generator, output_type,
+            callback_on_step_end_tensor_inputs,
+        )  # fmt: skip
         if mask_ratio is not None:  # drawn before the tokens are made: masked counts must not shape the bins
             if ranks is None and counts is None:
                 raise ValueError("mask_ratio needs the ranks (or counts) of the positions it keeps")
-            real = self.model.prepare_inputs(gene_ids).attention_mask
-            drawn = self.scheduler.random_mask(real, mask_ratio, generator=generator)
-            mask = [m[r].tolist() for m, r in zip(drawn, real)]
-        cells = self.model.prepare_inputs(
-            gene_ids, ranks=ranks, counts=counts, mask=mask, context_counts=context_counts
+            genes_only = self.processor(gene_ids, unknown_genes=unknown_genes)
+            drawn = self.scheduler.random_mask(genes_only.attention_mask, mask_ratio, generator=generator)
+            lengths = (genes_only.gene_ids != 0).sum(dim=1).tolist()  # 0 is padding; genes left out are -1
+            mask = [drawn[i, :n] for i, n in enumerate(lengths)]
+        cells = self.processor(
+            gene_ids, ranks=ranks, counts=counts, mask=mask, context_counts=context_counts, unknown_genes=unknown_genes
         )
-
-        self.scheduler.set_timesteps(num_inference_steps, sampler=sampler)
-        windows = cells.windows(self.model.config.max_length)
-        results = []
-        for start in range(0, len(windows.inputs), batch_size):  # `batch_size` windows at a time
-            chunk = slice(start, start + batch_size)
-            batch = windows.inputs.rows(chunk)
-            if output_type == "ranks":
-                step_callback = None
-                if callback_on_step_end is not None:
-                    where = {
-                        "cell": windows.cell[chunk],
-                        "position": windows.position[chunk, : batch.gene_ids.shape[1]].masked_fill(
-                            ~batch.attention_mask, -1
-                        ),
-                    }
-
-                    def step_callback(pipe, step, timestep, callback_kwargs, where=where):
-                        return callback_on_step_end(pipe, step, timestep, {**callback_kwargs, **where})
-
-                sample, calls = self._denoise(batch, temperature, top_p, generator, use_cache, step_callback)
-                results.append((sample, calls))
-            else:  # one pass; the (cells, length, B + 1) distributions are kept only when asked for
-                probs = self.model.predictive_distribution(batch, batch_size=batch_size)
-                results.append((probs, torch.ones(len(batch), dtype=torch.long)))
-        calls = torch.zeros(len(cells), dtype=torch.long).index_add_(
-            0, windows.cell, torch.cat([c for _, c in results])
-        )
-        width = windows.inputs.gene_ids.shape[1]
-        per_window = torch.cat([F.pad(v, (0, 0) * (v.dim() - 2) + (0, width - v.shape[1])) for v, _ in results])
-
-        real = cells.attention_mask.numpy()
-        ranks_out = probs_out = expected_out = None
         if output_type == "ranks":
-            ranks_out = windows.to_cells(per_window, fill=-1).numpy()
+            ranks_out, calls = self._sample(
+                cells, num_inference_steps, sampler, temperature, top_p, batch_size, use_cache, generator,
+                callback_on_step_end, callback_on_step_end_tensor_inputs,
+            )  # fmt: skip
+            probs_out = expected_out = None
         else:
-            probs = windows.to_cells(per_window)
+            probs = self.processor.predictive_distribution(self.model, cells, batch_size=batch_size)
+            calls = torch.bincount(self.processor.windows(cells).cell, minlength=len(cells))
             expected = (probs * torch.arange(probs.shape[-1], dtype=probs.dtype)).sum(dim=-1)
-            expected_out = np.where(real, expected.numpy(), np.nan)
-            probs_out = probs.numpy() if output_type == "probs" else None
+            expected_out = np.where(cells.attention_mask.numpy(), expected.numpy(), np.nan)
+            probs_out, ranks_out = (probs.numpy() if output_type == "probs" else None), None
         output = MaskedRankDiffusionPipelineOutput(
             ranks=ranks_out,
             probs=probs_out,
             expected=expected_out,
             mask=cells.mask.numpy(),
             gene_ids=cells.gene_ids.numpy(),
-            attention_mask=real,
+            attention_mask=cells.attention_mask.numpy(),
             model_calls=calls.numpy(),
         )
         self.maybe_free_model_hooks()
         return output if return_dict else output.to_tuple()
+
+    def _sample(
+        self, cells, num_inference_steps, sampler, temperature, top_p, batch_size, use_cache, generator,
+        callback, callback_inputs,
+    ) -> tuple[np.ndarray, torch.Tensor]:  # fmt: skip
+        """Sample the masked tokens of every window, `batch_size` windows at a time; returns the cells' tokens
+        (-1 where the model saw nothing) and each cell's number of denoiser calls."""
+        device = self._execution_device
+        self.scheduler.set_timesteps(num_inference_steps, device=device, sampler=sampler)
+        windows = self.processor.windows(cells)
+        # One seed per window, drawn up front: a window draws the same values whatever batch it is in.
+        seed_device = generator.device if generator is not None else "cpu"
+        seeds = torch.randint(-(2**63), 2**63 - 1, (len(windows.inputs),), generator=generator, device=seed_device)
+        samples, calls = [], []
+        for start in range(0, len(windows.inputs), batch_size):
+            chunk = slice(start, start + batch_size)
+            batch = windows.inputs.rows(chunk)
+            where = {"cell": windows.cell[chunk], "position": windows.position[chunk, : batch.gene_ids.shape[1]]}
+            where["position"] = where["position"].masked_fill(~batch.attention_mask, -1)
+            sample, batch_calls = self._denoise(
+                batch, seeds[chunk], temperature, top_p, use_cache, callback, callback_inputs, where
+            )
+            width = windows.inputs.gene_ids.shape[1]
+            samples.append(F.pad(sample.cpu(), (0, width - sample.shape[1])))
+            calls.append(batch_calls.cpu())
+        ranks = windows.to_cells(torch.cat(samples), fill=-1).numpy()
+        calls = torch.zeros(len(cells), dtype=torch.long).index_add_(0, windows.cell, torch.cat(calls))
+        return ranks, calls
+
+    def _denoise(
+        self, batch, seeds, temperature, top_p, use_cache, callback, callback_inputs, where
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the scheduler's loop on one batch of windows, on the model's device; returns the tokens and each
+        window's number of denoiser calls. Without the cache nothing in the loop waits for the device."""
+        scheduler, device = self.scheduler, self._execution_device
+        mask_id = scheduler.config.mask_token_id
+        inputs = self.processor.model_inputs(batch, device)
+        sample = inputs.pop("input_ids")
+        calls = torch.zeros(len(batch), dtype=torch.long, device=device)
+        if not batch.mask.any():  # nothing to draw (a host tensor: no sync)
+            return sample, calls
+        time_conditioned = self.model.config.time_conditioning
+        cached = use_cache and not time_conditioned
+        scheduler.begin(sample, seeds=seeds)
+        logits = torch.zeros(*sample.shape, self.model.config.num_rank_tokens, device=device) if cached else None
+        changed = torch.ones(len(batch), dtype=torch.bool, device=device)
+        with self.progress_bar(total=len(scheduler)) as progress_bar:
+            for step in range(len(scheduler)):
+                timestep = scheduler.row_times
+                unfinished = (sample == mask_id).any(dim=1)
+                if cached:  # only windows whose tokens changed: the row choice is a host sync
+                    rows = (unfinished & changed).nonzero().squeeze(1)
+                    if len(rows):
+                        logits[rows] = self._logits(inputs, sample, rows, None)
+                    calls[rows] += 1
+                else:
+                    logits = self._logits(inputs, sample, None, timestep if time_conditioned else None)
+                    calls += unfinished
+                out = scheduler.step(logits, timestep, sample, temperature=temperature, top_p=top_p)
+                changed = (out.prev_sample != sample).any(dim=1)
+                sample = out.prev_sample
+                if callback is not None:
+                    tensors = {"sample": sample, "logits": logits, **where}
+                    callback_outputs = callback(self, step, timestep, {k: tensors[k] for k in callback_inputs})
+                    sample = (callback_outputs or {}).pop("sample", sample)
+                progress_bar.update()
+        return sample, calls
+
+    def _logits(self, inputs: dict, sample: torch.Tensor, rows: torch.Tensor | None, timesteps) -> torch.Tensor:
+        """The model's float32 logits for the windows at `rows` (all when None)."""
+        if rows is not None:
+            inputs = {k: v[rows] for k, v in inputs.items() if v is not None}
+            sample = sample[rows]
+        return self.model(**{**inputs, "input_ids": sample, "timesteps": timesteps}).logits.float()
 
     def impute_anndata(
         self,
@@ -205,128 +319,172 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
         gene_column: str | None = None,
         return_probs: bool = False,
         key_added: str = "rankdiff",
+        cell_batch_size: int = 256,
         **call_kwargs,
     ):
         """Impute the masked (or missing) values of an AnnData of raw counts; returns an annotated copy.
 
-        Each row is a whole cell: its visible counts (at every gene, also those the checkpoint does not know) are
-        turned into rank tokens with the checkpoint's rule; the masked ones are sampled (`layers[key_added +
-        "_ranks"]`, rank tokens 0..B) and scored (`layers[key_added + "_expected"]`, the expected rank from one
-        denoiser pass; `obsm[key_added + "_probs"]`, `(n_obs, n_vars, B + 1)`, with `return_probs`). Visible
-        positions keep their own rank. Genes outside the checkpoint's vocabulary get -1 and NaN and are reported. A
-        cell with more genes than the model's `max_length` is seen in windows of random genes. `obs`, `var` and the
-        data are kept.
+        Cells are read `cell_batch_size` at a time (sparse data stays sparse) and only the *requested* genes, those
+        masked in some cell, are scored. Each row is a whole cell as Tahoe-100M stores one: the model sees its
+        expressed visible genes, its masked genes and the requested genes it does not express, and its tokens come
+        from all its visible counts by the checkpoint's rule (genes outside the vocabulary included). Results:
+
+        - `layers[key_added + "_ranks"]` (int16): the sampled rank token 0..B at masked entries, -1 elsewhere;
+        - `layers[key_added + "_expected"]` (float32): the expected rank from one denoiser pass at masked entries,
+          NaN elsewhere;
+        - with `return_probs`, `obsm[key_added + "_probs"]`: `(n_obs, n_requested, B + 1)` float32 distributions,
+          the requested genes' names in `uns[key_added]["genes"]` (meant for gene panels: it grows with them).
 
         Args:
-            adata (`anndata.AnnData`): raw counts in `X` or `layers[layer]`, genes as symbols or Ensembl ids in
-                `var_names` or `var[gene_column]`.
-            mask (`np.ndarray` of shape `(n_obs, n_vars)`, *optional*): True where a value is to be imputed; by
-                default the NaN entries.
-            return_probs (`bool`, defaults to `False`): also store the per-gene distributions in `obsm`.
-            key_added (`str`, defaults to `"rankdiff"`): prefix of the new layers and `obsm` key.
+            adata (`anndata.AnnData`): raw counts in `X` or `layers[layer]` (dense or sparse), genes as symbols or
+                Ensembl ids in `var_names` or `var[gene_column]`.
+            mask (`np.ndarray` or sparse matrix of shape `(n_obs, n_vars)`, *optional*): True where a value is to be
+                imputed; by default the NaN entries.
+            return_probs (`bool`, defaults to `False`): also store the requested genes' distributions.
+            key_added (`str`, defaults to `"rankdiff"`): prefix of the new layers and keys.
+            cell_batch_size (`int`, defaults to 256): cells read and imputed together.
             call_kwargs: passed to the pipeline call (`num_inference_steps`, `sampler`, `generator`, ...).
         """
+        import scipy.sparse as sp
+
         reserved = {"gene_ids", "ranks", "counts", "context_counts", "mask", "mask_ratio", "output_type"}
         if reserved & set(call_kwargs):
             raise ValueError(f"impute_anndata sets {sorted(reserved & set(call_kwargs))} itself")
+        if adata.n_obs == 0 or adata.n_vars == 0:
+            raise ValueError(f"the AnnData holds {adata.n_obs} cells x {adata.n_vars} genes: nothing to impute")
+        if layer is not None and layer not in adata.layers:
+            raise KeyError(f"layer {layer!r} is not in the AnnData; its layers: {list(adata.layers)} (None: X)")
+        if gene_column is not None and gene_column not in adata.var:
+            raise KeyError(f"gene_column {gene_column!r} is not in adata.var; its columns: {list(adata.var)}")
         counts = adata.layers[layer] if layer is not None else adata.X
-        counts = np.asarray(counts.toarray() if hasattr(counts, "toarray") else counts, dtype=np.float64)
-        mask = np.isnan(counts) if mask is None else np.asarray(mask, dtype=bool)
-        if mask.shape != counts.shape:
-            raise ValueError(f"mask must have the AnnData's shape {counts.shape}, got {mask.shape}")
+        source = f"layers[{layer!r}]" if layer is not None else "X"
+        if mask is not None and tuple(mask.shape) != tuple(adata.shape):
+            raise ValueError(f"mask must have the AnnData's shape {adata.shape}, got {tuple(mask.shape)}")
+        mask = sp.csr_matrix(mask, dtype=bool) if mask is not None else _nan_entries(counts)
         names = adata.var[gene_column] if gene_column is not None else adata.var_names
-        if self.model.gene_vocab is None:
-            raise ValueError("impute_anndata needs the checkpoint's gene vocabulary (model.gene_vocab is None)")
-        gene_ids = self.model.gene_vocab.lookup([str(name) for name in names])
-        known, unknown = np.flatnonzero(gene_ids >= 0), np.flatnonzero(gene_ids < 0)
-        if len(unknown):
-            logger.warning("%d of %d genes are not in the checkpoint's vocabulary and stay empty",
-                           len(gene_ids) - len(known), len(gene_ids))  # fmt: skip
-        if not len(known):
+        vocab = self.processor.gene_vocab
+        if vocab is None:
+            raise ValueError("impute_anndata needs the checkpoint's gene vocabulary (processor.gene_vocab is None)")
+        gene_ids = vocab.lookup([str(name) for name in names])
+        known = gene_ids >= 0
+        if not known.any():
             raise ValueError("none of the AnnData's genes is in the checkpoint's vocabulary")
-        inputs = {
-            "gene_ids": np.tile(gene_ids[known], (adata.n_obs, 1)),
-            "counts": np.where(mask[:, known], np.nan, counts[:, known]),
-            "mask": mask[:, known],
-            # Each row is a whole cell: its genes outside the vocabulary still shape its bins.
-            "context_counts": [
-                row[np.isfinite(row) & (row > 0)] for row in np.where(mask, np.nan, counts)[:, unknown]
-            ],
-        }
-        out_ranks = np.full(counts.shape, -1, dtype=np.int64)
-        out_expected = np.full(counts.shape, np.nan)
-        out_ranks[:, known] = self(**inputs, **call_kwargs, output_type="ranks").ranks
-        scored_as = "probs" if return_probs else "expected"
-        scored = self(**inputs, output_type=scored_as, batch_size=call_kwargs.get("batch_size", 64))
-        out_expected[:, known] = scored.expected
+        if not known.all():
+            logger.warning("%d of %d genes are not in the checkpoint's vocabulary: they shape each cell's bins but "
+                           "are not imputed", int((~known).sum()), len(gene_ids))  # fmt: skip
+        requested = np.flatnonzero(np.asarray(mask.sum(axis=0)).ravel() > 0)
+        requested = requested[known[requested]]
+        if not len(requested):
+            raise ValueError("nothing to impute: no entry of a known gene is masked (NaN, or True in mask)")
+        out_ranks = np.full(adata.shape, -1, dtype=np.int16)
+        out_expected = np.full(adata.shape, np.nan, dtype=np.float32)
+        num_tokens = self.processor.num_rank_bins + 1
+        out_probs = np.zeros((adata.n_obs, len(requested), num_tokens), np.float32) if return_probs else None
+        is_requested = np.zeros(adata.n_vars, dtype=bool)
+        is_requested[requested] = True
+        if call_kwargs.get("generator") is None:
+            call_kwargs["generator"] = torch.Generator().manual_seed(0)
+        bar_config = dict(getattr(self, "_progress_bar_config", {}))
+        cells_bar = tqdm(total=adata.n_obs, desc="imputing cells", unit="cell", disable=bar_config.get("disable"))
+        self.set_progress_bar_config(**{**bar_config, "disable": True})  # one bar, over cells
+        try:
+            for start in range(0, adata.n_obs, cell_batch_size):
+                rows = slice(start, start + cell_batch_size)
+                block = counts[rows]
+                block = np.asarray(block.toarray() if sp.issparse(block) else block, dtype=np.float64)
+                block_mask = mask[rows].toarray()
+                inputs = {"gene_ids": [], "counts": [], "mask": [], "context_counts": []}
+                columns, cells = [], []
+                for i, (cell, hidden) in enumerate(zip(block, block_mask)):
+                    hidden &= known
+                    if not hidden.any():
+                        continue
+                    bad = ~block_mask[i] & (np.isnan(cell) | (cell < 0) | (cell != np.round(cell)))
+                    if bad.any():
+                        j = int(np.flatnonzero(bad)[0])
+                        raise ValueError(
+                            f"cell {adata.obs_names[start + i]!r} ({source}): counts must be non-negative integers, "
+                            f"got {cell[j]} at gene {names[j]!r}, which is not masked"
+                        )
+                    expressed = ~block_mask[i] & (cell > 0)
+                    shown = known & (expressed | hidden | is_requested)
+                    cells.append(i)
+                    columns.append(np.flatnonzero(shown))
+                    inputs["gene_ids"].append(gene_ids[shown])
+                    inputs["counts"].append(np.where(hidden[shown], np.nan, cell[shown]))
+                    inputs["mask"].append(hidden[shown])
+                    inputs["context_counts"].append(cell[expressed & ~shown])  # they still shape the cell's bins
+                cells_bar.update(len(block))
+                if not cells:
+                    continue
+                sampled = self(**inputs, **call_kwargs, output_type="ranks").ranks
+                scored = self(**inputs, output_type="probs", batch_size=call_kwargs.get("batch_size", 64))
+                for k, (i, cols) in enumerate(zip(cells, columns)):
+                    hidden = inputs["mask"][k]
+                    out_ranks[start + i, cols[hidden]] = sampled[k, : len(cols)][hidden]
+                    out_expected[start + i, cols[hidden]] = scored.expected[k, : len(cols)][hidden]
+                    if return_probs:
+                        slots = np.searchsorted(requested, cols[hidden])
+                        out_probs[start + i, slots] = scored.probs[k, : len(cols)][hidden]
+        finally:
+            self.set_progress_bar_config(**bar_config)
+            cells_bar.close()
         result = adata.copy()
         result.layers[f"{key_added}_ranks"] = out_ranks
         result.layers[f"{key_added}_expected"] = out_expected
+        result.uns[key_added] = {"genes": np.asarray(names)[requested].astype(str).tolist()}
         if return_probs:
-            out_probs = np.zeros((*counts.shape, self.model.config.num_rank_tokens), np.float32)
-            out_probs[:, known] = scored.probs
             result.obsm[f"{key_added}_probs"] = out_probs
         return result
 
-    def _model_logits(self, gene_ids, input_ids, attention_mask, timesteps=None) -> torch.Tensor:
-        device = self._execution_device
-        logits = self.model(
-            gene_ids=gene_ids.to(device),
-            input_ids=input_ids.to(device),
-            attention_mask=attention_mask.to(device),
-            timesteps=None if timesteps is None else timesteps.float().to(device),
-        ).logits
-        return logits.float().cpu()
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
+        """Write the complete pipeline folder, the one export of a RankDiff model, so that it loads every way:
 
-    def _denoise(self, batch, temperature, top_p, generator, use_cache, callback) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run the sampler until no `[MASK]` is left; returns the tokens and each cell's number of model calls."""
-        scheduler, mask_id = self.scheduler, self.scheduler.config.mask_token_id
-        time_conditioned = self.model.config.time_conditioning
-        sample = batch.ranks.clone()
-        n_cells = len(batch)
-        time = torch.ones(n_cells, dtype=torch.float64)
-        calls = torch.zeros(n_cells, dtype=torch.long)
-        logits = torch.zeros(*sample.shape, self.model.config.num_rank_tokens)
-        stale = torch.ones(n_cells, dtype=torch.bool)
-        first_hitting = scheduler.sampler == "first-hitting"
-        num_steps = int(batch.mask.sum(dim=1).max()) if first_hitting else len(scheduler.timesteps)
-        with self.progress_bar(total=num_steps) as progress_bar:
-            for step in range(num_steps):
-                masked_rows = (sample == mask_id).any(dim=1)
-                if not masked_rows.any():
-                    break
-                rows = masked_rows & stale if use_cache and not time_conditioned else masked_rows
-                if rows.any():
-                    timesteps = time[rows] if time_conditioned else None
-                    logits[rows] = self._model_logits(
-                        batch.gene_ids[rows], sample[rows], batch.attention_mask[rows], timesteps
-                    )
-                    calls += rows
-                timestep = time if first_hitting else scheduler.timesteps[step]
-                out = scheduler.step(
-                    logits, timestep, sample, temperature=temperature, top_p=top_p, generator=generator
-                )
-                stale = (out.prev_sample != sample).any(dim=1)
-                sample, time = out.prev_sample, out.prev_timestep
-                if callback is not None:
-                    callback(self, step, timestep, {"sample": sample})
-                progress_bar.update()
-        return sample, calls
-
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
-        """Save as diffusers does, with the code of the pipeline, model and scheduler, so that
-        `DiffusionPipeline.from_pretrained(save_directory, trust_remote_code=True)` loads it in any process."""
+        `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`, `AutoModel.from_pretrained(folder,
+        subfolder="model", trust_remote_code=True)` and `pipeline(model=folder + "/model", trust_remote_code=True)`.
+        The folder holds `model_index.json` and this file, `model/` (config, weights, the model's code, the
+        processor and the transformers task beside it), `scheduler/` and `processor/`, each with its code, and the
+        model's code at the root too (transformers 5 looks for remote code there even with a `subfolder`). With
+        `push_to_hub=True` (and `repo_id=`, `token=`, `private=`, `commit_message=`) the folder is uploaded.
+        """
+        hub = {key: kwargs.pop(key, None) for key in ("repo_id", "token", "private", "commit_message")}
+        # Remote code classes loaded by diffusers are not registered with transformers' Auto classes; registering
+        # them makes each `save_pretrained` write its code and `auto_map`.
+        type(self.model).register_for_auto_class("AutoModel")
+        type(self.model.config).register_for_auto_class()
+        type(self.processor).register_for_auto_class("AutoFeatureExtractor")
         super().save_pretrained(save_directory, **kwargs)
-        save_directory = Path(save_directory)
-        index_path = save_directory / "model_index.json"
+        folder = Path(save_directory)
+        self.processor.save_pretrained(folder / "model")  # for the transformers task, which loads it from there
+        index_path = folder / "model_index.json"
         index = json.loads(index_path.read_text())
-        pipeline_file = Path(sys.modules[type(self).__module__].__file__)
-        shutil.copy(pipeline_file, save_directory / pipeline_file.name)
-        index["_class_name"] = [pipeline_file.stem, type(self).__name__]
-        for name in ("model", "scheduler"):
+        for name, obj in (("pipeline", self), ("scheduler", self.scheduler)):
+            module_file = Path(inspect.getfile(type(obj)))
+            target = folder if name == "pipeline" else folder / name
+            for code_file in [module_file, *map(Path, get_relative_import_files(str(module_file)))]:
+                shutil.copy(code_file, target / code_file.name)
+        index["_class_name"] = [Path(inspect.getfile(type(self))).stem, type(self).__name__]
+        for name in ("model", "scheduler", "processor"):
             component = getattr(self, name)
-            module_file = Path(sys.modules[type(component).__module__].__file__)
-            if not (save_directory / name / module_file.name).exists():
-                shutil.copy(module_file, save_directory / name / module_file.name)
-            index[name] = [module_file.stem, type(component).__name__]
+            index[name] = [Path(inspect.getfile(type(component))).stem, type(component).__name__]
         index_path.write_text(json.dumps(index, indent=2) + "\n")
+        for code_file in (folder / "model").glob("*.py"):
+            shutil.copy(code_file, folder / code_file.name)
+        if push_to_hub:
+            api = HfApi(token=hub["token"])
+            repo_id = api.create_repo(hub["repo_id"] or folder.absolute().name, private=hub["private"],
+                                      exist_ok=True).repo_id  # fmt: skip
+            api.upload_folder(repo_id=repo_id, folder_path=folder, ignore_patterns=["checkpoint-*", "runs/*"],
+                              commit_message=hub["commit_message"] or "Upload RankDiff pipeline")  # fmt: skip
+
+
+def _nan_entries(counts):
+    """A sparse boolean matrix of the NaN entries of a dense or sparse count matrix."""
+    import scipy.sparse as sp
+
+    if sp.issparse(counts):
+        counts = sp.csr_matrix(counts)
+        nan = sp.csr_matrix((np.isnan(counts.data), counts.indices, counts.indptr), shape=counts.shape, dtype=bool)
+        nan.eliminate_zeros()
+        return nan
+    return sp.csr_matrix(np.isnan(np.asarray(counts, dtype=np.float64)))

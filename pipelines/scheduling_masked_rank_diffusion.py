@@ -4,15 +4,34 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
+from torch.nn import functional as F
 
 NOISE_SCHEDULES = ("log-linear", "cosine")
 SAMPLERS = ("ancestral", "first-hitting", "confidence")
+# splitmix64's constants as int64 (torch integer arithmetic wraps modulo 2^64, as the generator needs).
+_GOLDEN, _MIX_1, _MIX_2 = (c - 2**64 for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+# Independent draws of a step: the reveal draw of each position, the drawn value, the first-hitting time.
+_REVEAL, _VALUE, _HITTING = range(3)
+
+
+def splitmix64(x: torch.LongTensor) -> torch.LongTensor:
+    """The splitmix64 mix of int64 keys (Steele et al., 2014), elementwise and on any device."""
+    x = x + _GOLDEN
+    x = (x ^ ((x >> 30) & ((1 << 34) - 1))) * _MIX_1
+    x = (x ^ ((x >> 27) & ((1 << 37) - 1))) * _MIX_2
+    return x ^ ((x >> 31) & ((1 << 33) - 1))
+
+
+def keyed_uniforms(keys: torch.LongTensor) -> torch.DoubleTensor:
+    """Uniform draws in [0, 1), one per int64 key: the top 53 bits of its splitmix64 mix."""
+    return ((splitmix64(keys) >> 11) & ((1 << 53) - 1)).double() * 2.0**-53
 
 
 @dataclass
@@ -57,6 +76,11 @@ class MaskedRankDiffusionScheduler(SchedulerMixin, ConfigMixin):
             many steps as masked tokens) or `"confidence"` (as many tokens per step as the schedule reveals on
             average, the most confident ones, each set to its most likely value: MAP-style imputation that does
             not sample the distribution).
+
+    A sampling run: `set_timesteps`, then `begin(sample, ...)` (per-row seeds and times, the number of steps), then
+    `len(scheduler)` calls of `step`, each given the model's logits at `scheduler.row_times`. Every draw is a hash
+    of (the row's seed, the step, the position), computed where the sample lives: no host copies and no host syncs
+    in a step, and a row draws the same whatever else is in its batch.
     """
 
     order = 1
@@ -83,6 +107,23 @@ class MaskedRankDiffusionScheduler(SchedulerMixin, ConfigMixin):
         self.sampler = sampler
         self.num_inference_steps: int | None = None
         self.timesteps: torch.Tensor | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self._seeds: torch.LongTensor | None = None
+        self._step_index = 0
+        self._num_steps = 0
+        self.row_times: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        """The number of steps of the current run: `num_inference_steps`, or with the first-hitting sampler the
+        largest number of masked positions of a row (known after [`~MaskedRankDiffusionScheduler.begin`])."""
+        return self._num_steps
+
+    @property
+    def step_index(self) -> int:
+        """The number of steps taken since the run began."""
+        return self._step_index
 
     def check_model_config(self, model_config) -> None:
         """Raise if a model's config disagrees with this scheduler on the token space."""
@@ -206,7 +247,7 @@ class MaskedRankDiffusionScheduler(SchedulerMixin, ConfigMixin):
     def set_timesteps(
         self, num_inference_steps: int, device: torch.device | str | None = None, sampler: str | None = None
     ) -> None:
-        """Set the reverse-time grid 1 = t_0 > t_1 > ... > t_N = 0 (`timesteps` holds t_0..t_{N-1}).
+        """Set the reverse-time grid 1 = t_0 > t_1 > ... > t_N = 0 (`timesteps` holds t_0..t_{N-1}) and end any run.
 
         Args:
             num_inference_steps (`int`): N, the number of denoising steps (the first-hitting sampler takes one step
@@ -214,23 +255,67 @@ class MaskedRankDiffusionScheduler(SchedulerMixin, ConfigMixin):
             device (`torch.device` or `str`, *optional*): where `timesteps` live.
             sampler (`str`, *optional*): one of `SAMPLERS` for this run; the configured `sampler` when None.
         """
-        if num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
+        steps = num_inference_steps
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+            raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
         sampler = sampler or self.config.sampler
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         self.sampler = sampler
-        self.num_inference_steps = num_inference_steps
+        self.num_inference_steps = num_inference_steps = int(steps)
         self._grid = torch.linspace(1.0, 0.0, num_inference_steps + 1, dtype=torch.float64, device=device)
         self.timesteps = self._grid[:-1]
+        self._reset()
+        self._num_steps = num_inference_steps
+
+    def begin(
+        self,
+        sample: torch.LongTensor,
+        *,
+        seeds: torch.LongTensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        """Start a run on `sample`: every row at t = 1, step 0, and a seed per row for its draws.
+
+        Args:
+            sample (`torch.LongTensor` of shape `(batch_size, sequence_length)`): the tokens, `[MASK]` where they
+                are to be drawn; its device is where the run happens.
+            seeds (`torch.LongTensor` of shape `(batch_size,)`, *optional*): one int64 seed per row (a row with the
+                same seed and tokens draws the same values in any batch); else drawn from `generator`.
+            generator (`torch.Generator`, *optional*): the source of the seeds when `seeds` is None.
+        """
+        if self.timesteps is None:
+            raise ValueError("call set_timesteps() before begin()")
+        batch_size, device = sample.shape[0], sample.device
+        if seeds is None:
+            seeds = torch.randint(-(2**63), 2**63 - 1, (batch_size,), generator=generator,
+                                  device=generator.device if generator is not None else "cpu")  # fmt: skip
+        if seeds.shape != (batch_size,):
+            raise ValueError(f"seeds must have shape ({batch_size},), got {tuple(seeds.shape)}")
+        self._seeds = seeds.to(device=device, dtype=torch.long)
+        self._step_index = 0
+        self.row_times = torch.ones(batch_size, dtype=torch.float64, device=device)
+        if self.sampler == "first-hitting":  # one step per masked token: the one host sync of a run
+            self._num_steps = int((sample == self.config.mask_token_id).sum(dim=1).max()) if batch_size else 0
+        else:
+            self._num_steps = self.num_inference_steps
+
+    def _uniforms(self, stream: int, shape: tuple[int, ...]) -> torch.DoubleTensor:
+        """Draws for this step: `(batch,)` or `(batch, length)`, keyed by (row seed, step, stream, position)."""
+        step_key = splitmix64(torch.tensor(3 * self._step_index + stream, device=self._seeds.device))
+        row_keys = splitmix64(self._seeds ^ step_key)
+        if len(shape) == 1:
+            return keyed_uniforms(row_keys)
+        positions = torch.arange(shape[1], device=self._seeds.device) * _GOLDEN
+        return keyed_uniforms(row_keys[:, None] + positions)
 
     def _next_time(self, timestep: torch.Tensor) -> torch.Tensor:
         """The grid time that follows each of `timestep` (0 after the last)."""
         if self.timesteps is None:
             raise ValueError("call set_timesteps() before step()")
         # The grid is uniform: round to the nearest grid point first, so float noise in `timestep` cannot stall a step.
-        index = torch.round((1.0 - timestep.double().cpu()) * self.num_inference_steps).long() + 1
-        return self._grid.cpu()[index.clamp(0, self.num_inference_steps)].to(timestep.device)
+        index = torch.round((1.0 - timestep.double()) * self.num_inference_steps).long() + 1
+        return self._grid.to(timestep.device)[index.clamp(0, self.num_inference_steps)]
 
     def predictive_distribution(
         self, model_output: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0
@@ -239,10 +324,10 @@ class MaskedRankDiffusionScheduler(SchedulerMixin, ConfigMixin):
 
         Float64 so that rare values are drawn as often as they should be (float32 draws under-sample them).
         """
-        if temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
-        if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+        if not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
         probs = torch.softmax(model_output.double() / temperature, dim=-1)
         if top_p < 1.0:
             sorted_probs, order = probs.sort(dim=-1, descending=True)
@@ -264,59 +349,59 @@ class MaskedRankDiffusionScheduler(SchedulerMixin, ConfigMixin):
     ) -> MaskedRankDiffusionSchedulerOutput | tuple:
         """One reverse step from time t: fill some `[MASK]` positions of `sample`, never touch the others.
 
+        Runs where `sample` lives, without host syncs. Advances the run: `row_times` becomes `prev_timestep`.
+
         Args:
             model_output (`torch.Tensor` of shape `(batch_size, sequence_length, num_rank_bins + 1)`):
                 The denoiser's logits over the clean tokens 0..B given `sample`.
-            timestep (`float` or `torch.Tensor` of shape `(batch_size,)`): t of each row, from `timesteps` (or
-                the `prev_timestep` of the last step with the first-hitting sampler).
+            timestep (`float` or `torch.Tensor` of shape `(batch_size,)`): t of each row (`row_times`).
             sample (`torch.LongTensor` of shape `(batch_size, sequence_length)`): the current tokens.
             temperature (`float`, defaults to 1.0): divides the logits before the softmax.
             top_p (`float`, defaults to 1.0): keep the most likely values up to this probability mass.
-            generator (`torch.Generator`, *optional*): source of every draw (on the CPU).
+            generator (`torch.Generator`, *optional*): seeds the rows when no run was begun on this sample
+                ([`~MaskedRankDiffusionScheduler.begin`]).
             return_dict (`bool`, defaults to `True`): return a [`MaskedRankDiffusionSchedulerOutput`], else a tuple.
         """
-        batch_size = sample.shape[0]
-        t = torch.as_tensor(timestep, dtype=torch.float64).expand(batch_size).cpu()
-        masked = (sample == self.config.mask_token_id).cpu()
-        logits = model_output.detach().cpu()
+        batch_size, device = sample.shape[0], sample.device
+        if self._seeds is None or len(self._seeds) != batch_size:
+            self.begin(sample, generator=generator)
+        t = torch.as_tensor(timestep, dtype=torch.float64, device=device).expand(batch_size)
+        masked = sample == self.config.mask_token_id
+        logits = model_output.detach().to(device)
         best = logits.argmax(dim=-1)  # also the most likely value after temperature and top-p
         if self.sampler == "first-hitting":
             # With n masked tokens the next is revealed when all n survive to s: m(s) = m(t) u^(1/n).
             n = masked.sum(dim=1)
-            u = torch.rand(batch_size, generator=generator, dtype=torch.float64)
-            survival = u ** (1.0 / n.clamp(min=1))
+            survival = self._uniforms(_HITTING, (batch_size,)) ** (1.0 / n.clamp(min=1))
             prev_t = torch.where(n > 0, self._time_at_mask_probability(self.mask_probability(t) * survival), t)
-            scores = torch.rand(masked.shape, generator=generator, dtype=torch.float64).masked_fill(~masked, -1.0)
-            reveal = torch.zeros_like(masked)
-            reveal[torch.arange(batch_size), scores.argmax(dim=1)] = True
-            reveal &= masked
+            scores = self._uniforms(_REVEAL, masked.shape).masked_fill(~masked, -1.0)
+            reveal = F.one_hot(scores.argmax(dim=1), masked.shape[1]).bool() & masked
         else:
             prev_t = self._next_time(t)
             share = 1.0 - self.mask_probability(prev_t) / self.mask_probability(t).clamp(min=1e-12)
             if self.sampler == "ancestral":
-                reveal = masked & (torch.rand(masked.shape, generator=generator, dtype=torch.float64) < share[:, None])
+                reveal = masked & (self._uniforms(_REVEAL, masked.shape) < share[:, None])
             else:  # confidence: the expected number of reveals, the most confident positions first
                 count = (masked.sum(dim=1) * share).round().long()
-                confidence = torch.full(masked.shape, -1.0, dtype=torch.float64)
-                confidence[masked] = self.predictive_distribution(logits[masked], temperature, top_p).max(-1).values
-                rank = confidence.argsort(dim=1, descending=True).argsort(dim=1)
+                confidence = self.predictive_distribution(logits, temperature, top_p).amax(dim=-1)
+                rank = confidence.masked_fill(~masked, -1.0).argsort(dim=1, descending=True).argsort(dim=1)
                 reveal = masked & (rank < count[:, None])
-        prev_sample = sample.cpu().clone()
         if self.sampler == "confidence":
-            prev_sample[reveal] = best[reveal]
-        else:  # the distribution only where a value is drawn
-            prev_sample[reveal] = self._draw(
-                self.predictive_distribution(logits[reveal], temperature, top_p), generator
-            )
-        pred_original_sample = torch.where(masked, best, sample.cpu())
-        prev_sample, pred_original_sample = prev_sample.to(sample.device), pred_original_sample.to(sample.device)
+            values = best
+        else:
+            probs = self.predictive_distribution(logits, temperature, top_p)
+            values = self._draw(probs, self._uniforms(_VALUE, masked.shape))
+        prev_sample = torch.where(reveal, values, sample)
+        pred_original_sample = torch.where(masked, best, sample)
+        self._step_index += 1
+        self.row_times = prev_t
         if not return_dict:
             return prev_sample, pred_original_sample, prev_t
         return MaskedRankDiffusionSchedulerOutput(prev_sample, pred_original_sample, prev_t)
 
     @staticmethod
-    def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.LongTensor:
-        """One categorical draw per row of float64 `probs` (inverse CDF)."""
+    def _draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.LongTensor:
+        """One categorical draw per position of float64 `probs` `(..., B + 1)` by inverse CDF at `uniforms`."""
         cdf = probs.cumsum(dim=-1)
-        u = torch.rand(probs.shape[0], generator=generator, dtype=torch.float64) * cdf[:, -1]
-        return torch.searchsorted(cdf, u[:, None], right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)
+        target = (uniforms * cdf[..., -1]).unsqueeze(-1)
+        return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)

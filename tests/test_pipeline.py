@@ -5,10 +5,11 @@ import sys
 import anndata
 import numpy as np
 import pytest
+import scipy.sparse
 import torch
 from conftest import randomize_zero_init
 
-from modeling import GeneVocab, RankDiTConfig, RankDiTModel, rank_tokens
+from modeling import GeneVocab, RankDiTConfig, RankDiTModel, RankDiTProcessor, rank_tokens
 from pipelines import MaskedRankDiffusionPipeline, MaskedRankDiffusionScheduler
 
 B = 10
@@ -40,9 +41,15 @@ class StubDenoiser(RankDiTModel):
         return type("Output", (), {"logits": logits})()
 
 
+def _processor(config) -> RankDiTProcessor:
+    return RankDiTProcessor.from_model_config(config, gene_vocab=_vocab())
+
+
 def _pipe(model, sampler="ancestral") -> MaskedRankDiffusionPipeline:
     pipe = MaskedRankDiffusionPipeline(
-        model=model, scheduler=MaskedRankDiffusionScheduler(num_rank_bins=B, sampler=sampler)
+        model=model,
+        scheduler=MaskedRankDiffusionScheduler(num_rank_bins=B, sampler=sampler),
+        processor=_processor(model.config),
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -132,7 +139,6 @@ def test_probs_are_one_hot_where_visible_and_the_model_where_masked(config):
 
 def test_ragged_cells_gene_names_counts_and_mask_ratio(config):
     model = StubDenoiser(config)
-    model.gene_vocab = _vocab()
     pipe = _pipe(model)
     counts = [[5, 0, 1, 1], [2, 9, 3]]
     out = pipe([["G10", "ENSG00000000011", "G12", "G13"], [20, 21, 22]], counts=counts, mask_ratio=0.5,
@@ -147,33 +153,70 @@ def test_ragged_cells_gene_names_counts_and_mask_ratio(config):
         np.testing.assert_array_equal(out.ranks[i, : len(cell)][visible], tokens)
     with pytest.raises(KeyError, match="NOPE"):
         pipe([["G10", "NOPE"]])
-    with pytest.raises(ValueError, match="ranks must be in 0..10"):
+    with pytest.raises(ValueError, match="ranks must be integers in 0..10"):
         pipe([[10, 11]], ranks=[[3, 12]])
+
+
+def _adata(n_obs=5):
+    rng = np.random.default_rng(0)
+    counts = rng.negative_binomial(1, 0.4, (n_obs, 12)).astype(float)
+    counts[:, 0] += 1
+    counts[rng.random(counts.shape) < 0.3] = np.nan  # missing values to impute
+    var_names = [f"G{i}" for i in range(10, 21)] + ["NOT_A_GENE"]
+    adata = anndata.AnnData(counts, obs={"cell_type": list("abcde")[:n_obs]}, var={"chrom": ["1"] * 12})
+    adata.obs_names, adata.var_names = [f"c{i}" for i in range(n_obs)], var_names
+    return adata
 
 
 def test_anndata_in_anndata_out(config):
     model = StubDenoiser(config)
-    model.gene_vocab = _vocab()
-    rng = np.random.default_rng(0)
-    counts = rng.negative_binomial(1, 0.4, (5, 12)).astype(float)
-    counts[:, 0] += 1
-    counts[rng.random(counts.shape) < 0.3] = np.nan  # missing values to impute
-    var_names = [f"G{i}" for i in range(10, 21)] + ["NOT_A_GENE"]
-    adata = anndata.AnnData(counts, obs={"cell_type": list("abcde")}, var={"chrom": ["1"] * 12})
-    adata.obs_names, adata.var_names = [f"c{i}" for i in range(5)], var_names
-    result = _pipe(model).impute_anndata(adata, return_probs=True, generator=torch.Generator().manual_seed(0))
+    adata = _adata()
+    counts = adata.X.copy()
+    result = _pipe(model).impute_anndata(adata, return_probs=True, cell_batch_size=2,
+                                         generator=torch.Generator().manual_seed(0))  # fmt: skip
     assert result.obs.equals(adata.obs) and result.var.equals(adata.var)
     np.testing.assert_array_equal(result.X, adata.X)
     ranks, expected = result.layers["rankdiff_ranks"], result.layers["rankdiff_expected"]
-    assert (ranks[:, -1] == -1).all() and np.isnan(expected[:, -1]).all()
-    missing = np.isnan(counts[:, :-1])
-    assert ranks[:, :-1][missing].min() >= 0 and ranks[:, :-1][missing].max() <= B
-    for i in range(5):  # bins from the whole cell's visible counts, the gene the vocabulary lacks included
-        visible = ~missing[i]
-        other = counts[i, -1:][np.isfinite(counts[i, -1:])]
-        expected = rank_tokens(counts[i, :-1][visible], B, reference=np.r_[counts[i, :-1][visible], other])
-        np.testing.assert_array_equal(ranks[i, :-1][visible], expected)
-    assert result.obsm["rankdiff_probs"].shape == (5, 12, B + 1)
+    missing = np.isnan(counts)
+    missing[:, -1] = False  # the gene the vocabulary lacks is never imputed
+    assert (ranks[~missing] == -1).all() and np.isnan(expected[~missing]).all()
+    assert ranks[missing].min() >= 0 and ranks[missing].max() <= B
+    # The stub's distribution at a gene ignores the rest of the cell: each value lands at its own cell and gene.
+    table = model.log_table.exp().numpy()
+    genes = np.arange(10, 21)
+    cell, gene = np.nonzero(missing[:, :-1])
+    np.testing.assert_allclose(expected[cell, gene], table[genes[gene]] @ np.arange(B + 1), rtol=1e-5)
+    requested = np.flatnonzero(missing[:, :-1].any(axis=0))
+    assert result.uns["rankdiff"]["genes"] == [f"G{10 + j}" for j in requested]
+    probs = result.obsm["rankdiff_probs"]
+    assert probs.shape == (5, len(requested), B + 1)
+    slot = np.searchsorted(requested, gene)
+    np.testing.assert_allclose(probs[cell, slot], table[genes[gene]], rtol=1e-5)
+    # Sparse counts (NaN entries stored) give the same result, read a batch of cells at a time.
+    sparse = adata.copy()
+    sparse.X = scipy.sparse.csr_matrix(np.nan_to_num(counts, nan=0.0))
+    sparse.X.data[:] = 0  # every stored entry replaced below, so NaN entries are stored too
+    sparse.X = scipy.sparse.csr_matrix(np.where(np.isnan(counts), np.nan, counts))
+    again = _pipe(StubDenoiser(config)).impute_anndata(sparse, generator=torch.Generator().manual_seed(0))
+    np.testing.assert_allclose(again.layers["rankdiff_expected"], expected, rtol=1e-6, equal_nan=True)
+
+
+def test_anndata_errors_name_the_layer_the_cell_and_the_problem(config):
+    pipe = _pipe(StubDenoiser(config))
+    adata = _adata()
+    adata.layers["raw"] = adata.X.copy()
+    with pytest.raises(KeyError, match=r"layer 'counts' is not in the AnnData; its layers: \['raw'\]"):
+        pipe.impute_anndata(adata, layer="counts")
+    bad = adata.copy()
+    bad.X[2, 0] = 1.5
+    with pytest.raises(ValueError, match="cell 'c2'.*1.5 at gene 'G10'"):
+        pipe.impute_anndata(bad)
+    with pytest.raises(ValueError, match="0 cells"):
+        pipe.impute_anndata(adata[:0].copy())
+    with pytest.raises(ValueError, match="nothing to impute"):
+        pipe.impute_anndata(adata, mask=np.zeros(adata.shape, dtype=bool))
+    with pytest.raises(ValueError, match="sets \\['output_type'\\] itself"):
+        pipe.impute_anndata(adata, output_type="probs")
 
 
 @pytest.fixture
@@ -181,7 +224,6 @@ def saved_pipeline(tmp_path):
     config = RankDiTConfig.from_preset("tiny", num_rank_bins=B, gene_vocab_size=200, max_length=64)
     torch.manual_seed(0)
     model = randomize_zero_init(RankDiTModel(config).eval())
-    model.gene_vocab = _vocab()
     pipe = _pipe(model)
     pipe.save_pretrained(tmp_path / "pipe")
     return pipe, tmp_path / "pipe"
@@ -195,7 +237,8 @@ CALL = {
 
 
 def _fresh_process(code: str, cwd) -> None:
-    subprocess.run([sys.executable, "-c", code], cwd=cwd, check=True, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def test_diffusion_pipeline_loads_in_a_fresh_process_and_reproduces(saved_pipeline, tmp_path):
@@ -216,8 +259,8 @@ np.save("ranks.npy", out.ranks)
 
 def test_transformers_pipeline_task_loads_in_a_fresh_process(saved_pipeline, tmp_path):
     pipe, path = saved_pipeline
-    cells = pipe.model.prepare_inputs(CALL["gene_ids"], ranks=CALL["ranks"], mask=CALL["mask"])
-    expected = pipe.model.predictive_distribution(cells)
+    cells = pipe.processor(CALL["gene_ids"], ranks=CALL["ranks"], mask=CALL["mask"])
+    expected = pipe.processor.predictive_distribution(pipe.model, cells)
     code = f"""
 import json, numpy as np
 from transformers import pipeline
@@ -238,10 +281,11 @@ def test_transformers_task_takes_whole_cells_longer_than_the_model_length(saved_
     genes = rng.choice(np.arange(3, 200), 150, replace=False).tolist()
     counts = (rng.poisson(2.0, 150) + (np.arange(150) == 0)).astype(float)
     mask = (rng.random(150) < 0.5).tolist()
-    task = RankDiTImputationPipeline(model=pipe.model)
+    task = RankDiTImputationPipeline(model=pipe.model, feature_extractor=pipe.processor)
     out = task(gene_ids=genes, counts=counts.tolist(), mask=mask, context_counts=[[]])
-    cells = pipe.model.prepare_inputs([genes], counts=[counts], mask=[mask], context_counts=[[]])
-    np.testing.assert_allclose(out["probs"], pipe.model.predictive_distribution(cells)[0].numpy(), rtol=1e-6)
+    cells = pipe.processor([genes], counts=[counts], mask=[mask], context_counts=[[]])
+    expected = pipe.processor.predictive_distribution(pipe.model, cells)[0].numpy()
+    np.testing.assert_allclose(out["probs"], expected, rtol=1e-6)
     assert out["probs"].shape == (150, B + 1) and np.allclose(out["probs"].sum(-1), 1.0, atol=1e-5)
 
 
@@ -265,11 +309,10 @@ def test_denoising_is_recorded_and_drawn_as_a_gif(config, tmp_path):
 
 
 def test_masked_counts_never_shape_the_visible_ranks(config):
-    model = StubDenoiser(config)
     counts = np.array([[5.0, 1.0, 1.0, 2.0, 9.0]])
     mask = np.array([[False, False, False, False, True]])
-    cells = model.prepare_inputs([[10, 11, 12, 13, 14]], counts=counts, mask=mask)
-    hidden_nan = model.prepare_inputs([[10, 11, 12, 13, 14]], counts=np.where(mask, np.nan, counts), mask=mask)
+    cells = _processor(config)([[10, 11, 12, 13, 14]], counts=counts, mask=mask)
+    hidden_nan = _processor(config)([[10, 11, 12, 13, 14]], counts=np.where(mask, np.nan, counts), mask=mask)
     expected = rank_tokens(counts[0, :4], B)
     np.testing.assert_array_equal(cells.ranks[0, :4].numpy(), expected)
     assert torch.equal(cells.ranks, hidden_nan.ranks) and cells.ranks[0, 4] == MASK
@@ -282,12 +325,12 @@ def test_whole_cells_longer_than_the_model_length_are_seen_in_windows(config):
     counts = rng.poisson(2.0, 150).astype(float)
     counts[0] += 1
     mask = rng.random(150) < 0.5
-    cells = model.prepare_inputs([genes], counts=[counts], mask=[mask], context_counts=[[]])
+    cells = _processor(config)([genes], counts=[counts], mask=[mask], context_counts=[[]])
     windows = cells.windows(64)
     real = windows.inputs.attention_mask
     assert len(real) == 3 and real.sum(1).tolist() == [50, 50, 50]
     assert sorted(windows.position[real].tolist()) == list(range(150))  # every position once
-    shuffled = model.prepare_inputs([genes], counts=[rng.permutation(counts)], mask=[mask], context_counts=[[]])
+    shuffled = _processor(config)([genes], counts=[rng.permutation(counts)], mask=[mask], context_counts=[[]])
     assert torch.equal(shuffled.windows(64).position, windows.position)  # drawn without looking at the counts
     per_window = windows.inputs.mask.sum(1).tolist()
     assert max(per_window) - min(per_window) <= 1  # masked genes dealt evenly: every window has visible ones too
@@ -309,20 +352,19 @@ def test_whole_cells_longer_than_the_model_length_are_seen_in_windows(config):
 
 
 def test_context_counts_give_the_whole_cells_bins_and_a_part_of_a_cell_is_named(config, caplog):
-    model = StubDenoiser(config)
     panel, rest = np.array([1.0, 0.0, 2.0, 5.0, 0.0]), np.array([1.0, 1.0, 1.0, 3.0, 8.0, 1.0])
-    with caplog.at_level("WARNING", logger="modeling.cell_inputs"):
-        alone = model.prepare_inputs([[10, 11, 12, 13, 14]], counts=[panel])
+    with caplog.at_level("WARNING", logger="modeling.processing_rank_dit"):
+        alone = _processor(config)([[10, 11, 12, 13, 14]], counts=[panel])
     assert "context_counts" in caplog.text and "1 cells" in caplog.text
     np.testing.assert_array_equal(alone.ranks[0].numpy(), rank_tokens(panel, B))
     caplog.clear()
-    with caplog.at_level("WARNING", logger="modeling.cell_inputs"):
-        whole = model.prepare_inputs([[10, 11, 12, 13, 14]], counts=[panel], context_counts=[rest])
+    with caplog.at_level("WARNING", logger="modeling.processing_rank_dit"):
+        whole = _processor(config)([[10, 11, 12, 13, 14]], counts=[panel], context_counts=[rest])
     assert not caplog.text
     np.testing.assert_array_equal(whole.ranks[0].numpy(), rank_tokens(np.r_[panel, rest], B)[:5])
     assert not torch.equal(whole.ranks, alone.ranks)
     with pytest.raises(ValueError, match="context_counts go with counts"):
-        model.prepare_inputs([[10, 11]], ranks=[[1, 2]], context_counts=[[1.0]])
+        _processor(config)([[10, 11]], ranks=[[1, 2]], context_counts=[[1.0]])
 
 
 def test_a_drawn_mask_is_drawn_before_the_counts_are_binned(config):
@@ -333,3 +375,77 @@ def test_a_drawn_mask_is_drawn_before_the_counts_are_binned(config):
     assert out.mask[0].sum() == 4
     # The visible tokens are the bins of the visible counts alone, as with a mask given by the caller.
     np.testing.assert_array_equal(out.probs[0][visible].argmax(-1), rank_tokens(counts[0][visible], B))
+
+
+def test_the_same_seed_gives_the_same_cells_whatever_the_batch_size(config):
+    model = randomize_zero_init(RankDiTModel(config).eval())
+    rng = np.random.default_rng(1)
+    genes = [rng.choice(np.arange(3, 200), n, replace=False) for n in (30, 150, 45, 64)]  # one cell in windows
+    ranks = [rng.integers(0, B + 1, len(g)) for g in genes]
+    for sampler in ("ancestral", "first-hitting", "confidence"):
+        outs = [_pipe(model, sampler)(genes, ranks=ranks, mask_ratio=0.6, num_inference_steps=8, batch_size=size,
+                                      generator=torch.Generator().manual_seed(4)).ranks  # fmt: skip
+                for size in (1, 2, 64)]
+        np.testing.assert_array_equal(outs[0], outs[1])
+        np.testing.assert_array_equal(outs[0], outs[2])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        (dict(generator=0), TypeError, "generator must be a torch.Generator"),
+        (dict(batch_size=0), ValueError, "batch_size must be a positive integer, got 0"),
+        (dict(num_inference_steps=2.5), ValueError, "num_inference_steps must be a positive integer, got 2.5"),
+        (dict(temperature=float("nan")), ValueError, "temperature must be a positive number, got nan"),
+        (dict(top_p=0.0), ValueError, "top_p must be a number in \\(0, 1\\]"),
+        (dict(mask_ratio=1.5, mask=None), ValueError, "mask_ratio must be a number in \\(0, 1\\]"),
+        (dict(mask_ratio=0.5), ValueError, "give mask or mask_ratio, not both"),
+        (dict(output_type="numpy"), ValueError, "output_type must be one of"),
+        (dict(sampler="greedy"), ValueError, "sampler must be one of"),
+        (dict(callback_on_step_end_tensor_inputs=["latents"]), ValueError, "\\['latents'\\] are not among"),
+    ],
+)
+def test_bad_arguments_get_clear_errors(config, kwargs, error, message):
+    gene_ids, ranks, mask = _cells(n_cells=2)
+    with pytest.raises(error, match=message):
+        _pipe(StubDenoiser(config))(gene_ids, ranks=ranks, **{"mask": mask, **kwargs})
+
+
+def test_callback_outputs_replace_the_sample(config):
+    gene_ids, ranks, mask = _cells(n_cells=2)
+    seen = []
+
+    def force_zero(pipe, step, timestep, callback_kwargs):
+        sample, logits = callback_kwargs["sample"], callback_kwargs["logits"]
+        seen.append(logits.shape)
+        return {"sample": torch.where(sample == MASK, sample, torch.where(torch.from_numpy(mask), 0, sample))}
+
+    out = _pipe(StubDenoiser(config))(gene_ids, ranks=ranks, mask=mask, num_inference_steps=4,
+                                      callback_on_step_end=force_zero,
+                                      callback_on_step_end_tensor_inputs=["sample", "logits"])  # fmt: skip
+    assert (out.ranks[mask] == 0).all() and (out.ranks[~mask] == ranks[~mask]).all()
+    assert seen and seen[0] == (2, 30, B + 1)
+
+
+def test_unknown_genes_are_refused_or_left_out_and_marked(config):
+    pipe = _pipe(StubDenoiser(config))
+    call = dict(gene_ids=[["G10", "RETIRED", "G12", "G13"]], ranks=[[3, 5, 0, 2]], mask=[[False, False, True, True]])
+    with pytest.raises(KeyError, match="RETIRED.*unknown_genes='ignore'"):
+        pipe(**call)
+    out = pipe(**call, unknown_genes="ignore", generator=torch.Generator().manual_seed(0))
+    assert out.gene_ids.tolist() == [[10, -1, 12, 13]] and out.ranks[0, 1] == -1
+    assert out.attention_mask.tolist() == [[True, False, True, True]] and out.ranks[0, 2:].min() >= 0
+    drawn = pipe(**{**call, "mask": None}, mask_ratio=0.5, unknown_genes="ignore")
+    assert drawn.mask.tolist()[0][1] is False and drawn.mask.sum() == 2  # half of the three known genes, rounded
+
+
+def test_transformers_task_refuses_unknown_arguments(saved_pipeline):
+    from modeling import RankDiTImputationPipeline
+
+    pipe, _ = saved_pipeline
+    task = RankDiTImputationPipeline(model=pipe.model, feature_extractor=pipe.processor)
+    for name in ("count", "mask_ratio", "temperature"):
+        with pytest.raises(TypeError, match=f"unknown arguments \\['{name}'\\]"):
+            task(gene_ids=["G10", "G11"], ranks=[1, 2], mask=[False, True], **{name: 1})
+    out = task(gene_ids=["G10", "RETIRED"], ranks=[1, 2], mask=[True, False], unknown_genes="ignore")
+    assert out["gene_ids"] == [10, -1] and np.isnan(out["expected"][1])

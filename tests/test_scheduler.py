@@ -196,3 +196,35 @@ def test_a_per_call_sampler_does_not_stick_and_float_noise_does_not_stall_a_step
     t = scheduler.timesteps[1]
     for noisy in (t, t.float(), t + 1e-9, t - 1e-9):
         assert scheduler._next_time(noisy.reshape(1)).item() == pytest.approx(0.98)
+
+
+def test_keyed_draws_are_splitmix64_and_uniform():
+    from pipelines.scheduling_masked_rank_diffusion import keyed_uniforms, splitmix64
+
+    def reference(x):  # splitmix64 in plain Python integers, modulo 2^64
+        m = 2**64
+        z = (x + 0x9E3779B97F4A7C15) % m
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % m
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % m
+        return z ^ (z >> 31)
+
+    keys = [0, 1, 12345, -1, 2**62 + 7, -(2**63)]
+    mixed = splitmix64(torch.tensor(keys)).tolist()
+    assert [m % 2**64 for m in mixed] == [reference(k % 2**64) for k in keys]
+    u = keyed_uniforms(torch.arange(200_000))
+    assert u.min() >= 0 and u.max() < 1 and abs(u.mean().item() - 0.5) < 0.003
+    assert abs((u < 0.1).double().mean().item() - 0.1) < 0.003
+
+
+def test_a_run_is_a_plain_loop_over_the_scheduler():
+    scheduler = MaskedRankDiffusionScheduler(num_rank_bins=10, sampler="first-hitting")
+    scheduler.set_timesteps(4)
+    sample = torch.full((3, 6), 11)
+    sample[0, :4] = 2  # rows with 2, 6 and 6 masked genes
+    scheduler.begin(sample, seeds=torch.tensor([1, 2, 3]))
+    assert len(scheduler) == 6 and torch.equal(scheduler.row_times, torch.ones(3, dtype=torch.float64))
+    for _ in range(len(scheduler)):
+        sample = scheduler.step(_uniform_logits(sample), scheduler.row_times, sample).prev_sample
+    assert not (sample == 11).any() and scheduler.step_index == 6
+    scheduler.set_timesteps(5, sampler="ancestral")
+    assert len(scheduler) == 5
