@@ -22,7 +22,7 @@ from transformers import TrainerCallback
 from modeling import CellTokenizer, GeneVocab
 
 from .anndata_source import load_anndata
-from .schema import CELL_ID_COLUMN
+from .schema import CELL_ID_COLUMN, marker_positions
 
 EMBEDDED_SAMPLE = Path(__file__).resolve().parent.parent / "data" / "celltypist_sample"
 GENE_METADATA_PATH = "metadata/gene_metadata.parquet"
@@ -157,7 +157,7 @@ def with_length_column(rows: datasets.Dataset, max_length: int, column: str = "l
     the Trainer's `group_by_length` sampler groups cells by, so a batch's padding stays small."""
 
     def lengths(batch):
-        return {column: [min(len(genes) - int(len(e) > 0 and e[0] < 0), max_length)
+        return {column: [min(len(genes) - len(marker_positions(np.array([0, len(e)]), np.asarray(e))), max_length)
                          for genes, e in zip(batch["genes"], batch["expressions"])]}  # fmt: skip
 
     return rows.map(lengths, batched=True, desc="cell lengths")
@@ -169,7 +169,7 @@ def cell_counts(row: dict) -> tuple[np.ndarray, np.ndarray]:
     counts = np.asarray(row["expressions"], dtype=np.float64)
     if len(genes) != len(counts):
         raise ValueError(f"cell {row.get(CELL_ID_COLUMN)!r}: {len(genes)} genes but {len(counts)} expressions")
-    if len(counts) and counts[0] < 0:
+    if len(marker_positions(np.array([0, len(counts)]), counts)):
         genes, counts = genes[1:], counts[1:]
     return genes, counts
 

@@ -1,6 +1,9 @@
 """The Arrow schemas of Tahoe-100M (`tahoebio/Tahoe-100M` on the Hub), shared by every writer and reader here."""
 
+import numpy as np
 import pyarrow as pa
+
+from modeling.gene_vocab import FIRST_GENE_ID, SPECIAL_TOKENS
 
 EXPRESSION_SCHEMA = pa.schema(
     [
@@ -21,6 +24,18 @@ GENE_METADATA_SCHEMA = pa.schema([("token_id", pa.int64()), ("ensembl_id", pa.st
 # Unique per cell: the id that seeds per-cell draws and the held-out split.
 CELL_ID_COLUMN = "BARCODE_SUB_LIB_ID"
 
-# Position 0 of every `expression_data` row: gene `<cls>` with expression -2.
-CLS_TOKEN_ID, CLS_VALUE = 1, -2.0
-FIRST_GENE_TOKEN_ID = 3
+# Every column of a row but the two lists: the cell's metadata.
+METADATA_COLUMNS = tuple(name for name in EXPRESSION_SCHEMA.names if name not in ("genes", "expressions"))
+
+# Position 0 of every `expression_data` row: gene `<cls>` with expression -2 (the ids are the vocabulary's).
+CLS_TOKEN_ID = next(token_id for token_id, name in SPECIAL_TOKENS.items() if name == "<cls>")
+CLS_VALUE = -2.0
+FIRST_GENE_TOKEN_ID = FIRST_GENE_ID
+
+
+def marker_positions(offsets: np.ndarray, expressions: np.ndarray) -> np.ndarray:
+    """Flat positions of the `<cls>` markers of cells laid out by `offsets` (cell i holds `expressions[offsets[i]:
+    offsets[i + 1]]`): the first position of each cell whose first expression is negative. The marker is not a gene
+    of the cell; this is the one place that says how to find it."""
+    first = offsets[:-1][np.diff(offsets) > 0]
+    return first[expressions[first] < 0]

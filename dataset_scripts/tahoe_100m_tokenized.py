@@ -48,22 +48,12 @@ from datasets.builder import Key
 from modeling import CellTokenizer
 
 from .expression_data import TEST_SHARE, VALIDATION_SHARE, split_names
-from .schema import CELL_ID_COLUMN
+from .schema import CELL_ID_COLUMN, METADATA_COLUMNS
 from .tokenization import tokenize_arrow_batch
 
 logger = logging.getLogger(__name__)
 
 HUB_DATASET = "tahoebio/Tahoe-100M"
-METADATA_COLUMNS = (
-    "drug",
-    "sample",
-    "BARCODE_SUB_LIB_ID",
-    "cell_line_id",
-    "moa-fine",
-    "canonical_smiles",
-    "pubchem_cid",
-    "plate",
-)
 READ_ROWS = 1024  # rows decoded from parquet at a time
 SPLITS = (datasets.Split.TRAIN, datasets.Split.VALIDATION, datasets.Split.TEST)
 

@@ -16,6 +16,8 @@ import pyarrow as pa
 
 from modeling.rank_tokenizer import interpolate_edges, quantile_positions, segment_ids
 
+from .schema import marker_positions
+
 SKIP_REASONS = ("length_mismatch", "bad_counts", "unknown_genes", "repeated_genes", "no_expressed_genes")
 TABLE_COUNTS = 64  # counts below this get their token from a per-cell table
 
@@ -124,9 +126,8 @@ def tokenize_arrow_batch(
         counts = counts[np.repeat(agree, np.diff(count_offsets))]
         gene_offsets = np.concatenate([[0], np.cumsum(np.where(agree, np.diff(gene_offsets), 0))])
 
-    # The marker: a negative first expression (Tahoe-100M: gene 1, value -2). It is not a gene of the cell.
     first = gene_offsets[:-1][np.diff(gene_offsets) > 0]
-    marker = first[counts[first] < 0]
+    marker = marker_positions(gene_offsets, counts)
     with np.errstate(invalid="ignore"):
         valid = (counts >= 0) & (counts == np.rint(counts)) & np.isfinite(counts)
     valid[marker] = True

@@ -13,6 +13,8 @@ import torch
 from modeling import CellInputs
 from pipelines import MaskedRankDiffusionScheduler
 
+from .rank_imputation.rank_imputation import position_nll
+
 logger = logging.getLogger(__name__)
 METRIC_PATH = Path(__file__).resolve().parent / "rank_imputation"
 MODEL_METHOD = "RankDiT, one pass"
@@ -109,18 +111,9 @@ def keep_point_metrics(scores: dict[str, float]) -> dict[str, float]:
     return {k: v for k, v in scores.items() if k.startswith((*POINT_METRICS, "positions", "spearman_cells"))}
 
 
-def predict_model(model, cells: CellInputs, batch_size: int = 32) -> torch.Tensor:
-    """The model's one-pass predictive distribution at every position, `(cells, length, B + 1)`."""
-    parts = [
-        model.predictive_distribution(cells.rows(slice(i, i + batch_size))) for i in range(0, len(cells), batch_size)
-    ]
-    return torch.cat([torch.nn.functional.pad(p, (0, 0, 0, cells.gene_ids.shape[1] - p.shape[1])) for p in parts])
-
-
 def masked_nll(probs: torch.Tensor, truth: torch.Tensor, masked: torch.Tensor) -> float:
-    """Mean -log p of the true token over the masked positions."""
-    picked = probs.double().gather(-1, truth.unsqueeze(-1)).squeeze(-1)[masked]
-    return float(-torch.log(picked.clamp(min=1e-12)).mean())
+    """Mean -log p of the true token over the masked positions ([`position_nll`], as every score here)."""
+    return float(position_nll(probs[masked], truth[masked]).mean())
 
 
 def strongest_baseline(by_method: dict[str, dict[str, dict]], ratio: str) -> tuple[str, float]:
@@ -177,7 +170,7 @@ def compare_on_masks(
         generator = torch.Generator().manual_seed(seed + i)
         masked = scheduler.random_mask(real, ratio, generator=generator)
         inputs, counts = cells.masked(masked, mask_id)
-        predictions = {MODEL_METHOD: predict_model(model, inputs)}
+        predictions = {MODEL_METHOD: pipe.processor.predictive_distribution(model, inputs, batch_size=32)}
         if sample_steps:
             sampled = pipe(
                 gene_ids=[g[r].tolist() for g, r in zip(cells.gene_ids, real)],

@@ -15,8 +15,8 @@ from huggingface_hub import ModelCard
 import train_hf
 from dataset_scripts import RankDiffusionCollator, load_expression_data
 from metrics import PerGeneMarginal
-from modeling import CellTokenizer, RankDiTConfig, RankDiTModel, rank_tokens
-from pipelines import MaskedRankDiffusionPipeline, MaskedRankDiffusionScheduler
+from modeling import CellTokenizer, RankDiTConfig, RankDiTModel, RankDiTProcessor, rank_tokens
+from pipelines import MaskedRankDiffusionPipeline, MaskedRankDiffusionScheduler, pipeline_masked_rank_diffusion
 from training import RankDiffTrainingArguments, RankDiffusionTrainer, evaluate_masked_diffusion
 from training.data import PANELS
 
@@ -218,6 +218,7 @@ def trained_run(tmp_path_factory):
     RecordingHfApi.calls = []
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(train_hf, "HfApi", RecordingHfApi)
+        patch.setattr(pipeline_masked_rank_diffusion, "HfApi", RecordingHfApi)
         trainer, metrics = train_hf.main(
             [
                 "--output_dir",
@@ -256,9 +257,11 @@ def test_train_hf_writes_a_loadable_pipeline_folder(trained_run, tmp_path):
     saved = json.loads((out / "eval_results.json").read_text())
     for key in ("eval_nelbo", "eval_masked_nll_0.5", "eval_baseline_masked_nll_0.5"):
         assert np.isfinite(saved[key]) and saved[key] == metrics[key]
-    assert (out / "model" / "gene_vocab.json").exists() and (out / "scheduler" / "scheduler_config.json").exists()
+    for name in ("model/gene_vocab.json", "processor/gene_vocab.json", "scheduler/scheduler_config.json"):
+        assert (out / name).exists(), name
 
-    # A fresh process, outside the repo, that never imports the project, gets the trained model's logits.
+    # Fresh processes, outside the repo, that never import the project: the folder as written, then as re-saved
+    # by a user who loaded it with diffusers, loads every way the README shows, with the trained model's logits.
     model = trainer.model.eval()
     generator = torch.Generator().manual_seed(0)
     gene_ids = torch.randint(3, model.config.gene_vocab_size, (2, 16), generator=generator)
@@ -266,31 +269,45 @@ def test_train_hf_writes_a_loadable_pipeline_folder(trained_run, tmp_path):
     torch.save({"gene_ids": gene_ids, "input_ids": input_ids}, tmp_path / "inputs.pt")
     with torch.no_grad():
         expected = model(gene_ids=gene_ids, input_ids=input_ids).logits
+    genes, counts = [["TP53", "CD3E", "LYZ", "MS4A1", "GAPDH", "ACTB"]], [[0, 2, 9, 1, 30, 55]]
+    resaved = tmp_path / "resaved"
     script = f"""
 import sys, torch
-from transformers import AutoModel
-model = AutoModel.from_pretrained({str(out)!r}, subfolder="model", trust_remote_code=True)
-assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-assert "modeling" not in sys.modules and "train_hf" not in sys.modules
-assert model.gene_vocab is not None and model.gene_vocab.encode(["TP53"])
-inputs = torch.load({str(tmp_path / "inputs.pt")!r})
-torch.save(model(**inputs).logits, {str(tmp_path / "logits.pt")!r})
-
 from diffusers import DiffusionPipeline
-pipe = DiffusionPipeline.from_pretrained({str(out)!r}, trust_remote_code=True)
-assert "pipelines" not in sys.modules and "modeling" not in sys.modules
-sampled = pipe(gene_ids=GENES, counts=COUNTS, mask_ratio=0.5, generator=torch.Generator().manual_seed(3)).ranks
-torch.save(torch.from_numpy(sampled), {str(tmp_path / "sampled.pt")!r})
+from transformers import AutoFeatureExtractor, AutoModel, pipeline
+
+folder = sys.argv[1]
+inputs = torch.load({str(tmp_path / "inputs.pt")!r})
+model = AutoModel.from_pretrained(folder, subfolder="model", trust_remote_code=True)
+assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+processor = AutoFeatureExtractor.from_pretrained(folder, subfolder="model", trust_remote_code=True)
+assert processor.gene_vocab.encode(["TP53"])
+task = pipeline(model=folder + "/model", trust_remote_code=True)
+probs = task(gene_ids={genes[0]!r}, counts={counts[0]!r}, mask=[False, True, False, True, False, False])["probs"]
+pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+assert not {{"modeling", "pipelines", "train_hf"}} & set(sys.modules)
+sampled = pipe(gene_ids={genes!r}, counts={counts!r}, mask_ratio=0.5, generator=torch.Generator().manual_seed(3))
+torch.save({{"logits": model(**inputs).logits, "pipe_logits": pipe.model(**inputs).logits, "probs": probs,
+            "sampled": torch.from_numpy(sampled.ranks)}}, sys.argv[2])
+if len(sys.argv) > 3:
+    pipe.save_pretrained(sys.argv[3])
 """
-    genes, counts = [["TP53", "CD3E", "LYZ", "MS4A1", "GAPDH", "ACTB"]], [[0, 2, 9, 1, 30, 55]]
-    script = script.replace("GENES", repr(genes)).replace("COUNTS", repr(counts))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, check=True)
-    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected)
+    for folder, result, *resave in ((out, "first.pt", resaved), (resaved, "second.pt")):
+        args = [sys.executable, "-c", script, str(folder), str(tmp_path / result), *map(str, resave)]
+        done = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+    first, second = (torch.load(tmp_path / name, weights_only=False) for name in ("first.pt", "second.pt"))
+    for result in (first, second):
+        torch.testing.assert_close(result["logits"], expected)
+        torch.testing.assert_close(result["pipe_logits"], expected)
+    np.testing.assert_array_equal(first["probs"], second["probs"])
+    processor = RankDiTProcessor.from_pretrained(out / "processor")
     scheduler = MaskedRankDiffusionScheduler.from_pretrained(out / "scheduler")
-    pipe = MaskedRankDiffusionPipeline(model=model, scheduler=scheduler)
+    pipe = MaskedRankDiffusionPipeline(model=model, scheduler=scheduler, processor=processor)
     sampled = pipe(gene_ids=genes, counts=counts, mask_ratio=0.5, generator=torch.Generator().manual_seed(3)).ranks
-    np.testing.assert_array_equal(torch.load(tmp_path / "sampled.pt").numpy(), sampled)
+    for result in (first, second):
+        np.testing.assert_array_equal(result["sampled"].numpy(), sampled)
 
 
 def test_every_flag_is_documented():
@@ -345,7 +362,7 @@ def test_model_card_parses_and_matches_the_run(trained_run):
         assert "mae_level_all" in model_scores["0.5"] and any(
             k.startswith("nll_detected_") for k in model_scores["0.5"]
         )
-    vocab = trainer.model.gene_vocab
+    vocab = RankDiTProcessor.from_pretrained(out / "processor").gene_vocab
     assert len(data["widget"]) == 2
     for widget in data["widget"]:
         example = widget["structured_data"]
@@ -378,7 +395,7 @@ def test_every_plot_the_card_links_exists_and_is_an_image(trained_run):
 def test_push_to_hub_uploads_the_finished_folder_without_checkpoints(trained_run):
     out, *_, calls = trained_run
     assert (out / "checkpoint-2").is_dir()  # it was there to be left out
-    (create, repo_id, private, exist_ok, token), upload = calls
+    (create, repo_id, private, exist_ok, token), *_, upload = calls  # created first: a bad token fails early
     assert (create, repo_id, exist_ok, token) == ("create_repo", "someone/rankdiff-test", True, "hf_fake")
     _, repo_id, files, readme = upload
     assert repo_id == "someone/rankdiff-test"
@@ -387,3 +404,37 @@ def test_push_to_hub_uploads_the_finished_folder_without_checkpoints(trained_run
     required += ["scheduler/scheduler_config.json", "plots/loss_curves.png", "imputation_results.json"]
     assert set(required) <= set(files)
     assert readme == (out / "README.md").read_text()  # the card was complete before the upload began
+
+
+def test_rankdiff_impute_round_trips_an_h5ad_of_the_sample_cells(trained_run, tmp_path):
+    import anndata
+    import scipy.sparse
+
+    import rankdiff_cli
+    from dataset_scripts import cell_counts
+
+    out, *_ = trained_run
+    source = load_expression_data()
+    rows = [source.rows[i] for i in range(12)]
+    cells = [cell_counts(row) for row in rows]
+    genes = np.unique(np.concatenate([g for g, _ in cells]))[:400]
+    counts = np.zeros((len(cells), len(genes)))
+    for i, (g, c) in enumerate(cells):
+        keep = np.isin(g, genes)
+        counts[i, np.searchsorted(genes, g[keep])] = c[keep]
+    hidden = np.random.default_rng(0).random(counts.shape) < 0.1
+    adata = anndata.AnnData(scipy.sparse.csr_matrix(np.where(hidden, np.nan, counts)))
+    adata.var_names = source.vocab.decode(genes)  # Ensembl ids, as an AnnData from a pipeline would hold
+    adata.obs_names = [row["BARCODE_SUB_LIB_ID"] for row in rows]
+    adata.write_h5ad(tmp_path / "in.h5ad")
+    argv = ["impute", str(tmp_path / "in.h5ad"), str(tmp_path / "out.h5ad"), "--model", str(out)]
+    assert rankdiff_cli.main([*argv, "--num_inference_steps", "4", "--cell_batch_size", "5"]) == 0
+    result = anndata.read_h5ad(tmp_path / "out.h5ad")
+    assert list(result.obs_names) == list(adata.obs_names) and list(result.var_names) == list(adata.var_names)
+    ranks, expected = result.layers["rankdiff_ranks"], result.layers["rankdiff_expected"]
+    assert (ranks[hidden] >= 0).all() and (ranks[hidden] <= 50).all() and np.isfinite(expected[hidden]).all()
+    assert (ranks[~hidden] == -1).all() and np.isnan(expected[~hidden]).all()
+    with pytest.raises(SystemExit, match="exists; pass --overwrite"):
+        rankdiff_cli.main(argv)
+    with pytest.raises(SystemExit, match="no layer 'mask'"):
+        rankdiff_cli.main([*argv, "--overwrite", "--mask_layer", "mask"])

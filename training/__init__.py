@@ -6,7 +6,7 @@ from .arguments import (
     DiffusionArguments,
     ModelArguments,
     RankDiffTrainingArguments,
-    default_ema_decay,
+    ema_decay_for,
 )
 from .ema import EMACallback
 from .evaluation import evaluate_masked_diffusion
@@ -21,7 +21,7 @@ __all__ = [
     "ModelArguments",
     "RankDiffTrainingArguments",
     "RankDiffusionTrainer",
-    "default_ema_decay",
+    "ema_decay_for",
     "evaluate_masked_diffusion",
     "masked_nelbo",
 ]

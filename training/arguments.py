@@ -150,6 +150,13 @@ class DiffusionArguments:
         if self.ordinal_weight < 0:
             raise ValueError(f"ordinal_weight must be >= 0, got {self.ordinal_weight}")
 
+    def loss_description(self) -> str:
+        """The loss in words, for the model card."""
+        nelbo = f"MDLM NELBO (masked cross-entropy weighted by the {self.noise_schedule} schedule)"
+        if self.ordinal_term == "none" or self.ordinal_weight == 0:
+            return nelbo
+        return f"{nelbo} + {self.ordinal_weight:g} x the `{self.ordinal_term}` ordinal term"
+
 
 @dataclass
 class CardArguments:
@@ -170,9 +177,17 @@ class CardArguments:
     )
 
 
-def default_ema_decay(preset: str) -> float:
-    """EMA decay when `--ema_decay` is not given: none for the tiny preset (a few hundred steps), 0.9999 otherwise."""
-    return 0.0 if preset == "tiny" else 0.9999
+def ema_decay_for(requested: float | None, *, fsdp: bool, preset: str | None = None) -> float:
+    """The decay of a run's EMA of the weights (0: none), the one place its policy lives.
+
+    Not given (`--ema_decay` unset): none for the tiny preset (a few hundred steps) and under FSDP (sharded weights
+    have no EMA yet), 0.9999 otherwise. Given: as given, but a non-zero decay under FSDP is an error.
+    """
+    if requested is None:
+        return 0.0 if fsdp or preset == "tiny" else 0.9999
+    if requested and fsdp:
+        raise ValueError("EMA of the weights is not supported with FSDP yet (sharded parameters): --ema_decay 0")
+    return requested
 
 
 @dataclass

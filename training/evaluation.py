@@ -8,6 +8,7 @@ import torch
 from torch.nn import functional as F
 
 from metrics import PerGeneMarginal
+from metrics.rank_imputation.rank_imputation import position_nll
 from pipelines import MaskedRankDiffusionScheduler
 
 from .loss import masked_nelbo
@@ -33,15 +34,17 @@ def evaluate_masked_diffusion(
     - `masked_nll_{r}` and `baseline_masked_nll_{r}`: mean -log p of the true token over exactly a share `r` of
       each cell's positions, for the model and for the per-gene marginal on the same masks.
 
-    All masks come from a generator seeded with `seed`, so two models are scored on identical masks (with the same
-    batches: the same batch size and number of processes). With several processes, each scores its own batches
-    and `reduce` sums the totals over processes (before the ratios).
+    The NELBO's masks come from a generator seeded with `seed`, the ratio masks from another: two models are
+    scored on identical masks, and the ratio masks of panel cells (all of one length) are those
+    [`compare_on_masks`] draws with the same seed, so both report the same masked NLL ([`position_nll`]). With
+    several processes, each scores its own batches and `reduce` sums the totals over processes (before the ratios).
     """
     if not 0.0 < mask_ratio < 1.0 - scheduler.config.eps:
         raise ValueError(f"mask_ratio must be in (0, 1 - eps) = (0, {1.0 - scheduler.config.eps}), got {mask_ratio}")
     was_training = model.training
     model.eval()
     generator = torch.Generator().manual_seed(seed)
+    mask_generator = torch.Generator().manual_seed(seed)
     eps = scheduler.config.eps
     grid = [eps + (1.0 - eps) * (k + 0.5) / time_grid for k in range(time_grid)]
     mask_id = scheduler.config.mask_token_id
@@ -66,13 +69,11 @@ def evaluate_masked_diffusion(
             totals["nelbo"] += masked_nelbo(logits, original, noisy == mask_id, timesteps, scheduler).item()
         totals["tokens"] += real.sum().item()
 
-        masked = scheduler.random_mask(real, mask_ratio, generator=generator)
+        masked = scheduler.random_mask(real, mask_ratio, generator=mask_generator)
         logits = logits_for(original.masked_fill(masked, mask_id), batch, ratio_time)
-        target = original.unsqueeze(-1)
-        model_nll = -F.log_softmax(logits, dim=-1).gather(-1, target).squeeze(-1)
-        baseline_nll = -baseline.log_probs(batch["gene_ids"]).gather(-1, target).squeeze(-1)
-        totals["model_nll"] += model_nll[masked].sum().item()
-        totals["baseline_nll"] += baseline_nll[masked].sum().item()
+        truth = original[masked]
+        totals["model_nll"] += position_nll(F.softmax(logits.float(), dim=-1)[masked], truth).sum()
+        totals["baseline_nll"] += position_nll(baseline.log_probs(batch["gene_ids"]).exp()[masked], truth).sum()
         totals["masked"] += masked.sum().item()
 
     model.train(was_training)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import platform
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,13 +40,61 @@ def hardware_name() -> str:
     return f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+@dataclass
+class RunRecord:
+    """What a finished run was, for its model card: the [`TrainingRun`] fields the data and the model do not give.
+
+    Args:
+        preset: the model preset; data_name: the data source (a Hub id, or a local file or folder name); dataset:
+            the Hub dataset id the card names as training data.
+        steps, batch_size (global), learning_rate, loss (in words), noise_schedule, ema_decay, runtime_s, hardware:
+            the training budget.
+        metrics: the final `evaluate` metrics (`eval_*`); repo_id: where the model is (Hub id or local path).
+    """
+
+    preset: str
+    data_name: str
+    dataset: str
+    steps: int
+    batch_size: int
+    learning_rate: float
+    loss: str
+    noise_schedule: str
+    ema_decay: float
+    runtime_s: float | None
+    hardware: str
+    metrics: dict[str, float]
+    repo_id: str
+
+    @classmethod
+    def of(cls, trainer, *, preset: str, data_name: str, dataset: str | None, loss: str, noise_schedule: str,
+           ema_decay: float, metrics: dict[str, float], repo_id: str) -> RunRecord:  # fmt: skip
+        """The record of a finished `trainer`'s run."""
+        args = trainer.args
+        return cls(
+            preset=preset,
+            data_name=data_name,
+            dataset=dataset or data_name,
+            steps=trainer.state.global_step,
+            batch_size=args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps,
+            learning_rate=args.learning_rate,
+            loss=loss,
+            noise_schedule=noise_schedule,
+            ema_decay=ema_decay,
+            runtime_s=next((e["train_runtime"] for e in trainer.state.log_history if "train_runtime" in e), None),
+            hardware=hardware_name(),
+            metrics=metrics,
+            repo_id=repo_id,
+        )
+
+
 def write_model_card(
     output_dir: str | Path,
     *,
     pipe,
     data,
     trainer,
-    run: dict,
+    run: RunRecord,
     mask_ratios: list[float],
     count_cells: int = 500,
     gif_steps: int = 32,
@@ -58,7 +108,7 @@ def write_model_card(
         pipe: the trained [`MaskedRankDiffusionPipeline`].
         data: the run's [`PreparedData`] (rows, splits, baseline, panels).
         trainer: the finished [`RankDiffusionTrainer`] (its log history and final metrics).
-        run: the [`TrainingRun`] fields the data and trainer do not give (preset, loss, budget, repo id, ...).
+        run: the run's [`RunRecord`].
         mask_ratios: shares masked for the evaluation tables and plots.
         count_cells: training cells read for the count histogram.
         gif_steps: denoising steps of the two GIFs (one cell with 90% and with 20% of its genes masked).
@@ -79,7 +129,7 @@ def write_model_card(
     plots["Rank tokens of the training data"] = plot_rank_token_distribution(
         data.baseline, data.panel, plots_dir / "rank_tokens.png"
     )
-    metrics = run["metrics"]
+    metrics = run.metrics
     baseline_key = next((k for k in metrics if k.startswith("eval_baseline_masked_nll_")), None)
     plots["Training and validation losses"] = plot_loss_curves(
         trainer.state.log_history, plots_dir / "loss_curves.png", baseline_key
@@ -113,7 +163,7 @@ def write_model_card(
 
     examples = data.panel_cells(data.train_rows.take(2), data.panel, num_bins)
     example_cells = [(examples.gene_ids[i].numpy(), examples.tokens[i].numpy()) for i in range(len(examples))]
-    widgets = widget_examples(example_cells, model.gene_vocab, seed=seed)
+    widgets = widget_examples(example_cells, pipe.processor.gene_vocab, seed=seed)
     card = model_card(
         TrainingRun(
             config=model.config,
@@ -125,7 +175,7 @@ def write_model_card(
             baseline_choices={family: choice["chosen"] for family, choice in report["baseline_choices"].items()},
             widgets=widgets,
             plots={caption: path.relative_to(output_dir).as_posix() for caption, path in plots.items()},
-            **run,
+            **dataclasses.asdict(run),
         )
     )
     card.save(output_dir / "README.md")

@@ -13,6 +13,7 @@ from dataset_scripts import shard_for_process
 from metrics import PerGeneMarginal
 from pipelines import MaskedRankDiffusionScheduler
 
+from .arguments import ema_decay_for
 from .checkpoints import COMPLETE_MARKER, CheckpointCompleteCallback, is_complete_checkpoint, last_complete_checkpoint
 from .ema import EMACallback
 from .evaluation import evaluate_masked_diffusion
@@ -56,8 +57,7 @@ class RankDiffusionTrainer(Trainer):
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
-        if ema_decay and self.is_fsdp_enabled:
-            raise ValueError("EMA of the weights is not supported with FSDP yet (sharded parameters): --ema_decay 0")
+        ema_decay = ema_decay_for(ema_decay or 0.0, fsdp=self.is_fsdp_enabled)
         self.ema = EMACallback(ema_decay) if ema_decay else None
         if self.ema is not None:
             self.add_callback(self.ema)

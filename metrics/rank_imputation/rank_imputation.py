@@ -48,6 +48,13 @@ Examples:
 """
 
 
+def position_nll(probs, truth) -> np.ndarray:
+    """-log p(true token) at each position, p floored at 1e-12: RankDiff's one masked-NLL computation (the trainer's
+    evaluation, the benchmarks and this module's `nll_*` all call it)."""
+    probs, truth = np.asarray(probs, dtype=np.float64), np.asarray(truth)
+    return -np.log(np.clip(probs[np.arange(len(truth)), truth], 1e-12, None))
+
+
 def interval_coverage(probs: np.ndarray, truth: np.ndarray, level: float) -> np.ndarray:
     """How much of each truth's probability atom lies in the central `level` interval of the distribution.
 
@@ -120,7 +127,7 @@ def score(
         if not keep.any():
             continue
         p, t, b = probs[keep], truth[keep], best[keep]
-        results[f"nll_{subset}"] = float(-np.log(np.clip(p[np.arange(len(t)), t], 1e-12, None)).mean())
+        results[f"nll_{subset}"] = float(position_nll(p, t).mean())
         results[f"accuracy_{subset}"] = float((b == t).mean())
         results[f"within_one_{subset}"] = float((np.abs(b - t) <= 1).mean())
         results[f"mae_{subset}"] = float(np.abs(expected[keep] - t).mean())
