@@ -25,8 +25,13 @@ timeout 240 python3 benchmarks/train_throughput.py --device cuda --bf16 --preset
   2> "$results/train_throughput.log" | tee "$results/train_throughput.md"
 timeout 120 python3 benchmarks/sampling.py --device cuda --preset base --cells 8 --steps 16 64 256 \
   --output "$results/sampling.json" 2> "$results/sampling.log" | tee "$results/sampling.md"
+timeout 60 python3 benchmarks/sampling.py --device cuda --overhead --output "$results/sampling_overhead.json" \
+  2>> "$results/sampling.log" | tee -a "$results/sampling.md"
+# Every step after the first under torch.cuda.set_sync_debug_mode("error"): prints any host sync left in the loop
+# (the syncs outside it are listed in the script's docstring).
+timeout 90 python3 benchmarks/sync_check.py --preset base --cells 16 2>&1 | tee "$results/sync_check.txt"
 echo
 echo "== summary =="
 cat "$results/gpu.txt"
 grep -E "passed|failed|error" "$results/cuda_tests.txt" | tail -n 1
-cat "$results/train_throughput.md" "$results/sampling.md"
+cat "$results/train_throughput.md" "$results/sampling.md" "$results/sync_check.txt"

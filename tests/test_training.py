@@ -438,3 +438,28 @@ def test_rankdiff_impute_round_trips_an_h5ad_of_the_sample_cells(trained_run, tm
         rankdiff_cli.main(argv)
     with pytest.raises(SystemExit, match="no layer 'mask'"):
         rankdiff_cli.main([*argv, "--overwrite", "--mask_layer", "mask"])
+
+
+def test_the_trainer_and_the_benchmark_report_one_masked_nll(tiny_config):
+    """The trainer's evaluation and `compare_on_masks` (the benchmark and the card) score the same validation cells
+    on the same masks with one computation: the same masked NLL."""
+    from metrics.imputation import MODEL_METHOD, compare_on_masks
+    from training import DataArguments
+    from training.data import prepare_data
+
+    data = prepare_data(DataArguments(max_eval_cells=16, max_length=64, panel_size=64), num_bins=10)
+    config = RankDiTConfig(**{**tiny_config.to_dict(), "gene_vocab_size": data.source.vocab.size})
+    torch.manual_seed(0)
+    model = randomize_zero_init(RankDiTModel(config).eval())
+    scheduler = MaskedRankDiffusionScheduler(num_rank_bins=10)
+    tokenizer = CellTokenizer(num_bins=10, max_length=64, panel=data.panel)
+    collator = RankDiffusionCollator(tokenizer, rule="panel")
+    rows = list(data.validation_rows)
+    batches = [collator(rows[i : i + 5]) for i in range(0, len(rows), 5)]
+    trainer_scores = evaluate_masked_diffusion(model, scheduler, batches, data.baseline, time_grid=1, seed=3)
+    processor = RankDiTProcessor.from_model_config(config, gene_vocab=data.source.vocab)
+    pipe = MaskedRankDiffusionPipeline(model=model, scheduler=scheduler, processor=processor)
+    cells = data.panel_cells(data.validation_rows, data.panel, 10)
+    report = compare_on_masks(pipe, cells, {}, [0.5], seed=3)
+    assert report[MODEL_METHOD]["0.5"]["positions_all"] == trainer_scores["masked_tokens"]
+    assert report[MODEL_METHOD]["0.5"]["nll_all"] == pytest.approx(trainer_scores["masked_nll_0.5"], rel=1e-5)
