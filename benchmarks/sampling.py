@@ -8,7 +8,8 @@ unmasking, side by side in the same run with the ancestral sampler without cachi
 weights. Prints a markdown table and writes JSON.
 
 `--overhead` measures, through `pipe(...)`, (a) the time per step of everything but the model (the pipeline's loop
-and the scheduler's step), with a stand-in model that returns fixed logits at once, for 64 windows of 1,024 genes;
+and the scheduler's step), with a stand-in model that returns fixed logits at once, for `--windows` windows of
+1,024 genes and the first of `--steps` steps;
 (b) the same with the real model; (c) sampling one whole cell of 3,000 genes (three windows). The script runs
 against older versions of the pipeline too (built without a processor), to compare before and after side by side:
 
@@ -45,10 +46,11 @@ RUNS = (  # (label, sampler, use_cache)
 
 
 class FixedLogits(RankDiTModel):
-    """A stand-in denoiser that returns the same logits at once: what is left of a step is the loop's own cost."""
+    """A stand-in denoiser that returns the same logits at once (a fresh tensor, as a model's output is): what is
+    left of a step is the loop's own cost."""
 
     def forward(self, gene_ids, input_ids, attention_mask=None, timesteps=None, return_dict=True):
-        logits = self.rank_embedding.weight[: self.config.num_rank_tokens, 0].expand(*input_ids.shape, -1)
+        logits = self.rank_embedding.weight[: self.config.num_rank_tokens, 0].expand(*input_ids.shape, -1).clone()
         return type("Output", (), {"logits": logits})()
 
 
@@ -90,23 +92,23 @@ def timed(pipe, repeats: int = 3, **call) -> float:
 def overhead(args) -> list[dict]:
     """The loop's own cost per step, the cost per step with the model, and one whole cell's sampling time."""
     rng = np.random.default_rng(0)
-    steps, rows = 64, []
+    steps, windows, rows = args.steps[0], args.windows, []
     models = (("loop and scheduler only (fixed logits)", FixedLogits), ("with the model", RankDiTModel))
     for label, model_class in models:
         pipe = load_pipeline(None, args.preset, args.device, model_class)
-        genes = np.stack([rng.choice(np.arange(3, 20_000), 1024, replace=False) for _ in range(64)])
+        genes = np.stack([rng.choice(np.arange(3, 20_000), 1024, replace=False) for _ in range(windows)])
         ranks = rng.integers(0, 51, genes.shape)
         call = dict(gene_ids=genes, ranks=ranks, mask_ratio=0.5, num_inference_steps=steps, use_cache=False)
         timed(pipe, repeats=1, **{**call, "num_inference_steps": 2})  # warm-up
         seconds = timed(pipe, **call)
-        rows.append({"measure": f"ms per step, 64 windows x 1,024 genes, half masked: {label}",
+        rows.append({"measure": f"ms per step, {windows} windows x 1,024 genes, half masked: {label}",
                      "value": 1000 * seconds / steps})  # fmt: skip
     genes = rng.choice(np.arange(3, 20_000), 3000, replace=False)
     counts = rng.negative_binomial(1, 0.3, 3000).astype(float) + (np.arange(3000) == 0)
     call = dict(gene_ids=[genes], counts=[counts], mask_ratio=0.5, num_inference_steps=steps)
     if "context_counts" in inspect.signature(pipe.__call__).parameters:
         call["context_counts"] = [[]]
-    rows.append({"measure": "s to sample one whole cell of 3,000 genes (3 windows), half masked, 64 steps",
+    rows.append({"measure": f"s to sample one whole cell of 3,000 genes (3 windows), half masked, {steps} steps",
                  "value": timed(pipe, **call)})  # fmt: skip
     return rows
 
@@ -119,6 +121,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=list(STEPS))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--overhead", action="store_true", help="measure the loop's own cost and whole cells only")
+    parser.add_argument("--windows", type=int, default=64, help="windows sampled together for --overhead")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/sampling.json"))
     args = parser.parse_args()
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{os.cpu_count()}-core CPU"

@@ -62,23 +62,40 @@ def as_cells(values, name: str) -> list[np.ndarray] | None:
     items = _listed(values, name)
     nested = [_is_cell(item) for item in items]
     if items and all(nested):
-        return [np.asarray(_listed(item, f"{name}[{i}]"), dtype=object) for i, item in enumerate(items)]
+        return [_cell_array(_listed(item, f"{name}[{i}]")) for i, item in enumerate(items)]
     if any(nested):
         raise ValueError(f"{name} mixes cells (sequences) and single values: give one cell or a list of cells")
-    return [np.asarray(items, dtype=object)]
+    return [_cell_array(items)]
+
+
+def _cell_array(items: list) -> np.ndarray:
+    """One cell's values as an array: of their numeric (or bool) type when they all share it, else of objects, so
+    that a bool among numbers or a number among names is still seen for what it is."""
+    kinds = set(map(type, items))
+    for dtype, allowed in ((np.int64, (int, np.int64, np.int32)), (np.float64, (float, np.float64, np.float32)),
+                           (bool, (bool, np.bool_))):  # fmt: skip
+        if items and kinds <= set(allowed):
+            return np.array(items, dtype=dtype)
+    return np.array(items, dtype=object)
 
 
 def _first_bad(bad: np.ndarray) -> int:
     return int(np.flatnonzero(bad)[0])
 
 
+def _plain(value):
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def _shown(value) -> str:
-    return f"{value!r} ({type(value).__name__})"
+    return f"{_plain(value)!r} ({type(_plain(value)).__name__})"
 
 
 def _numbers(values: np.ndarray, what: str, where: str) -> np.ndarray:
     """`values` as float64, None as NaN (allowed where a value is masked); a `TypeError` naming the first value that
     is not a number (a string, a bool)."""
+    if values.dtype.kind in "iuf":
+        return values.astype(np.float64)
     bad = np.array([isinstance(v, (str, bytes, bool, np.bool_)) for v in values], dtype=bool)
     if bad.any():
         j = _first_bad(bad)
@@ -202,19 +219,22 @@ class RankDiTProcessor(FeatureExtractionMixin):
         Raises a `TypeError` / `ValueError` naming the position of a value that is no gene: a float, a bool, a
         special id (`<pad>`, `<cls>`, `<eoc>`), an id outside the model's range, or a repeated gene.
         """
-        genes = np.asarray(genes, dtype=object)
+        genes = genes if isinstance(genes, np.ndarray) else _cell_array(list(genes))
         where = f"cell {cell}"
         ids = np.full(len(genes), -1, dtype=np.int64)
-        named = np.array([isinstance(g, str) for g in genes], dtype=bool)
-        numbered = np.array(
-            [isinstance(g, (int, np.integer)) and not isinstance(g, (bool, np.bool_)) for g in genes], dtype=bool
-        )
+        if genes.dtype.kind in "iu":
+            named, numbered = np.zeros(len(genes), dtype=bool), np.ones(len(genes), dtype=bool)
+        else:
+            named = np.array([isinstance(g, str) for g in genes], dtype=bool)
+            numbered = np.array(
+                [isinstance(g, (int, np.integer)) and not isinstance(g, (bool, np.bool_)) for g in genes], dtype=bool
+            )
         if not (named | numbered).all():
             j = _first_bad(~(named | numbered))
             raise TypeError(f"{where}: gene ids must be integer token ids or gene names (Ensembl ids or symbols), "
                             f"got {_shown(genes[j])} at position {j}")  # fmt: skip
         if numbered.any():
-            numbers = np.array([int(g) for g in genes[numbered]], dtype=np.int64)
+            numbers = genes[numbered].astype(np.int64)
             positions = np.flatnonzero(numbered)
             special = numbers < FIRST_GENE_ID
             if special.any():
@@ -241,6 +261,10 @@ class RankDiTProcessor(FeatureExtractionMixin):
     def _mask(self, values: np.ndarray | None, n: int, where: str) -> np.ndarray:
         if values is None:
             return np.zeros(n, dtype=bool)
+        if values.dtype.kind == "b":
+            return values
+        if values.dtype.kind in "iu" and np.isin(values, (0, 1)).all():
+            return values.astype(bool)
         flags = np.array([isinstance(v, (bool, np.bool_)) or (isinstance(v, (int, np.integer)) and v in (0, 1))
                           for v in values], dtype=bool)  # fmt: skip
         if not flags.all():
@@ -255,8 +279,8 @@ class RankDiTProcessor(FeatureExtractionMixin):
         bad = visible & ~valid
         if bad.any():
             j = _first_bad(bad)
-            raise ValueError(f"{where}: ranks must be integers in 0..{self.num_rank_bins}, got {values[j]!r} at "
-                             f"position {j}")  # fmt: skip
+            high, shown = self.num_rank_bins, _plain(values[j])
+            raise ValueError(f"{where}: ranks must be integers in 0..{high}, got {shown!r} at position {j}")
         return np.where(visible, ranks, 0).astype(np.int64)
 
     def __call__(

@@ -389,8 +389,7 @@ class MaskedRankDiffusionScheduler(SchedulerMixin, ConfigMixin):
         if self.sampler == "confidence":
             values = best
         else:
-            probs = self.predictive_distribution(logits, temperature, top_p)
-            values = self._draw(probs, self._uniforms(_VALUE, masked.shape))
+            values = self._draw_at(reveal, logits, self._uniforms(_VALUE, masked.shape), temperature, top_p)
         prev_sample = torch.where(reveal, values, sample)
         pred_original_sample = torch.where(masked, best, sample)
         self._step_index += 1
@@ -398,6 +397,16 @@ class MaskedRankDiffusionScheduler(SchedulerMixin, ConfigMixin):
         if not return_dict:
             return prev_sample, pred_original_sample, prev_t
         return MaskedRankDiffusionSchedulerOutput(prev_sample, pred_original_sample, prev_t)
+
+    def _draw_at(self, reveal, logits, uniforms, temperature, top_p) -> torch.LongTensor:
+        """Values drawn at the `reveal` positions (elsewhere 0). On the host only those positions are computed;
+        on an accelerator every position is, as picking them out would wait for the device. Same draws either way."""
+        if reveal.device.type != "cpu":
+            return self._draw(self.predictive_distribution(logits, temperature, top_p), uniforms)
+        where = reveal.nonzero(as_tuple=True)
+        values = torch.zeros(reveal.shape, dtype=torch.long)
+        values[where] = self._draw(self.predictive_distribution(logits[where], temperature, top_p), uniforms[where])
+        return values
 
     @staticmethod
     def _draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.LongTensor:
