@@ -162,8 +162,10 @@ class RankDiTCopyHead(nn.Module):
             # One attention call: the generate slot is an extra key, scored by an extra query feature, whose value
             # is an extra channel; the visible positions' values are their one-hot tokens.
             generate_key = F.pad(key.new_ones(batch_size, 1, 1), (hidden_size, 0))
-            tokens = F.one_hot(input_ids.clamp(max=self.num_rank_tokens - 1), self.num_rank_tokens + 1)
-            value = (tokens * visible[..., None]).float()
+            # One-hot by scatter: F.one_hot checks its input's range on the host, a sync on an accelerator.
+            tokens = input_ids.clamp(max=self.num_rank_tokens - 1).unsqueeze(-1)
+            value = key.new_zeros(batch_size, length, self.num_rank_tokens + 1).scatter_(-1, tokens, 1.0)
+            value = value * visible[..., None]
             generate_value = F.pad(value.new_ones(batch_size, 1, 1), (self.num_rank_tokens, 0))
             keys = F.pad(visible, (0, 1), value=True)[:, None, None, :]
             mixture = F.scaled_dot_product_attention(
@@ -366,9 +368,14 @@ class RankDiTModel(RankDiTPreTrainedModel):
             conditioning = conditioning + self.time_embedding(
                 timesteps.to(hidden_states.device).expand(input_ids.shape[0])
             )
-        mask = create_bidirectional_mask(
-            config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask
-        )
+        if attention_mask is not None and not real.is_cpu and self.config._attn_implementation in ("sdpa", "eager"):
+            # The key-padding mask as given: transformers would first check it for padding on the host (a sync);
+            # callers pass attention_mask=None for a batch without padding (the processor and collator know).
+            mask = real[:, None, None, :]
+        else:
+            mask = create_bidirectional_mask(
+                config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask
+            )
         for block in self.blocks:
             hidden_states = block(hidden_states, conditioning, mask)
         shift, scale = self.adaLN_out(F.silu(conditioning)).chunk(2, dim=-1)

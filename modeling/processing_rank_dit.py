@@ -353,14 +353,15 @@ class RankDiTProcessor(FeatureExtractionMixin):
                 raise KeyError(f"{where}: {int(unknown.sum())} of {n} genes are not in the checkpoint's vocabulary: "
                                f"{shown}; pass unknown_genes='ignore' to leave them out")  # fmt: skip
             ignored += int(unknown.sum())
-            cell_mask = self._mask(masks[i] if masks is not None else None, n, where)
-            cell_mask = cell_mask & ~unknown if values is not None else ~unknown
+            # `hidden`: what the user hides (its values never shape the bins); `cell_mask`: what the model predicts.
+            hidden = self._mask(masks[i] if masks is not None else None, n, where) if values is not None else ~unknown
+            cell_mask = hidden & ~unknown
             out_genes[i, :n] = torch.from_numpy(ids)
             attention_mask[i, :n] = torch.from_numpy(~unknown)
             out_mask[i, :n] = torch.from_numpy(cell_mask)
             if values is None:
                 continue
-            visible = ~cell_mask
+            visible = ~hidden
             if counts is not None:  # bins from the visible counts only: hidden values must not shape them
                 given = _numbers(values[i], "counts", where)
                 context = checked_counts(
@@ -400,11 +401,13 @@ class RankDiTProcessor(FeatureExtractionMixin):
 
     @staticmethod
     def model_inputs(cells: CellInputs, device: torch.device | str, timesteps: torch.Tensor | None = None) -> dict:
-        """Keyword arguments of the model's forward for `cells` (padded windows), on `device`."""
+        """Keyword arguments of the model's forward for `cells` (padded windows), on `device`; no attention mask
+        for a batch without padding (checked here, on the host: the model then need not look)."""
+        padded = not bool(cells.attention_mask.all())
         return {
             "gene_ids": cells.gene_ids.clamp(min=0).to(device),
             "input_ids": cells.ranks.to(device),
-            "attention_mask": cells.attention_mask.to(device),
+            "attention_mask": cells.attention_mask.to(device) if padded else None,
             "timesteps": None if timesteps is None else timesteps.to(device),
         }
 

@@ -1,8 +1,8 @@
 # Copyright 2026 The RankDiff authors. Licensed under the Apache License, Version 2.0.
 """`MaskedRankDiffusionPipeline`: impute, denoise and generate cells' rank tokens with a RankDiT denoiser.
 
-This file imports only torch, numpy and diffusers (anndata on demand), so a saved pipeline folder carries it as
-remote code: `DiffusionPipeline.from_pretrained(path, trust_remote_code=True)`.
+This file imports only torch, numpy, tqdm, huggingface_hub and diffusers (scipy on demand), so a saved pipeline
+folder carries it as remote code: `DiffusionPipeline.from_pretrained(path, trust_remote_code=True)`.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import numbers
 import os
 import shutil
 from collections.abc import Callable, Sequence
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline
-from diffusers.utils import BaseOutput, logging
+from diffusers.utils import BaseOutput, logging, replace_example_docstring
 from diffusers.utils.dynamic_modules_utils import get_relative_import_files
 from huggingface_hub import HfApi
 from torch.nn import functional as F
@@ -112,14 +113,14 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if mask_ratio is not None and mask is not None:
             raise ValueError("give mask or mask_ratio, not both")
-        if mask_ratio is not None and not (isinstance(mask_ratio, (int, float)) and 0.0 < mask_ratio <= 1.0):
+        if mask_ratio is not None and not (_is_real(mask_ratio) and 0.0 < mask_ratio <= 1.0):
             raise ValueError(f"mask_ratio must be a number in (0, 1], got {mask_ratio!r}")
         for name, value in (("num_inference_steps", num_inference_steps), ("batch_size", batch_size)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            if not _is_positive_int(value):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        if not (_is_real(temperature) and math.isfinite(temperature) and temperature > 0):
             raise ValueError(f"temperature must be a positive number, got {temperature!r}")
-        if not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
+        if not (_is_real(top_p) and 0.0 < top_p <= 1.0):
             raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(
@@ -133,6 +134,7 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
             )
 
     @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
         gene_ids: CellValues,
@@ -294,12 +296,12 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
                     logits = self._logits(inputs, sample, None, timestep if time_conditioned else None)
                     calls += unfinished
                 out = scheduler.step(logits, timestep, sample, temperature=temperature, top_p=top_p)
+                if callback is not None:  # the sample it returns is the next step's (the other tensors are read-only)
+                    tensors = {"sample": out.prev_sample, "logits": logits, **where}
+                    callback_outputs = callback(self, step, timestep, {k: tensors[k] for k in callback_inputs})
+                    out.prev_sample = (callback_outputs or {}).get("sample", out.prev_sample)
                 changed = (out.prev_sample != sample).any(dim=1)
                 sample = out.prev_sample
-                if callback is not None:
-                    tensors = {"sample": sample, "logits": logits, **where}
-                    callback_outputs = callback(self, step, timestep, {k: tensors[k] for k in callback_inputs})
-                    sample = (callback_outputs or {}).pop("sample", sample)
                 progress_bar.update()
         return sample, calls
 
@@ -348,8 +350,11 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
         import scipy.sparse as sp
 
         reserved = {"gene_ids", "ranks", "counts", "context_counts", "mask", "mask_ratio", "output_type"}
+        reserved.add("return_dict")
         if reserved & set(call_kwargs):
             raise ValueError(f"impute_anndata sets {sorted(reserved & set(call_kwargs))} itself")
+        if not _is_positive_int(cell_batch_size):
+            raise ValueError(f"cell_batch_size must be a positive integer, got {cell_batch_size!r}")
         if adata.n_obs == 0 or adata.n_vars == 0:
             raise ValueError(f"the AnnData holds {adata.n_obs} cells x {adata.n_vars} genes: nothing to impute")
         if layer is not None and layer not in adata.layers:
@@ -396,7 +401,7 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
                 inputs = {"gene_ids": [], "counts": [], "mask": [], "context_counts": []}
                 columns, cells = [], []
                 for i, (cell, hidden) in enumerate(zip(block, block_mask)):
-                    hidden &= known
+                    hidden = hidden & known  # a copy: masked entries of unknown genes stay masked below
                     if not hidden.any():
                         continue
                     bad = ~block_mask[i] & (np.isnan(cell) | (cell < 0) | (cell != np.round(cell)))
@@ -476,6 +481,14 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
                                       exist_ok=True).repo_id  # fmt: skip
             api.upload_folder(repo_id=repo_id, folder_path=folder, ignore_patterns=["checkpoint-*", "runs/*"],
                               commit_message=hub["commit_message"] or "Upload RankDiff pipeline")  # fmt: skip
+
+
+def _is_positive_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)) and value >= 1
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
 def _nan_entries(counts):

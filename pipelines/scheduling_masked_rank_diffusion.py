@@ -11,7 +11,6 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
-from torch.nn import functional as F
 
 NOISE_SCHEDULES = ("log-linear", "cosine")
 SAMPLERS = ("ancestral", "first-hitting", "confidence")
@@ -202,7 +201,7 @@ class MaskedRankDiffusionScheduler(SchedulerMixin, ConfigMixin):
         Args:
             maskable (`torch.Tensor` of shape `(batch_size, sequence_length)`): True where a position may be masked.
             share (`float`): the share of maskable positions to mask, in (0, 1].
-            generator (`torch.Generator`, *optional*): source of the draws (on the device of `maskable`).
+            generator (`torch.Generator`, *optional*): source of the draws (on its own device).
 
         Returns:
             `torch.Tensor` of booleans, True at the chosen positions.
@@ -210,7 +209,9 @@ class MaskedRankDiffusionScheduler(SchedulerMixin, ConfigMixin):
         if not 0.0 < share <= 1.0:
             raise ValueError(f"the share to mask must be in (0, 1], got {share}")
         maskable = maskable.bool()
-        scores = torch.rand(maskable.shape, generator=generator, device=maskable.device).masked_fill(~maskable, 2.0)
+        draw_device = generator.device if generator is not None else maskable.device
+        scores = torch.rand(maskable.shape, generator=generator, device=draw_device).to(maskable.device)
+        scores = scores.masked_fill(~maskable, 2.0)
         rank = scores.argsort(dim=1).argsort(dim=1)
         count = (maskable.sum(dim=1) * share).round().clamp(min=1)
         return (rank < count.unsqueeze(1)) & maskable
@@ -302,7 +303,7 @@ class MaskedRankDiffusionScheduler(SchedulerMixin, ConfigMixin):
 
     def _uniforms(self, stream: int, shape: tuple[int, ...]) -> torch.DoubleTensor:
         """Draws for this step: `(batch,)` or `(batch, length)`, keyed by (row seed, step, stream, position)."""
-        step_key = splitmix64(torch.tensor(3 * self._step_index + stream, device=self._seeds.device))
+        step_key = int(splitmix64(torch.tensor(3 * self._step_index + stream)))  # a host scalar: no copy to wait for
         row_keys = splitmix64(self._seeds ^ step_key)
         if len(shape) == 1:
             return keyed_uniforms(row_keys)
@@ -375,7 +376,7 @@ class MaskedRankDiffusionScheduler(SchedulerMixin, ConfigMixin):
             survival = self._uniforms(_HITTING, (batch_size,)) ** (1.0 / n.clamp(min=1))
             prev_t = torch.where(n > 0, self._time_at_mask_probability(self.mask_probability(t) * survival), t)
             scores = self._uniforms(_REVEAL, masked.shape).masked_fill(~masked, -1.0)
-            reveal = F.one_hot(scores.argmax(dim=1), masked.shape[1]).bool() & masked
+            reveal = torch.zeros_like(masked).scatter_(1, scores.argmax(dim=1, keepdim=True), True) & masked
         else:
             prev_t = self._next_time(t)
             share = 1.0 - self.mask_probability(prev_t) / self.mask_probability(t).clamp(min=1e-12)

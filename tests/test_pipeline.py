@@ -162,6 +162,7 @@ def _adata(n_obs=5):
     counts = rng.negative_binomial(1, 0.4, (n_obs, 12)).astype(float)
     counts[:, 0] += 1
     counts[rng.random(counts.shape) < 0.3] = np.nan  # missing values to impute
+    counts[0, -1] = np.nan  # also at the gene the vocabulary lacks: still hidden, never imputed
     var_names = [f"G{i}" for i in range(10, 21)] + ["NOT_A_GENE"]
     adata = anndata.AnnData(counts, obs={"cell_type": list("abcde")[:n_obs]}, var={"chrom": ["1"] * 12})
     adata.obs_names, adata.var_names = [f"c{i}" for i in range(n_obs)], var_names

@@ -106,6 +106,11 @@ def test_unknown_genes_are_left_out_when_asked_and_reported(caplog):
     assert cells.ranks[0, 0] == rank_tokens(np.array([3.0]), B, reference=np.array([3.0, 50.0]))[0]
     windows = processor.windows(cells)
     assert windows.inputs.gene_ids.tolist() == [[5, 7]]  # the model never sees it
+    # Hidden at a left-out gene: still hidden (NaN allowed), and its count never shapes the bins.
+    for hidden_count in (np.nan, 1000.0):
+        hidden = processor(gene_ids=["G5", "OLD1", "G7", "G8"], counts=[3, hidden_count, 1, 9],
+                           mask=[False, True, True, False], context_counts=[[]], unknown_genes="ignore")  # fmt: skip
+        assert hidden.ranks[0, 0] == rank_tokens(np.array([3.0, 9.0]), B)[0] and not hidden.mask[0, 1]
 
 
 def test_a_model_with_other_bins_or_fewer_genes_is_refused():

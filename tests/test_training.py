@@ -283,6 +283,8 @@ assert type(model).__module__.startswith("transformers_modules"), type(model).__
 processor = AutoFeatureExtractor.from_pretrained(folder, subfolder="model", trust_remote_code=True)
 assert processor.gene_vocab.encode(["TP53"])
 task = pipeline(model=folder + "/model", trust_remote_code=True)
+hub_form = pipeline(model=folder, model_kwargs={{"subfolder": "model"}}, trust_remote_code=True)
+assert type(hub_form.feature_extractor).__name__ == "RankDiTProcessor"
 probs = task(gene_ids={genes[0]!r}, counts={counts[0]!r}, mask=[False, True, False, True, False, False])["probs"]
 pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
 assert not {{"modeling", "pipelines", "train_hf"}} & set(sys.modules)

@@ -35,8 +35,9 @@ def evaluate_masked_diffusion(
       each cell's positions, for the model and for the per-gene marginal on the same masks.
 
     The NELBO's masks come from a generator seeded with `seed`, the ratio masks from another: two models are
-    scored on identical masks, and the ratio masks of panel cells (all of one length) are those
-    [`compare_on_masks`] draws with the same seed, so both report the same masked NLL ([`position_nll`]). With
+    scored on identical masks. The ratio masks of panel cells (all of one length, in batches taken in order) are
+    those [`compare_on_masks`] draws for its first ratio with the same seed, so both report the same masked NLL
+    ([`position_nll`]). With
     several processes, each scores its own batches and `reduce` sums the totals over processes (before the ratios).
     """
     if not 0.0 < mask_ratio < 1.0 - scheduler.config.eps:

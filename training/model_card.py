@@ -214,7 +214,7 @@ The model alone, and the transformers pipeline task `rank-imputation`:
 from transformers import AutoModel, pipeline
 
 model = AutoModel.from_pretrained("{run.repo_id}", subfolder="model", trust_remote_code=True)
-imputer = pipeline(model="{run.repo_id}/model", trust_remote_code=True)
+imputer = pipeline(model="{run.repo_id}", model_kwargs={{"subfolder": "model"}}, trust_remote_code=True)
 imputer(gene_ids=gene_ids, ranks=ranks, mask=mask)  # the cell above: probs, expected
 ```'''
 
