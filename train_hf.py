@@ -46,7 +46,7 @@ from training import (
     ema_decay_for,
 )
 from training.data import PreparedData, prepare_data
-from training.report import RunRecord, write_model_card
+from training.report import EVAL_RESULTS, RunRecord, clear_run_outputs, finished_run_outputs, write_model_card
 
 logger = logging.getLogger("train_hf")
 
@@ -141,9 +141,7 @@ def build(
 def fit(run: Run) -> dict[str, float]:
     """Train (or resume), put the EMA weights in the model, and evaluate it on validation cells."""
     trainer = run.trainer
-    resume = trainer.args.resume_from_checkpoint
-    # `--resume_from_checkpoint true`: the last complete checkpoint of the output folder; else a checkpoint folder.
-    trainer.train(resume_from_checkpoint=True if str(resume).lower() == "true" else resume)
+    trainer.train(resume_from_checkpoint=resume_argument(trainer.args.resume_from_checkpoint))
     if trainer.ema is not None:
         trainer.ema.copy_to(trainer.model)  # the EMA weights are the final model
     return trainer.evaluate()
@@ -159,8 +157,9 @@ def finalize(
 ) -> None:
     """On the main process: write the pipeline folder and `eval_results.json`, the model card, and push it all."""
     output_dir = Path(run.trainer.args.output_dir)
+    clear_run_outputs(output_dir)  # a resumed run's earlier outputs, if any: nothing of two runs mixes
     run.pipe.save_pretrained(output_dir)
-    (output_dir / "eval_results.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (output_dir / EVAL_RESULTS).write_text(json.dumps(metrics, indent=2) + "\n")
     logger.info("pipeline folder written to %s", output_dir)
     if card_args.model_card:
         run.pipe.set_progress_bar_config(disable=True)
@@ -185,6 +184,14 @@ def finalize(
         logger.info("pipeline folder pushed to %s", repo_id)
 
 
+def resume_argument(value: str | bool | None) -> str | bool | None:
+    """`--resume_from_checkpoint` as the trainer takes it: "true" is the output folder's last complete checkpoint,
+    "false" (or nothing) is none, anything else a checkpoint folder."""
+    if value is None or str(value).lower() in ("false", ""):
+        return None
+    return True if str(value).lower() == "true" else value
+
+
 def train(
     model_args: ModelArguments,
     data_args: DataArguments,
@@ -196,15 +203,28 @@ def train(
     card_args = card_args or CardArguments()
     if card_args.model_card and data_args.test_share <= 0:  # before training: the card reports test cells
         raise ValueError("the model card scores test cells: give --test_share > 0, or --model_card false")
+    finished = finished_run_outputs(training_args.output_dir)
+    if finished and resume_argument(training_args.resume_from_checkpoint) is None:
+        if not training_args.overwrite_output_dir:
+            raise FileExistsError(
+                f"{training_args.output_dir} holds a finished run ({', '.join(p.name for p in finished[:4])}, ...): "
+                "give another --output_dir, --overwrite_output_dir to replace it, or --resume_from_checkpoint"
+            )
+        if training_args.process_index == 0:
+            clear_run_outputs(training_args.output_dir)
     # The Trainer would push its own checkpoints into the repo root; the finished pipeline folder goes up instead.
     push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
     repo_id = None
     if push_to_hub and training_args.process_index == 0:  # first, so a bad token or name fails before training
-        repo_id = HfApi(token=training_args.hub_token).create_repo(
-            training_args.hub_model_id or Path(training_args.output_dir).absolute().name,
-            private=training_args.hub_private_repo,
-            exist_ok=True,
-        ).repo_id
+        repo_id = (
+            HfApi(token=training_args.hub_token)
+            .create_repo(
+                training_args.hub_model_id or Path(training_args.output_dir).absolute().name,
+                private=training_args.hub_private_repo,
+                exist_ok=True,
+            )
+            .repo_id
+        )
     run = build(model_args, data_args, diffusion_args, training_args)
     metrics = fit(run)
     if run.trainer.is_world_process_zero():

@@ -22,7 +22,7 @@ from transformers import TrainerCallback
 from modeling import CellTokenizer, GeneVocab
 
 from .anndata_source import load_anndata
-from .schema import CELL_ID_COLUMN, marker_positions
+from .schema import CELL_ID_COLUMN, marker_positions, missing_columns
 
 EMBEDDED_SAMPLE = Path(__file__).resolve().parent.parent / "data" / "celltypist_sample"
 GENE_METADATA_PATH = "metadata/gene_metadata.parquet"
@@ -85,6 +85,10 @@ def load_expression_data(
             raise FileNotFoundError(f"no parquet files in {path} (looked in {path / 'data'} and {path})")
         if not metadata.exists():
             raise FileNotFoundError(f"no gene metadata for {path}: expected {metadata}")
+        for file in files:  # the footer only: a wrong file is named before anything is read
+            missing = missing_columns(pq.read_schema(file))
+            if missing:
+                raise ValueError(f"{file} is not a Tahoe-layout expression_data file: it lacks the columns {missing}")
         rows = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train")
         return ExpressionSource(rows, read_gene_vocab(metadata), str(path))
 
@@ -100,6 +104,8 @@ def load_expression_data(
 def is_hub_dataset_id(name: str) -> bool:
     """Whether a data source names a Hub dataset (`owner/name`) rather than a local file or folder."""
     if Path(name).exists() or name.startswith(("/", ".", "~")) or name.endswith(".parquet"):
+        return False
+    if Path(name).parent.is_dir() and str(Path(name).parent) != ".":  # `data/celltypist_sampl`: a mistyped path
         return False
     return name.count("/") == 1
 
@@ -157,8 +163,8 @@ def with_length_column(rows: datasets.Dataset, max_length: int, column: str = "l
     the Trainer's `group_by_length` sampler groups cells by, so a batch's padding stays small."""
 
     def lengths(batch):
-        return {column: [min(len(genes) - len(marker_positions(np.array([0, len(e)]), np.asarray(e))), max_length)
-                         for genes, e in zip(batch["genes"], batch["expressions"])]}  # fmt: skip
+        return {column: [min(len(g) - len(marker_positions(np.array([0, len(e)]), np.asarray(g), np.asarray(e))),
+                             max_length) for g, e in zip(batch["genes"], batch["expressions"])]}  # fmt: skip
 
     return rows.map(lengths, batched=True, desc="cell lengths")
 
@@ -169,7 +175,7 @@ def cell_counts(row: dict) -> tuple[np.ndarray, np.ndarray]:
     counts = np.asarray(row["expressions"], dtype=np.float64)
     if len(genes) != len(counts):
         raise ValueError(f"cell {row.get(CELL_ID_COLUMN)!r}: {len(genes)} genes but {len(counts)} expressions")
-    if len(marker_positions(np.array([0, len(counts)]), counts)):
+    if len(marker_positions(np.array([0, len(counts)]), genes, counts)):
         genes, counts = genes[1:], counts[1:]
     return genes, counts
 

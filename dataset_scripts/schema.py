@@ -33,9 +33,14 @@ CLS_VALUE = -2.0
 FIRST_GENE_TOKEN_ID = FIRST_GENE_ID
 
 
-def marker_positions(offsets: np.ndarray, expressions: np.ndarray) -> np.ndarray:
-    """Flat positions of the `<cls>` markers of cells laid out by `offsets` (cell i holds `expressions[offsets[i]:
-    offsets[i + 1]]`): the first position of each cell whose first expression is negative. The marker is not a gene
-    of the cell; this is the one place that says how to find it."""
+def marker_positions(offsets: np.ndarray, genes: np.ndarray, expressions: np.ndarray) -> np.ndarray:
+    """Flat positions of the `<cls>` markers of cells laid out by `offsets` (cell i holds `genes[offsets[i]:
+    offsets[i + 1]]` and their expressions): a cell's first position when it is gene `<cls>` with value -2. Any other
+    negative value is a bad count, not a marker. This is the one place that says how to find it."""
     first = offsets[:-1][np.diff(offsets) > 0]
-    return first[expressions[first] < 0]
+    return first[(genes[first] == CLS_TOKEN_ID) & (expressions[first] == CLS_VALUE)]
+
+
+def missing_columns(schema) -> list[str]:
+    """The columns a Tahoe-layout `expression_data` file needs that `schema` (a pyarrow schema) lacks."""
+    return [name for name in ("genes", "expressions", CELL_ID_COLUMN) if name not in schema.names]

@@ -127,7 +127,7 @@ def tokenize_arrow_batch(
         gene_offsets = np.concatenate([[0], np.cumsum(np.where(agree, np.diff(gene_offsets), 0))])
 
     first = gene_offsets[:-1][np.diff(gene_offsets) > 0]
-    marker = marker_positions(gene_offsets, counts)
+    marker = marker_positions(gene_offsets, genes, counts)
     with np.errstate(invalid="ignore"):
         valid = (counts >= 0) & (counts == np.rint(counts)) & np.isfinite(counts)
     valid[marker] = True

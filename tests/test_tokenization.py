@@ -110,12 +110,14 @@ def test_bad_rows_are_skipped_and_counted():
         ([1, 3, 3], [-2, 1, 2]),  # repeated gene
         ([1, 3, 4], [-2, 0, 0]),  # nothing expressed
         ([5, 3, 4], [3, 1, 2]),  # good: genes out of order and no marker
+        ([2, 3, 4], [-2, 1, 2]),  # a negative first value at another gene than <cls>: a bad count, not a marker
+        ([1, 3, 4], [-1, 1, 2]),  # <cls> with another value than -2: a bad count
     ]
     batch = tokenize_arrow_batch(_table(rows), 50, known_genes=np.arange(3, 100))
-    assert batch.kept.tolist() == [True] + [False] * 7 + [True]
+    assert batch.kept.tolist() == [True] + [False] * 7 + [True, False, False]
     assert dict(batch.skipped) == {
         "length_mismatch": 1,
-        "bad_counts": 3,
+        "bad_counts": 5,
         "unknown_genes": 1,
         "repeated_genes": 1,
         "no_expressed_genes": 1,

@@ -209,6 +209,13 @@ class RankDiffTrainingArguments(TrainingArguments):
     save_strategy: str = field(default="no", metadata={"help": "Trainer checkpoints: no, steps or epoch"})
     report_to: None | str | list[str] = field(default="none", metadata={"help": "experiment trackers"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "keep raw rows for the collator"})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "train into an --output_dir that holds a finished run: its model, card, plots and results are "
+            "deleted first (without it such a folder is refused; resuming a run in its own folder is always allowed)"
+        },
+    )
     ema_decay: float | None = field(
         default=None,
         metadata={

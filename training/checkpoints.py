@@ -35,6 +35,34 @@ class CheckpointCompleteCallback(TrainerCallback):
         PartialState().wait_for_everyone()
 
 
+def check_resumable(folder: str | os.PathLike) -> None:
+    """Raise, naming what is wrong, unless `folder` is a complete checkpoint a run can resume from exactly: it
+    exists, is marked complete, holds the optimizer and learning-rate schedule (else training would silently restart
+    them), and its weights file reads."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--resume_from_checkpoint {folder}: no such checkpoint folder")
+    if not is_complete_checkpoint(folder):
+        raise ValueError(
+            f"{folder} is not a complete checkpoint (no {COMPLETE_MARKER} file): it was being written when the run "
+            "stopped; resume from an earlier one"
+        )
+    names = {path.name for path in folder.iterdir()}
+    missing = [name for name, found in (("optimizer.pt", any(n.startswith("optimizer") for n in names)),
+                                        ("scheduler.pt", "scheduler.pt" in names)) if not found]  # fmt: skip
+    if missing:
+        raise ValueError(f"{folder} lacks {missing}: resuming would restart the optimizer and learning-rate schedule")
+    for weights in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(weights), framework="pt") as reader:
+                for key in reader.keys():
+                    reader.get_slice(key)
+        except Exception as error:  # safetensors raises its own error types, naming no file
+            raise ValueError(f"{weights} cannot be read ({error}): the checkpoint is damaged") from error
+
+
 def is_complete_checkpoint(folder: str | os.PathLike) -> bool:
     return (Path(folder) / COMPLETE_MARKER).is_file()
 

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import platform
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,26 @@ logger = logging.getLogger(__name__)
 
 PLOTS_DIR = "plots"
 IMPUTATION_RESULTS = "imputation_results.json"
+EVAL_RESULTS = "eval_results.json"
+# What a finished run leaves in its folder besides checkpoints: the pipeline folder and the run's record.
+RUN_OUTPUTS = ("model_index.json", "model", "scheduler", "processor", "README.md", PLOTS_DIR, IMPUTATION_RESULTS,
+               EVAL_RESULTS, "preprocessor_config.json", "gene_vocab.json")  # fmt: skip
+
+
+def finished_run_outputs(output_dir: str | Path) -> list[Path]:
+    """The outputs of a finished run in `output_dir` (with the code files the export puts at its root)."""
+    output_dir = Path(output_dir)
+    if not (output_dir / "model_index.json").exists() and not (output_dir / "model").exists():
+        return []
+    return [output_dir / name for name in RUN_OUTPUTS if (output_dir / name).exists()] + sorted(
+        output_dir.glob("*.py")
+    )
+
+
+def clear_run_outputs(output_dir: str | Path) -> None:
+    """Delete a finished run's outputs from `output_dir` (checkpoints stay), so a new run never mixes with them."""
+    for path in finished_run_outputs(output_dir):
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def hardware_name() -> str:

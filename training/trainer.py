@@ -14,7 +14,7 @@ from metrics import PerGeneMarginal
 from pipelines import MaskedRankDiffusionScheduler
 
 from .arguments import ema_decay_for
-from .checkpoints import COMPLETE_MARKER, CheckpointCompleteCallback, is_complete_checkpoint, last_complete_checkpoint
+from .checkpoints import CheckpointCompleteCallback, check_resumable, last_complete_checkpoint
 from .ema import EMACallback
 from .evaluation import evaluate_masked_diffusion
 from .loss import masked_nelbo, masked_ordinal
@@ -111,11 +111,8 @@ class RankDiffusionTrainer(Trainer):
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
                 raise ValueError(f"no complete checkpoint to resume from in {self.args.output_dir}")
-        if resume_from_checkpoint and not is_complete_checkpoint(resume_from_checkpoint):
-            raise ValueError(
-                f"{resume_from_checkpoint} is not a complete checkpoint (no {COMPLETE_MARKER} file): it was being "
-                "written when the run stopped; resume from an earlier one"
-            )
+        if resume_from_checkpoint:
+            check_resumable(resume_from_checkpoint)
         if resume_from_checkpoint and self.ema is not None:
             self.ema.load(resume_from_checkpoint, self.model)
         return super().train(resume_from_checkpoint=resume_from_checkpoint or None, **kwargs)

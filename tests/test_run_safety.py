@@ -1,0 +1,74 @@
+"""A run never loses or mixes results silently: finished folders, damaged checkpoints, wrong files and paths."""
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import train_hf
+from dataset_scripts import cell_counts, is_hub_dataset_id, load_expression_data
+from dataset_scripts.fixtures import write_tahoe_fixture
+from modeling import rank_tokens
+from training.checkpoints import COMPLETE_MARKER, check_resumable
+
+
+def test_a_finished_run_is_not_overwritten_without_being_asked(tmp_path):
+    out = tmp_path / "run"
+    (out / "plots").mkdir(parents=True)
+    for name in ("model_index.json", "README.md", "imputation_results.json", "modeling_rank_dit.py"):
+        (out / name).write_text("{}")
+    (out / "checkpoint-2").mkdir()
+    argv = ["--output_dir", str(out), "--max_steps", "1"]
+    with pytest.raises(FileExistsError, match="holds a finished run .*--overwrite_output_dir"):
+        train_hf.main(argv)
+    with pytest.raises(FileNotFoundError, match="no such checkpoint folder"):  # outputs are kept for a resume
+        train_hf.main([*argv, "--resume_from_checkpoint", str(tmp_path / "gone")])
+    assert (out / "README.md").exists()
+    with pytest.raises(FileNotFoundError, match="nope does not exist"):
+        train_hf.main([*argv, "--overwrite_output_dir", "--data", str(tmp_path / "nope")])
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2"]  # the old outputs went, the checkpoint stays
+
+
+def _checkpoint(folder, *, complete=True, optimizer=True, weights_ok=True):
+    folder.mkdir(parents=True)
+    save_file({"w": torch.zeros(64)}, str(folder / "model.safetensors"))
+    if not weights_ok:
+        data = (folder / "model.safetensors").read_bytes()
+        (folder / "model.safetensors").write_bytes(data[: len(data) - 100])
+    if optimizer:
+        torch.save({}, folder / "optimizer.pt")
+    torch.save({}, folder / "scheduler.pt")
+    if complete:
+        (folder / COMPLETE_MARKER).write_text("2\n")
+    return folder
+
+
+def test_only_a_whole_checkpoint_is_resumed(tmp_path):
+    check_resumable(_checkpoint(tmp_path / "good"))
+    with pytest.raises(FileNotFoundError, match="no such checkpoint folder"):
+        check_resumable(tmp_path / "deleted")
+    with pytest.raises(ValueError, match="was being written when the run stopped"):
+        check_resumable(_checkpoint(tmp_path / "partial", complete=False))
+    with pytest.raises(ValueError, match="lacks \\['optimizer.pt'\\]: resuming would restart the optimizer"):
+        check_resumable(_checkpoint(tmp_path / "no_optimizer", optimizer=False))
+    with pytest.raises(ValueError, match="truncated.model.safetensors cannot be read"):
+        check_resumable(_checkpoint(tmp_path / "truncated", weights_ok=False))
+    assert train_hf.resume_argument("false") is None and train_hf.resume_argument("True") is True
+
+
+def test_wrong_files_and_mistyped_paths_are_named(tmp_path, monkeypatch):
+    write_tahoe_fixture(tmp_path / "tahoe", num_shards=2, cells_per_shard=4, num_genes=200, expressed_range=(5, 50))
+    table = pa.table({"genes": [[3, 4]], "expressions": [[1.0, 2.0]], "cell": ["a"]})
+    pq.write_table(table, tmp_path / "tahoe" / "data" / "train-00002-of-00003.parquet")
+    wrong = "train-00002-of-00003.parquet is not a Tahoe-layout .* \\['BARCODE_SUB_LIB_ID'\\]"
+    with pytest.raises(ValueError, match=wrong):
+        load_expression_data(tmp_path / "tahoe")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    assert not is_hub_dataset_id("data/celltypist_sampl") and is_hub_dataset_id("tahoebio/Tahoe-100M")
+    with pytest.raises(FileNotFoundError, match="data/celltypist_sampl does not exist"):
+        load_expression_data("data/celltypist_sampl")
+    with pytest.raises(ValueError, match="counts must be non-negative"):
+        genes, counts = cell_counts({"genes": [2, 5, 6], "expressions": [-2.0, 1.0, 3.0]})  # not the marker
+        rank_tokens(counts, 10, genes=genes)
