@@ -449,7 +449,8 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
         subfolder="model", trust_remote_code=True)` and `pipeline(model=folder + "/model", trust_remote_code=True)`.
         The folder holds `model_index.json` and this file, `model/` (config, weights, the model's code, the
         processor and the transformers task beside it), `scheduler/` and `processor/`, each with its code, and the
-        model's code at the root too (transformers 5 looks for remote code there even with a `subfolder`). With
+        model's code and the processor's config at the root too (transformers 5 looks there even with a
+        `subfolder`). With
         `push_to_hub=True` (and `repo_id=`, `token=`, `private=`, `commit_message=`) the folder is uploaded.
         """
         hub = {key: kwargs.pop(key, None) for key in ("repo_id", "token", "private", "commit_message")}
@@ -473,8 +474,15 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
             component = getattr(self, name)
             index[name] = [Path(inspect.getfile(type(component))).stem, type(component).__name__]
         index_path.write_text(json.dumps(index, indent=2) + "\n")
-        for code_file in (folder / "model").glob("*.py"):
-            shutil.copy(code_file, folder / code_file.name)
+        # transformers 5 looks at the root for remote code, and the transformers task for the processor's config,
+        # even with `subfolder="model"`.
+        for name in [
+            *(p.name for p in (folder / "model").glob("*.py")),
+            "preprocessor_config.json",
+            "gene_vocab.json",
+        ]:
+            if (folder / "model" / name).exists():
+                shutil.copy(folder / "model" / name, folder / name)
         if push_to_hub:
             api = HfApi(token=hub["token"])
             repo_id = api.create_repo(hub["repo_id"] or folder.absolute().name, private=hub["private"],

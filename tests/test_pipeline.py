@@ -384,9 +384,17 @@ def test_the_same_seed_gives_the_same_cells_whatever_the_batch_size(config):
     genes = [rng.choice(np.arange(3, 200), n, replace=False) for n in (30, 150, 45, 64)]  # one cell in windows
     ranks = [rng.integers(0, B + 1, len(g)) for g in genes]
     for sampler in ("ancestral", "first-hitting", "confidence"):
-        outs = [_pipe(model, sampler)(genes, ranks=ranks, mask_ratio=0.6, num_inference_steps=8, batch_size=size,
-                                      generator=torch.Generator().manual_seed(4)).ranks  # fmt: skip
-                for size in (1, 2, 64)]
+        outs = [
+            _pipe(model, sampler)(
+                genes,
+                ranks=ranks,
+                mask_ratio=0.6,
+                num_inference_steps=8,
+                batch_size=size,
+                generator=torch.Generator().manual_seed(4),
+            ).ranks  # fmt: skip
+            for size in (1, 2, 64)
+        ]
         np.testing.assert_array_equal(outs[0], outs[1])
         np.testing.assert_array_equal(outs[0], outs[2])
 

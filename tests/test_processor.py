@@ -42,8 +42,11 @@ def test_tokens_come_from_the_visible_counts_by_the_training_rule():
 @pytest.mark.parametrize(
     ("call", "error", "message"),
     [
-        (dict(gene_ids=["G5", "G6"], ranks=[1, 2], mask=["False", "True"]), TypeError,
-         "cell 0: mask must be booleans .* got 'False' \\(str\\) at position 0"),
+        (
+            dict(gene_ids=["G5", "G6"], ranks=[1, 2], mask=["False", "True"]),
+            TypeError,
+            "cell 0: mask must be booleans .* got 'False' \\(str\\) at position 0",
+        ),
         (dict(gene_ids=[5, 6], ranks=[1, 2], mask=[0.5, 1]), TypeError, "mask must be booleans"),
         (dict(gene_ids=[5, 6], ranks=[12.7, 2]), ValueError, "ranks must be integers in 0..10, got 12.7 at position"),
         (dict(gene_ids=[5, 6], ranks=[3, float("nan")]), ValueError, "got nan at position 1"),
