@@ -1,0 +1,79 @@
+"""The Tahoe stand-in corpus has the real layout and statistics, and the stream benchmark reads it as training does."""
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from dataset_scripts import cell_counts, load_expression_data
+from dataset_scripts.tahoe_standin import CONTROL, DOSES_UM, drug_key, write_standin_corpus
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("standin") / "tahoe"
+    return write_standin_corpus(root, num_files=8, cells_per_file=120, num_plates=4, wells_per_file=3,
+                                num_lines=12, responses=True)  # fmt: skip
+
+
+def test_the_layout_and_metadata_are_tahoes(corpus):
+    files = sorted((corpus / "data").glob("*.parquet"))
+    assert [f.name for f in files] == [f"train-{i:05d}-of-00008.parquet" for i in range(8)]
+    plates = [set(pq.read_table(f, columns=["plate"])[0].to_pylist()) for f in files]
+    assert all(len(p) == 1 for p in plates) and [p.pop() for p in plates] == [f"plate{i // 2 + 1}" for i in range(8)]
+    samples = pq.read_table(corpus / "metadata" / "sample_metadata.parquet").to_pylist()
+    for sample in samples:
+        drug, dose, unit = ast.literal_eval(sample["drugname_drugconc"])[0]
+        assert unit == "uM" and drug == sample["drug"]
+        assert (dose == 0.0) if drug == CONTROL else dose in DOSES_UM
+    table = pq.read_table(files[0]).to_pylist()
+    wells = {}
+    for row in table:
+        wells.setdefault(row["sample"], set()).add(row["cell_line_id"])
+        assert row["genes"][0] == 1 and row["expressions"][0] == -2  # the <cls> marker
+    assert len(wells) == 3 and all(len(lines) >= 8 for lines in wells.values())  # wells hold many lines
+    for name, columns in {
+        "drug_metadata": {"drug", "canonical_smiles", "pubchem_cid", "moa-fine"},
+        "cell_line_metadata": {"Cell_ID_Cellosaur", "Cell_ID_DepMap", "Organ", "Driver_Gene"},
+        "obs_metadata": {"BARCODE_SUB_LIB_ID", "sample", "gene_count", "tscp_count", "pass_filter"},
+    }.items():
+        assert columns <= set(pq.read_schema(corpus / "metadata" / f"{name}.parquet").names)
+    names = pq.read_table(corpus / "metadata" / "drug_metadata.parquet")["drug"].to_pylist()
+    assert any(n != n.strip() for n in names) and any("(DMSO_TF solvate)" in n for n in names)  # Tahoe's quirks
+
+
+def test_cells_have_tahoe_like_counts_and_load_for_training(corpus):
+    source = load_expression_data(corpus)
+    counts = [cell_counts(row)[1] for row in source.rows]
+    library = np.array([c.sum() for c in counts])
+    assert len(counts) == 8 * 120 and 1200 < np.median(library) < 3000
+    assert np.mean(np.concatenate(counts) == 1) > 0.4 and 300 < np.median([len(c) for c in counts]) < 2000
+
+
+def test_simulated_responses_follow_dose_and_are_recorded(corpus):
+    effects = pq.read_table(corpus / "metadata" / "simulated_effects.parquet").to_pylist()
+    assert effects and all(len(e["genes"]) == len(e["log_fold_changes"]) == 60 for e in effects)
+    by_key = {(e["drug"], e["dose_um"], e["cell_line_id"]): e for e in effects}
+    for (drug, dose, line), effect in by_key.items():
+        assert drug == drug_key(drug) and 0 <= effect["responder_share"] <= 1
+        higher = by_key.get((drug, max(DOSES_UM), line))
+        if higher is not None and dose < max(DOSES_UM):  # the Hill curve grows with dose
+            assert np.abs(higher["log_fold_changes"]).sum() >= np.abs(effect["log_fold_changes"]).sum()
+
+
+def test_the_stream_benchmark_reports_its_keys(corpus, tmp_path):
+    out = tmp_path / "stream.json"
+    command = [sys.executable, str(REPO / "benchmarks" / "data_stream.py"), "--data", str(corpus), "--batches", "6",
+               "--batch_size", "16", "--json", str(out), "--max_length", "256"]  # fmt: skip
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads(out.read_text())
+    assert record["batches"] == 6 and record["cells_per_s"] > 0 and record["peak_rss_mib"] > 0
+    assert 1 <= record["mean_plates_per_batch"] <= 4 and 1 <= record["distinct_shards"] <= 8

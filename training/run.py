@@ -1,0 +1,102 @@
+"""A training run's parts, built from its arguments: the data, the pipeline being trained and its trainer.
+
+`train_hf.py` builds, fits and finalizes a run; benchmarks build one to read its data exactly as training does.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import datasets
+from transformers import set_seed
+
+from dataset_scripts import EpochCallback, RankDiffusionCollator, with_length_column
+from modeling import CellTokenizer, RankDiTConfig, RankDiTModel, RankDiTProcessor
+from pipelines import MaskedRankDiffusionPipeline, MaskedRankDiffusionScheduler
+
+from .arguments import DataArguments, DiffusionArguments, ModelArguments, RankDiffTrainingArguments, ema_decay_for
+from .data import PreparedData, prepare_data
+from .trainer import RankDiffusionTrainer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    """What `build` makes: the data, the pipeline being trained, its trainer and the EMA decay in use."""
+
+    data: PreparedData
+    pipe: MaskedRankDiffusionPipeline
+    trainer: RankDiffusionTrainer
+    ema_decay: float
+
+
+def build(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    diffusion_args: DiffusionArguments,
+    training_args: RankDiffTrainingArguments,
+) -> Run:
+    """Prepare the data (splits, baselines, panels), the model, its processor and scheduler, and the trainer."""
+    fsdp = bool(training_args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+    ema_decay = ema_decay_for(training_args.ema_decay, fsdp=fsdp, preset=model_args.preset)
+    set_seed(training_args.seed)
+    num_bins = model_args.num_rank_bins
+    data = prepare_data(data_args, num_bins)
+    train_rows = data.train_rows
+    if training_args.train_sampling_strategy == "group_by_length" and isinstance(train_rows, datasets.Dataset):
+        # Batches of cells of similar length: padded to their longest cell, they waste little compute.
+        train_rows = with_length_column(train_rows, data_args.max_length, training_args.length_column_name)
+    if isinstance(train_rows, datasets.IterableDataset):
+        # Each process reads the stream itself (its own files when there are enough, else its share of each global
+        # batch) rather than process 0 reading everything and sending slices.
+        training_args.accelerator_config.dispatch_batches = False
+
+    tokenizer = CellTokenizer(
+        num_bins=num_bins,
+        max_length=data_args.max_length,
+        zero_share=data_args.zero_share,
+        panel_share=data_args.panel_share,
+        random_share=data_args.random_share,
+        seed=training_args.seed,
+        gene_pool=data.gene_pool,
+        panel=data.panel,
+    )
+    config = RankDiTConfig.from_preset(
+        model_args.preset,
+        gene_vocab_size=data.source.vocab.size,
+        max_length=data_args.max_length,
+        **model_args.config_overrides(),
+    )
+    model = RankDiTModel(config)
+    if config.gene_prior:
+        model.init_gene_prior(data.baseline.probabilities())
+    if model_args.gene_embedding_init == "pca":
+        model.init_gene_embedding(*data.reference.gene_loadings(config.hidden_size, seed=training_args.seed))
+    logger.info("RankDiT %s: %.2fM parameters", model_args.preset, model.num_parameters() / 1e6)
+    scheduler = MaskedRankDiffusionScheduler(
+        num_rank_bins=num_bins, noise_schedule=diffusion_args.noise_schedule, eps=diffusion_args.eps
+    )
+    processor = RankDiTProcessor.from_model_config(config, gene_vocab=data.source.vocab)
+    collator = RankDiffusionCollator(tokenizer)
+    trainer = RankDiffusionTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_rows,
+        eval_dataset=data.validation_rows,
+        data_collator=collator,
+        callbacks=[EpochCallback(collator)],
+        noise_scheduler=scheduler,
+        eval_collator=RankDiffusionCollator(tokenizer, rule="panel"),
+        baseline=data.baseline,
+        eval_time_grid=diffusion_args.eval_time_grid,
+        eval_mask_ratio=diffusion_args.eval_mask_ratio,
+        ordinal_term=diffusion_args.ordinal_term,
+        ordinal_weight=diffusion_args.ordinal_weight,
+        ordinal_time_weighting=diffusion_args.ordinal_time_weighting,
+        ema_decay=ema_decay,
+    )
+    pipe = MaskedRankDiffusionPipeline(model=model, scheduler=scheduler, processor=processor)
+    return Run(data=data, pipe=pipe, trainer=trainer, ema_decay=ema_decay)
