@@ -508,4 +508,7 @@ def _nan_entries(counts):
         nan = sp.csr_matrix((np.isnan(counts.data), counts.indices, counts.indptr), shape=counts.shape, dtype=bool)
         nan.eliminate_zeros()
         return nan
-    return sp.csr_matrix(np.isnan(np.asarray(counts, dtype=np.float64)))
+    counts = np.asarray(counts)
+    if counts.dtype.kind != "f":  # integer counts hold no NaN
+        return sp.csr_matrix(counts.shape, dtype=bool)
+    return sp.csr_matrix(np.isnan(counts))  # in the data's own dtype: no float64 copy of the table

@@ -159,3 +159,17 @@ def test_hub_dataset_ids_are_told_apart_from_local_paths(tmp_path, monkeypatch):
         assert not is_hub_dataset_id(local), local
     monkeypatch.chdir(tmp_path)
     assert not is_hub_dataset_id("owner/name")  # an existing folder wins
+
+
+def test_samples_are_drawn_across_the_data_not_from_its_first_rows():
+    import datasets
+
+    from training.data import sample_rows
+
+    rows = datasets.Dataset.from_dict({"plate": [f"plate{i // 100}" for i in range(800)], "i": list(range(800))})
+    drawn = sample_rows(rows, 80, seed=0)
+    assert len(drawn) == 80 and len(set(drawn["plate"])) == 8  # every plate, where the first 80 rows hold one
+    assert drawn["i"] == sorted(drawn["i"]) and drawn["i"] == sample_rows(rows, 80, seed=0)["i"]
+    assert sample_rows(rows, None) is rows and sample_rows(rows, 1000) is rows
+    streamed = list(sample_rows(rows.to_iterable_dataset(num_shards=8), 80, seed=0))
+    assert len(streamed) == 80 and len({r["plate"] for r in streamed}) > 1

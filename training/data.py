@@ -68,9 +68,23 @@ class ReferenceCells:
         return np.bincount(self.counts.indices, minlength=self.counts.shape[1]) / max(len(self), 1)
 
 
+def sample_rows(rows, max_cells: int | None, seed: int = 0):
+    """Up to `max_cells` rows drawn across the whole data, not its first rows (files are ordered by plate): a seeded
+    uniform draw, kept in file order, from a dataset; from a stream, the first cells after its file order and a
+    buffer of 10,000 cells are shuffled (so many files, not all, are read)."""
+    if max_cells is None:
+        return rows
+    if isinstance(rows, datasets.Dataset):
+        if max_cells >= len(rows):
+            return rows
+        return rows.select(np.sort(np.random.default_rng(seed).choice(len(rows), max_cells, replace=False)))
+    return rows.shuffle(seed=seed, buffer_size=10_000).take(max_cells)
+
+
 def read_reference_cells(rows, num_bins: int, gene_vocab_size: int, max_cells: int | None = None) -> ReferenceCells:
-    """Read up to `max_cells` rows (with a progress bar) into a [`ReferenceCells`]; tokens by the training rule."""
-    rows = rows.take(max_cells) if max_cells is not None else rows
+    """Read up to `max_cells` rows, drawn across the data ([`sample_rows`]), with a progress bar, into a
+    [`ReferenceCells`]; tokens by the training rule."""
+    rows = sample_rows(rows, max_cells)
     total = len(rows) if isinstance(rows, datasets.Dataset) else max_cells
     indptr, genes, counts, tokens = [0], [], [], []
     for row in tqdm(rows, desc="reading training cells", unit="cell", total=total):
@@ -239,8 +253,8 @@ def prepare_data(data_args: DataArguments, num_bins: int) -> PreparedData:
         obs_columns=tuple(data_args.obs_columns),
     )
     splits = split_by_cell_id(source.rows, data_args.validation_share, data_args.test_share, seed=data_args.split_seed)
-    for name in ("validation", "test"):
-        splits[name] = splits[name].take(data_args.max_eval_cells)
+    for name in ("validation", "test"):  # a sample across the data, not its first cells (one plate)
+        splits[name] = sample_rows(splits[name], data_args.max_eval_cells, seed=data_args.split_seed)
     logger.info("data: %s, %d genes in the vocabulary", source.name, len(source.vocab))
     reference = read_reference_cells(splits["train"], num_bins, source.vocab.size, data_args.baseline_cells)
     baseline = PerGeneMarginal(num_bins, source.vocab.size).fit(reference.cells())
