@@ -39,7 +39,8 @@ from training import (
     RankDiffTrainingArguments,
     RankDiffusionTrainer,
 )
-from training.report import EVAL_RESULTS, RunRecord, clear_run_outputs, finished_run_outputs, write_model_card
+from training.model_card import RunRecord
+from training.report import EVAL_RESULTS, clear_run_outputs, finished_run_outputs, write_model_card
 from training.run import Run, build
 
 logger = logging.getLogger("train_hf")

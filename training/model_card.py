@@ -4,9 +4,11 @@ and a README that says what the model is, how to call it, what it scored, on wha
 from __future__ import annotations
 
 import math
+import platform
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from metrics.imputation import MODEL_METHOD, strongest_baseline
@@ -34,34 +36,28 @@ CARD_METRICS = {  # rank_imputation key -> (model-index metric type, name)
 }
 
 
+def hardware_name() -> str:
+    """The accelerator (or CPU) this process trains on, in words."""
+    if torch.cuda.is_available():
+        return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    return f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
 @dataclass
-class TrainingRun:
-    """What a model card says about a run.
+class RunRecord:
+    """What a finished run was, for its model card: the [`TrainingRun`] fields the data and the model do not give.
 
     Args:
-        config: the trained model's `RankDiTConfig`.
-        preset, num_parameters: model size.
-        data_name: the data source (a Hub id, or a local file or folder name); dataset: the Hub dataset id the card
-            names as training data (`datasets` and the model-index), else `data_name`.
-        training_cells, test_cells, panel_sizes: cells behind the baselines and panels, test cells scored, genes of
-            each evaluation panel.
-        steps, batch_size, learning_rate, loss, noise_schedule, ema_decay, runtime_s, hardware: the training budget.
-        metrics: the final `evaluate` metrics (`eval_*`).
-        imputation: `results[panel][method][str(mask_ratio)]` of [`imputation_report`].
-        baseline_choices: each baseline family's setting, chosen on validation cells.
-        widgets: Hub widget examples (see [`widget_examples`]).
-        plots: caption -> path relative to the card.
-        repo_id: where the model is (Hub repo id or local path) in the usage snippets.
+        preset: the model preset; data_name: the data source (a Hub id, or a local file or folder name); dataset:
+            the Hub dataset id the card names as training data.
+        steps, batch_size (global), learning_rate, loss (in words), noise_schedule, ema_decay, runtime_s, hardware:
+            the training budget.
+        metrics: the final `evaluate` metrics (`eval_*`); repo_id: where the model is (Hub id or local path).
     """
 
-    config: object
     preset: str
-    num_parameters: int
     data_name: str
     dataset: str
-    training_cells: int
-    test_cells: int
-    panel_sizes: dict[str, int]
     steps: int
     batch_size: int
     learning_rate: float
@@ -71,11 +67,53 @@ class TrainingRun:
     runtime_s: float | None
     hardware: str
     metrics: dict[str, float]
+    repo_id: str
+
+    @classmethod
+    def of(cls, trainer, *, preset: str, data_name: str, dataset: str | None, loss: str, noise_schedule: str,
+           ema_decay: float, metrics: dict[str, float], repo_id: str) -> RunRecord:  # fmt: skip
+        """The record of a finished `trainer`'s run."""
+        args = trainer.args
+        return cls(
+            preset=preset,
+            data_name=data_name,
+            dataset=dataset or data_name,
+            steps=trainer.state.global_step,
+            batch_size=args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps,
+            learning_rate=args.learning_rate,
+            loss=loss,
+            noise_schedule=noise_schedule,
+            ema_decay=ema_decay,
+            runtime_s=next((e["train_runtime"] for e in trainer.state.log_history if "train_runtime" in e), None),
+            hardware=hardware_name(),
+            metrics=metrics,
+            repo_id=repo_id,
+        )
+
+
+@dataclass
+class TrainingRun(RunRecord):
+    """What a model card says about a run: its [`RunRecord`] and what the data and the model give.
+
+    Args:
+        config: the trained model's `RankDiTConfig`; num_parameters: its size.
+        training_cells, test_cells, panel_sizes: cells behind the baselines and panels, test cells scored, genes of
+            each evaluation panel.
+        imputation: `results[panel][method][str(mask_ratio)]` of [`imputation_report`].
+        baseline_choices: each baseline family's setting, chosen on validation cells.
+        widgets: Hub widget examples (see [`widget_examples`]).
+        plots: caption -> path relative to the card.
+    """
+
+    config: object
+    num_parameters: int
+    training_cells: int
+    test_cells: int
+    panel_sizes: dict[str, int]
     imputation: dict[str, dict[str, dict[str, dict]]]
     baseline_choices: dict[str, str] = field(default_factory=dict)
     widgets: list[dict] = field(default_factory=list)
     plots: dict[str, str] = field(default_factory=dict)
-    repo_id: str = "outputs/demo"
 
 
 def widget_examples(

@@ -5,9 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import platform
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +17,7 @@ from pipelines.denoising_animation import record_denoising, write_denoising_gif
 
 from .data import TRAINING_PANEL
 from .evaluation import imputation_report
-from .model_card import TrainingRun, model_card, widget_examples
+from .model_card import RunRecord, TrainingRun, model_card, widget_examples
 from .plots import (
     plot_count_histogram,
     plot_loss_curves,
@@ -52,61 +50,6 @@ def clear_run_outputs(output_dir: str | Path) -> None:
     """Delete a finished run's outputs from `output_dir` (checkpoints stay), so a new run never mixes with them."""
     for path in finished_run_outputs(output_dir):
         shutil.rmtree(path) if path.is_dir() else path.unlink()
-
-
-def hardware_name() -> str:
-    """The accelerator (or CPU) this process trains on, in words."""
-    if torch.cuda.is_available():
-        return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
-    return f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-@dataclass
-class RunRecord:
-    """What a finished run was, for its model card: the [`TrainingRun`] fields the data and the model do not give.
-
-    Args:
-        preset: the model preset; data_name: the data source (a Hub id, or a local file or folder name); dataset:
-            the Hub dataset id the card names as training data.
-        steps, batch_size (global), learning_rate, loss (in words), noise_schedule, ema_decay, runtime_s, hardware:
-            the training budget.
-        metrics: the final `evaluate` metrics (`eval_*`); repo_id: where the model is (Hub id or local path).
-    """
-
-    preset: str
-    data_name: str
-    dataset: str
-    steps: int
-    batch_size: int
-    learning_rate: float
-    loss: str
-    noise_schedule: str
-    ema_decay: float
-    runtime_s: float | None
-    hardware: str
-    metrics: dict[str, float]
-    repo_id: str
-
-    @classmethod
-    def of(cls, trainer, *, preset: str, data_name: str, dataset: str | None, loss: str, noise_schedule: str,
-           ema_decay: float, metrics: dict[str, float], repo_id: str) -> RunRecord:  # fmt: skip
-        """The record of a finished `trainer`'s run."""
-        args = trainer.args
-        return cls(
-            preset=preset,
-            data_name=data_name,
-            dataset=dataset or data_name,
-            steps=trainer.state.global_step,
-            batch_size=args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps,
-            learning_rate=args.learning_rate,
-            loss=loss,
-            noise_schedule=noise_schedule,
-            ema_decay=ema_decay,
-            runtime_s=next((e["train_runtime"] for e in trainer.state.log_history if "train_runtime" in e), None),
-            hardware=hardware_name(),
-            metrics=metrics,
-            repo_id=repo_id,
-        )
 
 
 def write_model_card(
