@@ -22,6 +22,15 @@ from modeling import CellInputs
 from .imputation import token_levels
 
 
+def masked_cells(cells: CellInputs):
+    """`(row, masked, visible)` for each cell with masked positions: boolean arrays over its positions."""
+    for row in range(len(cells)):
+        real = cells.attention_mask[row].bool().numpy()
+        masked = real & cells.mask[row].numpy()
+        if masked.any():
+            yield row, masked, real & ~masked
+
+
 class PerGeneMarginal:
     """Each gene's marginal distribution over rank tokens 0..B, estimated on training cells.
 
@@ -188,12 +197,7 @@ class NearestCells:
     def predict(self, cells: CellInputs, counts: torch.Tensor | None = None) -> torch.Tensor:
         out = self.prior.predict(cells)
         num_classes = out.shape[-1]
-        for row in range(len(cells)):
-            real = cells.attention_mask[row].bool().numpy()
-            masked = real & cells.mask[row].numpy()
-            visible = real & ~masked
-            if not masked.any():
-                continue
+        for row, masked, visible in masked_cells(cells):
             genes, query = cells.gene_ids[row].numpy(), cells.ranks[row].numpy()[visible]
             query_levels = token_levels(query, num_classes - 1)[query]
             shown = np.r_[0, np.unique(query[query > 0])]  # token of each level in this cell
@@ -278,11 +282,8 @@ class MagicImputation:
         values = self.impute(cells, counts)
         out = self.prior.predict(cells)
         num_classes = out.shape[-1]
-        for row in range(len(cells)):
-            real = cells.attention_mask[row].bool().numpy()
-            masked = real & cells.mask[row].numpy()
-            visible = real & ~masked
-            if not masked.any() or not visible.any():
+        for row, masked, visible in masked_cells(cells):
+            if not visible.any():
                 continue
             distance = values[row, masked][:, None] - values[row, visible][None, :]
             weights = np.exp(-0.5 * (distance / self.bandwidth) ** 2) + 1e-300
