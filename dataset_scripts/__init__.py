@@ -1,4 +1,4 @@
-"""Data sources of RankDiff: Tahoe-100M-schema rows, the held-out split and the training collator."""
+"""Data sources of RankDiff: the Tahoe-100M stream, Tahoe-schema rows, the held-out split and the collator."""
 
 from .expression_data import (
     EMBEDDED_SAMPLE,
@@ -11,16 +11,18 @@ from .expression_data import (
     pad_cells,
     read_gene_vocab,
     shard_for_process,
-    split_by_cell_id,
-    split_names,
-    with_length_column,
+    tahoe_builder,
+    tokenized_cells,
 )
+from .splits import split_by_cell_id, split_names
+from .tahoe_100m_tokenized import Tahoe100MTokenized
 
 __all__ = [
     "EMBEDDED_SAMPLE",
     "EpochCallback",
     "ExpressionSource",
     "RankDiffusionCollator",
+    "Tahoe100MTokenized",
     "cell_counts",
     "is_hub_dataset_id",
     "load_expression_data",
@@ -29,5 +31,6 @@ __all__ = [
     "shard_for_process",
     "split_by_cell_id",
     "split_names",
-    "with_length_column",
+    "tahoe_builder",
+    "tokenized_cells",
 ]

@@ -1,19 +1,23 @@
-"""Tahoe-100M `expression_data` rows: where they come from, the held-out split, and the training collator.
+"""Tahoe-100M `expression_data` rows: where they come from, and the collator that turns them into batches.
 
 A data source is the embedded real sample (default), a local folder or file of parquet in the Tahoe-100M schema
-(the Hub layout `data/*.parquet` + `metadata/gene_metadata.parquet`, or loose parquet files), or a Hub dataset id
-such as `tahoebio/Tahoe-100M` (streamed).
+(the Hub layout `data/*.parquet` + `metadata/gene_metadata.parquet`, or loose parquet files), an `.h5ad` file, or a
+Hub dataset id such as `tahoebio/Tahoe-100M`. Training reads Tahoe-layout sources through the
+[`Tahoe100MTokenized`] stream ([`tahoe_builder`]); [`load_expression_data`] gives their raw rows as a `datasets`
+table for small data, tools and tests.
 """
 
 from __future__ import annotations
 
-import hashlib
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+import fsspec
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from datasets.distributed import split_dataset_by_node
@@ -22,7 +26,11 @@ from transformers import TrainerCallback
 from modeling import CellTokenizer, GeneVocab
 
 from .anndata_source import load_anndata
-from .schema import CELL_ID_COLUMN, marker_positions, missing_columns
+from .schema import CELL_ID_COLUMN, marker_positions
+from .tahoe_100m_tokenized import Tahoe100MTokenized
+from .tokenization import tokenize_arrow_batch
+
+logger = logging.getLogger(__name__)
 
 EMBEDDED_SAMPLE = Path(__file__).resolve().parent.parent / "data" / "celltypist_sample"
 GENE_METADATA_PATH = "metadata/gene_metadata.parquet"
@@ -39,7 +47,8 @@ class ExpressionSource:
 
 def read_gene_vocab(path: str | os.PathLike) -> GeneVocab:
     """Read a parquet file in Tahoe-100M's `gene_metadata` schema (`token_id`, `ensembl_id`, `gene_symbol`)."""
-    table = pq.read_table(path, columns=["token_id", "ensembl_id", "gene_symbol"])
+    with fsspec.open(path, "rb") as f:  # a local path or an hf:// one
+        table = pq.read_table(f, columns=["token_id", "ensembl_id", "gene_symbol"])
     return GeneVocab(table["token_id"].to_numpy(), table["ensembl_id"].to_pylist(), table["gene_symbol"].to_pylist())
 
 
@@ -75,6 +84,24 @@ def load_expression_data(
         vocab = read_vocab_file(gene_vocab or EMBEDDED_SAMPLE / GENE_METADATA_PATH)
         rows, _ = load_anndata(path, vocab, layer=layer, gene_column=gene_column, obs_columns=obs_columns)
         return ExpressionSource(rows, vocab, str(path))
+    builder = tahoe_builder(data)
+    if builder.config.data_files:  # local: the raw rows as a table (the footers are checked first)
+        files = builder.check_files(builder.input_files()[0])
+        rows = datasets.load_dataset("parquet", data_files=list(files), split="train")
+    else:
+        rows = datasets.load_dataset(str(data), config_name, split="train", streaming=True)
+    return ExpressionSource(rows, read_gene_vocab(builder.input_files()[1]), str(data or EMBEDDED_SAMPLE))
+
+
+def tahoe_builder(data: str | os.PathLike | None, **config) -> Tahoe100MTokenized:
+    """The [`Tahoe100MTokenized`] builder of a Tahoe-layout source: `None` (the embedded sample), a local folder
+    (Hub layout or loose `*.parquet`), a parquet file, or a Hub dataset id. `config` goes to the builder.
+
+    Raises:
+        FileNotFoundError: a local source without parquet files or without its `metadata/gene_metadata.parquet`;
+            a path that does not exist and is not a Hub id (`data/celltypist_sampl` is a mistyped path).
+    """
+    path = Path(data) if data is not None else EMBEDDED_SAMPLE
     if data is None or path.exists():
         if path.is_dir():
             files = sorted((path / "data").glob("*.parquet")) or sorted(path.glob("*.parquet"))
@@ -85,20 +112,11 @@ def load_expression_data(
             raise FileNotFoundError(f"no parquet files in {path} (looked in {path / 'data'} and {path})")
         if not metadata.exists():
             raise FileNotFoundError(f"no gene metadata for {path}: expected {metadata}")
-        for file in files:  # the footer only: a wrong file is named before anything is read
-            missing = missing_columns(pq.read_schema(file))
-            if missing:
-                raise ValueError(f"{file} is not a Tahoe-layout expression_data file: it lacks the columns {missing}")
-        rows = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train")
-        return ExpressionSource(rows, read_gene_vocab(metadata), str(path))
-
+        data_files = {"train": [str(f) for f in files]}
+        return Tahoe100MTokenized(data_files=data_files, gene_metadata=str(metadata), **config)
     if not is_hub_dataset_id(str(data)):
         raise FileNotFoundError(f"{data} does not exist (a Hub dataset id looks like 'owner/name')")
-    from huggingface_hub import hf_hub_download
-
-    rows = datasets.load_dataset(str(data), config_name, split="train", streaming=True)
-    metadata = hf_hub_download(str(data), GENE_METADATA_PATH, repo_type="dataset")
-    return ExpressionSource(rows, read_gene_vocab(metadata), str(data))
+    return Tahoe100MTokenized(hub_dataset=str(data), **config)
 
 
 def is_hub_dataset_id(name: str) -> bool:
@@ -110,44 +128,6 @@ def is_hub_dataset_id(name: str) -> bool:
     return name.count("/") == 1
 
 
-# Default shares of the split, for every reader (the trainer's data and the streaming builder).
-VALIDATION_SHARE, TEST_SHARE = 0.1, 0.15
-
-
-def held_out_fraction(cell_id: str, seed: int = 0) -> float:
-    """A stable number in [0, 1) per cell id, the key of the barcode split ([`split_names`])."""
-    digest = hashlib.blake2b(f"{seed}:{cell_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") / 2**64
-
-
-def split_names(cell_ids: list[str], validation_share: float, test_share: float, seed: int = 0) -> np.ndarray:
-    """The split of each cell by a hash of its id: `"validation"` below `validation_share`, `"test"` in the next
-    `test_share`, `"train"` above. Stable across runs, machines and data orders; the one rule of every reader."""
-    if not (0.0 <= validation_share and 0.0 <= test_share and validation_share + test_share < 1.0):
-        raise ValueError(
-            f"validation_share and test_share must be >= 0 with a sum below 1, got {validation_share} and {test_share}"
-        )
-    fraction = np.array([held_out_fraction(c, seed) for c in cell_ids])
-    held_out = np.where(fraction < validation_share + test_share, "test", "train")
-    return np.where(fraction < validation_share, "validation", held_out)
-
-
-SPLIT_NAMES = ("train", "validation", "test")
-
-
-def split_by_cell_id(rows, validation_share: float, test_share: float = 0.0, seed: int = 0) -> dict:
-    """Split rows into train / validation / test by a hash of `BARCODE_SUB_LIB_ID` ([`split_names`]): no cell
-    lands in two splits. Returns `{"train": ..., "validation": ..., "test": ...}` (empty splits included)."""
-    if not 0.0 < validation_share:
-        raise ValueError(f"validation_share must be positive, got {validation_share}")
-
-    def in_split(batch, split: str):
-        return (split_names(batch[CELL_ID_COLUMN], validation_share, test_share, seed) == split).tolist()
-
-    split_names([], validation_share, test_share)  # checks the shares before any row is read
-    return {split: rows.filter(in_split, batched=True, fn_kwargs={"split": split}) for split in SPLIT_NAMES}
-
-
 def shard_for_process(rows, rank: int, world_size: int):
     """The rows process `rank` of `world_size` reads: a contiguous block of a map-style dataset, or its own shards
     of a streamed one (`datasets.distributed.split_dataset_by_node`, also split over its DataLoader workers)."""
@@ -156,17 +136,6 @@ def shard_for_process(rows, rank: int, world_size: int):
     if isinstance(rows, datasets.IterableDataset):
         return split_dataset_by_node(rows, rank=rank, world_size=world_size)
     return rows.shard(num_shards=world_size, index=rank, contiguous=True)
-
-
-def with_length_column(rows: datasets.Dataset, max_length: int, column: str = "length") -> datasets.Dataset:
-    """Add each cell's number of expressed genes (without the `<cls>` marker), capped at `max_length`: the length
-    the Trainer's `group_by_length` sampler groups cells by, so a batch's padding stays small."""
-
-    def lengths(batch):
-        return {column: [min(len(g) - len(marker_positions(np.array([0, len(e)]), np.asarray(g), np.asarray(e))),
-                             max_length) for g, e in zip(batch["genes"], batch["expressions"])]}  # fmt: skip
-
-    return rows.map(lengths, batched=True, desc="cell lengths")
 
 
 def cell_counts(row: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -180,23 +149,46 @@ def cell_counts(row: dict) -> tuple[np.ndarray, np.ndarray]:
     return genes, counts
 
 
-def pad_cells(cells: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, torch.Tensor]:
-    """Pad (gene_ids, input_ids) pairs to the longest in the batch; `labels` are -100 at padding."""
-    length = max(len(g) for g, _ in cells)
-    gene_ids = torch.zeros(len(cells), length, dtype=torch.long)
-    input_ids = torch.zeros(len(cells), length, dtype=torch.long)
-    attention_mask = torch.zeros(len(cells), length, dtype=torch.long)
-    for i, (genes, tokens) in enumerate(cells):
-        gene_ids[i, : len(genes)] = torch.from_numpy(genes)
-        input_ids[i, : len(tokens)] = torch.from_numpy(tokens)
-        attention_mask[i, : len(genes)] = 1
-    labels = input_ids.masked_fill(attention_mask == 0, -100)
-    return {"gene_ids": gene_ids, "input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+def pad_cells(offsets: np.ndarray, gene_ids: np.ndarray, input_ids: np.ndarray) -> dict[str, torch.Tensor]:
+    """Pad sequences laid back to back by `offsets` to the longest; `labels` are -100 at padding."""
+    sizes = np.diff(offsets)
+    attention_mask = np.arange(max(int(sizes.max(initial=0)), 1)) < sizes[:, None]
+    padded = {}
+    for name, values in (("gene_ids", gene_ids), ("input_ids", input_ids)):
+        padded[name] = np.zeros(attention_mask.shape, dtype=np.int64)
+        padded[name][attention_mask] = values
+    batch = {name: torch.from_numpy(values) for name, values in padded.items()}
+    batch["attention_mask"] = torch.from_numpy(attention_mask.astype(np.int64))
+    batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    return batch
+
+
+def tokenized_cells(rows: list[dict], num_bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """`(offsets, gene_ids, rank tokens, cell ids)` of a batch of rows: rows of the [`Tahoe100MTokenized`] stream
+    (`gene_ids` / `input_ids`, already rank tokens) as they are, raw Tahoe-schema rows (`genes` / `expressions`,
+    from an `.h5ad` file or a table of sampled cells) through the same batch tokenizer, bad rows skipped."""
+    if "input_ids" in rows[0]:
+        sizes = np.array([len(row["input_ids"]) for row in rows])
+        genes = np.concatenate([np.asarray(row["gene_ids"], dtype=np.int64) for row in rows])
+        tokens = np.concatenate([np.asarray(row["input_ids"], dtype=np.int64) for row in rows])
+        return np.concatenate([[0], np.cumsum(sizes)]), genes, tokens, [row[CELL_ID_COLUMN] for row in rows]
+    table = pa.table({name: [row[name] for row in rows] for name in ("genes", "expressions", CELL_ID_COLUMN)})
+    batch = tokenize_arrow_batch(table, num_bins)
+    cell_ids = [row[CELL_ID_COLUMN] for row, kept in zip(rows, batch.kept) if kept]
+    if batch.skipped:
+        bad = [row[CELL_ID_COLUMN] for row, kept in zip(rows, batch.kept) if not kept]
+        if not cell_ids:
+            raise ValueError(f"every cell of the batch is a bad row ({dict(batch.skipped)}): {bad[:5]}")
+        logger.warning("skipped %d bad cells (%s), e.g. %s", len(bad), dict(batch.skipped), bad[:3])
+    return batch.offsets, batch.gene_ids, batch.input_ids, cell_ids
 
 
 @dataclass
 class RankDiffusionCollator:
-    """Tokenizes raw Tahoe-100M rows (as MosaicFM's collator does) and pads them into a batch.
+    """Selects each cell's sequence by the rules of its [`CellTokenizer`] and pads the batch.
+
+    Rows come from the [`Tahoe100MTokenized`] stream (rank tokens of every expressed gene) or are raw Tahoe-schema
+    rows ([`tokenized_cells`]); the selection is [`CellTokenizer.select_batch`], the builder's own.
 
     Args:
         cell_tokenizer: the [`CellTokenizer`] with the sequence rules (not named `tokenizer`: the Trainer would
@@ -210,13 +202,9 @@ class RankDiffusionCollator:
     epoch: int = 0
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        cells = []
-        for row in rows:
-            genes, counts = cell_counts(row)
-            cells.append(
-                self.cell_tokenizer(genes, counts, cell_id=row[CELL_ID_COLUMN], epoch=self.epoch, rule=self.rule)
-            )
-        return pad_cells(cells)
+        offsets, genes, tokens, cell_ids = tokenized_cells(rows, self.cell_tokenizer.num_bins)
+        selected = self.cell_tokenizer.select_batch(offsets, genes, tokens, cell_ids, epoch=self.epoch, rule=self.rule)
+        return pad_cells(*selected)
 
 
 class EpochCallback(TrainerCallback):

@@ -1,6 +1,7 @@
 """`Tahoe100MTokenized`: a `datasets` builder that streams Tahoe-100M parquet shards as RankDiff token sequences.
 
-Usage:
+It is the one reader of Tahoe-layout data: `train_hf.py` trains from its stream, and its `sample_cells` gives the
+cells the baselines are fitted on and the evaluation scores. Usage:
 
 ```python
 >>> from glob import glob
@@ -8,54 +9,69 @@ Usage:
 
 >>> builder = Tahoe100MTokenized(data_dir="/data/tahoe")  # Hub layout: data/*.parquet, metadata/gene_metadata.parquet
 >>> builder = Tahoe100MTokenized(data_files={"train": sorted(glob("shards/*.parquet"))})
->>> train = builder.as_streaming_dataset(split="train")  # validation and test come from the same files
+>>> train = builder.as_streaming_dataset(split="train").shuffle(seed=0, buffer_size=1)  # new shard order per epoch
 >>> builder.download_and_prepare(); cells = builder.as_dataset(split="validation")  # or materialise
 ```
 
-With neither `data_dir` nor `data_files`, the Hub dataset `tahoebio/Tahoe-100M` is read through `hf://` paths.
-Each cell's rank tokens are computed over all its expressed genes, then the sequence keeps up to `max_length`
-genes by the "expressed" rule of [`modeling.CellTokenizer`] with draws fixed by (seed, cell id); both steps are
-vectorised over a batch of cells and give each cell exactly what the per-cell tokenizer gives. Cells are
-assigned to `train` / `validation` / `test` by a hash of `BARCODE_SUB_LIB_ID` or by `plate`, so no cell is in
-two splits.
+With neither `data_dir` nor `data_files`, the Hub dataset `hub_dataset` (`tahoebio/Tahoe-100M`) is read through
+`hf://` paths; a local copy is streamed from its files as they are (no Arrow cache). Each cell's rank tokens are
+computed over all its expressed genes, then the sequence keeps up to `max_length` genes by the selection rules of
+[`modeling.CellTokenizer.select_batch`] (the same code the trainer's collator runs); with `max_length=None` every
+expressed gene is kept and the rules are left to the collator, which draws anew each epoch. Both steps are
+vectorised over blocks of cells and give each cell exactly what the per-cell tokenizer gives.
 
-Workers and ranks: each shard (a file, or a parquet row group when files are few) is read by exactly one DataLoader
-worker of one rank (`datasets.distributed.split_dataset_by_node`). `state_dict()` / `load_state_dict()` resume the
-stream exactly where it stopped without a shuffle buffer, and with `.shuffle(seed, buffer_size=1)`, which only permutes
-the shard order. A larger buffer is refilled after a resume: the cells it held at the checkpoint are lost and
-others repeat (seen with datasets 5.2), so keep the buffer out when exact resume matters.
+Mixing: Tahoe files are grouped by plate. The files (or row groups, when files are few) are dealt into shards of
+about `interleave_files` files drawn across the data (seeded), each shard reads its files side by side,
+`block_rows` rows from each in turn, and shuffles each such window of cells (a shuffle buffer whose order is fixed
+by the seed). So a batch holds cells of many files and plates, while the stream stays a pure function of the seed:
+`.shuffle(seed, buffer_size=1)` permutes the shard order per epoch (the Trainer calls `set_epoch`), and
+`state_dict()` / `load_state_dict()`, or replaying the same number of cells, resume it exactly. Shards are split
+over ranks and DataLoader workers by `datasets` (`split_dataset_by_node`): give `shard_multiple` = ranks x workers
+so each reads its own files.
 
-Bad input: rows whose `genes` and `expressions` differ in length, with negative, NaN or non-integer counts, with
-gene ids outside the vocabulary or repeated, or with no expressed gene are skipped, and each shard logs how many
-it skipped and why. A shard that cannot be read raises an error naming the file, unless `on_bad_files="skip"`,
-which skips it with a warning.
+Splits: by a hash of `BARCODE_SUB_LIB_ID` (`split_by="barcode"`: every file holds cells of every split, and the
+same wells lie on both sides), by `plate` or by file; a plate or file hold-out reads only the files that can hold
+its cells (plates are read from the parquet footers' statistics).
+
+Bad input, one policy: rows whose `genes` and `expressions` differ in length, with negative, NaN or non-integer
+counts, with gene ids outside the vocabulary or repeated, or with no expressed gene are skipped and counted per
+reason, and each file logs what it skipped; a file that cannot be read (corrupt, empty) is skipped with a warning
+naming it (`on_bad_files="error"` raises instead). A file without the Tahoe columns, or missing gene metadata, is an
+error naming it before anything is read.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from datasets.builder import Key
+from tqdm.auto import tqdm
 
 from modeling import CellTokenizer
 
-from .expression_data import TEST_SHARE, VALIDATION_SHARE, split_names
-from .schema import CELL_ID_COLUMN, METADATA_COLUMNS
+from .schema import CELL_ID_COLUMN, METADATA_COLUMNS, missing_columns
+from .splits import TEST_SHARE, VALIDATION_SHARE, split_names
 from .tokenization import tokenize_arrow_batch
 
 logger = logging.getLogger(__name__)
 
 HUB_DATASET = "tahoebio/Tahoe-100M"
-READ_ROWS = 1024  # rows decoded from parquet at a time
 SPLITS = (datasets.Split.TRAIN, datasets.Split.VALIDATION, datasets.Split.TEST)
+SPLIT_BY = ("barcode", "plate", "file")
+
+# A piece of the data: a parquet file, or one row group of it.
+Piece = tuple[str, int | None]
 
 
 @dataclass
@@ -64,28 +80,42 @@ class Tahoe100MTokenizedConfig(datasets.BuilderConfig):
 
     Args:
         gene_metadata (`str`, *optional*): parquet file in the `gene_metadata` schema; by default
-            `metadata/gene_metadata.parquet` of `data_dir`, or of the Hub dataset. When it cannot be found, gene ids
-            are not checked against a vocabulary and `zero_share` must be 0.
-        max_length (`int`, defaults to 1024): the most (gene, token) pairs per cell.
+            `metadata/gene_metadata.parquet` of `data_dir`, or of the Hub dataset. Without it gene ids are not
+            checked against a vocabulary and the rules that draw genes (`zero_share`, `random_share`) are off.
+        hub_dataset (`str`, defaults to `"tahoebio/Tahoe-100M"`): the Hub dataset read without `data_dir` and
+            `data_files`.
+        max_length (`int`, *optional*, defaults to 1024): the most (gene, token) pairs per cell; None keeps every
+            expressed gene (the training stream: the collator selects).
         num_rank_bins (`int`, defaults to 50): B.
-        zero_share (`float`, defaults to 0.0): share of the sequence given to unexpressed vocabulary genes.
-        seed (`int`, defaults to 0): seed of the per-cell draws.
-        split_by (`str`, defaults to `"barcode"`): `"barcode"` (hash of `BARCODE_SUB_LIB_ID`) or `"plate"`.
+        zero_share, panel_share, random_share (`float`, default 0): the rules of [`modeling.CellTokenizer`].
+        panel (`tuple[int, ...]`, *optional*): the gene panel of the `"panel"` rule.
+        seed (`int`, defaults to 0): seed of the per-cell draws, of the dealing of files into shards and of the
+            window shuffles.
+        split_by (`str`, defaults to `"barcode"`): `"barcode"` (hash of `BARCODE_SUB_LIB_ID`), `"plate"` or `"file"`.
         validation_share, test_share (`float`, defaults to 0.1 and 0.15, as for `train_hf.py`): shares held out with
             `split_by="barcode"`.
         split_seed (`int`, defaults to 0): salt of the barcode hash.
         validation_plates, test_plates (`tuple[str, ...]`): plates held out with `split_by="plate"`.
+        validation_files, test_files (`tuple[str, ...]`): file names held out with `split_by="file"`.
         keep_columns (`tuple[str, ...]`): metadata columns carried to the output.
-        batch_size (`int`, defaults to 64): cells tokenized at once (small batches stay in cache).
-        min_shards (`int`, defaults to 64): when there are fewer files, each parquet row group becomes a shard, so
-            every DataLoader worker on every rank gets its own.
-        on_bad_files (`str`, defaults to `"error"`): `"error"` or `"skip"` for shards that cannot be read.
+        interleave_files (`int`, defaults to 16): files (or row groups) a shard reads side by side.
+        block_rows (`int`, defaults to 64): rows taken from each of them in turn; a window of cells shuffled
+            together is `interleave_files x block_rows` rows.
+        shard_multiple (`int`, defaults to 1): the number of shards is rounded up to a multiple of it (ranks x
+            DataLoader workers, so each reads whole shards).
+        min_shards (`int`, defaults to 64): when there are fewer files, each parquet row group is a piece of its own.
+        on_bad_files (`str`, defaults to `"skip"`): `"skip"` (warn, naming the file) or `"error"` for files that
+            cannot be read.
     """
 
     gene_metadata: str | None = None
-    max_length: int = 1024
+    hub_dataset: str = HUB_DATASET
+    max_length: int | None = 1024
     num_rank_bins: int = 50
     zero_share: float = 0.0
+    panel_share: float = 0.0
+    random_share: float = 0.0
+    panel: tuple[int, ...] | None = None
     seed: int = 0
     split_by: str = "barcode"
     validation_share: float = VALIDATION_SHARE
@@ -93,21 +123,32 @@ class Tahoe100MTokenizedConfig(datasets.BuilderConfig):
     split_seed: int = 0
     validation_plates: tuple[str, ...] = ()
     test_plates: tuple[str, ...] = ()
+    validation_files: tuple[str, ...] = ()
+    test_files: tuple[str, ...] = ()
     keep_columns: tuple[str, ...] = METADATA_COLUMNS
-    batch_size: int = 64
+    interleave_files: int = 16
+    block_rows: int = 64
+    shard_multiple: int = 1
     min_shards: int = 64
-    on_bad_files: str = "error"
+    on_bad_files: str = "skip"
 
     def __post_init__(self):
         super().__post_init__()
-        if self.split_by not in ("barcode", "plate"):
-            raise ValueError(f"split_by must be 'barcode' or 'plate', got {self.split_by!r}")
+        if self.split_by not in SPLIT_BY:
+            raise ValueError(f"split_by must be one of {SPLIT_BY}, got {self.split_by!r}")
         if self.on_bad_files not in ("error", "skip"):
             raise ValueError(f"on_bad_files must be 'error' or 'skip', got {self.on_bad_files!r}")
         split_names([], self.validation_share, self.test_share)  # checks the shares
         unknown = set(self.keep_columns) - set(METADATA_COLUMNS)
         if unknown:
             raise ValueError(f"keep_columns must come from {METADATA_COLUMNS}, got {sorted(unknown)}")
+        if min(self.interleave_files, self.block_rows, self.shard_multiple) < 1:
+            raise ValueError("interleave_files, block_rows and shard_multiple must be >= 1")
+
+    def held_out(self, split: str) -> tuple[str, ...]:
+        """The plates or file names of a held-out split (`split_by` "plate" or "file")."""
+        kind = "plates" if self.split_by == "plate" else "files"
+        return getattr(self, f"{split}_{kind}", ())
 
 
 class Tahoe100MTokenized(datasets.ArrowBasedBuilder):
@@ -128,11 +169,14 @@ class Tahoe100MTokenized(datasets.ArrowBasedBuilder):
         return datasets.DatasetInfo(
             description="Tahoe-100M cells as (gene id, per-cell rank token) sequences for RankDiff.",
             features=datasets.Features(features),
-            homepage=f"https://huggingface.co/datasets/{HUB_DATASET}",
+            homepage=f"https://huggingface.co/datasets/{self.config.hub_dataset}",
             license="cc0-1.0",
         )
 
-    def _input_files(self) -> tuple[list[str], str | None]:
+    # Files, pieces and shards
+
+    def input_files(self) -> tuple[list[str], str | None]:
+        """The expression files (sorted) and the gene metadata file (None when there is none)."""
         data_files = self.config.data_files
         if data_files:
             files = [str(f) for split_files in data_files.values() for f in split_files]
@@ -143,8 +187,9 @@ class Tahoe100MTokenized(datasets.ArrowBasedBuilder):
         else:
             from huggingface_hub import HfFileSystem
 
-            files = sorted("hf://" + p for p in HfFileSystem().glob(f"datasets/{HUB_DATASET}/data/*.parquet"))
-            metadata_root = f"hf://datasets/{HUB_DATASET}"
+            pattern = f"datasets/{self.config.hub_dataset}/data/*.parquet"
+            files = sorted("hf://" + p for p in HfFileSystem().glob(pattern))
+            metadata_root = f"hf://datasets/{self.config.hub_dataset}"
         if not files:
             raise FileNotFoundError(f"no parquet files in data_files={data_files}, data_dir={self.config.data_dir}")
         metadata = self.config.gene_metadata
@@ -153,80 +198,133 @@ class Tahoe100MTokenized(datasets.ArrowBasedBuilder):
             metadata = candidate if candidate.startswith("hf://") or os.path.exists(candidate) else None
         return sorted(set(files)), metadata
 
-    def _shards(self, files: list[str]) -> tuple[list[str], list[int | None]]:
-        """One shard per file, or per row group when files are fewer than `min_shards`."""
-        if len(files) >= self.config.min_shards:
-            return files, [None] * len(files)
-        shard_files, row_groups = [], []
-        for file in files:
-            try:
-                with open(file, "rb") as f:
-                    count = pq.ParquetFile(f).num_row_groups
-            except (OSError, pa.ArrowException) as error:
-                self._bad_file(file, error)
-                continue
-            shard_files += [file] * count
-            row_groups += list(range(count))
-        return shard_files, row_groups
-
     def _bad_file(self, file: str, error: Exception) -> None:
         if self.config.on_bad_files == "error":
-            raise ValueError(f"cannot read parquet shard {file}: {error}") from error
-        logger.warning("skipping unreadable parquet shard %s (on_bad_files='skip'): %s", file, error)
+            raise ValueError(f"cannot read parquet file {file}: {error}") from error
+        logger.warning("skipping unreadable parquet file %s: %s", file, error)
+
+    def check_files(self, files: list[str]) -> dict[str, pq.FileMetaData]:
+        """The footers of the readable files (read once); a file without the Tahoe columns is an error naming it."""
+        footers = self.__dict__.setdefault("_footer_cache", {})
+        for file in (f for f in files if f not in footers):
+            try:
+                with fsspec.open(file, "rb") as f:
+                    footers[file] = pq.ParquetFile(f).metadata
+            except (OSError, pa.ArrowException) as error:
+                footers[file] = None
+                self._bad_file(file, error)
+                continue
+            missing = missing_columns(footers[file].schema.to_arrow_schema())
+            if missing:
+                raise ValueError(f"{file} is not a Tahoe-layout expression_data file: it lacks the columns {missing}")
+        return {file: footers[file] for file in files if footers.get(file) is not None}
+
+    def pieces(self, split: str) -> list[Piece]:
+        """The pieces (files, or row groups when files are fewer than `min_shards`) that can hold cells of `split`:
+        every piece for the barcode split, only those of its plates or files for a plate or file hold-out."""
+        files, _ = self.input_files()
+        config = self.config
+        by_row_group = len(files) < config.min_shards
+        local = not files[0].startswith("hf://")
+        footers = self.check_files(files) if local or by_row_group or config.split_by == "plate" else {}
+        if local or by_row_group:
+            files = [f for f in files if f in footers]
+        held = {name for s in ("validation", "test") for name in config.held_out(s)}
+        wanted = set(config.held_out(split))
+        if config.split_by == "file":
+            files = [f for f in files if (Path(f).name in wanted if split != "train" else Path(f).name not in held)]
+        pieces = [(f, g) for f in files for g in range(footers[f].num_row_groups)] if by_row_group else []
+        pieces = pieces or [(f, None) for f in files]
+        if config.split_by != "plate":
+            return pieces
+        if split != "train" and not wanted:
+            return []
+
+        def may_hold(piece: Piece) -> bool:
+            plates = _plates_in(footers[piece[0]], piece[1])
+            if plates is None:  # no statistics: read it and filter its rows
+                return True
+            return bool(plates & wanted) if split != "train" else bool(plates - held)
+
+        return [piece for piece in pieces if may_hold(piece)]
+
+    def shards(self, pieces: list[Piece]) -> list[tuple[Piece, ...]]:
+        """Pieces dealt into shards of about `interleave_files`, after a seeded shuffle (so each shard holds pieces
+        from across the data); the number of shards is a multiple of `shard_multiple` when there are enough."""
+        config = self.config
+        count = math.ceil(len(pieces) / config.interleave_files)
+        count = min(len(pieces), math.ceil(count / config.shard_multiple) * config.shard_multiple)
+        order = np.random.default_rng(config.seed).permutation(len(pieces))
+        return [tuple(pieces[i] for i in sorted(order[k::count])) for k in range(count)]
+
+    def known_genes(self) -> np.ndarray | None:
+        """The vocabulary's gene ids (sorted), None without gene metadata."""
+        _, metadata = self.input_files()
+        if metadata is None:
+            return None
+        with fsspec.open(metadata, "rb") as f:
+            return np.sort(pq.read_table(f, columns=["token_id"])["token_id"].to_numpy())
 
     def _split_generators(self, dl_manager):
-        files, metadata = self._input_files()
-        files = dl_manager.download(files)
-        known_genes = None
-        if metadata is not None:
-            with open(dl_manager.download(metadata), "rb") as f:
-                known_genes = np.sort(pq.read_table(f, columns=["token_id"])["token_id"].to_numpy())
-        elif self.config.zero_share > 0:
-            raise ValueError("zero_share > 0 needs gene_metadata to draw unexpressed genes from")
-        shard_files, row_groups = self._shards(files)
-        tokenizer = CellTokenizer(
-            num_bins=self.config.num_rank_bins,
-            max_length=self.config.max_length,
-            zero_share=self.config.zero_share,
-            seed=self.config.seed,
-            gene_pool=known_genes if self.config.zero_share > 0 else None,
-        )
+        known_genes = self.known_genes()
         return [
             datasets.SplitGenerator(
                 name=split,
                 gen_kwargs={
-                    "files": shard_files,
-                    "row_groups": row_groups,
+                    "shards": self.shards(self.pieces(str(split))),
                     "split": str(split),
-                    "tokenizer": tokenizer,
+                    "tokenizer": self.cell_tokenizer(known_genes),
                     "known_genes": known_genes,
                 },
             )
             for split in SPLITS
         ]
 
-    def _split_of(self, table: pa.Table) -> np.ndarray:
-        """The split name of every row of `table`."""
+    def cell_tokenizer(self, known_genes: np.ndarray | None) -> CellTokenizer | None:
+        """The selection rules of the config (None with `max_length=None`: every expressed gene is kept)."""
         config = self.config
+        if config.max_length is None:
+            return None
+        if known_genes is None and (config.zero_share > 0 or config.random_share > 0):
+            raise ValueError("zero_share > 0 and random_share > 0 need gene_metadata to draw genes from")
+        return CellTokenizer(
+            num_bins=config.num_rank_bins,
+            max_length=config.max_length,
+            zero_share=config.zero_share,
+            panel_share=config.panel_share,
+            random_share=config.random_share,
+            seed=config.seed,
+            gene_pool=known_genes if known_genes is not None else None,
+            panel=np.array(config.panel) if config.panel is not None else None,
+        )
+
+    # Rows
+
+    def split_of(self, table: pa.Table, file: str) -> np.ndarray:
+        """The split name of every row of `table`, read from `file`."""
+        config = self.config
+        if config.split_by == "file":
+            name = Path(file).name
+            split = next((s for s in ("validation", "test") if name in config.held_out(s)), "train")
+            return np.full(table.num_rows, split)
         if config.split_by == "plate":
-            plates = table.column("plate").to_pylist()
-            return np.array(
-                [
-                    "validation" if p in config.validation_plates else "test" if p in config.test_plates else "train"
-                    for p in plates
-                ]
-            )
+            plates = np.array(table.column("plate").to_pylist(), dtype=object)
+            splits = np.full(table.num_rows, "train", dtype=object)
+            for split in ("validation", "test"):
+                splits[np.isin(plates, list(config.held_out(split)))] = split
+            return splits.astype(str)
         cell_ids = table.column(CELL_ID_COLUMN).to_pylist()
         return split_names(cell_ids, config.validation_share, config.test_share, config.split_seed)
 
-    def _tokenize(self, table: pa.Table, tokenizer: CellTokenizer, known_genes, skipped: Counter) -> pa.Table:
+    def tokenize(self, table: pa.Table, tokenizer: CellTokenizer | None, known_genes, skipped: Counter) -> pa.Table:
+        """Raw Tahoe rows -> the output columns; bad rows are skipped and counted in `skipped`."""
         batch = tokenize_arrow_batch(table, self.config.num_rank_bins, known_genes)
         skipped.update(batch.skipped)
         kept = table if batch.kept.all() else table.filter(pa.array(batch.kept))
-        cell_ids = kept.column(CELL_ID_COLUMN).to_pylist()
-        offsets, gene_ids, input_ids = tokenizer.select_expressed(
-            batch.offsets, batch.gene_ids, batch.input_ids, cell_ids
-        )
+        offsets, gene_ids, input_ids = batch.offsets, batch.gene_ids, batch.input_ids
+        if tokenizer is not None:
+            cell_ids = kept.column(CELL_ID_COLUMN).to_pylist()
+            offsets, gene_ids, input_ids = tokenizer.select_batch(offsets, gene_ids, input_ids, cell_ids)
         list_offsets = pa.array(offsets.astype(np.int32))
         starts = batch.offsets[:-1]
         columns = {
@@ -240,35 +338,115 @@ class Tahoe100MTokenized(datasets.ArrowBasedBuilder):
             columns[name] = kept.column(name)
         return pa.table(columns)
 
-    def _generate_tables(self, files, row_groups, split, tokenizer, known_genes):
-        columns = ["genes", "expressions", *dict.fromkeys([*self.config.keep_columns, CELL_ID_COLUMN, "plate"])]
-        for shard_idx, (file, row_group) in enumerate(zip(files, row_groups)):
-            skipped = Counter()
-            try:
-                with open(file, "rb") as f:
-                    parquet = pq.ParquetFile(f)
-                    groups = [row_group] if row_group is not None else None
-                    # Parquet decodes faster in large batches; tokenization runs on small slices that stay in cache.
-                    batches = parquet.iter_batches(READ_ROWS, row_groups=groups, columns=columns)
-                    chunk_idx = 0
-                    for record_batch in batches:
-                        table = pa.Table.from_batches([record_batch])
-                        in_split = self._split_of(table) == split
+    def _blocks(self, piece: Piece, rows: int, columns: list[str] | None = None):
+        """Record batches of `rows` rows of one piece (the list columns, the kept metadata, the cell id and plate
+        by default); a file that cannot be read ends with a warning."""
+        file, row_group = piece
+        columns = columns or ["genes", "expressions", *dict.fromkeys([*self.config.keep_columns, CELL_ID_COLUMN])]
+        try:
+            with fsspec.open(file, "rb") as f:
+                parquet = pq.ParquetFile(f)
+                columns = [c for c in dict.fromkeys([*columns, "plate"]) if c in parquet.schema_arrow.names]
+                groups = [row_group] if row_group is not None else None
+                yield from parquet.iter_batches(rows, row_groups=groups, columns=columns)
+        except Exception as error:  # not `except (OSError, ...)`: evaluated when a generator closes at exit
+            if not isinstance(error, (OSError, pa.ArrowException)):
+                raise
+            self._bad_file(file, error)
+
+    def _generate_tables(self, shards, split, tokenizer, known_genes):
+        block_rows = self.config.block_rows
+        for shard_idx, pieces in enumerate(shards):
+            readers = {piece: self._blocks(piece, block_rows) for piece in pieces}
+            skipped = {piece: Counter() for piece in pieces}
+            salt = zlib.crc32(repr(pieces[0]).encode())  # fixed by the shard's content, not its place in the order
+            window = 0
+            while readers:
+                tables = []
+                for piece in list(readers):
+                    record_batch = next(readers[piece], None)
+                    if record_batch is None:
+                        del readers[piece]
+                        _report_skipped(piece, split, skipped.pop(piece))
+                        continue
+                    table = pa.Table.from_batches([record_batch])
+                    in_split = self.split_of(table, piece[0]) == split
+                    if in_split.any():
                         table = table if in_split.all() else table.filter(pa.array(in_split))
-                        for start in range(0, table.num_rows, self.config.batch_size):
-                            chunk = table.slice(start, self.config.batch_size)
-                            yield Key(shard_idx, chunk_idx), self._tokenize(chunk, tokenizer, known_genes, skipped)
-                            chunk_idx += 1
-            except Exception as error:  # not `except (OSError, ...)`: evaluated when a generator closes at exit
-                if not isinstance(error, (OSError, pa.ArrowException)):
-                    raise
-                self._bad_file(file, error)
-            if skipped:
-                logger.warning(
-                    "%s (row group %s, %s split): skipped %d cells: %s",
-                    file,
-                    row_group,
-                    split,
-                    sum(skipped.values()),
-                    dict(skipped),
-                )
+                        tables.append(self.tokenize(table, tokenizer, known_genes, skipped[piece]))
+                if tables:
+                    table = pa.concat_tables(tables, promote_options="permissive")
+                    order = np.random.default_rng([self.config.seed, salt, window]).permutation(table.num_rows)
+                    yield Key(shard_idx, window), table.take(order)
+                window += 1
+
+    def sample_cells(self, sizes: dict[str, int], seed: int = 0, max_files: int = 64) -> dict[str, pa.Table]:
+        """Raw Tahoe rows drawn across the data, for fitting baselines and scoring: `sizes[split]` cells of each
+        split (fewer when its files hold fewer), bad rows skipped by the same policy as the stream.
+
+        The pieces that can hold a split are cut, in file order, into `max_files` strata and one piece is drawn
+        from each (so every plate of plate-grouped files is in the sample); each drawn piece gives an equal share
+        of cells, a seeded uniform draw of its rows in the split. Only the cell-id and plate columns of a piece are
+        read to draw its rows, then the drawn rows' lists.
+        """
+        known_genes = self.known_genes()
+        wanted: dict[Piece, dict[str, int]] = {}
+        for split, size in sizes.items():
+            pieces = self.pieces(split)
+            if not pieces or size <= 0:
+                continue
+            rng = np.random.default_rng([seed, zlib.crc32(split.encode())])
+            strata = np.array_split(np.arange(len(pieces)), min(max_files, len(pieces)))
+            drawn = [pieces[rng.choice(stratum)] for stratum in strata]
+            for index, piece in enumerate(drawn):
+                share = size // len(drawn) + (index < size % len(drawn))
+                wanted.setdefault(piece, {})[split] = share
+        parts: dict[str, list[pa.Table]] = {split: [] for split in sizes}
+        for piece, shares in tqdm(sorted(wanted.items()), desc="sampling cells across the files", unit="file"):
+            keys = [b for b in self._blocks(piece, 1 << 16, columns=[CELL_ID_COLUMN, "plate"])]
+            if not keys:
+                continue
+            splits = self.split_of(pa.Table.from_batches(keys), piece[0])
+            rng = np.random.default_rng([seed, zlib.crc32(repr(piece).encode())])
+            chosen = {}
+            for split, share in shares.items():
+                rows = np.flatnonzero(splits == split)
+                chosen[split] = np.sort(rng.choice(rows, min(share, len(rows)), replace=False))
+            start, skipped = 0, Counter()
+            for record_batch in self._blocks(piece, 4096):
+                table = pa.Table.from_batches([record_batch])
+                for split, rows in chosen.items():
+                    inside = rows[(rows >= start) & (rows < start + table.num_rows)] - start
+                    if len(inside):
+                        picked = table.take(inside)
+                        kept = tokenize_arrow_batch(picked, self.config.num_rank_bins, known_genes)
+                        skipped.update(kept.skipped)
+                        parts[split].append(picked if kept.kept.all() else picked.filter(pa.array(kept.kept)))
+                start += table.num_rows
+            _report_skipped(piece, "sampled", skipped)
+        return {
+            split: pa.concat_tables(tables, promote_options="permissive") if tables else None
+            for split, tables in parts.items()
+        }
+
+
+def _plates_in(footer: pq.FileMetaData, row_group: int | None) -> set[str] | None:
+    """The plates of a file (or one row group) from the footer's statistics; None when they do not say."""
+    names = footer.schema.names
+    if "plate" not in names:
+        return None
+    column = names.index("plate")
+    plates = set()
+    for group in [row_group] if row_group is not None else range(footer.num_row_groups):
+        stats = footer.row_group(group).column(column).statistics
+        if stats is None or not stats.has_min_max or stats.min != stats.max:
+            return None
+        plates.add(stats.min.decode() if isinstance(stats.min, bytes) else stats.min)
+    return plates
+
+
+def _report_skipped(piece: Piece, split: str, skipped: Counter) -> None:
+    if skipped:
+        file, row_group = piece
+        where = file if row_group is None else f"{file} (row group {row_group})"
+        logger.warning("%s, %s split: skipped %d cells: %s", where, split, sum(skipped.values()), dict(skipped))

@@ -222,7 +222,7 @@ class CellTokenizer:
     With `rule=None` each cell uses `"panel"` with probability `panel_share`, `"random"` with probability
     `random_share`, else `"expressed"`. All draws are
     hashes of salts fixed by (seed, epoch, cell id) ([`cell_salts`]): a gene is drawn when its hash key is among
-    the smallest, so [`~CellTokenizer.select_expressed`] on a batch of cells gives each cell what it gets alone.
+    the smallest, so [`~CellTokenizer.select_batch`] on a batch of cells gives each cell what it gets alone.
 
     Args:
         num_bins (`int`): B of [`rank_tokens`].
@@ -301,47 +301,76 @@ class CellTokenizer:
             tokens (`np.ndarray`): their rank tokens from the whole cell (0 for listed zero counts).
             cell_id, epoch, rule: as in `__call__`.
         """
-        salts = cell_salts(self.seed, epoch, [cell_id])
-        if rule is None:
-            drawn = hash_keys(salts[0, _STREAMS.index("rule")], 0) / 2**32
-            rule = (
-                "panel"
-                if drawn < self.panel_share
-                else "random"
-                if drawn < self.panel_share + self.random_share
-                else "expressed"
-            )
-        if rule == "panel":
-            if self.panel is None:
-                raise ValueError("the panel rule needs CellTokenizer(panel=...)")
-            return self._listed(self.panel, genes, tokens, salts[0])
-        if rule == "random":
-            if self.gene_pool is None:
-                raise ValueError("the random rule needs CellTokenizer(gene_pool=...)")
-            return self._listed(self.gene_pool, genes, tokens, salts[0])
-        if rule == "expressed":
-            expressed = tokens > 0
-            offsets = np.array([0, expressed.sum()])
-            _, gene_ids, input_ids = self._select_expressed(offsets, genes[expressed], tokens[expressed], salts)
-            return gene_ids, input_ids
-        raise ValueError(f"rule must be one of {SELECTION_RULES}, got {rule!r}")
+        _, gene_ids, input_ids = self.select_batch(
+            np.array([0, len(genes)]), np.asarray(genes), np.asarray(tokens), [cell_id], epoch=epoch, rule=rule
+        )
+        return gene_ids, input_ids
 
-    def select_expressed(
-        self, offsets: np.ndarray, genes: np.ndarray, tokens: np.ndarray, cell_ids: list[str], epoch: int = 0
+    def rules_of(self, cell_ids: list[str], epoch: int = 0) -> np.ndarray:
+        """The selection rule each cell draws (`panel_share`, `random_share`, else `"expressed"`)."""
+        drawn = hash_keys(cell_salts(self.seed, epoch, cell_ids)[:, _STREAMS.index("rule")], 0) / 2**32
+        rules = np.full(len(cell_ids), "expressed", dtype=object)
+        rules[drawn < self.panel_share + self.random_share] = "random"
+        rules[drawn < self.panel_share] = "panel"
+        return rules
+
+    def select_batch(
+        self,
+        offsets: np.ndarray,
+        genes: np.ndarray,
+        tokens: np.ndarray,
+        cell_ids: list[str],
+        *,
+        epoch: int = 0,
+        rule: str | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The `"expressed"` rule for many cells at once, with exactly the draws each cell makes alone.
+        """The sequences of many cells at once, each exactly what the cell gets alone: every rule, the one
+        selection code of training, evaluation and the `Tahoe100MTokenized` builder.
 
         Args:
             offsets (`np.ndarray`): `(n_cells + 1,)` start of each cell in `genes` / `tokens`.
-            genes (`np.ndarray`): the expressed gene ids of the cells, back to back.
-            tokens (`np.ndarray`): their rank tokens (1..B).
+            genes (`np.ndarray`): the cells' listed gene ids, back to back.
+            tokens (`np.ndarray`): their rank tokens from each whole cell (0 for listed zero counts).
             cell_ids (`list[str]`): the cells' ids.
-            epoch (`int`): as in `__call__`.
+            epoch, rule: as in `__call__`; with `rule=None` each cell draws its own.
 
         Returns:
             `(offsets, gene_ids, input_ids)` of the sequences, back to back.
         """
-        return self._select_expressed(offsets, genes, tokens, cell_salts(self.seed, epoch, cell_ids))
+        if rule is not None and rule not in SELECTION_RULES:
+            raise ValueError(f"rule must be one of {SELECTION_RULES}, got {rule!r}")
+        salts = cell_salts(self.seed, epoch, cell_ids)
+        rules = self.rules_of(cell_ids, epoch) if rule is None else np.full(len(cell_ids), rule, dtype=object)
+        if (rules == "panel").any() and self.panel is None:
+            raise ValueError("the panel rule needs CellTokenizer(panel=...)")
+        if (rules == "random").any() and self.gene_pool is None:
+            raise ValueError("the random rule needs CellTokenizer(gene_pool=...)")
+        sizes = np.zeros(len(cell_ids), dtype=np.int64)
+        pieces = {}  # cell -> (gene_ids, input_ids) of the listed rules
+        for cell in np.flatnonzero(rules != "expressed"):
+            candidates = self.panel if rules[cell] == "panel" else self.gene_pool
+            span = slice(offsets[cell], offsets[cell + 1])
+            pieces[cell] = self._listed(candidates, genes[span], tokens[span], salts[cell])
+            sizes[cell] = len(pieces[cell][0])
+        expressed_cells = np.flatnonzero(rules == "expressed")
+        if len(expressed_cells):  # their expressed genes, cell by cell
+            cell_of = segment_ids(offsets)
+            keep = (tokens > 0) & (rules[cell_of] == "expressed")
+            per_cell = np.bincount(cell_of[keep], minlength=len(cell_ids))[expressed_cells]
+            expressed = self._select_expressed(
+                np.concatenate([[0], np.cumsum(per_cell)]), genes[keep], tokens[keep], salts[expressed_cells]
+            )
+            sizes[expressed_cells] = np.diff(expressed[0])
+        out_offsets = np.concatenate([[0], np.cumsum(sizes)])
+        out_genes = np.empty(out_offsets[-1], dtype=np.int64)
+        out_tokens = np.empty(out_offsets[-1], dtype=np.int64)
+        if len(expressed_cells):
+            at = concatenated_ranges(out_offsets[expressed_cells], sizes[expressed_cells])
+            out_genes[at], out_tokens[at] = expressed[1], expressed[2]
+        for cell, (cell_genes, cell_tokens) in pieces.items():
+            out_genes[out_offsets[cell] : out_offsets[cell + 1]] = cell_genes
+            out_tokens[out_offsets[cell] : out_offsets[cell + 1]] = cell_tokens
+        return out_offsets, out_genes, out_tokens
 
     def _select_expressed(self, offsets, genes, tokens, salts):
         n_zero = round(self.zero_share * self.max_length)

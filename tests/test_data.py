@@ -1,13 +1,16 @@
 import importlib.util
+import logging
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from dataset_scripts import (
     EMBEDDED_SAMPLE,
     RankDiffusionCollator,
+    cell_counts,
     is_hub_dataset_id,
     load_expression_data,
     read_gene_vocab,
@@ -15,7 +18,7 @@ from dataset_scripts import (
     split_names,
 )
 from dataset_scripts.schema import EXPRESSION_SCHEMA
-from modeling import CellTokenizer, GeneVocab
+from modeling import CellTokenizer, GeneVocab, rank_tokens
 from tests.conftest import REPO
 
 _spec = importlib.util.spec_from_file_location("build_sample", REPO / "data" / "build_celltypist_sample.py")
@@ -128,11 +131,30 @@ def test_collator_strips_marker_and_pads():
     assert (batch["labels"][1, 39:] == -100).all() and (batch["labels"][1, :39] == batch["input_ids"][1, :39]).all()
 
 
-def test_collator_names_a_bad_row():
-    row = dict(load_expression_data().rows[0])
-    row["genes"] = row["genes"][:10]
-    with pytest.raises(ValueError, match="celltypist_sample_Cell_1.*10 genes but"):
-        RankDiffusionCollator(CellTokenizer())([row])
+def test_collator_skips_and_names_bad_rows(caplog):
+    rows = [dict(r) for r in load_expression_data().rows.select(range(3))]
+    rows[0]["genes"] = rows[0]["genes"][:10]  # lists of different lengths
+    with caplog.at_level(logging.WARNING):
+        batch = RankDiffusionCollator(CellTokenizer(max_length=128))(rows)
+    assert batch["gene_ids"].shape[0] == 2
+    assert "celltypist_sample_Cell_1" in caplog.text and "length_mismatch" in caplog.text
+    with pytest.raises(ValueError, match="every cell of the batch is a bad row.*celltypist_sample_Cell_1"):
+        RankDiffusionCollator(CellTokenizer())(rows[:1])
+
+
+def test_collator_takes_stream_rows_and_raw_rows_alike():
+    rows = [dict(r) for r in load_expression_data().rows.select(range(4))]
+    streamed = []
+    for row in rows:
+        genes, counts = cell_counts(row)
+        expressed = counts > 0
+        tokens = rank_tokens(counts, 50)[expressed]
+        streamed.append(
+            {"gene_ids": genes[expressed], "input_ids": tokens, "BARCODE_SUB_LIB_ID": row["BARCODE_SUB_LIB_ID"]}
+        )
+    tokenizer = CellTokenizer(max_length=256, panel=np.arange(3, 3000), panel_share=0.5, seed=3)
+    for key, value in RankDiffusionCollator(tokenizer, epoch=1)(rows).items():
+        assert torch.equal(value, RankDiffusionCollator(tokenizer, epoch=1)(streamed)[key])
 
 
 def test_gene_vocab_lookup_and_round_trip(tmp_path):

@@ -1,4 +1,4 @@
-"""The training fast path: activation checkpointing, length-grouped batches, and (on CUDA) bf16, the SDPA kernels,
+"""The training fast path: activation checkpointing and (on CUDA) bf16, the SDPA kernels,
 fused AdamW and torch.compile. The CUDA tests run where a GPU is (`benchmarks/gpu_check.sh`)."""
 
 import pytest
@@ -6,7 +6,6 @@ import torch
 from conftest import randomize_zero_init
 
 import train_hf
-from dataset_scripts import load_expression_data, with_length_column
 from modeling import RankDiTConfig, RankDiTModel
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run benchmarks/gpu_check.sh)")
@@ -42,28 +41,9 @@ def test_activation_checkpointing_gives_the_same_gradients(tiny_config):
         torch.testing.assert_close(grads_ckpt[name], grads[name], msg=name)
 
 
-def test_length_column_counts_expressed_genes_without_the_marker():
-    rows = load_expression_data().rows.select(range(6))
-    lengths = list(with_length_column(rows, max_length=1000)["length"])
-    expected = [min(len(g) - 1, 1000) for g in rows["genes"]]  # every row of the sample starts with <cls>
-    assert lengths == expected and max(expected) == 1000
-
-
-def test_train_hf_groups_batches_by_length(tmp_path):
-    flags = "--max_steps 2 --max_length 4096 --per_device_train_batch_size 4 --max_eval_cells 4 --eval_time_grid 1"
-    flags += " --model_card false --train_sampling_strategy group_by_length --use_cpu --disable_tqdm true"
-    trainer, _ = train_hf.main(["--output_dir", str(tmp_path / "run"), *flags.split()])
-    loader = trainer.get_train_dataloader()
-    order = list(loader.batch_sampler.sampler if hasattr(loader.batch_sampler, "sampler") else loader.sampler)
-    lengths = list(trainer.train_dataset["length"])
-    assert sorted(order) == list(range(len(lengths)))
-    # Cells of similar length share a batch: the spread within batches is far below that of random batches.
-    spread = [max(b) - min(b) for b in ([lengths[i] for i in order[k : k + 4]] for k in range(0, len(order) - 3, 4))]
-    shuffled = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(0)).tolist()
-    random_spread = [
-        max(b) - min(b) for b in ([lengths[i] for i in shuffled[k : k + 4]] for k in range(0, len(shuffled) - 3, 4))
-    ]
-    assert sum(spread) < 0.3 * sum(random_spread)
+def test_train_hf_refuses_length_grouping_of_the_stream(tmp_path):
+    with pytest.raises(ValueError, match="group_by_length"):
+        train_hf.main(["--output_dir", str(tmp_path / "run"), "--train_sampling_strategy", "group_by_length"])
 
 
 @cuda

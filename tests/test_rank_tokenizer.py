@@ -192,20 +192,44 @@ def _random_cells(rng, n_cells, pool):
 
 
 @pytest.mark.parametrize("zero_share", [0.0, 0.25])
-def test_select_expressed_on_a_batch_equals_each_cell_alone(zero_share):
+def test_select_batch_with_every_rule_equals_each_cell_alone(zero_share):
     rng = np.random.default_rng(0)
     pool = np.arange(3, 700)
-    sizes, genes, tokens = _random_cells(rng, 40, pool)
-    tokenizer = CellTokenizer(max_length=128, zero_share=zero_share, gene_pool=pool if zero_share else None, seed=7)
+    sizes, genes, tokens = _random_cells(rng, 60, pool)
+    tokens = [np.where(rng.random(len(t)) < 0.2, 0, t) for t in tokens]  # listed zero counts too
+    tokenizer = CellTokenizer(
+        max_length=128,
+        zero_share=zero_share,
+        gene_pool=pool,
+        panel=pool[::3],
+        panel_share=0.3,
+        random_share=0.3,
+        seed=7,
+    )
     ids = [f"cell-{i}" for i in range(len(sizes))]
-    offsets, gene_ids, input_ids = tokenizer.select_expressed(
+    offsets, gene_ids, input_ids = tokenizer.select_batch(
         np.concatenate([[0], np.cumsum(sizes)]), np.concatenate(genes), np.concatenate(tokens), ids, epoch=2
     )
+    assert set(tokenizer.rules_of(ids, epoch=2)) == {"expressed", "panel", "random"}
     for i, cell_id in enumerate(ids):
-        expected = tokenizer.select(genes[i], tokens[i], cell_id=cell_id, epoch=2, rule="expressed")
+        expected = tokenizer.select(genes[i], tokens[i], cell_id=cell_id, epoch=2)
         np.testing.assert_array_equal(gene_ids[offsets[i] : offsets[i + 1]], expected[0])
         np.testing.assert_array_equal(input_ids[offsets[i] : offsets[i + 1]], expected[1])
-        assert offsets[i + 1] - offsets[i] <= 128
+
+
+def test_expressed_rule_keeps_the_smallest_hash_keys_in_input_order():
+    rng = np.random.default_rng(1)
+    sizes, genes, tokens = _random_cells(rng, 20, np.arange(3, 3000))
+    tokenizer = CellTokenizer(max_length=64, seed=5)
+    ids = [f"c{i}" for i in range(len(sizes))]
+    offsets, gene_ids, _ = tokenizer.select_batch(
+        np.concatenate([[0], np.cumsum(sizes)]), np.concatenate(genes), np.concatenate(tokens), ids, rule="expressed"
+    )
+    salts = cell_salts(5, 0, ids)[:, 1]  # the "expressed" hash stream
+    for i in range(len(ids)):
+        keys = hash_keys(salts[i], genes[i])
+        expected = genes[i][np.sort(np.argsort(keys)[:64])]
+        np.testing.assert_array_equal(gene_ids[offsets[i] : offsets[i + 1]], expected)
 
 
 def test_expressed_subsample_is_uniform():

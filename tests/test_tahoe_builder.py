@@ -1,6 +1,7 @@
 import logging
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -9,7 +10,7 @@ from datasets.distributed import split_dataset_by_node
 from dataset_scripts import cell_counts
 from dataset_scripts.fixtures import write_tahoe_fixture
 from dataset_scripts.tahoe_100m_tokenized import Tahoe100MTokenized
-from modeling import CellTokenizer
+from modeling import CellTokenizer, rank_tokens
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +21,7 @@ def fixture_dir(tmp_path_factory):
 
 
 def _builder(root, tmp_path, **kwargs):
-    kwargs = {"max_length": 128, "zero_share": 0.1, "batch_size": 8, **kwargs}
+    kwargs = {"max_length": 128, "zero_share": 0.1, "block_rows": 4, "interleave_files": 4, **kwargs}
     return Tahoe100MTokenized(data_dir=str(root), cache_dir=str(tmp_path / "cache"), **kwargs)
 
 
@@ -28,21 +29,58 @@ def _raw_rows(root):
     return [row for path in sorted((root / "data").glob("*.parquet")) for row in pq.read_table(path).to_pylist()]
 
 
-def test_stream_matches_the_per_cell_tokenizer(fixture_dir, tmp_path):
-    stream = _builder(fixture_dir, tmp_path).as_streaming_dataset(split="train")
-    assert stream.n_shards == 8  # 2 files x 4 row groups
+@pytest.mark.parametrize("shares", [(0.0, 0.0), (0.3, 0.3)])
+def test_stream_matches_the_per_cell_tokenizer(fixture_dir, tmp_path, shares):
+    panel = tuple(range(3, 5003, 7))
+    builder = _builder(fixture_dir, tmp_path, panel_share=shares[0], random_share=shares[1], panel=panel)
+    stream = builder.as_streaming_dataset(split="train")
+    assert stream.n_shards == 2  # 2 files x 4 row groups, read 4 side by side
     raw = {row["BARCODE_SUB_LIB_ID"]: row for row in _raw_rows(fixture_dir)}
-    tokenizer = CellTokenizer(max_length=128, zero_share=0.1, gene_pool=np.arange(3, 5003))
+    tokenizer = CellTokenizer(
+        max_length=128,
+        zero_share=0.1,
+        panel_share=shares[0],
+        random_share=shares[1],
+        gene_pool=np.arange(3, 5003),
+        panel=np.array(panel),
+    )
     rows = list(stream)
     assert rows and set(rows[0]) >= {"gene_ids", "input_ids", "length", "n_expressed", "total_counts", "plate"}
     for row in rows:
         source = raw[row["BARCODE_SUB_LIB_ID"]]
         genes, counts = cell_counts(source)
-        expected_genes, expected_tokens = tokenizer(genes, counts, cell_id=row["BARCODE_SUB_LIB_ID"], rule="expressed")
+        expected_genes, expected_tokens = tokenizer(genes, counts, cell_id=row["BARCODE_SUB_LIB_ID"])
         assert row["gene_ids"] == expected_genes.tolist() and row["input_ids"] == expected_tokens.tolist()
         assert 1 not in row["gene_ids"]  # the <cls> marker is gone
-        assert row["length"] == 128 and row["n_expressed"] == len(genes)
+        assert row["n_expressed"] == (counts > 0).sum()
         assert row["total_counts"] == counts.sum() and row["drug"] == source["drug"]
+
+
+def test_without_max_length_every_expressed_gene_keeps_its_rank_token(fixture_dir, tmp_path):
+    raw = {row["BARCODE_SUB_LIB_ID"]: row for row in _raw_rows(fixture_dir)}
+    for row in _builder(fixture_dir, tmp_path, max_length=None).as_streaming_dataset(split="test"):
+        genes, counts = cell_counts(raw[row["BARCODE_SUB_LIB_ID"]])
+        expressed = counts > 0
+        assert row["gene_ids"] == genes[expressed].tolist()
+        assert row["input_ids"] == rank_tokens(counts, 50)[expressed].tolist()
+
+
+def test_batches_mix_plates_and_files(tmp_path):
+    """Issue 14's bar: 16 files of one plate each, 20 batches of 32 cells hold >= 4 plates and reach >= 12 files."""
+    root = tmp_path / "tahoe"
+    write_tahoe_fixture(root, num_shards=16, cells_per_shard=200, num_plates=16, num_genes=3000, seed=2)
+    plate_of_file = {p.name: pq.read_table(p, columns=["plate"])[0][0].as_py() for p in (root / "data").iterdir()}
+    assert len(set(plate_of_file.values())) == 16
+    file_of = {
+        c: p.name for p in (root / "data").iterdir() for c in pq.read_table(p)["BARCODE_SUB_LIB_ID"].to_pylist()
+    }
+    builder = Tahoe100MTokenized(data_dir=str(root), cache_dir=str(tmp_path / "cache"), max_length=None)
+    stream = builder.as_streaming_dataset(split="train").shuffle(seed=0, buffer_size=1)
+    loader = torch.utils.data.DataLoader(stream, batch_size=32, collate_fn=list)
+    batches = [batch for _, batch in zip(range(20), loader)]
+    plates = [len({row["plate"] for row in batch}) for batch in batches]
+    files = {file_of[row["BARCODE_SUB_LIB_ID"]] for batch in batches for row in batch}
+    assert np.mean(plates) >= 4 and len(files) >= 12
 
 
 def test_splits_are_disjoint_and_complete(fixture_dir, tmp_path):
@@ -56,14 +94,21 @@ def test_splits_are_disjoint_and_complete(fixture_dir, tmp_path):
     assert all(len(v) > 5 for v in ids.values())
 
 
-def test_split_by_plate_holds_out_whole_plates(fixture_dir, tmp_path):
+def test_plate_and_file_hold_outs_read_only_their_files(fixture_dir, tmp_path):
     builder = _builder(fixture_dir, tmp_path, split_by="plate", validation_plates=("plate2",))
     assert {r["plate"] for r in builder.as_streaming_dataset(split="validation")} == {"plate2"}
     assert {r["plate"] for r in builder.as_streaming_dataset(split="train")} == {"plate1"}
+    plate2 = sorted((fixture_dir / "data").glob("*.parquet"))[1]  # the footers' statistics say which file
+    assert {file for file, _ in builder.pieces("validation")} == {str(plate2)}
+    assert str(plate2) not in {file for file, _ in builder.pieces("train")} and not builder.pieces("test")
+    builder = _builder(fixture_dir, tmp_path, split_by="file", test_files=(plate2.name,))
+    assert {file for file, _ in builder.pieces("test")} == {str(plate2)}
+    assert {r["plate"] for r in builder.as_streaming_dataset(split="test")} == {"plate2"}
 
 
 def test_two_ranks_by_two_workers_see_every_cell_once(fixture_dir, tmp_path):
-    stream = _builder(fixture_dir, tmp_path).as_streaming_dataset(split="train")
+    stream = _builder(fixture_dir, tmp_path, shard_multiple=4).as_streaming_dataset(split="train")
+    assert stream.n_shards == 4
     seen = []
     for rank in range(2):
         shard = split_dataset_by_node(stream, rank=rank, world_size=2)
@@ -114,16 +159,20 @@ def test_bad_rows_are_skipped_and_reported(tmp_path, caplog):
     assert "'length_mismatch': 1" in caplog.text and "'unknown_genes': 1" in caplog.text
 
 
-def test_corrupt_shard_is_named_or_skipped(fixture_dir, tmp_path, caplog):
+def test_corrupt_empty_and_wrong_files(fixture_dir, tmp_path, caplog):
     root = tmp_path / "tahoe"
-    write_tahoe_fixture(root, num_shards=2, cells_per_shard=10, num_genes=3000)
-    bad = sorted((root / "data").glob("*.parquet"))[1]
-    bad.write_bytes(bad.read_bytes()[: len(bad.read_bytes()) // 2])  # truncated
-    with pytest.raises(ValueError, match=bad.name):
-        list(_builder(root, tmp_path).as_streaming_dataset(split="train"))
+    write_tahoe_fixture(root, num_shards=3, cells_per_shard=10, num_genes=3000)
+    truncated, empty, _ = sorted((root / "data").glob("*.parquet"))
+    truncated.write_bytes(truncated.read_bytes()[: len(truncated.read_bytes()) // 2])
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match="cannot read parquet file .*train-0000[01]-of-00003.parquet"):
+        list(_builder(root, tmp_path, on_bad_files="error").as_streaming_dataset(split="train"))
     with caplog.at_level(logging.WARNING):
-        rows = list(_builder(root, tmp_path, on_bad_files="skip").as_streaming_dataset(split="train"))
-    assert rows and bad.name in caplog.text
+        rows = list(_builder(root, tmp_path).as_streaming_dataset(split="train"))
+    assert rows and truncated.name in caplog.text and empty.name in caplog.text
+    pq.write_table(pa.table({"cell": ["a"]}), empty)  # another dataset's file
+    with pytest.raises(ValueError, match=f"{empty.name}.*lacks the columns.*genes"):
+        list(_builder(root, tmp_path).as_streaming_dataset(split="train"))
 
 
 def test_data_files_as_list_or_glob(fixture_dir, tmp_path):
@@ -136,10 +185,11 @@ def test_data_files_as_list_or_glob(fixture_dir, tmp_path):
             cache_dir=str(tmp_path / "cache"),
             max_length=128,
             zero_share=0.1,
-            batch_size=8,
+            block_rows=4,
+            interleave_files=4,
         )
         assert [r["BARCODE_SUB_LIB_ID"] for r in builder.as_streaming_dataset(split="train")] == by_dir
-    with pytest.raises(ValueError, match="zero_share > 0 needs gene_metadata"):
+    with pytest.raises(ValueError, match="zero_share > 0 and random_share > 0 need gene_metadata"):
         list(
             Tahoe100MTokenized(
                 data_files={"train": files}, cache_dir=str(tmp_path / "c2"), zero_share=0.1

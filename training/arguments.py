@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from dataset_scripts.expression_data import TEST_SHARE, VALIDATION_SHARE
+from dataset_scripts.splits import TEST_SHARE, VALIDATION_SHARE
 from modeling import RANK_DIT_PRESETS
 from pipelines import NOISE_SCHEDULES
 
@@ -111,6 +111,28 @@ class DataArguments:
     )
     split_seed: int = field(
         default=0, metadata={"help": "salt of that hash; unlike --seed it keeps the held-out cells across runs"}
+    )
+    split_by: str = field(
+        default="barcode",
+        metadata={
+            "help": "how held-out cells are chosen: barcode (the hash above: same wells on both sides), plate "
+            "(--validation_plates / --test_plates) or file (--validation_files / --test_files); a plate or file "
+            "hold-out reads only the files that can hold it"
+        },
+    )
+    validation_plates: list[str] = field(default_factory=list, metadata={"help": "plates held out for validation"})
+    test_plates: list[str] = field(default_factory=list, metadata={"help": "plates held out for testing"})
+    validation_files: list[str] = field(default_factory=list, metadata={"help": "file names held out for validation"})
+    test_files: list[str] = field(default_factory=list, metadata={"help": "file names held out for testing"})
+    interleave_files: int = field(
+        default=16,
+        metadata={"help": "Tahoe-layout files each stream shard reads side by side (cells of a batch mix them)"},
+    )
+    sample_files: int = field(
+        default=64,
+        metadata={
+            "help": "files (one per stratum of the file order) the baseline and evaluation cells are drawn from"
+        },
     )
     baseline_cells: int = field(
         default=20_000,

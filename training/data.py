@@ -9,16 +9,24 @@ from dataclasses import dataclass
 import anndata
 import datasets
 import numpy as np
+import pyarrow as pa
 import torch
+from datasets.table import InMemoryTable
 from scipy import sparse
-from tqdm.auto import tqdm
 
-from dataset_scripts import cell_counts, load_expression_data, split_by_cell_id
+from dataset_scripts import (
+    EMBEDDED_SAMPLE,
+    load_expression_data,
+    read_gene_vocab,
+    split_by_cell_id,
+    tahoe_builder,
+)
 from dataset_scripts.expression_data import ExpressionSource
 from dataset_scripts.schema import CELL_ID_COLUMN
+from dataset_scripts.tokenization import tokenize_arrow_batch
 from metrics import CellAwareMarginal, MagicImputation, NearestCells, PerGeneMarginal
 from metrics.imputation import PanelCells, choose_on_validation, token_levels
-from modeling import CellTokenizer, rank_tokens
+from modeling.rank_tokenizer import segment_ids
 
 from .arguments import DataArguments
 
@@ -69,9 +77,8 @@ class ReferenceCells:
 
 
 def sample_rows(rows, max_cells: int | None, seed: int = 0):
-    """Up to `max_cells` rows drawn across the whole data, not its first rows (files are ordered by plate): a seeded
-    uniform draw, kept in file order, from a dataset; from a stream, the first cells after its file order and a
-    buffer of 10,000 cells are shuffled (so many files, not all, are read)."""
+    """Up to `max_cells` rows drawn across the whole data, not its first rows: a seeded uniform draw, kept in file
+    order, from a dataset; from a stream (an `.h5ad` file), the first cells after a shuffle buffer of 10,000."""
     if max_cells is None:
         return rows
     if isinstance(rows, datasets.Dataset):
@@ -81,27 +88,16 @@ def sample_rows(rows, max_cells: int | None, seed: int = 0):
     return rows.shuffle(seed=seed, buffer_size=10_000).take(max_cells)
 
 
-def read_reference_cells(rows, num_bins: int, gene_vocab_size: int, max_cells: int | None = None) -> ReferenceCells:
-    """Read up to `max_cells` rows, drawn across the data ([`sample_rows`]), with a progress bar, into a
-    [`ReferenceCells`]; tokens by the training rule."""
-    rows = sample_rows(rows, max_cells)
-    total = len(rows) if isinstance(rows, datasets.Dataset) else max_cells
-    indptr, genes, counts, tokens = [0], [], [], []
-    for row in tqdm(rows, desc="reading training cells", unit="cell", total=total):
-        cell_genes, cell_values = cell_counts(row)
-        cell_tokens = rank_tokens(cell_values, num_bins, where=f"cell {row[CELL_ID_COLUMN]!r}", genes=cell_genes)
-        expressed = cell_tokens > 0
-        genes.append(cell_genes[expressed])
-        counts.append(cell_values[expressed])
-        tokens.append(cell_tokens[expressed])
-        indptr.append(indptr[-1] + int(expressed.sum()))
-    if len(indptr) == 1:
+def reference_cells(table: pa.Table, num_bins: int, gene_vocab_size: int) -> ReferenceCells:
+    """Raw Tahoe-schema rows -> a [`ReferenceCells`], tokens by the batch tokenizer of the stream."""
+    batch = tokenize_arrow_batch(table, num_bins)
+    if len(batch.offsets) == 1:
         raise ValueError("no training cells to fit the baselines on")
-    shape = (len(indptr) - 1, gene_vocab_size)
-    indices = np.concatenate(genes).astype(np.int32)
+    shape = (len(batch.offsets) - 1, gene_vocab_size)
+    indices, indptr = batch.gene_ids.astype(np.int32), batch.offsets
     return ReferenceCells(
-        sparse.csr_matrix((np.concatenate(counts).astype(np.float32), indices, indptr), shape=shape),
-        sparse.csr_matrix((np.concatenate(tokens).astype(np.int16), indices, indptr), shape=shape),
+        sparse.csr_matrix((batch.counts.astype(np.float32), indices, indptr), shape=shape),
+        sparse.csr_matrix((batch.input_ids.astype(np.int16), indices, indptr), shape=shape),
     )
 
 
@@ -142,11 +138,13 @@ def choose_panels(
 
 @dataclass
 class PreparedData:
-    """The data of a run: the source, its splits, the training cells read for the baselines, the per-gene marginal,
-    the pool of genes seen in training and the evaluation panels, all fitted on the training split alone."""
+    """The data of a run: the source, its splits (the training stream, sampled validation and test rows), the
+    training cells read for the baselines (raw rows and as a matrix), the per-gene marginal, the pool of genes seen
+    in training and the evaluation panels, all fitted on the training split alone."""
 
     source: ExpressionSource
     splits: dict[str, datasets.Dataset | datasets.IterableDataset]
+    reference_rows: datasets.Dataset
     reference: ReferenceCells
     baseline: PerGeneMarginal
     gene_pool: np.ndarray
@@ -170,25 +168,26 @@ class PreparedData:
         return self.panels[TRAINING_PANEL]
 
     def panel_cells(self, rows, genes: np.ndarray, num_bins: int) -> PanelCells:
-        """`rows` (cells) on the panel `genes`, with tokens from each whole cell by the training rule."""
-        tokenizer = CellTokenizer(num_bins=num_bins, max_length=len(genes), panel=genes)
-        gene_ids, tokens, counts, levels = [], [], [], []
-        for row in rows:
-            cell_genes, cell_values = cell_counts(row)
-            where, cell_id = f"cell {row[CELL_ID_COLUMN]!r}", row[CELL_ID_COLUMN]
-            cell_tokens = rank_tokens(cell_values, num_bins, where=where, genes=cell_genes)
-            panel_genes, panel_tokens = tokenizer.select(cell_genes, cell_tokens, cell_id=cell_id, rule="panel")
-            counts.append(tokenizer.select(cell_genes, cell_values, cell_id=cell_id, rule="panel")[1])
-            gene_ids.append(panel_genes)
-            tokens.append(panel_tokens)
-            levels.append(token_levels(cell_tokens, num_bins))
-        if not gene_ids:
+        """Raw Tahoe-schema `rows` on the panel `genes` (sorted): tokens from each whole cell by the stream's batch
+        tokenizer, 0 where a panel gene is not expressed (bad rows are skipped, as everywhere)."""
+        rows = list(rows)
+        if not rows:
             raise ValueError("no cells to score on the panel")
+        batch = tokenize_arrow_batch(pa.Table.from_pylist(rows), num_bins)
+        n_cells, stride = len(batch.offsets) - 1, int(max(batch.gene_ids.max(initial=0), genes.max())) + 1
+        keys = segment_ids(batch.offsets) * stride + batch.gene_ids
+        order = np.argsort(keys)
+        wanted = (np.arange(n_cells)[:, None] * stride + genes[None, :]).ravel()
+        at = order[np.searchsorted(keys[order], wanted).clip(max=len(keys) - 1)]
+        found = (keys[at] == wanted).reshape(n_cells, len(genes))
+        tokens = np.where(found, batch.input_ids[at].reshape(found.shape), 0)
+        counts = np.where(found, batch.counts[at].reshape(found.shape), 0)
+        levels = [token_levels(batch.cell(i)[1], num_bins) for i in range(n_cells)]
         return PanelCells(
-            torch.from_numpy(np.stack(gene_ids)),
-            torch.from_numpy(np.stack(tokens)),
-            torch.ones(len(gene_ids), len(genes), dtype=torch.bool),
-            torch.from_numpy(np.stack(counts)).float(),
+            torch.from_numpy(np.repeat(genes[None, :].astype(np.int64), n_cells, axis=0)),
+            torch.from_numpy(tokens.astype(np.int64)),
+            torch.ones(n_cells, len(genes), dtype=torch.bool),
+            torch.from_numpy(counts.astype(np.float32)),
             np.stack(levels),
         )
 
@@ -241,29 +240,89 @@ class PreparedData:
         return baselines, choices
 
 
-def prepare_data(data_args: DataArguments, num_bins: int) -> PreparedData:
-    """Open the data, split the cells by a hash of their id, read the training cells the baselines are fitted on,
-    and choose the gene pool and the evaluation panels from them."""
-    source = load_expression_data(
-        data_args.data,
-        config_name=data_args.data_config,
-        gene_vocab=data_args.gene_vocab,
-        layer=data_args.layer,
-        gene_column=data_args.gene_column,
-        obs_columns=tuple(data_args.obs_columns),
-    )
-    splits = split_by_cell_id(source.rows, data_args.validation_share, data_args.test_share, seed=data_args.split_seed)
-    for name in ("validation", "test"):  # a sample across the data, not its first cells (one plate)
-        splits[name] = sample_rows(splits[name], data_args.max_eval_cells, seed=data_args.split_seed)
+def as_dataset(table: pa.Table | None, columns: list[str]) -> datasets.Dataset:
+    """An in-memory `datasets.Dataset` of sampled rows (an empty one with `columns` when there are none)."""
+    if table is None:
+        table = pa.table({name: pa.array([], type=pa.string()) for name in columns})
+    return datasets.Dataset(InMemoryTable(table))
+
+
+def open_data(
+    data_args: DataArguments, num_bins: int, seed: int, shard_multiple: int
+) -> tuple[ExpressionSource, dict]:
+    """The training stream and a sample of raw rows of each split (pyarrow tables, or None when a split is empty).
+
+    Tahoe-layout data (the embedded sample, a local folder or file, a Hub id) streams through
+    [`Tahoe100MTokenized`] (rank tokens of every expressed gene; the collator selects) and its cells are sampled
+    across the files; an `.h5ad` file streams its rows, split by the barcode hash, to the collator's batch tokenizer.
+    """
+    sizes = {
+        "train": data_args.baseline_cells,
+        "validation": data_args.max_eval_cells,
+        "test": data_args.max_eval_cells,
+    }
+    if str(data_args.data).endswith(".h5ad"):
+        if data_args.split_by != "barcode":
+            raise ValueError("an .h5ad file is split by barcode only (it has no plates or files)")
+        source = load_expression_data(
+            data_args.data,
+            gene_vocab=data_args.gene_vocab,
+            layer=data_args.layer,
+            gene_column=data_args.gene_column,
+            obs_columns=tuple(data_args.obs_columns),
+        )
+        shares = (data_args.validation_share, data_args.test_share)
+        splits = split_by_cell_id(source.rows, *shares, seed=data_args.split_seed)
+        samples = {
+            name: pa.Table.from_pylist(list(sample_rows(splits[name], size, seed=data_args.split_seed))) or None
+            for name, size in sizes.items()
+        }
+        return ExpressionSource(splits["train"], source.vocab, source.name), samples
+    config = {
+        "max_length": None,
+        "num_rank_bins": num_bins,
+        "seed": seed,
+        "split_by": data_args.split_by,
+        "validation_share": data_args.validation_share,
+        "test_share": data_args.test_share,
+        "split_seed": data_args.split_seed,
+        "validation_plates": tuple(data_args.validation_plates),
+        "test_plates": tuple(data_args.test_plates),
+        "validation_files": tuple(data_args.validation_files),
+        "test_files": tuple(data_args.test_files),
+        "interleave_files": data_args.interleave_files,
+        "shard_multiple": shard_multiple,
+    }
+    files, metadata = tahoe_builder(data_args.data, **config).input_files()
+    schema = tahoe_builder(data_args.data, **config).check_files(files[:1])[files[0]].schema
+    keep_columns = tuple(name for name in (CELL_ID_COLUMN, "plate") if name in schema.names)
+    builder = tahoe_builder(data_args.data, keep_columns=keep_columns, **config)
+    samples = builder.sample_cells(sizes, seed=data_args.split_seed, max_files=data_args.sample_files)
+    stream = builder.as_streaming_dataset("train").shuffle(seed=seed, buffer_size=1)  # shard order per epoch
+    name = str(data_args.data) if data_args.data is not None else str(EMBEDDED_SAMPLE)
+    return ExpressionSource(stream, read_gene_vocab(metadata), name), samples
+
+
+def prepare_data(data_args: DataArguments, num_bins: int, seed: int = 0, shard_multiple: int = 1) -> PreparedData:
+    """Open the data (the training stream; validation and test cells drawn across the files), read the training
+    cells the baselines are fitted on, and choose the gene pool and the evaluation panels from them."""
+    source, samples = open_data(data_args, num_bins, seed, shard_multiple)
+    columns = ["genes", "expressions", CELL_ID_COLUMN]
+    splits = {"train": source.rows, **{name: as_dataset(samples[name], columns) for name in ("validation", "test")}}
     logger.info("data: %s, %d genes in the vocabulary", source.name, len(source.vocab))
-    reference = read_reference_cells(splits["train"], num_bins, source.vocab.size, data_args.baseline_cells)
+    if samples["train"] is None:
+        raise ValueError(f"no training cells in {source.name}")
+    reference = reference_cells(samples["train"], num_bins, source.vocab.size)
     baseline = PerGeneMarginal(num_bins, source.vocab.size).fit(reference.cells())
     gene_pool = np.flatnonzero(baseline.detection_counts > 0)
     panels = choose_panels(reference, data_args.panel_size or data_args.max_length, seed=data_args.split_seed)
     logger.info(
-        "per-gene marginal fitted on %d training cells; %d genes seen; panels of %s genes",
+        "baselines fitted on %d training cells; %d validation, %d test cells; %d genes seen; panels of %s genes",
         baseline.num_cells,
+        len(splits["validation"]),
+        len(splits["test"]),
         len(gene_pool),
         ", ".join(f"{len(genes)} ({name})" for name, genes in panels.items()),
     )
-    return PreparedData(source, splits, reference, baseline, gene_pool, panels)
+    reference_rows = as_dataset(samples["train"], columns)
+    return PreparedData(source, splits, reference_rows, reference, baseline, gene_pool, panels)

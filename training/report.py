@@ -8,11 +8,9 @@ import logging
 import shutil
 from pathlib import Path
 
-import numpy as np
 import torch
 from huggingface_hub import ModelCard
 
-from dataset_scripts.expression_data import cell_counts
 from pipelines.denoising_animation import record_denoising, write_denoising_gif
 
 from .data import TRAINING_PANEL
@@ -86,9 +84,9 @@ def write_model_card(
     num_bins = model.config.num_rank_bins
     plots: dict[str, Path] = {}
 
-    counts = [cell_counts(row)[1] for row in data.train_rows.take(count_cells)]
+    counts = data.reference.counts[:count_cells]
     plots["Counts of expressed genes in the training data"] = plot_count_histogram(
-        np.concatenate(counts), len(counts), plots_dir / "count_histogram.png"
+        counts.data, counts.shape[0], plots_dir / "count_histogram.png"
     )
     plots["Rank tokens of the training data"] = plot_rank_token_distribution(
         data.baseline, data.panel, plots_dir / "rank_tokens.png"
@@ -125,7 +123,7 @@ def write_model_card(
         write_denoising_gif(states, path, num_rank_bins=num_bins, title=title)
         plots[f"Denoising a test cell, {share:.0%} of its {len(genes)} panel genes masked"] = path
 
-    examples = data.panel_cells(data.train_rows.take(2), data.panel, num_bins)
+    examples = data.panel_cells(data.reference_rows.take(2), data.panel, num_bins)
     example_cells = [(examples.gene_ids[i].numpy(), examples.tokens[i].numpy()) for i in range(len(examples))]
     widgets = widget_examples(example_cells, pipe.processor.gene_vocab, seed=seed)
     card = model_card(

@@ -9,10 +9,9 @@ import logging
 import os
 from dataclasses import dataclass
 
-import datasets
 from transformers import set_seed
 
-from dataset_scripts import EpochCallback, RankDiffusionCollator, with_length_column
+from dataset_scripts import EpochCallback, RankDiffusionCollator
 from modeling import CellTokenizer, RankDiTConfig, RankDiTModel, RankDiTProcessor
 from pipelines import MaskedRankDiffusionPipeline, MaskedRankDiffusionScheduler
 
@@ -44,15 +43,15 @@ def build(
     ema_decay = ema_decay_for(training_args.ema_decay, fsdp=fsdp, preset=model_args.preset)
     set_seed(training_args.seed)
     num_bins = model_args.num_rank_bins
-    data = prepare_data(data_args, num_bins)
-    train_rows = data.train_rows
-    if training_args.train_sampling_strategy == "group_by_length" and isinstance(train_rows, datasets.Dataset):
-        # Batches of cells of similar length: padded to their longest cell, they waste little compute.
-        train_rows = with_length_column(train_rows, data_args.max_length, training_args.length_column_name)
-    if isinstance(train_rows, datasets.IterableDataset):
-        # Each process reads the stream itself (its own files when there are enough, else its share of each global
-        # batch) rather than process 0 reading everything and sending slices.
-        training_args.accelerator_config.dispatch_batches = False
+    if training_args.train_sampling_strategy == "group_by_length":
+        raise ValueError("group_by_length needs a map-style dataset; training data is a stream (use random)")
+    workers = max(1, training_args.dataloader_num_workers)
+    data = prepare_data(
+        data_args, num_bins, seed=training_args.seed, shard_multiple=training_args.world_size * workers
+    )
+    # Each process reads the stream itself (its own files when there are enough, else its share of each global
+    # batch) rather than process 0 reading everything and sending slices.
+    training_args.accelerator_config.dispatch_batches = False
 
     tokenizer = CellTokenizer(
         num_bins=num_bins,
@@ -84,7 +83,7 @@ def build(
     trainer = RankDiffusionTrainer(
         model=model,
         args=training_args,
-        train_dataset=train_rows,
+        train_dataset=data.train_rows,
         eval_dataset=data.validation_rows,
         data_collator=collator,
         callbacks=[EpochCallback(collator)],
