@@ -9,6 +9,7 @@ table for small data, tools and tests.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from dataclasses import dataclass
@@ -163,24 +164,33 @@ def pad_cells(offsets: np.ndarray, gene_ids: np.ndarray, input_ids: np.ndarray) 
     return batch
 
 
-def tokenized_cells(rows: list[dict], num_bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
-    """`(offsets, gene_ids, rank tokens, cell ids)` of a batch of rows: rows of the [`Tahoe100MTokenized`] stream
-    (`gene_ids` / `input_ids`, already rank tokens) as they are, raw Tahoe-schema rows (`genes` / `expressions`,
-    from an `.h5ad` file or a table of sampled cells) through the same batch tokenizer, bad rows skipped."""
-    if "input_ids" in rows[0]:
-        sizes = np.array([len(row["input_ids"]) for row in rows])
-        genes = np.concatenate([np.asarray(row["gene_ids"], dtype=np.int64) for row in rows])
-        tokens = np.concatenate([np.asarray(row["input_ids"], dtype=np.int64) for row in rows])
-        return np.concatenate([[0], np.cumsum(sizes)]), genes, tokens, [row[CELL_ID_COLUMN] for row in rows]
-    table = pa.table({name: [row[name] for row in rows] for name in ("genes", "expressions", CELL_ID_COLUMN)})
+def _flatten(lists, total: int) -> np.ndarray:
+    """Lists (or numpy arrays, from a numpy-formatted stream) of integers, back to back as one int64 array."""
+    if total and isinstance(lists[0], np.ndarray):
+        return np.concatenate(lists).astype(np.int64, copy=False)
+    return np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64, count=total)
+
+
+def tokenized_cells(rows: list[dict] | dict[str, list], num_bins: int) -> tuple[np.ndarray, ...]:
+    """`(offsets, gene_ids, rank tokens, cell ids)` of a batch, given as a list of rows or as columns (a dict of
+    lists, `IterableDataset.batch`): rows of the [`Tahoe100MTokenized`] stream (`gene_ids` / `input_ids`, already
+    rank tokens) as they are, raw Tahoe-schema rows (`genes` / `expressions`, from an `.h5ad` file or a table of
+    sampled cells) through the same batch tokenizer, bad rows skipped."""
+    columns = rows if isinstance(rows, dict) else {name: [row[name] for row in rows] for name in rows[0]}
+    cell_ids = list(columns[CELL_ID_COLUMN])
+    if "input_ids" in columns:
+        sizes = np.fromiter(map(len, columns["input_ids"]), dtype=np.int64, count=len(cell_ids))
+        genes, tokens = (_flatten(columns[name], int(sizes.sum())) for name in ("gene_ids", "input_ids"))
+        return np.concatenate([[0], np.cumsum(sizes)]), genes, tokens, cell_ids
+    table = pa.table({name: columns[name] for name in ("genes", "expressions", CELL_ID_COLUMN)})
     batch = tokenize_arrow_batch(table, num_bins)
-    cell_ids = [row[CELL_ID_COLUMN] for row, kept in zip(rows, batch.kept) if kept]
+    kept_ids = [cell for cell, kept in zip(cell_ids, batch.kept) if kept]
     if batch.skipped:
-        bad = [row[CELL_ID_COLUMN] for row, kept in zip(rows, batch.kept) if not kept]
-        if not cell_ids:
+        bad = [cell for cell, kept in zip(cell_ids, batch.kept) if not kept]
+        if not kept_ids:
             raise ValueError(f"every cell of the batch is a bad row ({dict(batch.skipped)}): {bad[:5]}")
         logger.warning("skipped %d bad cells (%s), e.g. %s", len(bad), dict(batch.skipped), bad[:3])
-    return batch.offsets, batch.gene_ids, batch.input_ids, cell_ids
+    return batch.offsets, batch.gene_ids, batch.input_ids, kept_ids
 
 
 @dataclass
@@ -201,7 +211,7 @@ class RankDiffusionCollator:
     rule: str | None = None
     epoch: int = 0
 
-    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+    def __call__(self, rows: list[dict] | dict[str, list]) -> dict[str, torch.Tensor]:
         offsets, genes, tokens, cell_ids = tokenized_cells(rows, self.cell_tokenizer.num_bins)
         selected = self.cell_tokenizer.select_batch(offsets, genes, tokens, cell_ids, epoch=self.epoch, rule=self.rule)
         return pad_cells(*selected)

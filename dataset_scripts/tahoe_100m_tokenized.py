@@ -62,11 +62,12 @@ from modeling import CellTokenizer
 
 from .schema import CELL_ID_COLUMN, METADATA_COLUMNS, missing_columns
 from .splits import TEST_SHARE, VALIDATION_SHARE, split_names
-from .tokenization import tokenize_arrow_batch
+from .tokenization import SKIP_REASONS, TokenizedBatch, tokenize_arrow_batch
 
 logger = logging.getLogger(__name__)
 
 HUB_DATASET = "tahoebio/Tahoe-100M"
+READ_ROWS = 256  # rows decoded from each parquet file at a time (a shard holds this many per file it reads)
 SPLITS = (datasets.Split.TRAIN, datasets.Split.VALIDATION, datasets.Split.TEST)
 SPLIT_BY = ("barcode", "plate", "file")
 
@@ -316,10 +317,12 @@ class Tahoe100MTokenized(datasets.ArrowBasedBuilder):
         cell_ids = table.column(CELL_ID_COLUMN).to_pylist()
         return split_names(cell_ids, config.validation_share, config.test_share, config.split_seed)
 
-    def tokenize(self, table: pa.Table, tokenizer: CellTokenizer | None, known_genes, skipped: Counter) -> pa.Table:
-        """Raw Tahoe rows -> the output columns; bad rows are skipped and counted in `skipped`."""
+    def tokenize(
+        self, table: pa.Table, tokenizer: CellTokenizer | None, known_genes
+    ) -> tuple[pa.Table, TokenizedBatch]:
+        """Raw Tahoe rows -> the output columns of the good rows, and the tokenized batch (which rows were skipped
+        and why)."""
         batch = tokenize_arrow_batch(table, self.config.num_rank_bins, known_genes)
-        skipped.update(batch.skipped)
         kept = table if batch.kept.all() else table.filter(pa.array(batch.kept))
         offsets, gene_ids, input_ids = batch.offsets, batch.gene_ids, batch.input_ids
         if tokenizer is not None:
@@ -336,7 +339,7 @@ class Tahoe100MTokenized(datasets.ArrowBasedBuilder):
         }
         for name in self.config.keep_columns:
             columns[name] = kept.column(name)
-        return pa.table(columns)
+        return pa.table(columns), batch
 
     def _blocks(self, piece: Piece, rows: int, columns: list[str] | None = None):
         """Record batches of `rows` rows of one piece (the list columns, the kept metadata, the cell id and plate
@@ -354,30 +357,39 @@ class Tahoe100MTokenized(datasets.ArrowBasedBuilder):
                 raise
             self._bad_file(file, error)
 
+    def _slices(self, piece: Piece):
+        """`block_rows`-row slices (no copy) of a piece, decoded `READ_ROWS` rows at a time."""
+        for record_batch in self._blocks(piece, READ_ROWS):
+            for start in range(0, record_batch.num_rows, self.config.block_rows):
+                yield record_batch.slice(start, self.config.block_rows)
+
     def _generate_tables(self, shards, split, tokenizer, known_genes):
-        block_rows = self.config.block_rows
         for shard_idx, pieces in enumerate(shards):
-            readers = {piece: self._blocks(piece, block_rows) for piece in pieces}
+            readers = {piece: self._slices(piece) for piece in pieces}
             skipped = {piece: Counter() for piece in pieces}
             salt = zlib.crc32(repr(pieces[0]).encode())  # fixed by the shard's content, not its place in the order
             window = 0
             while readers:
-                tables = []
+                blocks, rows, sources = [], [], []  # a slice of each live piece; its rows in the split; their piece
                 for piece in list(readers):
-                    record_batch = next(readers[piece], None)
-                    if record_batch is None:
+                    block = next(readers[piece], None)
+                    if block is None:
                         del readers[piece]
                         _report_skipped(piece, split, skipped.pop(piece))
                         continue
-                    table = pa.Table.from_batches([record_batch])
-                    in_split = self.split_of(table, piece[0]) == split
-                    if in_split.any():
-                        table = table if in_split.all() else table.filter(pa.array(in_split))
-                        tables.append(self.tokenize(table, tokenizer, known_genes, skipped[piece]))
-                if tables:
-                    table = pa.concat_tables(tables, promote_options="permissive")
-                    order = np.random.default_rng([self.config.seed, salt, window]).permutation(table.num_rows)
-                    yield Key(shard_idx, window), table.take(order)
+                    in_split = np.flatnonzero(self.split_of(block, piece[0]) == split)
+                    rows.append(in_split + sum(len(b) for b in blocks))
+                    sources += [piece] * len(in_split)
+                    blocks.append(block)
+                rows = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+                if len(rows):  # one copy of the window: its cells in the split, shuffled
+                    order = np.random.default_rng([self.config.seed, salt, window]).permutation(len(rows))
+                    tables = [pa.Table.from_batches([block]) for block in blocks]
+                    table = pa.concat_tables(tables, promote_options="permissive").take(rows[order])
+                    table, batch = self.tokenize(table, tokenizer, known_genes)
+                    for row in np.flatnonzero(~batch.kept):
+                        skipped[sources[order[row]]][SKIP_REASONS[batch.reasons[row]]] += 1
+                    yield Key(shard_idx, window), table
                 window += 1
 
     def sample_cells(self, sizes: dict[str, int], seed: int = 0, max_files: int = 64) -> dict[str, pa.Table]:

@@ -232,11 +232,13 @@ def main() -> None:
     parser.add_argument("--cells_per_file", type=int, default=1600)
     parser.add_argument("--plates", type=int, default=8)
     parser.add_argument("--lines", type=int, default=50)
+    parser.add_argument("--median_library_size", type=int, default=1900, help="UMIs per cell (Tahoe: about 1,900)")
     parser.add_argument("--responses", action="store_true", help="simulate drug responses with known ground truth")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     write_standin_corpus(args.root, num_files=args.files, cells_per_file=args.cells_per_file, num_plates=args.plates,
-                         num_lines=args.lines, responses=args.responses, seed=args.seed)  # fmt: skip
+                         num_lines=args.lines, median_library_size=args.median_library_size, responses=args.responses,
+                         seed=args.seed)  # fmt: skip
     print(f"wrote {args.files} files of {args.cells_per_file} cells to {args.root}")
 
 

@@ -33,6 +33,7 @@ class TokenizedBatch:
         counts: their raw counts.
         kept: `(n_rows,)` True for the rows of the input batch that were kept.
         skipped: number of skipped rows per reason of `SKIP_REASONS`.
+        reasons: `(n_rows,)` index in `SKIP_REASONS` of each skipped row's reason, -1 for kept rows.
     """
 
     offsets: np.ndarray
@@ -41,6 +42,7 @@ class TokenizedBatch:
     counts: np.ndarray
     kept: np.ndarray
     skipped: Counter = field(default_factory=Counter)
+    reasons: np.ndarray | None = None
 
     def cell(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Gene ids and tokens of the i-th kept cell."""
@@ -152,14 +154,16 @@ def tokenize_arrow_batch(
     bad["no_expressed_genes"] = n_expressed == 0
 
     skipped, rejected = Counter(), np.zeros(len(gene_offsets) - 1, dtype=bool)
+    reasons = np.full(len(rejected), -1, dtype=np.int8)
     for reason in (r for r in SKIP_REASONS if r in bad):  # each skipped row is counted under its first reason
         newly = bad[reason] & ~rejected
         if newly.any():
             skipped[reason] = int(newly.sum())
+            reasons[newly] = SKIP_REASONS.index(reason)
         rejected |= newly
     if rejected.any():
         expressed = expressed[np.repeat(~rejected, n_expressed)]
     offsets = np.concatenate([[0], np.cumsum(n_expressed[~rejected])])
     values = counts.take(expressed)
     tokens = batch_rank_tokens(offsets, values, num_bins)
-    return TokenizedBatch(offsets, genes.take(expressed), tokens, values, ~rejected, skipped)
+    return TokenizedBatch(offsets, genes.take(expressed), tokens, values, ~rejected, skipped, reasons)

@@ -346,12 +346,12 @@ class CellTokenizer:
         if (rules == "random").any() and self.gene_pool is None:
             raise ValueError("the random rule needs CellTokenizer(gene_pool=...)")
         sizes = np.zeros(len(cell_ids), dtype=np.int64)
-        pieces = {}  # cell -> (gene_ids, input_ids) of the listed rules
-        for cell in np.flatnonzero(rules != "expressed"):
-            candidates = self.panel if rules[cell] == "panel" else self.gene_pool
-            span = slice(offsets[cell], offsets[cell + 1])
-            pieces[cell] = self._listed(candidates, genes[span], tokens[span], salts[cell])
-            sizes[cell] = len(pieces[cell][0])
+        listed = {}  # rule -> (its cells, their genes and tokens as (cells, k) matrices)
+        for name, candidates in (("panel", self.panel), ("random", self.gene_pool)):
+            cells = np.flatnonzero(rules == name)
+            if len(cells):
+                listed[name] = (cells, *self._listed(candidates, cells, offsets, genes, tokens, salts))
+                sizes[cells] = listed[name][1].shape[1]
         expressed_cells = np.flatnonzero(rules == "expressed")
         if len(expressed_cells):  # their expressed genes, cell by cell
             cell_of = segment_ids(offsets)
@@ -367,9 +367,9 @@ class CellTokenizer:
         if len(expressed_cells):
             at = concatenated_ranges(out_offsets[expressed_cells], sizes[expressed_cells])
             out_genes[at], out_tokens[at] = expressed[1], expressed[2]
-        for cell, (cell_genes, cell_tokens) in pieces.items():
-            out_genes[out_offsets[cell] : out_offsets[cell + 1]] = cell_genes
-            out_tokens[out_offsets[cell] : out_offsets[cell + 1]] = cell_tokens
+        for cells, listed_genes, listed_tokens in listed.values():
+            at = concatenated_ranges(out_offsets[cells], sizes[cells])
+            out_genes[at], out_tokens[at] = listed_genes.ravel(), listed_tokens.ravel()
         return out_offsets, out_genes, out_tokens
 
     def _select_expressed(self, offsets, genes, tokens, salts):
@@ -396,13 +396,21 @@ class CellTokenizer:
         out_genes[zeros_at] = zeros
         return out_offsets, out_genes, out_tokens
 
-    def _listed(self, candidates, genes, tokens, salts):
-        """Up to `max_length` of `candidates` (all when they fit, else drawn by hash key), each with its token."""
+    def _listed(self, candidates, cells, offsets, genes, tokens, salts):
+        """For each of `cells`: up to `max_length` of `candidates` (all when they fit, else those with the smallest
+        hash keys under the cell's salt), in candidate order, each with its token in the cell (0 when the cell does
+        not list it). Returns two `(len(cells), k)` matrices: genes and tokens."""
         if len(candidates) > self.max_length:
-            keys = hash_keys(salts[_STREAMS.index("panel")], candidates)
-            candidates = candidates.take(smallest_keys(np.array([0, len(candidates)]), keys, self.max_length))
-        order = np.argsort(genes)
-        position = np.searchsorted(genes[order], candidates).clip(max=len(genes) - 1)
-        listed = genes[order][position] == candidates
-        input_ids = np.where(listed, tokens[order][position], 0)
-        return candidates.copy(), input_ids
+            keys = hash_keys(salts[cells, _STREAMS.index("panel"), None], candidates[None, :])
+            threshold = np.partition(keys, self.max_length - 1, axis=1)[:, self.max_length - 1 : self.max_length]
+            chosen = np.broadcast_to(candidates, keys.shape)[keys <= threshold].reshape(len(cells), self.max_length)
+        else:
+            chosen = np.broadcast_to(candidates, (len(cells), len(candidates)))
+        # A dense (cell, gene) -> token table of these cells: one scatter and one gather, no search.
+        cell_of = segment_ids(offsets)
+        row_of = np.full(len(offsets) - 1, -1)
+        row_of[cells] = np.arange(len(cells))
+        mine = np.flatnonzero(row_of[cell_of] >= 0)
+        table = np.zeros((len(cells), int(max(genes.max(initial=0), candidates.max())) + 1), dtype=np.int16)
+        table[row_of[cell_of[mine]], genes[mine]] = tokens[mine]
+        return chosen.copy(), np.take_along_axis(table, chosen, axis=1).astype(tokens.dtype)

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dataset_scripts.tahoe_standin import write_standin_corpus
 from training.checkpoints import COMPLETE_MARKER, last_complete_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
@@ -28,10 +29,11 @@ from dataset_scripts import RankDiffusionCollator
 
 seen, collate = [], RankDiffusionCollator.__call__
 
-def recording(self, rows):
-    if self.rule is None:  # the training collator (evaluation uses the panel rule)
-        seen.extend(row["BARCODE_SUB_LIB_ID"] for row in rows)
-    return collate(self, rows)
+def recording(self, batch):
+    if self.rule is None:  # the training collator (evaluation uses the panel rule); a batch of rows or columns
+        cells = batch["BARCODE_SUB_LIB_ID"] if isinstance(batch, dict) else [r["BARCODE_SUB_LIB_ID"] for r in batch]
+        seen.extend(str(cell) for cell in cells)
+    return collate(self, batch)
 
 RankDiffusionCollator.__call__ = recording
 trainer, metrics = train_hf.main(sys.argv[1:])
@@ -82,6 +84,13 @@ def test_two_processes_see_disjoint_cells_and_end_with_identical_weights(tmp_pat
     assert saved["eval_nelbo"] == pytest.approx(ranks[0]["metrics"]["eval_nelbo"])
 
 
+@pytest.fixture(scope="module")
+def standin(tmp_path_factory):
+    """A small Tahoe stand-in corpus: 8 plate-grouped files."""
+    root = tmp_path_factory.mktemp("standin") / "tahoe"
+    return write_standin_corpus(root, num_files=8, cells_per_file=40, num_plates=4, wells_per_file=2, num_lines=8)
+
+
 def _train(out: Path, *extra: str) -> subprocess.Popen:
     args = ["--output_dir", str(out), "--max_steps", "18", "--save_strategy", "steps", "--save_steps", "3",
             "--logging_steps", "1", "--eval_strategy", "no", "--ema_decay", "0.9", *SMALL_RUN, *extra]  # fmt: skip
@@ -94,11 +103,14 @@ def _losses(checkpoint: Path) -> dict[int, float]:
     return {entry["step"]: entry["loss"] for entry in history if "loss" in entry}
 
 
-def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_losses_and_weights(tmp_path):
+def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_losses_and_weights(tmp_path, standin):
+    """On a Tahoe stand-in corpus streamed through Tahoe100MTokenized (4 files read side by side per shard)."""
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    assert _train(whole).wait(timeout=600) == 0
+    data = ["--data", str(standin), "--interleave_files", "4"]
+    first = _train(whole, *data)
+    assert first.wait(timeout=600) == 0, first.stderr.read().decode()[-3000:]
 
-    run = _train(killed)
+    run = _train(killed, *data)
     deadline = time.time() + 600
     while not (killed / "checkpoint-6" / COMPLETE_MARKER).exists():
         assert run.poll() is None, run.stderr.read().decode()[-3000:]
@@ -115,11 +127,11 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_losses_and_weights(
     (partial / "trainer_state.json").unlink()
     resume_from = last_complete_checkpoint(killed)
     assert resume_from is not None and int(resume_from.rsplit("-", 1)[1]) >= 6 and resume_from != str(partial)
-    bad = _train(killed, "--resume_from_checkpoint", str(partial))
+    bad = _train(killed, *data, "--resume_from_checkpoint", str(partial))
     assert bad.wait(timeout=600) != 0 and b"not a complete checkpoint" in bad.stderr.read()
     shutil.rmtree(partial)
 
-    resumed = _train(killed, "--resume_from_checkpoint", "true")
+    resumed = _train(killed, *data, "--resume_from_checkpoint", "true")
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read().decode()[-3000:]
 
     expected, got = _losses(whole / "checkpoint-18"), _losses(killed / "checkpoint-18")

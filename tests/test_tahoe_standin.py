@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -77,3 +78,20 @@ def test_the_stream_benchmark_reports_its_keys(corpus, tmp_path):
     record = json.loads(out.read_text())
     assert record["batches"] == 6 and record["cells_per_s"] > 0 and record["peak_rss_mib"] > 0
     assert 1 <= record["mean_plates_per_batch"] <= 4 and 1 <= record["distinct_shards"] <= 8
+
+
+def test_training_data_is_streamed_and_evaluation_cells_come_from_every_file(corpus):
+    from training import DataArguments
+    from training.data import prepare_data
+
+    data = prepare_data(DataArguments(data=str(corpus), max_eval_cells=64, max_length=128, interleave_files=4), 10)
+    file_of = {
+        c: f.name for f in (corpus / "data").iterdir() for c in pq.read_table(f)["BARCODE_SUB_LIB_ID"].to_pylist()
+    }
+    for split in ("validation", "test"):
+        assert {file_of[c] for c in data.splits[split]["BARCODE_SUB_LIB_ID"]} == set(file_of.values())
+    assert {file_of[c] for c in data.reference_rows["BARCODE_SUB_LIB_ID"]} == set(file_of.values())
+    assert isinstance(data.train_rows, datasets.IterableDataset) and data.train_rows.n_shards == 2
+    ids = [row["BARCODE_SUB_LIB_ID"] for row in data.train_rows]
+    held_out = set(data.splits["validation"]["BARCODE_SUB_LIB_ID"]) | set(data.splits["test"]["BARCODE_SUB_LIB_ID"])
+    assert len(ids) == len(set(ids)) > 600 and not held_out & set(ids)

@@ -298,7 +298,7 @@ def open_data(
     keep_columns = tuple(name for name in (CELL_ID_COLUMN, "plate") if name in schema.names)
     builder = tahoe_builder(data_args.data, keep_columns=keep_columns, **config)
     samples = builder.sample_cells(sizes, seed=data_args.split_seed, max_files=data_args.sample_files)
-    stream = builder.as_streaming_dataset("train").shuffle(seed=seed, buffer_size=1)  # shard order per epoch
+    stream = builder.as_streaming_dataset("train")  # the trainer batches it and shuffles its shard order per epoch
     name = str(data_args.data) if data_args.data is not None else str(EMBEDDED_SAMPLE)
     return ExpressionSource(stream, read_gene_vocab(metadata), name), samples
 

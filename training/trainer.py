@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 
+import datasets
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
@@ -116,6 +117,19 @@ class RankDiffusionTrainer(Trainer):
         if resume_from_checkpoint and self.ema is not None:
             self.ema.load(resume_from_checkpoint, self.model)
         return super().train(resume_from_checkpoint=resume_from_checkpoint or None, **kwargs)
+
+    def get_train_dataloader(self) -> DataLoader:
+        """A streamed training set is batched by `datasets` (numpy arrays, one batch at a time, not one Python row
+        per cell), its shard order shuffled per epoch (seeded; `set_epoch` reaches it), and the collator takes each
+        batch whole; with several processes, accelerate gives each its own shards. A map-style one, or a stream of
+        fewer shards than processes, as the Trainer does it."""
+        stream = isinstance(self.train_dataset, datasets.IterableDataset)
+        if not stream or self.train_dataset.n_shards < self.args.world_size:
+            # Too few shards for one per process: accelerate gives each process its share of every global batch.
+            return super().get_train_dataloader()
+        batches = self.train_dataset.with_format("numpy").batch(self._train_batch_size)
+        batches = batches.shuffle(seed=self.args.seed, buffer_size=1)  # shard order only: a buffer of one batch
+        return self._get_dataloader(batches, description="Training", batch_size=None, is_training=True)
 
     def _save_checkpoint(self, model, trial) -> None:
         # The Trainer deletes old checkpoints at the end of this call, before the callbacks have written their files
