@@ -220,6 +220,14 @@ class Tahoe100MTokenized(datasets.ArrowBasedBuilder):
                 raise ValueError(f"{file} is not a Tahoe-layout expression_data file: it lacks the columns {missing}")
         return {file: footers[file] for file in files if footers.get(file) is not None}
 
+    def schema(self) -> pa.Schema:
+        """The Arrow schema of the first readable file."""
+        for file in self.input_files()[0]:
+            footer = self.check_files([file]).get(file)
+            if footer is not None:
+                return footer.schema.to_arrow_schema()
+        raise ValueError(f"none of the files of {self.config.data_dir or self.config.data_files} can be read")
+
     def pieces(self, split: str) -> list[Piece]:
         """The pieces (files, or row groups when files are fewer than `min_shards`) that can hold cells of `split`:
         every piece for the barcode split, only those of its plates or files for a plate or file hold-out."""

@@ -2,6 +2,7 @@
 
 import ast
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from dataset_scripts import cell_counts, load_expression_data
+from dataset_scripts import cell_counts, load_expression_data, split_names
 from dataset_scripts.tahoe_standin import CONTROL, DOSES_UM, drug_key, write_standin_corpus
 
 REPO = Path(__file__).resolve().parent.parent
@@ -95,3 +96,36 @@ def test_training_data_is_streamed_and_evaluation_cells_come_from_every_file(cor
     ids = [row["BARCODE_SUB_LIB_ID"] for row in data.train_rows]
     held_out = set(data.splits["validation"]["BARCODE_SUB_LIB_ID"]) | set(data.splits["test"]["BARCODE_SUB_LIB_ID"])
     assert len(ids) == len(set(ids)) > 600 and not held_out & set(ids)
+
+
+def test_training_skips_bad_files_and_rows_and_names_them(corpus, tmp_path, caplog):
+    import shutil
+
+    import pyarrow as pa
+
+    import train_hf
+
+    data = tmp_path / "tahoe"
+    shutil.copytree(corpus, data)
+    truncated, empty, bad_rows = sorted((data / "data").glob("*.parquet"))[:3]
+    truncated.write_bytes(truncated.read_bytes()[:5000])
+    empty.write_bytes(b"")
+    rows = pq.read_table(bad_rows).to_pylist()
+    first, second, third = np.flatnonzero(split_names([r["BARCODE_SUB_LIB_ID"] for r in rows], 0.1, 0.15) == "train")[
+        :3
+    ]
+    rows[first]["expressions"] = rows[first]["expressions"][:-1]  # lists of different lengths
+    rows[second]["expressions"][2] = -3.0  # a negative count
+    rows[third]["genes"][2] = 10**6  # a gene id outside the vocabulary
+    pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(bad_rows)), bad_rows)
+    # 12 steps of 64 cells: a whole epoch of the 7 readable files' training cells
+    flags = f"--data {data} --max_steps 12 --max_length 64 --per_device_train_batch_size 64 --max_eval_cells 16"
+    flags += " --eval_time_grid 1 --model_card false --use_cpu --disable_tqdm true --interleave_files 4"
+    with caplog.at_level(logging.WARNING):
+        trainer, metrics = train_hf.main(["--output_dir", str(tmp_path / "run"), *flags.split()])
+    assert trainer.state.global_step == 12 and metrics["eval_tokens"] > 0
+    assert truncated.name in caplog.text and empty.name in caplog.text and bad_rows.name in caplog.text
+    assert "length_mismatch" in caplog.text and "bad_counts" in caplog.text and "unknown_genes" in caplog.text
+    (data / "metadata" / "gene_metadata.parquet").unlink()
+    with pytest.raises(FileNotFoundError, match="gene_metadata.parquet"):
+        train_hf.main(["--output_dir", str(tmp_path / "run2"), *flags.split()])

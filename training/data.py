@@ -293,14 +293,13 @@ def open_data(
         "interleave_files": data_args.interleave_files,
         "shard_multiple": shard_multiple,
     }
-    files, metadata = tahoe_builder(data_args.data, **config).input_files()
-    schema = tahoe_builder(data_args.data, **config).check_files(files[:1])[files[0]].schema
-    keep_columns = tuple(name for name in (CELL_ID_COLUMN, "plate") if name in schema.names)
+    names = tahoe_builder(data_args.data, **config).schema().names
+    keep_columns = tuple(name for name in (CELL_ID_COLUMN, "plate") if name in names)
     builder = tahoe_builder(data_args.data, keep_columns=keep_columns, **config)
     samples = builder.sample_cells(sizes, seed=data_args.split_seed, max_files=data_args.sample_files)
     stream = builder.as_streaming_dataset("train")  # the trainer batches it and shuffles its shard order per epoch
     name = str(data_args.data) if data_args.data is not None else str(EMBEDDED_SAMPLE)
-    return ExpressionSource(stream, read_gene_vocab(metadata), name), samples
+    return ExpressionSource(stream, read_gene_vocab(builder.input_files()[1]), name), samples
 
 
 def prepare_data(data_args: DataArguments, num_bins: int, seed: int = 0, shard_multiple: int = 1) -> PreparedData:
