@@ -286,3 +286,20 @@ def test_rank_rule_matches_tahoe_x1_on_every_cell_of_the_embedded_sample():
         np.testing.assert_array_equal(rank_tokens(expressed, 50), tahoe_x1_bins(expressed), err_msg=str(cells))
         cells += 1
     assert cells == 559
+
+
+def test_random_rule_lists_the_smallest_hash_keys_of_the_pool_with_the_cells_tokens():
+    rng = np.random.default_rng(2)
+    pool = np.arange(3, 900)
+    sizes, genes, tokens = _random_cells(rng, 12, pool)
+    tokenizer = CellTokenizer(max_length=100, gene_pool=pool, seed=4)
+    ids = [f"r{i}" for i in range(len(sizes))]
+    offsets, gene_ids, input_ids = tokenizer.select_batch(
+        np.concatenate([[0], np.cumsum(sizes)]), np.concatenate(genes), np.concatenate(tokens), ids, rule="random"
+    )
+    salts = cell_salts(4, 0, ids)[:, 3]  # the "panel" hash stream draws listed genes
+    for i in range(len(ids)):
+        expected = np.sort(pool[np.argsort(hash_keys(salts[i], pool))[:100]])
+        token_of = dict(zip(genes[i].tolist(), tokens[i].tolist()))
+        np.testing.assert_array_equal(gene_ids[offsets[i] : offsets[i + 1]], expected)
+        assert input_ids[offsets[i] : offsets[i + 1]].tolist() == [token_of.get(g, 0) for g in expected.tolist()]
