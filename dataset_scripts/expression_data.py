@@ -39,11 +39,13 @@ GENE_METADATA_PATH = "metadata/gene_metadata.parquet"
 
 @dataclass
 class ExpressionSource:
-    """Resolved data source: the rows (a `datasets` dataset, maybe streaming) and the gene vocabulary."""
+    """Resolved data source: the rows (a `datasets` dataset, maybe streaming), the gene vocabulary, and the builder
+    of a Tahoe-layout stream."""
 
     rows: datasets.Dataset | datasets.IterableDataset
     vocab: GeneVocab
     name: str
+    builder: Tahoe100MTokenized | None = None
 
 
 def read_gene_vocab(path: str | os.PathLike) -> GeneVocab:
@@ -218,14 +220,18 @@ class RankDiffusionCollator:
 
 
 class EpochCallback(TrainerCallback):
-    """Tells the collator which epoch starts, so subsampling is fixed by (seed, epoch, cell id).
+    """Tells the collator and the stream's builder which epoch starts, so subsampling is fixed by (seed, epoch, cell
+    id) and the stream's windows are shuffled anew.
 
-    DataLoader workers copy the collator when the epoch's iterator is made, after this callback runs; with
-    `dataloader_persistent_workers` they would keep the first epoch's copy.
+    DataLoader workers copy both when the epoch's iterator is made, after this callback runs; with
+    `dataloader_persistent_workers` they would keep the first epoch's copies.
     """
 
-    def __init__(self, collator: RankDiffusionCollator):
-        self.collator = collator
+    def __init__(self, collator: RankDiffusionCollator, builder: Tahoe100MTokenized | None = None):
+        self.collator, self.builder = collator, builder
 
     def on_epoch_begin(self, args, state, control, **kwargs):
-        self.collator.epoch = int(state.epoch + 1e-6)
+        epoch = int(state.epoch + 1e-6)
+        self.collator.epoch = epoch
+        if self.builder is not None:
+            self.builder.set_epoch(epoch)

@@ -21,11 +21,12 @@ expressed gene is kept and the rules are left to the collator, which draws anew 
 vectorised over blocks of cells and give each cell exactly what the per-cell tokenizer gives.
 
 Mixing: Tahoe files are grouped by plate. The files (or row groups, when files are few) are dealt into shards of
-about `interleave_files` files drawn across the data (seeded), each shard reads its files side by side,
-`block_rows` rows from each in turn, and shuffles each such window of cells (a shuffle buffer whose order is fixed
-by the seed). So a batch holds cells of many files and plates, while the stream stays a pure function of the seed:
-`.shuffle(seed, buffer_size=1)` permutes the shard order per epoch (the Trainer calls `set_epoch`), and
-`state_dict()` / `load_state_dict()`, or replaying the same number of cells, resume it exactly. Shards are split
+about `interleave_files` files drawn across the data (seeded), each shard reads its files side by side, an equal
+part of a `window_rows`-row window from each in turn, and shuffles each window of cells (a shuffle buffer whose
+order is fixed by the seed and the epoch, `set_epoch`). So a batch holds cells of many files and plates, while the
+stream stays a pure function of (seed, epoch): `.shuffle(seed, buffer_size=1)` also permutes the shard order per
+epoch (the Trainer calls the dataset's `set_epoch`), and `state_dict()` / `load_state_dict()`, or replaying the
+same number of cells, resume it exactly. Shards are split
 over ranks and DataLoader workers by `datasets` (`split_dataset_by_node`): give `shard_multiple` = ranks x workers
 so each reads its own files.
 
@@ -100,8 +101,8 @@ class Tahoe100MTokenizedConfig(datasets.BuilderConfig):
         validation_files, test_files (`tuple[str, ...]`): file names held out with `split_by="file"`.
         keep_columns (`tuple[str, ...]`): metadata columns carried to the output.
         interleave_files (`int`, defaults to 16): files (or row groups) a shard reads side by side.
-        block_rows (`int`, defaults to 64): rows taken from each of them in turn; a window of cells shuffled
-            together is `interleave_files x block_rows` rows.
+        window_rows (`int`, defaults to 1024): rows shuffled together, taken in equal parts from the files a shard
+            reads side by side.
         shard_multiple (`int`, defaults to 1): the number of shards is rounded up to a multiple of it (ranks x
             DataLoader workers, so each reads whole shards).
         min_shards (`int`, defaults to 64): when there are fewer files, each parquet row group is a piece of its own.
@@ -128,7 +129,7 @@ class Tahoe100MTokenizedConfig(datasets.BuilderConfig):
     test_files: tuple[str, ...] = ()
     keep_columns: tuple[str, ...] = METADATA_COLUMNS
     interleave_files: int = 16
-    block_rows: int = 64
+    window_rows: int = 1024
     shard_multiple: int = 1
     min_shards: int = 64
     on_bad_files: str = "skip"
@@ -143,8 +144,8 @@ class Tahoe100MTokenizedConfig(datasets.BuilderConfig):
         unknown = set(self.keep_columns) - set(METADATA_COLUMNS)
         if unknown:
             raise ValueError(f"keep_columns must come from {METADATA_COLUMNS}, got {sorted(unknown)}")
-        if min(self.interleave_files, self.block_rows, self.shard_multiple) < 1:
-            raise ValueError("interleave_files, block_rows and shard_multiple must be >= 1")
+        if min(self.interleave_files, self.window_rows, self.shard_multiple) < 1:
+            raise ValueError("interleave_files, window_rows and shard_multiple must be >= 1")
 
     def held_out(self, split: str) -> tuple[str, ...]:
         """The plates or file names of a held-out split (`split_by` "plate" or "file")."""
@@ -365,22 +366,24 @@ class Tahoe100MTokenized(datasets.ArrowBasedBuilder):
                 raise
             self._bad_file(file, error)
 
-    def _slices(self, piece: Piece):
-        """`block_rows`-row slices (no copy) of a piece, decoded `READ_ROWS` rows at a time."""
-        for record_batch in self._blocks(piece, READ_ROWS):
-            for start in range(0, record_batch.num_rows, self.config.block_rows):
-                yield record_batch.slice(start, self.config.block_rows)
+    epoch: int = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch whose window shuffles the next iteration draws (DataLoader workers copy it when an epoch's
+        iterator is made, as they copy the collator; [`EpochCallback`] sets both)."""
+        self.epoch = epoch
 
     def _generate_tables(self, shards, split, tokenizer, known_genes):
         for shard_idx, pieces in enumerate(shards):
-            readers = {piece: self._slices(piece) for piece in pieces}
+            readers = {piece: _RowReader(self._blocks(piece, READ_ROWS)) for piece in pieces}
             skipped = {piece: Counter() for piece in pieces}
             salt = zlib.crc32(repr(pieces[0]).encode())  # fixed by the shard's content, not its place in the order
             window = 0
             while readers:
-                blocks, rows, sources = [], [], []  # a slice of each live piece; its rows in the split; their piece
+                blocks, rows, sources = [], [], []  # a part of each live piece; its rows in the split; their piece
+                part = -(-self.config.window_rows // len(readers))
                 for piece in list(readers):
-                    block = next(readers[piece], None)
+                    block = readers[piece].take(part)
                     if block is None:
                         del readers[piece]
                         _report_skipped(piece, split, skipped.pop(piece))
@@ -391,7 +394,8 @@ class Tahoe100MTokenized(datasets.ArrowBasedBuilder):
                     blocks.append(block)
                 rows = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
                 if len(rows):  # one copy of the window: its cells in the split, shuffled
-                    order = np.random.default_rng([self.config.seed, salt, window]).permutation(len(rows))
+                    seed = [self.config.seed, self.epoch, salt, window]
+                    order = np.random.default_rng(seed).permutation(len(rows))
                     tables = [pa.Table.from_batches([block]) for block in blocks]
                     table = pa.concat_tables(tables, promote_options="permissive").take(rows[order])
                     table, batch = self.tokenize(table, tokenizer, known_genes)
@@ -448,6 +452,22 @@ class Tahoe100MTokenized(datasets.ArrowBasedBuilder):
             split: pa.concat_tables(tables, promote_options="permissive") if tables else None
             for split, tables in parts.items()
         }
+
+
+class _RowReader:
+    """The next `n` rows of a stream of record batches, as zero-copy slices (at most to the end of a batch)."""
+
+    def __init__(self, batches):
+        self.batches, self.batch, self.start = batches, None, 0
+
+    def take(self, n: int) -> pa.RecordBatch | None:
+        while self.batch is None or self.start >= len(self.batch):
+            self.batch, self.start = next(self.batches, None), 0
+            if self.batch is None:
+                return None
+        block = self.batch.slice(self.start, n)
+        self.start += len(block)
+        return block
 
 
 def _plates_in(footer: pq.FileMetaData, row_group: int | None) -> set[str] | None:

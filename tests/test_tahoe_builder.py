@@ -21,7 +21,7 @@ def fixture_dir(tmp_path_factory):
 
 
 def _builder(root, tmp_path, **kwargs):
-    kwargs = {"max_length": 128, "zero_share": 0.1, "block_rows": 4, "interleave_files": 4, **kwargs}
+    kwargs = {"max_length": 128, "zero_share": 0.1, "window_rows": 16, "interleave_files": 4, **kwargs}
     return Tahoe100MTokenized(data_dir=str(root), cache_dir=str(tmp_path / "cache"), **kwargs)
 
 
@@ -185,7 +185,7 @@ def test_data_files_as_list_or_glob(fixture_dir, tmp_path):
             cache_dir=str(tmp_path / "cache"),
             max_length=128,
             zero_share=0.1,
-            block_rows=4,
+            window_rows=16,
             interleave_files=4,
         )
         assert [r["BARCODE_SUB_LIB_ID"] for r in builder.as_streaming_dataset(split="train")] == by_dir
@@ -195,3 +195,13 @@ def test_data_files_as_list_or_glob(fixture_dir, tmp_path):
                 data_files={"train": files}, cache_dir=str(tmp_path / "c2"), zero_share=0.1
             ).as_streaming_dataset(split="train")
         )
+
+
+def test_windows_are_shuffled_anew_each_epoch_and_reproducibly(fixture_dir, tmp_path):
+    builder = _builder(fixture_dir, tmp_path, max_length=None, window_rows=64)
+    stream = builder.as_streaming_dataset(split="train")
+    orders = []
+    for epoch in (0, 1, 0):
+        builder.set_epoch(epoch)
+        orders.append([row["BARCODE_SUB_LIB_ID"] for row in stream])
+    assert sorted(orders[0]) == sorted(orders[1]) and orders[0] != orders[1] and orders[0] == orders[2]

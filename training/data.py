@@ -299,7 +299,7 @@ def open_data(
     samples = builder.sample_cells(sizes, seed=data_args.split_seed, max_files=data_args.sample_files)
     stream = builder.as_streaming_dataset("train")  # the trainer batches it and shuffles its shard order per epoch
     name = str(data_args.data) if data_args.data is not None else str(EMBEDDED_SAMPLE)
-    return ExpressionSource(stream, read_gene_vocab(builder.input_files()[1]), name), samples
+    return ExpressionSource(stream, read_gene_vocab(builder.input_files()[1]), name, builder), samples
 
 
 def prepare_data(data_args: DataArguments, num_bins: int, seed: int = 0, shard_multiple: int = 1) -> PreparedData:

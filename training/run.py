@@ -86,7 +86,7 @@ def build(
         train_dataset=data.train_rows,
         eval_dataset=data.validation_rows,
         data_collator=collator,
-        callbacks=[EpochCallback(collator)],
+        callbacks=[EpochCallback(collator, data.source.builder)],
         noise_scheduler=scheduler,
         eval_collator=RankDiffusionCollator(tokenizer, rule="panel"),
         baseline=data.baseline,
