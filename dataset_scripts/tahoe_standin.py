@@ -37,10 +37,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .conditions import CONTROL_DRUG, drug_key
 from .expression_data import EMBEDDED_SAMPLE, GENE_METADATA_PATH, cell_counts, load_expression_data
 from .schema import CLS_TOKEN_ID, CLS_VALUE, EXPRESSION_SCHEMA
 
-CONTROL = "DMSO_TF"
+CONTROL = CONTROL_DRUG
 DOSES_UM = (0.05, 0.5, 5.0)
 # (name as in the data, canonical SMILES, PubChem CID, targets, moa-broad, moa-fine): real compounds, names with
 # Tahoe's quirks (a trailing space, a solvate of the control's name).
@@ -54,11 +55,6 @@ DRUGS = (
 )
 ORGANS = ("Lung", "Skin", "Bowel", "Breast", "Pancreas", "Kidney", "Ovary", "Liver")
 DRIVERS = ("KRAS", "BRAF", "TP53", "EGFR", "PIK3CA", "NRAS")
-
-
-def drug_key(name: str) -> str:
-    """A drug's identity in the data: the name without surrounding spaces."""
-    return name.strip()
 
 
 def real_cells(data_dir: str | Path = EMBEDDED_SAMPLE) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -1,0 +1,121 @@
+"""Perturbation conditions of Tahoe-100M cells: which drug at which dose, and condition vocabularies.
+
+Tahoe-100M rows name the drug (`drug`) and the well (`sample`), not the dose: the dose is in
+`metadata/sample_metadata.parquet`, column `drugname_drugconc`, a Python literal such as
+`[('Bortezomib', 0.5, 'uM')]` (the control is `[('DMSO_TF', 0.0, 'uM')]`), joined on `sample`. Drug names vary
+between tables (trailing spaces, `"Trametinib (DMSO_TF solvate)"`): [`drug_key`] is the one identity of a drug.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import fsspec
+import pyarrow.parquet as pq
+
+CONTROL_DRUG = "DMSO_TF"
+SAMPLE_METADATA_PATH = "metadata/sample_metadata.parquet"
+UNITS_IN_UM = {"nM": 1e-3, "uM": 1.0, "µM": 1.0, "mM": 1e3, "M": 1e6}
+_SOLVATE = re.compile(r"\s*\([^()]*\bsolvate\)\s*$", flags=re.IGNORECASE)
+
+
+def drug_key(name: str) -> str:
+    """A drug's identity across Tahoe's tables: the name without surrounding spaces or a solvate suffix
+    (`"Ibuprofen "` and `"Metformin (DMSO_TF solvate)"` are `"Ibuprofen"` and `"Metformin"`)."""
+    return _SOLVATE.sub("", name.strip()).strip()
+
+
+def parse_drug_doses(value: str, *, where: str = "drugname_drugconc") -> list[tuple[str, float]]:
+    """`"[('Bortezomib', 0.5, 'uM')]"` -> `[("Bortezomib", 0.5)]`: (drug key, dose in uM) for each drug of a well.
+
+    Raises:
+        ValueError: the value is not a list of (name, number, unit) with a known unit; the message names it.
+    """
+    try:
+        entries = ast.literal_eval(value)
+        pairs = []
+        for name, amount, unit in entries:
+            if unit not in UNITS_IN_UM:
+                raise ValueError(f"unknown unit {unit!r} (known: {sorted(UNITS_IN_UM)})")
+            pairs.append((drug_key(str(name)), float(amount) * UNITS_IN_UM[unit]))
+    except (ValueError, TypeError, SyntaxError) as error:
+        raise ValueError(f"{where}: cannot read {value!r} as [(drug, dose, unit), ...]: {error}") from error
+    if not pairs:
+        raise ValueError(f"{where}: {value!r} names no drug")
+    return pairs
+
+
+def sample_conditions(root: str | os.PathLike) -> dict[str, tuple[str, float]]:
+    """Each well's (drug key, dose in uM), read from `ROOT/metadata/sample_metadata.parquet` of a Tahoe-layout
+    folder (local or `hf://`). The control's dose is 0.
+
+    Raises:
+        FileNotFoundError: the metadata file is missing (named).
+        ValueError: a column is missing, or a well holds several drugs (combinations are not modelled).
+    """
+    path = f"{root}/{SAMPLE_METADATA_PATH}" if str(root).startswith("hf://") else Path(root) / SAMPLE_METADATA_PATH
+    if not str(path).startswith("hf://") and not Path(path).exists():
+        raise FileNotFoundError(f"no sample metadata: expected {path} (its drugname_drugconc gives each well's dose)")
+    with fsspec.open(str(path), "rb") as f:
+        schema = pq.read_schema(f)
+        missing = [c for c in ("sample", "drugname_drugconc") if c not in schema.names]
+        if missing:
+            raise ValueError(f"{path} lacks the columns {missing}")
+        table = pq.read_table(f, columns=["sample", "drugname_drugconc"])
+    conditions = {}
+    for sample, value in zip(table["sample"].to_pylist(), table["drugname_drugconc"].to_pylist()):
+        pairs = parse_drug_doses(value, where=f"{path}, sample {sample!r}")
+        if len(pairs) > 1:
+            raise ValueError(f"{path}: sample {sample!r} holds several drugs {pairs}; combinations are not modelled")
+        conditions[str(sample)] = pairs[0]
+    return conditions
+
+
+@dataclass
+class ConditionVocab:
+    """The values of one categorical condition and their ids: 0 is the null condition (classifier-free guidance's
+    unconditional input), the values (sorted) take 1, 2, ...
+
+    Args:
+        name (`str`): the condition (`"cell_line_id"`, `"drug"`, an AnnData `obs` column).
+        values (`list[str]`): its values seen in training.
+    """
+
+    name: str
+    values: list[str]
+    _ids: dict[str, int] = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self.values = sorted({str(v) for v in self.values})
+        self._ids = {value: i + 1 for i, value in enumerate(self.values)}
+
+    def __len__(self) -> int:
+        return len(self.values) + 1  # with the null condition
+
+    def encode(self, values) -> list[int]:
+        """Ids of `values`; None is the null condition (0).
+
+        Raises:
+            KeyError: a value not seen in training, named with (some of) the known ones.
+        """
+        ids = []
+        for value in values:
+            if value is None:
+                ids.append(0)
+            elif str(value) in self._ids:
+                ids.append(self._ids[str(value)])
+            else:
+                known = ", ".join(self.values[:10]) + (", ..." if len(self.values) > 10 else "")
+                raise KeyError(f"unknown {self.name} {value!r}: the model knows {len(self.values)} ({known})")
+        return ids
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "values": self.values}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ConditionVocab:
+        return cls(data["name"], data["values"])
