@@ -396,8 +396,7 @@ class Tahoe100MTokenized(datasets.ArrowBasedBuilder):
                 if len(rows):  # one copy of the window: its cells in the split, shuffled
                     seed = [self.config.seed, self.epoch, salt, window]
                     order = np.random.default_rng(seed).permutation(len(rows))
-                    tables = [pa.Table.from_batches([block]) for block in blocks]
-                    table = pa.concat_tables(tables, promote_options="permissive").take(rows[order])
+                    table = pa.concat_tables(blocks, promote_options="permissive").take(rows[order])
                     table, batch = self.tokenize(table, tokenizer, known_genes)
                     for row in np.flatnonzero(~batch.kept):
                         skipped[sources[order[row]]][SKIP_REASONS[batch.reasons[row]]] += 1
@@ -455,19 +454,22 @@ class Tahoe100MTokenized(datasets.ArrowBasedBuilder):
 
 
 class _RowReader:
-    """The next `n` rows of a stream of record batches, as zero-copy slices (at most to the end of a batch)."""
+    """The next `n` rows of a stream of record batches, as a table of zero-copy slices."""
 
     def __init__(self, batches):
         self.batches, self.batch, self.start = batches, None, 0
 
-    def take(self, n: int) -> pa.RecordBatch | None:
-        while self.batch is None or self.start >= len(self.batch):
-            self.batch, self.start = next(self.batches, None), 0
-            if self.batch is None:
-                return None
-        block = self.batch.slice(self.start, n)
-        self.start += len(block)
-        return block
+    def take(self, n: int) -> pa.Table | None:
+        slices = []
+        while n > 0:
+            if self.batch is None or self.start >= len(self.batch):
+                self.batch, self.start = next(self.batches, None), 0
+                if self.batch is None:
+                    break
+            slices.append(self.batch.slice(self.start, n))
+            self.start += len(slices[-1])
+            n -= len(slices[-1])
+        return pa.Table.from_batches(slices) if slices else None
 
 
 def _plates_in(footer: pq.FileMetaData, row_group: int | None) -> set[str] | None:

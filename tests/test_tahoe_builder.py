@@ -205,3 +205,16 @@ def test_windows_are_shuffled_anew_each_epoch_and_reproducibly(fixture_dir, tmp_
         builder.set_epoch(epoch)
         orders.append([row["BARCODE_SUB_LIB_ID"] for row in stream])
     assert sorted(orders[0]) == sorted(orders[1]) and orders[0] != orders[1] and orders[0] == orders[2]
+
+
+def test_a_single_file_is_one_window_shuffled_whole(tmp_path):
+    """Windows span the parquet reads: one file of 400 cells in a 512-row window is shuffled as a whole."""
+    root = tmp_path / "tahoe"
+    write_tahoe_fixture(root, num_shards=1, cells_per_shard=400, num_genes=2000, row_group_size=100, seed=3)
+    config = {"max_length": None, "window_rows": 512, "min_shards": 1, "validation_share": 0.0, "test_share": 0.0}
+    builder = Tahoe100MTokenized(data_dir=str(root), cache_dir=str(tmp_path / "c"), **config)
+    order = [row["BARCODE_SUB_LIB_ID"] for row in builder.as_streaming_dataset(split="train")]
+    in_file = pq.read_table(next((root / "data").glob("*.parquet")))["BARCODE_SUB_LIB_ID"].to_pylist()
+    assert sorted(order) == sorted(in_file)
+    position = {cell: i for i, cell in enumerate(in_file)}
+    assert max(position[cell] for cell in order[:50]) >= 300  # the file's last rows come early too
