@@ -71,6 +71,14 @@ class RankDiTConfig(PreTrainedConfig):
             weighted by learned similarity) and the generated distribution, the weights from one softmax over the
             visible positions and a "generate" slot. A masked gene then takes the tokens the cell uses at similar
             genes. The logits are then log-probabilities.
+        conditions (`dict[str, list[str]]`, *optional*):
+            The categorical perturbation conditions the model is told (Tahoe: `cell_line_id`, `drug`; AnnData: `obs`
+            columns) and each one's values, in id order: value i has id i + 1, id 0 is the condition's learned null
+            value (unknown, or dropped for classifier-free guidance). Each gets an embedding table summed into the
+            conditioning vector of every block.
+        dose_condition (`bool`, *optional*, defaults to `False`):
+            Also tell the model the dose (uM) through a smooth function of log dose, with a learned null vector for an
+            unknown dose (NaN).
         attention_dropout (`float`, *optional*, defaults to 0.0):
             Dropout on attention probabilities.
         hidden_dropout (`float`, *optional*, defaults to 0.0):
@@ -107,6 +115,8 @@ class RankDiTConfig(PreTrainedConfig):
     cell_profile: bool = False
     gene_prior: bool = False
     copy_head: bool = False
+    conditions: dict[str, list[str]] | None = None
+    dose_condition: bool = False
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
     norm_eps: float = 1e-6
@@ -133,6 +143,11 @@ class RankDiTConfig(PreTrainedConfig):
             )
         if self.intermediate_size is None:
             self.intermediate_size = 4 * self.hidden_size
+        for name, values in (self.conditions or {}).items():
+            if name == "dose" or not values or len(set(values)) != len(values):
+                raise ValueError(
+                    f"conditions[{name!r}] must list distinct values (the dose is dose_condition), got {values!r}"
+                )
         # Unknown keys are kept (the base class stores them), but a near-miss of a field is a typo, not metadata.
         fields = [f.name for f in dataclasses.fields(self)]
         for key in kwargs:

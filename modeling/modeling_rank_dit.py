@@ -133,6 +133,42 @@ class RankDiTCellProfile(nn.Module):
         return self.linear_2(F.silu(self.linear_1(features.to(self.linear_1.weight.dtype))))
 
 
+class RankDiTConditionEmbedding(nn.Module):
+    """A cell's perturbation conditions as one vector added to the conditioning: a table per categorical condition
+    of `config.conditions` (id 0: its learned null value) and, with `config.dose_condition`, a small MLP of
+    (log10(dose + 1e-3), dose > 0), or a learned null vector where the dose is NaN (unknown or dropped)."""
+
+    def __init__(self, config: RankDiTConfig):
+        super().__init__()
+        self.tables = nn.ModuleList(
+            nn.Embedding(len(values) + 1, config.hidden_size) for values in (config.conditions or {}).values()
+        )
+        self.dose = None
+        if config.dose_condition:
+            self.dose = nn.Sequential(
+                nn.Linear(2, config.hidden_size), nn.SiLU(), nn.Linear(config.hidden_size, config.hidden_size)
+            )
+            self.dose_null = nn.Parameter(torch.zeros(config.hidden_size))
+
+    def forward(self, condition_ids: torch.Tensor | None, doses: torch.Tensor | None, like: torch.Tensor):
+        """`condition_ids` `(batch, n_conditions)` (None: all null), `doses` `(batch,)` in uM (None or NaN: null);
+        `like` a `(batch, hidden)` tensor giving the batch size, device and dtype."""
+        vector = torch.zeros_like(like)
+        if self.tables and condition_ids is None:
+            condition_ids = torch.zeros(like.shape[0], len(self.tables), dtype=torch.long, device=like.device)
+        for column, table in enumerate(self.tables):
+            vector = vector + table(condition_ids[:, column])
+        if self.dose is not None:
+            if doses is None:
+                doses = torch.full((like.shape[0],), float("nan"), device=like.device)
+            known = torch.isfinite(doses)
+            clean = torch.where(known, doses, torch.zeros_like(doses)).clamp(min=0)
+            features = torch.stack([torch.log10(clean + 1e-3), (clean > 0).to(clean.dtype)], dim=-1)
+            embedded = self.dose(features.to(like.dtype))
+            vector = vector + torch.where(known[:, None], embedded, self.dose_null.to(like.dtype))
+        return vector
+
+
 class RankDiTCopyHead(nn.Module):
     """A pointer over the visible positions, mixed with the generated distribution.
 
@@ -267,6 +303,8 @@ class RankDiTPreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias)
         elif isinstance(module, RankDiTGenePrior):
             init.zeros_(module.weight)
+        elif isinstance(module, RankDiTConditionEmbedding) and module.dose is not None:
+            init.zeros_(module.dose_null)
 
 
 class RankDiTModel(RankDiTPreTrainedModel):
@@ -294,10 +332,12 @@ class RankDiTModel(RankDiTPreTrainedModel):
         super().__init__(config)
         self.rank_embedding = nn.Embedding(config.num_rank_bins + 2, config.hidden_size)
         self.gene_embedding = nn.Embedding(config.gene_vocab_size, config.hidden_size)
-        # The conditioning every cell shares; time (and later cell metadata) embeddings are added to it.
+        # The conditioning every cell shares; the cell's profile, conditions and the time are added to it.
         self.base_conditioning = nn.Embedding(1, config.hidden_size)
         self.time_embedding = RankDiTTimestepEmbedding(config.hidden_size) if config.time_conditioning else None
         self.cell_profile = RankDiTCellProfile(config) if config.cell_profile else None
+        conditioned = bool(config.conditions) or config.dose_condition
+        self.condition_embedding = RankDiTConditionEmbedding(config) if conditioned else None
         self.blocks = nn.ModuleList(RankDiTBlock(config) for _ in range(config.num_hidden_layers))
         self.norm_out = nn.LayerNorm(config.hidden_size, eps=config.norm_eps, elementwise_affine=False)
         self.adaLN_out = RankDiTZeroLinear(config.hidden_size, 2 * config.hidden_size)
@@ -307,6 +347,27 @@ class RankDiTModel(RankDiTPreTrainedModel):
         )
         self.copy_head = RankDiTCopyHead(config) if config.copy_head else None
         self.post_init()
+
+    def _check_conditions(self, condition_ids, doses, batch_size: int) -> None:
+        config = self.config
+        if self.condition_embedding is None:
+            if condition_ids is not None or doses is not None:
+                raise ValueError("this model has no conditions (config.conditions, config.dose_condition)")
+            return
+        if doses is not None and (not config.dose_condition or tuple(doses.shape) != (batch_size,)):
+            raise ValueError(f"doses must be (batch,) = ({batch_size},) for a dose-conditioned model")
+        if condition_ids is None:
+            return
+        names = list(config.conditions or {})
+        if tuple(condition_ids.shape) != (batch_size, len(names)):
+            raise ValueError(f"condition_ids must be (batch, {len(names)}) for the conditions {names}")
+        if condition_ids.device.type != "cpu" or torch.compiler.is_compiling():
+            return
+        for column, name in enumerate(names):
+            ids, high = condition_ids[:, column], len(config.conditions[name])
+            bad = (ids < 0) | (ids > high)
+            if bad.any():
+                raise ValueError(f"condition_ids of {name!r} must be in 0..{high}; got {int(ids[bad][0])}")
 
     def _check_inputs(self, gene_ids, input_ids, attention_mask, timesteps):
         if gene_ids.dim() != 2 or gene_ids.shape != input_ids.shape:
@@ -339,6 +400,8 @@ class RankDiTModel(RankDiTPreTrainedModel):
         input_ids: torch.LongTensor,
         attention_mask: torch.Tensor | None = None,
         timesteps: torch.Tensor | None = None,
+        condition_ids: torch.LongTensor | None = None,
+        doses: torch.Tensor | None = None,
         return_dict: bool = True,
     ) -> RankDiTOutput | tuple[torch.Tensor, torch.Tensor]:
         r"""
@@ -351,6 +414,10 @@ class RankDiTModel(RankDiTPreTrainedModel):
                 1 for real positions, 0 for padding. Padding never changes the logits of real positions.
             timesteps (`torch.Tensor` of shape `(batch_size,)`, *optional*):
                 Diffusion time in [0, 1]; required when `config.time_conditioning`, ignored otherwise.
+            condition_ids (`torch.LongTensor` of shape `(batch_size, len(config.conditions))`, *optional*):
+                Each cell's id of each condition of `config.conditions` (0: null). None: every condition null.
+            doses (`torch.Tensor` of shape `(batch_size,)`, *optional*):
+                Each cell's dose in uM, NaN for null (`config.dose_condition`). None: every dose null.
             return_dict (`bool`, *optional*, defaults to `True`):
                 Return a [`RankDiTOutput`] instead of a tuple.
 
@@ -358,12 +425,15 @@ class RankDiTModel(RankDiTPreTrainedModel):
             [`RankDiTOutput`] with `logits` of shape `(batch_size, sequence_length, num_rank_bins + 1)`.
         """
         self._check_inputs(gene_ids, input_ids, attention_mask, timesteps)
+        self._check_conditions(condition_ids, doses, input_ids.shape[0])
         hidden_states = self.rank_embedding(input_ids) + self.gene_embedding(gene_ids)
         real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         visible = real & (input_ids != self.config.mask_token_id)
         conditioning = self.base_conditioning.weight.expand(input_ids.shape[0], -1)
         if self.cell_profile is not None:
             conditioning = conditioning + self.cell_profile(input_ids, visible, real)
+        if self.condition_embedding is not None:
+            conditioning = conditioning + self.condition_embedding(condition_ids, doses, conditioning)
         if self.time_embedding is not None:
             conditioning = conditioning + self.time_embedding(
                 timesteps.to(hidden_states.device).expand(input_ids.shape[0])
