@@ -304,7 +304,7 @@ class Tahoe100MTokenized(datasets.ArrowBasedBuilder):
             panel_share=config.panel_share,
             random_share=config.random_share,
             seed=config.seed,
-            gene_pool=known_genes if known_genes is not None else None,
+            gene_pool=known_genes,
             panel=np.array(config.panel) if config.panel is not None else None,
         )
 
@@ -380,7 +380,7 @@ class Tahoe100MTokenized(datasets.ArrowBasedBuilder):
             salt = zlib.crc32(repr(pieces[0]).encode())  # fixed by the shard's content, not its place in the order
             window = 0
             while readers:
-                blocks, rows, sources = [], [], []  # a part of each live piece; its rows in the split; their piece
+                blocks, rows, sources, offset = [], [], [], 0  # a part of each live piece; its rows in the split
                 part = -(-self.config.window_rows // len(readers))
                 for piece in list(readers):
                     block = readers[piece].take(part)
@@ -389,9 +389,10 @@ class Tahoe100MTokenized(datasets.ArrowBasedBuilder):
                         _report_skipped(piece, split, skipped.pop(piece))
                         continue
                     in_split = np.flatnonzero(self.split_of(block, piece[0]) == split)
-                    rows.append(in_split + sum(len(b) for b in blocks))
+                    rows.append(in_split + offset)
                     sources += [piece] * len(in_split)
                     blocks.append(block)
+                    offset += len(block)
                 rows = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
                 if len(rows):  # one copy of the window: its cells in the split, shuffled
                     seed = [self.config.seed, self.epoch, salt, window]
