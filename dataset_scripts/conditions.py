@@ -11,7 +11,6 @@ from __future__ import annotations
 import ast
 import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import fsspec
@@ -73,49 +72,3 @@ def sample_conditions(root: str | os.PathLike) -> dict[str, tuple[str, float]]:
             raise ValueError(f"{path}: sample {sample!r} holds several drugs {pairs}; combinations are not modelled")
         conditions[str(sample)] = pairs[0]
     return conditions
-
-
-@dataclass
-class ConditionVocab:
-    """The values of one categorical condition and their ids: 0 is the null condition (classifier-free guidance's
-    unconditional input), the values (sorted) take 1, 2, ...
-
-    Args:
-        name (`str`): the condition (`"cell_line_id"`, `"drug"`, an AnnData `obs` column).
-        values (`list[str]`): its values seen in training.
-    """
-
-    name: str
-    values: list[str]
-    _ids: dict[str, int] = field(init=False, repr=False)
-
-    def __post_init__(self):
-        self.values = sorted({str(v) for v in self.values})
-        self._ids = {value: i + 1 for i, value in enumerate(self.values)}
-
-    def __len__(self) -> int:
-        return len(self.values) + 1  # with the null condition
-
-    def encode(self, values) -> list[int]:
-        """Ids of `values`; None is the null condition (0).
-
-        Raises:
-            KeyError: a value not seen in training, named with (some of) the known ones.
-        """
-        ids = []
-        for value in values:
-            if value is None:
-                ids.append(0)
-            elif str(value) in self._ids:
-                ids.append(self._ids[str(value)])
-            else:
-                known = ", ".join(self.values[:10]) + (", ..." if len(self.values) > 10 else "")
-                raise KeyError(f"unknown {self.name} {value!r}: the model knows {len(self.values)} ({known})")
-        return ids
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "values": self.values}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> ConditionVocab:
-        return cls(data["name"], data["values"])

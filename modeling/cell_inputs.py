@@ -22,12 +22,17 @@ class CellInputs:
         ranks (`torch.LongTensor` of shape `(n_cells, length)`): rank tokens, `[MASK]` where `mask` (0 at padding).
         mask (`torch.BoolTensor` of shape `(n_cells, length)`): True at the positions to predict.
         attention_mask (`torch.BoolTensor` of shape `(n_cells, length)`): True at the positions the model sees.
+        condition_ids (`torch.LongTensor` of shape `(n_cells, n_conditions)`, *optional*): each cell's condition
+            ids (see [`ConditionEncoder`]); None: every condition null.
+        doses (`torch.Tensor` of shape `(n_cells,)`, *optional*): each cell's dose in uM (NaN: null).
     """
 
     gene_ids: torch.LongTensor
     ranks: torch.LongTensor
     mask: torch.BoolTensor
     attention_mask: torch.BoolTensor
+    condition_ids: torch.LongTensor | None = None
+    doses: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.gene_ids.shape[0]
@@ -66,7 +71,13 @@ class CellInputs:
         def take(values: torch.Tensor) -> torch.Tensor:
             return values[cell[:, None], index].masked_fill(~attention_mask, 0)
 
-        inputs = CellInputs(take(self.gene_ids), take(self.ranks), take(self.mask).bool(), attention_mask)
+        inputs = CellInputs(
+            take(self.gene_ids),
+            take(self.ranks),
+            take(self.mask).bool(),
+            attention_mask,
+            *(None if values is None else values[cell] for values in (self.condition_ids, self.doses)),
+        )
         return CellWindows(inputs, cell, index, self.gene_ids.shape)
 
     def rows(self, index: slice | torch.Tensor) -> CellInputs:
@@ -79,6 +90,7 @@ class CellInputs:
             self.ranks[index][:, :length],
             self.mask[index][:, :length],
             attention_mask[:, :length],
+            *(None if values is None else values[index] for values in (self.condition_ids, self.doses)),
         )
 
 

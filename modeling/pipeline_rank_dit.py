@@ -3,6 +3,7 @@
 >>> from transformers import pipeline
 >>> pipe = pipeline(model="outputs/demo/model", trust_remote_code=True)
 >>> pipe(gene_ids=["CD3E", "MS4A1", "LYZ"], ranks=[12, 0, 50], mask=[False, True, False])
+>>> pipe(gene_ids=genes, ranks=ranks, mask=mask, conditions={"drug": "Bortezomib", "dose": 0.5}, guidance_scale=2.0)
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from transformers import Pipeline
 
 from .configuration_rank_dit import IMPUTATION_TASK
 
-PREPROCESS_PARAMETERS = ("unknown_genes",)
-FORWARD_PARAMETERS = ("window_batch_size",)
+PREPROCESS_PARAMETERS = ("unknown_genes", "conditions")
+FORWARD_PARAMETERS = ("window_batch_size", "guidance_scale")
 
 
 class RankDiTImputationPipeline(Pipeline):
@@ -22,7 +23,9 @@ class RankDiTImputationPipeline(Pipeline):
     Call with `gene_ids=` (ids, Ensembl ids or symbols; one cell or a list of cells, any number of genes), `ranks=`
     or raw `counts=` (and `context_counts=`, the counts of a cell's other genes), and `mask=` (True = predict);
     `unknown_genes="ignore"` leaves genes outside the vocabulary out, `window_batch_size=` sets how many windows of
-    long cells go through the model at a time. Returns, per cell, a dict with `gene_ids`, `mask`, `probs`
+    long cells go through the model at a time. A perturbation-conditioned checkpoint takes `conditions=` (one dict
+    for every cell or one per cell, e.g. `{"cell_line_id": "CVCL_0480", "drug": "Bortezomib", "dose": 0.5}`) and
+    `guidance_scale=` (classifier-free guidance; 1 is the conditional model). Returns, per cell, a dict with `gene_ids`, `mask`, `probs`
     (`(length, B + 1)`, one-hot where visible) and `expected` (the expected rank). The checkpoint's
     `RankDiTProcessor`, saved beside the model, is loaded as the pipeline's `feature_extractor`. Sampling lives in
     the diffusers `MaskedRankDiffusionPipeline`.
@@ -53,12 +56,13 @@ class RankDiTImputationPipeline(Pipeline):
         inputs = dict(gene_ids=gene_ids, ranks=ranks, counts=counts, mask=mask, context_counts=context_counts)
         return super().__call__(inputs, **kwargs)
 
-    def preprocess(self, inputs, unknown_genes: str = "raise"):
-        return {"cells": self.feature_extractor(**inputs, unknown_genes=unknown_genes)}
+    def preprocess(self, inputs, unknown_genes: str = "raise", conditions=None):
+        cells = self.feature_extractor(**inputs, unknown_genes=unknown_genes)
+        return {"cells": self.feature_extractor.add_conditions(cells, conditions, self.model.config)}
 
-    def _forward(self, model_inputs, window_batch_size: int = 64):
+    def _forward(self, model_inputs, window_batch_size: int = 64, guidance_scale: float = 1.0):
         cells = model_inputs["cells"]
-        probs = self.feature_extractor.predictive_distribution(self.model, cells, batch_size=window_batch_size)
+        probs = self.feature_extractor.predictive_distribution(self.model, cells, window_batch_size, guidance_scale)
         return {"cells": cells, "probs": probs}
 
     def postprocess(self, model_outputs):

@@ -13,6 +13,7 @@ task drives the processor loaded beside a model. Every file a module here needs 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -24,6 +25,7 @@ from transformers.feature_extraction_utils import FeatureExtractionMixin
 from transformers.utils import cached_file
 
 from .cell_inputs import CellInputs, CellWindows
+from .conditions import ConditionEncoder, guided_logits
 from .configuration_rank_dit import RankDiTConfig
 from .gene_vocab import FIRST_GENE_ID, GENE_VOCAB_FILE, SPECIAL_TOKENS, GeneVocab
 from .pipeline_rank_dit import RankDiTImputationPipeline  # noqa: F401  (its code travels with the processor)
@@ -409,6 +411,11 @@ class RankDiTProcessor(FeatureExtractionMixin):
             "input_ids": cells.ranks.to(device),
             "attention_mask": cells.attention_mask.to(device) if padded else None,
             "timesteps": None if timesteps is None else timesteps.to(device),
+            **{
+                name: getattr(cells, name).to(device)
+                for name in ("condition_ids", "doses")
+                if getattr(cells, name) is not None
+            },
         }
 
     def distributions(self, probs: torch.Tensor, cells: CellInputs) -> torch.Tensor:
@@ -419,11 +426,24 @@ class RankDiTProcessor(FeatureExtractionMixin):
         probs = torch.where(visible[..., None], one_hot, probs)
         return probs * cells.attention_mask[..., None]
 
+    logits = staticmethod(guided_logits)  # the denoiser's output under classifier-free guidance, for the pipelines
+
+    @staticmethod
+    def add_conditions(cells: CellInputs, conditions, config: RankDiTConfig) -> CellInputs:
+        """`cells` told their perturbation conditions: `conditions` is one dict for every cell (`{"drug":
+        "Bortezomib", "dose": 0.5}`), a list of one dict per cell, or None (unconditional); see
+        [`ConditionEncoder.encode`] for the errors."""
+        ids, doses = ConditionEncoder.from_config(config).encode(conditions, len(cells))
+        return dataclasses.replace(cells, condition_ids=ids, doses=doses)
+
     @torch.no_grad()
-    def predictive_distribution(self, model, cells: CellInputs, batch_size: int = 64) -> torch.Tensor:
+    def predictive_distribution(
+        self, model, cells: CellInputs, batch_size: int = 64, guidance_scale: float = 1.0
+    ) -> torch.Tensor:
         """p(x0 | visible tokens) over 0..B at every position of `cells` from one pass of `model` (at t = 1 when
         it is time-conditioned): float32 `(n_cells, length, B + 1)` on the CPU. A cell longer than the model's
-        length is seen in windows; `batch_size` windows go through the model at a time."""
+        length is seen in windows; `batch_size` windows go through the model at a time. Cells with conditions are
+        scored under classifier-free guidance of `guidance_scale` ([`guided_logits`])."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         windows = self.windows(cells)
@@ -432,7 +452,7 @@ class RankDiTProcessor(FeatureExtractionMixin):
         for start in range(0, len(windows.inputs), batch_size):
             inputs = windows.inputs.rows(slice(start, start + batch_size))
             timesteps = torch.ones(len(inputs)) if model.config.time_conditioning else None
-            logits = model(**self.model_inputs(inputs, device, timesteps)).logits
+            logits = guided_logits(model, self.model_inputs(inputs, device, timesteps), guidance_scale)
             probs.append(F.pad(torch.softmax(logits.float(), dim=-1).cpu(), (0, 0, 0, width - logits.shape[1])))
         return self.distributions(windows.to_cells(torch.cat(probs)), cells)
 

@@ -47,6 +47,13 @@ EXAMPLE_DOC_STRING = """
         ...     generator=torch.Generator().manual_seed(0),
         ... )
         >>> out.ranks  # the masked positions sampled, the others as given
+
+        >>> # A perturbation-conditioned checkpoint: generate whole cells of a gene list for a condition
+        >>> out = pipe(
+        ...     gene_ids=[genes] * 100,
+        ...     conditions={"cell_line_id": "CVCL_0480", "drug": "Bortezomib", "dose": 0.5},
+        ...     guidance_scale=2.0,
+        ... )
         ```
 """
 
@@ -107,6 +114,7 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
         generator,
         output_type,
         callback_on_step_end_tensor_inputs,
+        guidance_scale=1.0,
     ) -> None:
         """Raise a clear error for any argument the call cannot use (the cells are checked by the processor)."""
         if output_type not in OUTPUT_TYPES:
@@ -120,6 +128,9 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not (_is_real(temperature) and math.isfinite(temperature) and temperature > 0):
             raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+        if not (_is_real(guidance_scale) and math.isfinite(guidance_scale) and guidance_scale >= 0):
+            raise ValueError(f"guidance_scale must be a number >= 0 (1: conditional, 0: unconditional), got "
+                             f"{guidance_scale!r}")  # fmt: skip
         if not (_is_real(top_p) and 0.0 < top_p <= 1.0):
             raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
         if generator is not None and not isinstance(generator, torch.Generator):
@@ -144,6 +155,8 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
         counts: CellValues | None = None,
         context_counts: CellValues | None = None,
         unknown_genes: str = "raise",
+        conditions: dict | list[dict] | None = None,
+        guidance_scale: float = 1.0,
         num_inference_steps: int = 64,
         sampler: str | None = None,
         temperature: float = 1.0,
@@ -172,6 +185,14 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
                 are those of the whole cell, as in training (a warning says when a cell looks like a part).
             unknown_genes (`str`, defaults to `"raise"`): `"ignore"` leaves genes outside the vocabulary out of
                 the model's input (gene id -1 in the output) instead of refusing the cell.
+            conditions (`dict` or `list[dict]`, *optional*): for a perturbation-conditioned checkpoint
+                (`model.config.conditions`), the cells' conditions: one dict for every cell, e.g.
+                `{"cell_line_id": "CVCL_0480", "drug": "Bortezomib", "dose": 0.5}` (dose in uM), or a list of one
+                dict per cell; a condition left out is unknown (its learned null). An unknown value is an error
+                naming the known ones. None: unconditional.
+            guidance_scale (`float`, defaults to 1.0): classifier-free guidance on the log-probabilities at every
+                step, `log p(x | null) + w (log p(x | c) - log p(x | null))`: 1 is the conditional model, 0 the
+                unconditional one, above 1 sharpens the conditions' effect (two denoiser passes per step).
             num_inference_steps (`int`, defaults to 64): denoising steps (first-hitting: one per masked token).
             sampler (`str`, *optional*): `"ancestral"`, `"first-hitting"` or `"confidence"`; the scheduler's
                 configured sampler by default.
@@ -202,7 +223,7 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
         """
         self.check_inputs(
             mask, mask_ratio, num_inference_steps, temperature, top_p, batch_size, generator, output_type,
-            callback_on_step_end_tensor_inputs,
+            callback_on_step_end_tensor_inputs, guidance_scale,
         )  # fmt: skip
         if mask_ratio is not None:  # drawn before the tokens are made: masked counts must not shape the bins
             if ranks is None and counts is None:
@@ -214,14 +235,15 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
         cells = self.processor(
             gene_ids, ranks=ranks, counts=counts, mask=mask, context_counts=context_counts, unknown_genes=unknown_genes
         )
+        cells = self.processor.add_conditions(cells, conditions, self.model.config)
         if output_type == "ranks":
             ranks_out, calls = self._sample(
                 cells, num_inference_steps, sampler, temperature, top_p, batch_size, use_cache, generator,
-                callback_on_step_end, callback_on_step_end_tensor_inputs,
+                callback_on_step_end, callback_on_step_end_tensor_inputs, guidance_scale,
             )  # fmt: skip
             probs_out = expected_out = None
         else:
-            probs = self.processor.predictive_distribution(self.model, cells, batch_size=batch_size)
+            probs = self.processor.predictive_distribution(self.model, cells, batch_size, guidance_scale)
             calls = torch.bincount(self.processor.windows(cells).cell, minlength=len(cells))
             expected = (probs * torch.arange(probs.shape[-1], dtype=probs.dtype)).sum(dim=-1)
             expected_out = np.where(cells.attention_mask.numpy(), expected.numpy(), np.nan)
@@ -240,7 +262,7 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
 
     def _sample(
         self, cells, num_inference_steps, sampler, temperature, top_p, batch_size, use_cache, generator,
-        callback, callback_inputs,
+        callback, callback_inputs, guidance_scale,
     ) -> tuple[np.ndarray, torch.Tensor]:  # fmt: skip
         """Sample the masked tokens of every window, `batch_size` windows at a time; returns the cells' tokens
         (-1 where the model saw nothing) and each cell's number of denoiser calls."""
@@ -257,7 +279,7 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
             where = {"cell": windows.cell[chunk], "position": windows.position[chunk, : batch.gene_ids.shape[1]]}
             where["position"] = where["position"].masked_fill(~batch.attention_mask, -1)
             sample, batch_calls = self._denoise(
-                batch, seeds[chunk], temperature, top_p, use_cache, callback, callback_inputs, where
+                batch, seeds[chunk], temperature, top_p, use_cache, callback, callback_inputs, where, guidance_scale
             )
             width = windows.inputs.gene_ids.shape[1]
             samples.append(F.pad(sample.cpu(), (0, width - sample.shape[1])))
@@ -267,7 +289,7 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
         return ranks, calls
 
     def _denoise(
-        self, batch, seeds, temperature, top_p, use_cache, callback, callback_inputs, where
+        self, batch, seeds, temperature, top_p, use_cache, callback, callback_inputs, where, guidance_scale
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the scheduler's loop on one batch of windows, on the model's device; returns the tokens and each
         window's number of denoiser calls. Without the cache nothing in the loop waits for the device."""
@@ -290,10 +312,10 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
                 if cached:  # only windows whose tokens changed: the row choice is a host sync
                     rows = (unfinished & changed).nonzero().squeeze(1)
                     if len(rows):
-                        logits[rows] = self._logits(inputs, sample, rows, None)
+                        logits[rows] = self._logits(inputs, sample, rows, None, guidance_scale)
                     calls[rows] += 1
                 else:
-                    logits = self._logits(inputs, sample, None, timestep if time_conditioned else None)
+                    logits = self._logits(inputs, sample, None, timestep if time_conditioned else None, guidance_scale)
                     calls += unfinished
                 out = scheduler.step(logits, timestep, sample, temperature=temperature, top_p=top_p)
                 if callback is not None:  # the sample it returns is the next step's (the other tensors are read-only)
@@ -305,12 +327,15 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
                 progress_bar.update()
         return sample, calls
 
-    def _logits(self, inputs: dict, sample: torch.Tensor, rows: torch.Tensor | None, timesteps) -> torch.Tensor:
-        """The model's float32 logits for the windows at `rows` (all when None)."""
+    def _logits(
+        self, inputs: dict, sample: torch.Tensor, rows: torch.Tensor | None, timesteps, guidance_scale: float
+    ) -> torch.Tensor:
+        """The model's float32 logits for the windows at `rows` (all when None), guided."""
         if rows is not None:
             inputs = {k: v[rows] for k, v in inputs.items() if v is not None}
             sample = sample[rows]
-        return self.model(**{**inputs, "input_ids": sample, "timesteps": timesteps}).logits.float()
+        inputs = {**inputs, "input_ids": sample, "timesteps": timesteps}
+        return self.processor.logits(self.model, inputs, guidance_scale)
 
     def impute_anndata(
         self,
@@ -322,6 +347,7 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
         return_probs: bool = False,
         key_added: str = "rankdiff",
         cell_batch_size: int = 256,
+        condition_columns: Sequence[str] | dict[str, str] | None = None,
         **call_kwargs,
     ):
         """Impute the masked (or missing) values of an AnnData of raw counts; returns an annotated copy.
@@ -345,11 +371,14 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
             return_probs (`bool`, defaults to `False`): also store the requested genes' distributions.
             key_added (`str`, defaults to `"rankdiff"`): prefix of the new layers and keys.
             cell_batch_size (`int`, defaults to 256): cells read and imputed together.
-            call_kwargs: passed to the pipeline call (`num_inference_steps`, `sampler`, `generator`, ...).
+            condition_columns (`list[str]` or `dict[str, str]`, *optional*): condition the imputation on `obs`
+                columns: their names, or condition -> column (`{"drug": "treatment"}`); see `conditions` of the call.
+            call_kwargs: passed to the pipeline call (`num_inference_steps`, `sampler`, `guidance_scale`,
+                `generator`, ...).
         """
         import scipy.sparse as sp
 
-        reserved = {"gene_ids", "ranks", "counts", "context_counts", "mask", "mask_ratio", "output_type"}
+        reserved = {"gene_ids", "ranks", "counts", "context_counts", "mask", "mask_ratio", "output_type", "conditions"}
         reserved.add("return_dict")
         if reserved & set(call_kwargs):
             raise ValueError(f"impute_anndata sets {sorted(reserved & set(call_kwargs))} itself")
@@ -361,6 +390,7 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
             raise KeyError(f"layer {layer!r} is not in the AnnData; its layers: {list(adata.layers)} (None: X)")
         if gene_column is not None and gene_column not in adata.var:
             raise KeyError(f"gene_column {gene_column!r} is not in adata.var; its columns: {list(adata.var)}")
+        obs_conditions = _obs_conditions(adata.obs, condition_columns)
         counts = adata.layers[layer] if layer is not None else adata.X
         source = f"layers[{layer!r}]" if layer is not None else "X"
         if mask is not None and tuple(mask.shape) != tuple(adata.shape):
@@ -398,7 +428,7 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
                 block = counts[rows]
                 block = np.asarray(block.toarray() if sp.issparse(block) else block, dtype=np.float64)
                 block_mask = mask[rows].toarray()
-                inputs = {"gene_ids": [], "counts": [], "mask": [], "context_counts": []}
+                inputs = {"gene_ids": [], "counts": [], "mask": [], "context_counts": [], "conditions": []}
                 columns, cells = [], []
                 for i, (cell, hidden) in enumerate(zip(block, block_mask)):
                     hidden = hidden & known  # a copy: masked entries of unknown genes stay masked below
@@ -419,11 +449,14 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
                     inputs["counts"].append(np.where(hidden[shown], np.nan, cell[shown]))
                     inputs["mask"].append(hidden[shown])
                     inputs["context_counts"].append(cell[expressed & ~shown])  # they still shape the cell's bins
+                    inputs["conditions"].append(obs_conditions[start + i] if obs_conditions else None)
                 cells_bar.update(len(block))
                 if not cells:
                     continue
+                inputs["conditions"] = inputs["conditions"] if obs_conditions else None
                 sampled = self(**inputs, **call_kwargs, output_type="ranks").ranks
-                scored = self(**inputs, output_type="probs", batch_size=call_kwargs.get("batch_size", 64))
+                scoring = {k: call_kwargs[k] for k in ("batch_size", "guidance_scale") if k in call_kwargs}
+                scored = self(**inputs, **scoring, output_type="probs")
                 for k, (i, cols) in enumerate(zip(cells, columns)):
                     hidden = inputs["mask"][k]
                     out_ranks[start + i, cols[hidden]] = sampled[k, : len(cols)][hidden]
@@ -441,6 +474,41 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
         if return_probs:
             result.obsm[f"{key_added}_probs"] = out_probs
         return result
+
+    def generate_anndata(self, obs, genes: CellValues, *, condition_columns=None, **call_kwargs):
+        """Generate one whole cell per row of `obs` (a pandas DataFrame), told the conditions in its columns.
+
+        Args:
+            obs (`pandas.DataFrame`): one row per cell to generate; the columns named like the model's conditions
+                (`model.config.conditions`, `"dose"`) condition it, the others are carried along.
+            genes: the gene list every cell is generated on (token ids, Ensembl ids or symbols).
+            condition_columns (`list[str]` or `dict[str, str]`, *optional*): the columns that condition (names, or
+                condition -> column); by default every column named like a condition of the model.
+            call_kwargs: passed to the pipeline call (`guidance_scale`, `num_inference_steps`, `generator`, ...).
+
+        Returns:
+            `anndata.AnnData`: `X` the sampled rank tokens 0..B (int16, cells x genes), `obs` as given, the genes as
+            `var_names`.
+        """
+        import anndata
+        import pandas as pd
+
+        reserved = {"gene_ids", "ranks", "counts", "context_counts", "mask", "mask_ratio", "output_type", "conditions"}
+        if reserved & set(call_kwargs):
+            raise ValueError(f"generate_anndata sets {sorted(reserved & set(call_kwargs))} itself")
+        if len(obs) == 0:
+            raise ValueError("obs holds no rows: one row per cell to generate")
+        if condition_columns is None:
+            known = [*(self.model.config.conditions or {}), *(["dose"] if self.model.config.dose_condition else [])]
+            condition_columns = [name for name in known if name in obs.columns]
+        genes = list(genes)
+        out = self(gene_ids=[genes] * len(obs), conditions=_obs_conditions(obs, condition_columns), **call_kwargs)
+        if (out.ranks < 0).any():
+            raise ValueError("some genes are outside the checkpoint's vocabulary: generate on known genes only")
+        obs = obs.copy()
+        obs.index = obs.index.astype(str)
+        var = pd.DataFrame(index=pd.Index([str(g) for g in genes]))
+        return anndata.AnnData(out.ranks.astype(np.int16), obs=obs, var=var)
 
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
         """Write the complete pipeline folder, the one export of a RankDiff model, so that it loads every way:
@@ -497,6 +565,21 @@ def _is_positive_int(value) -> bool:
 
 def _is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def _obs_conditions(obs, condition_columns) -> list[dict] | None:
+    """One conditions dict per row of an AnnData's `obs` from `condition_columns` (names, or condition -> column);
+    None without columns. Missing values (NaN) are the condition's null."""
+    if not condition_columns:
+        return None
+    columns = dict(condition_columns) if isinstance(condition_columns, dict) else {c: c for c in condition_columns}
+    missing = [column for column in columns.values() if column not in obs.columns]
+    if missing:
+        raise KeyError(f"condition columns {missing} are not in obs; its columns: {list(obs.columns)}")
+    values = {
+        name: obs[column].astype(object).where(obs[column].notna(), None).tolist() for name, column in columns.items()
+    }
+    return [{name: values[name][i] for name in columns} for i in range(len(obs))]
 
 
 def _nan_entries(counts):

@@ -1,5 +1,6 @@
 """RankDiT told a cell's perturbation conditions: embeddings in the conditioning, null values, save and load."""
 
+import numpy as np
 import pytest
 import torch
 from conftest import randomize_zero_init
@@ -60,3 +61,129 @@ def test_bad_conditions_are_named():
         plain(**cells, doses=torch.zeros(3))
     with pytest.raises(ValueError, match="must list distinct values"):
         RankDiTConfig(conditions={"drug": ["Aspirin", "Aspirin"]})
+
+
+# Pipelines: conditions given by name, classifier-free guidance, AnnData in and out, the Hub-style folder.
+
+B = 51 - 1  # the tiny preset's 50 bins
+
+
+def _pipe(model):
+    from modeling import GeneVocab, RankDiTProcessor
+    from pipelines import MaskedRankDiffusionPipeline, MaskedRankDiffusionScheduler
+
+    ids = range(3, 300)
+    vocab = GeneVocab(list(ids), [f"ENSG{i:011d}" for i in ids], [f"G{i}" for i in ids])
+    pipe = MaskedRankDiffusionPipeline(
+        model=model,
+        scheduler=MaskedRankDiffusionScheduler(num_rank_bins=model.config.num_rank_bins),
+        processor=RankDiTProcessor.from_model_config(model.config, gene_vocab=vocab),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+TOLD = {"cell_line_id": "CVCL_0480", "drug": "Aspirin", "dose": 0.5}
+GENES = [[f"G{i}" for i in range(10, 40)]] * 2
+
+
+def _probs(pipe, **kwargs):
+    ranks = [[1] * 30] * 2
+    mask = [[i % 3 == 0 for i in range(30)]] * 2
+    return pipe(gene_ids=GENES, ranks=ranks, mask=mask, output_type="probs", **kwargs).probs
+
+
+def test_guidance_scale_one_is_the_conditional_model_and_zero_the_unconditional():
+    model = _model()
+    pipe = _pipe(model)
+    conditional, unconditional = _probs(pipe, conditions=TOLD), _probs(pipe)
+    assert not np.allclose(conditional, unconditional, atol=1e-4)
+    cells = pipe.processor(GENES, ranks=[[1] * 30] * 2, mask=[[i % 3 == 0 for i in range(30)]] * 2)
+    with torch.no_grad():  # the model told the ids by hand: what guidance scale 1 must be
+        direct = model(**pipe.processor.model_inputs(cells, "cpu"), condition_ids=torch.tensor([[2, 1]] * 2),
+                       doses=torch.tensor([0.5, 0.5])).logits.softmax(-1)  # fmt: skip
+    masked = cells.mask.numpy()
+    np.testing.assert_allclose(conditional[masked], direct.numpy()[masked], atol=1e-5)
+    np.testing.assert_allclose(_probs(pipe, conditions=TOLD, guidance_scale=0.0), unconditional, atol=1e-5)
+    # Above 1: the log-probabilities extrapolated from the unconditional through the conditional.
+    guided = _probs(pipe, conditions=TOLD, guidance_scale=3.0)
+    expected = np.log(unconditional[masked]) + 3.0 * (np.log(conditional[masked]) - np.log(unconditional[masked]))
+    expected = np.exp(expected - expected.max(-1, keepdims=True))
+    np.testing.assert_allclose(guided[masked], expected / expected.sum(-1, keepdims=True), atol=1e-4)
+
+
+def test_generation_with_conditions_per_cell_and_guidance_with_every_sampler_and_the_cache():
+    pipe = _pipe(_model())
+    per_cell = [TOLD, {"cell_line_id": "CVCL_0023", "drug": "DMSO_TF", "dose": 0.0}]
+    for sampler in ("ancestral", "first-hitting", "confidence"):
+        outs = [
+            pipe(
+                gene_ids=GENES,
+                conditions=per_cell,
+                guidance_scale=2.0,
+                sampler=sampler,
+                num_inference_steps=8,
+                use_cache=cache,
+                generator=torch.Generator().manual_seed(0),
+            ).ranks  # fmt: skip
+            for cache in (True, False)
+        ]
+        np.testing.assert_array_equal(outs[0], outs[1])
+        assert ((outs[0] >= 0) & (outs[0] <= B)).all()
+    told = pipe(gene_ids=GENES, conditions=TOLD, guidance_scale=2.0, generator=torch.Generator().manual_seed(0))
+    plain = pipe(gene_ids=GENES, generator=torch.Generator().manual_seed(0))
+    assert (told.ranks != plain.ranks).any()
+
+
+def test_unknown_condition_values_and_names_are_named():
+    pipe = _pipe(_model())
+    with pytest.raises(KeyError, match=r"unknown drug 'Bortezomib': the model knows 2 \(Aspirin, DMSO_TF\)"):
+        pipe(gene_ids=GENES, conditions={"drug": "Bortezomib"})
+    with pytest.raises(KeyError, match=r"unknown conditions \['plate'\]"):
+        pipe(gene_ids=GENES, conditions={"plate": "p1"})
+    with pytest.raises(ValueError, match="one dict or a list of 2 dicts"):
+        pipe(gene_ids=GENES, conditions=[TOLD])
+    with pytest.raises(ValueError, match="guidance_scale must be a number >= 0"):
+        pipe(gene_ids=GENES, conditions=TOLD, guidance_scale=-1.0)
+    plain = _pipe(RankDiTModel(RankDiTConfig.from_preset("tiny", gene_vocab_size=300)).eval())
+    with pytest.raises(ValueError, match="this model has no conditions"):
+        plain(gene_ids=GENES, conditions=TOLD)
+
+
+def test_anndata_generation_and_imputation_conditioned_on_obs_columns():
+    import anndata
+    import pandas as pd
+
+    pipe = _pipe(_model())
+    obs = pd.DataFrame({"cell_line_id": ["CVCL_0480", "CVCL_1097", None], "drug": ["Aspirin"] * 3,
+                        "dose": [0.5, 5.0, np.nan], "well": ["a", "b", "c"]})  # fmt: skip
+    genes = [f"G{i}" for i in range(10, 30)]
+    generated = pipe.generate_anndata(obs, genes, num_inference_steps=4, generator=torch.Generator().manual_seed(0))
+    assert generated.shape == (3, 20) and list(generated.obs["well"]) == ["a", "b", "c"]
+    assert ((generated.X >= 0) & (generated.X <= B)).all() and list(generated.var_names) == genes
+    counts = np.random.default_rng(0).poisson(2.0, (3, 20)).astype(np.float32)
+    counts[:, :5] = np.nan
+    adata = anndata.AnnData(counts, obs=obs.set_index("well"))
+    adata.var_names = genes
+    told = pipe.impute_anndata(adata, condition_columns=["cell_line_id", "drug", "dose"])
+    plain = pipe.impute_anndata(adata)
+    assert not np.allclose(told.layers["rankdiff_expected"][:, :5], plain.layers["rankdiff_expected"][:, :5])
+    with pytest.raises(KeyError, match=r"condition columns \['treatment'\] are not in obs"):
+        pipe.impute_anndata(adata, condition_columns={"drug": "treatment"})
+
+
+def test_conditions_survive_the_hub_style_folder_and_the_transformers_task(tmp_path):
+    from diffusers import DiffusionPipeline
+    from transformers import pipeline
+
+    pipe = _pipe(_model())
+    pipe.save_pretrained(tmp_path / "pipe")
+    loaded = DiffusionPipeline.from_pretrained(tmp_path / "pipe", trust_remote_code=True)
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.model.config.conditions == CONDITIONS and loaded.model.config.dose_condition
+    np.testing.assert_allclose(_probs(loaded, conditions=TOLD, guidance_scale=2.0),
+                               _probs(pipe, conditions=TOLD, guidance_scale=2.0), atol=1e-5)  # fmt: skip
+    task = pipeline(model=str(tmp_path / "pipe" / "model"), trust_remote_code=True)
+    mask = [i % 3 == 0 for i in range(30)]
+    out = task(gene_ids=GENES[0], ranks=[1] * 30, mask=mask, conditions=TOLD, guidance_scale=2.0)
+    np.testing.assert_allclose(out["probs"], _probs(pipe, conditions=TOLD, guidance_scale=2.0)[0], atol=1e-5)

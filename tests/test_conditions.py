@@ -4,7 +4,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dataset_scripts.conditions import CONTROL_DRUG, ConditionVocab, drug_key, parse_drug_doses, sample_conditions
+from dataset_scripts.conditions import CONTROL_DRUG, drug_key, parse_drug_doses, sample_conditions
 from dataset_scripts.tahoe_standin import DOSES_UM, write_standin_corpus
 
 
@@ -48,11 +48,3 @@ def test_every_well_of_the_standin_has_its_drug_and_dose(tmp_path):
     pq.write_table(pa.table({"sample": ["s1"]}), root / "metadata" / "sample_metadata.parquet")
     with pytest.raises(ValueError, match="lacks the columns \\['drugname_drugconc'\\]"):
         sample_conditions(root)
-
-
-def test_condition_vocab_ids_round_trip_and_unknown_values_are_named():
-    vocab = ConditionVocab("cell_line_id", ["CVCL_0480", "CVCL_0023", "CVCL_0480"])
-    assert len(vocab) == 3 and vocab.encode(["CVCL_0023", None, "CVCL_0480"]) == [1, 0, 2]
-    assert ConditionVocab.from_dict(vocab.to_dict()).encode(["CVCL_0480"]) == [2]
-    with pytest.raises(KeyError, match="unknown cell_line_id 'CVCL_9999'.*CVCL_0023, CVCL_0480"):
-        vocab.encode(["CVCL_9999"])
