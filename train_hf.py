@@ -40,7 +40,7 @@ from training import (
     RankDiffusionTrainer,
 )
 from training.model_card import RunRecord
-from training.report import EVAL_RESULTS, clear_run_outputs, finished_run_outputs, write_model_card
+from training.report import CONDITIONS, EVAL_RESULTS, clear_run_outputs, finished_run_outputs, write_model_card
 from training.run import Run, build
 
 logger = logging.getLogger("train_hf")
@@ -76,6 +76,8 @@ def finalize(
     clear_run_outputs(output_dir)  # a resumed run's earlier outputs, if any: nothing of two runs mixes
     run.pipe.save_pretrained(output_dir)
     (output_dir / EVAL_RESULTS).write_text(json.dumps(metrics, indent=2) + "\n")
+    if run.data.conditions is not None:
+        (output_dir / CONDITIONS).write_text(json.dumps(run.data.conditions.to_dict(), indent=2) + "\n")
     logger.info("pipeline folder written to %s", output_dir)
     if card_args.model_card:
         run.pipe.set_progress_bar_config(disable=True)

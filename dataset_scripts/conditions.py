@@ -11,10 +11,17 @@ from __future__ import annotations
 import ast
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import fsspec
+import numpy as np
 import pyarrow.parquet as pq
+import torch
+
+from modeling.conditions import DOSE, ConditionEncoder
+
+from .splits import held_out_fraction
 
 CONTROL_DRUG = "DMSO_TF"
 SAMPLE_METADATA_PATH = "metadata/sample_metadata.parquet"
@@ -26,6 +33,13 @@ def drug_key(name: str) -> str:
     """A drug's identity across Tahoe's tables: the name without surrounding spaces or a solvate suffix
     (`"Ibuprofen "` and `"Metformin (DMSO_TF solvate)"` are `"Ibuprofen"` and `"Metformin"`)."""
     return _SOLVATE.sub("", name.strip()).strip()
+
+
+def condition_value(column: str, value) -> str | None:
+    """A condition's value as the model keys it: drugs by [`drug_key`], everything else as a string (None stays)."""
+    if value is None:
+        return None
+    return drug_key(str(value)) if column == "drug" else str(value)
 
 
 def parse_drug_doses(value: str, *, where: str = "drugname_drugconc") -> list[tuple[str, float]]:
@@ -72,3 +86,57 @@ def sample_conditions(root: str | os.PathLike) -> dict[str, tuple[str, float]]:
             raise ValueError(f"{path}: sample {sample!r} holds several drugs {pairs}; combinations are not modelled")
         conditions[str(sample)] = pairs[0]
     return conditions
+
+
+@dataclass
+class CellConditions:
+    """Each cell's conditions read from its row and encoded for the model, with condition dropout for
+    classifier-free guidance.
+
+    Args:
+        encoder ([`ConditionEncoder`]): the model's vocabularies.
+        dose_of_sample (`dict[str, float]`, *optional*): each well's dose in uM ([`sample_conditions`]), for rows
+            that name their well (`sample`) rather than carry a `dose` column.
+        dropout (`float`, defaults to 0): share of cells whose conditions are all replaced by the nulls, drawn by a
+            hash of (seed, epoch, cell id): the same cells after a resume, other cells each epoch.
+        seed (`int`, defaults to 0): salt of that draw.
+    """
+
+    encoder: ConditionEncoder
+    dose_of_sample: dict[str, float] | None = None
+    dropout: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"condition dropout must be in [0, 1), got {self.dropout}")
+        if self.encoder.dose_condition and self.dose_of_sample is None:
+            raise ValueError("a dose-conditioned model needs each well's dose (sample_conditions) or a dose column")
+
+    @property
+    def columns(self) -> list[str]:
+        """The row columns the conditions are read from (a well's dose comes through its `sample`)."""
+        return [*self.encoder.values, *(["sample"] if self.encoder.dose_condition else [])]
+
+    def __call__(self, columns: dict, cell_ids: list[str], epoch: int = 0) -> dict[str, torch.Tensor]:
+        """`{"condition_ids": (n, k), "doses": (n,)}` for the cells of `columns` (a dict of per-cell lists)."""
+        n = len(cell_ids)
+        values = {name: [condition_value(name, v) for v in columns[name]] for name in self.encoder.values}
+        if self.encoder.dose_condition:
+            if DOSE in columns:
+                values[DOSE] = list(columns[DOSE])
+            else:
+                values[DOSE] = [self._dose(sample) for sample in columns["sample"]]
+        ids, doses = self.encoder.encode_columns(values, n)
+        if self.dropout > 0:
+            dropped = np.array([held_out_fraction(f"{epoch}:{cell}", self.seed) < self.dropout for cell in cell_ids])
+            ids[dropped], doses[dropped] = 0, np.nan
+        out = {"condition_ids": torch.from_numpy(ids)} if self.encoder.values else {}
+        if self.encoder.dose_condition:
+            out["doses"] = torch.from_numpy(doses).float()
+        return out
+
+    def _dose(self, sample) -> float:
+        if sample is None or str(sample) not in self.dose_of_sample:
+            return float("nan")  # a well without metadata: the dose is unknown, its null
+        return self.dose_of_sample[str(sample)]

@@ -27,6 +27,7 @@ from transformers import TrainerCallback
 from modeling import CellTokenizer, GeneVocab
 
 from .anndata_source import load_anndata
+from .conditions import CellConditions
 from .schema import CELL_ID_COLUMN, marker_positions
 from .tahoe_100m_tokenized import Tahoe100MTokenized
 from .tokenization import tokenize_arrow_batch
@@ -207,16 +208,31 @@ class RankDiffusionCollator:
             call `save_pretrained` on it at every checkpoint).
         rule: force a selection rule (`"panel"` for evaluation); None lets the tokenizer draw one per cell.
         epoch: the training epoch, kept current by [`EpochCallback`] so each epoch draws new subsamples.
+        conditions ([`CellConditions`], *optional*): read each cell's perturbation conditions from its row (with
+            condition dropout) into `condition_ids` / `doses`.
     """
 
     cell_tokenizer: CellTokenizer
     rule: str | None = None
     epoch: int = 0
+    conditions: CellConditions | None = None
 
     def __call__(self, rows: list[dict] | dict[str, list]) -> dict[str, torch.Tensor]:
         offsets, genes, tokens, cell_ids = tokenized_cells(rows, self.cell_tokenizer.num_bins)
         selected = self.cell_tokenizer.select_batch(offsets, genes, tokens, cell_ids, epoch=self.epoch, rule=self.rule)
-        return pad_cells(*selected)
+        batch = pad_cells(*selected)
+        if self.conditions is not None:
+            columns = rows if isinstance(rows, dict) else {name: [row.get(name) for row in rows] for name in rows[0]}
+            row_of = {cell: i for i, cell in enumerate(columns[CELL_ID_COLUMN])}
+            kept = [row_of[cell] for cell in cell_ids]  # bad rows were skipped
+            needed = [c for c in self.conditions.columns if not (c == "sample" and "dose" in columns)]
+            missing = [name for name in needed if name not in columns]
+            if missing:
+                raise KeyError(f"the rows lack the condition columns {missing}; they have {sorted(columns)}")
+            picked = {name: [columns[name][i] for i in kept] for name in (*self.conditions.columns, "dose")
+                      if name in columns}  # fmt: skip
+            batch.update(self.conditions(picked, cell_ids, self.epoch))
+        return batch
 
 
 class EpochCallback(TrainerCallback):

@@ -61,6 +61,7 @@ from tqdm.auto import tqdm
 
 from modeling import CellTokenizer
 
+from .conditions import condition_value
 from .schema import CELL_ID_COLUMN, METADATA_COLUMNS, missing_columns
 from .splits import TEST_SHARE, VALIDATION_SHARE, split_names
 from .tokenization import SKIP_REASONS, TokenizedBatch, tokenize_arrow_batch
@@ -70,7 +71,7 @@ logger = logging.getLogger(__name__)
 HUB_DATASET = "tahoebio/Tahoe-100M"
 READ_ROWS = 256  # rows decoded from each parquet file at a time (a shard holds this many per file it reads)
 SPLITS = (datasets.Split.TRAIN, datasets.Split.VALIDATION, datasets.Split.TEST)
-SPLIT_BY = ("barcode", "plate", "file")
+SPLIT_BY = ("barcode", "plate", "file", "pair")
 
 # A piece of the data: a parquet file, or one row group of it.
 Piece = tuple[str, int | None]
@@ -99,6 +100,10 @@ class Tahoe100MTokenizedConfig(datasets.BuilderConfig):
         split_seed (`int`, defaults to 0): salt of the barcode hash.
         validation_plates, test_plates (`tuple[str, ...]`): plates held out with `split_by="plate"`.
         validation_files, test_files (`tuple[str, ...]`): file names held out with `split_by="file"`.
+        pair_columns (`tuple[str, str]`): with `split_by="pair"`, the two metadata columns whose value pairs are
+            held out (e.g. `("cell_line_id", "drug")`; drugs compared by [`drug_key`]).
+        validation_pairs, test_pairs (`tuple[tuple[str, str], ...]`): pairs held out with `split_by="pair"`: every
+            cell of such a pair goes to that split; all other cells train.
         keep_columns (`tuple[str, ...]`): metadata columns carried to the output.
         interleave_files (`int`, defaults to 16): files (or row groups) a shard reads side by side.
         window_rows (`int`, defaults to 1024): rows shuffled together, taken in equal parts from the files a shard
@@ -127,6 +132,9 @@ class Tahoe100MTokenizedConfig(datasets.BuilderConfig):
     test_plates: tuple[str, ...] = ()
     validation_files: tuple[str, ...] = ()
     test_files: tuple[str, ...] = ()
+    pair_columns: tuple[str, ...] = ()
+    validation_pairs: tuple[tuple[str, ...], ...] = ()
+    test_pairs: tuple[tuple[str, ...], ...] = ()
     keep_columns: tuple[str, ...] = METADATA_COLUMNS
     interleave_files: int = 16
     window_rows: int = 1024
@@ -146,10 +154,21 @@ class Tahoe100MTokenizedConfig(datasets.BuilderConfig):
             raise ValueError(f"keep_columns must come from {METADATA_COLUMNS}, got {sorted(unknown)}")
         if min(self.interleave_files, self.window_rows, self.shard_multiple) < 1:
             raise ValueError("interleave_files, window_rows and shard_multiple must be >= 1")
+        if self.split_by == "pair":
+            if len(self.pair_columns) != 2 or not set(self.pair_columns) <= set(METADATA_COLUMNS):
+                raise ValueError(f"split_by='pair' needs two pair_columns from {METADATA_COLUMNS}, got "
+                                 f"{self.pair_columns}")  # fmt: skip
+            for split in ("validation", "test"):
+                pairs = tuple(tuple(condition_value(c, v) for c, v in zip(self.pair_columns, pair))
+                              for pair in getattr(self, f"{split}_pairs"))  # fmt: skip
+                setattr(self, f"{split}_pairs", pairs)
+            both = set(self.validation_pairs) & set(self.test_pairs)
+            if both:
+                raise ValueError(f"pairs both in validation and test: {sorted(both)}")
 
-    def held_out(self, split: str) -> tuple[str, ...]:
-        """The plates or file names of a held-out split (`split_by` "plate" or "file")."""
-        kind = "plates" if self.split_by == "plate" else "files"
+    def held_out(self, split: str) -> tuple:
+        """The plates, file names or value pairs of a held-out split (`split_by` "plate", "file" or "pair")."""
+        kind = {"plate": "plates", "pair": "pairs"}.get(self.split_by, "files")
         return getattr(self, f"{split}_{kind}", ())
 
 
@@ -317,6 +336,14 @@ class Tahoe100MTokenized(datasets.ArrowBasedBuilder):
             name = Path(file).name
             split = next((s for s in ("validation", "test") if name in config.held_out(s)), "train")
             return np.full(table.num_rows, split)
+        if config.split_by == "pair":
+            columns = [table.column(c).to_pylist() for c in config.pair_columns]
+            pairs = [tuple(condition_value(c, v) for c, v in zip(config.pair_columns, pair)) for pair in zip(*columns)]
+            splits = np.full(table.num_rows, "train", dtype=object)
+            for split in ("validation", "test"):
+                held = set(config.held_out(split))
+                splits[[pair in held for pair in pairs]] = split
+            return splits.astype(str)
         if config.split_by == "plate":
             plates = np.array(table.column("plate").to_pylist(), dtype=object)
             splits = np.full(table.num_rows, "train", dtype=object)
@@ -354,17 +381,35 @@ class Tahoe100MTokenized(datasets.ArrowBasedBuilder):
         """Record batches of `rows` rows of one piece (the list columns, the kept metadata, the cell id and plate
         by default); a file that cannot be read ends with a warning."""
         file, row_group = piece
-        columns = columns or ["genes", "expressions", *dict.fromkeys([*self.config.keep_columns, CELL_ID_COLUMN])]
+        columns = columns or ["genes", "expressions", *self.config.keep_columns, *self.split_columns]
         try:
             with fsspec.open(file, "rb") as f:
                 parquet = pq.ParquetFile(f)
-                columns = [c for c in dict.fromkeys([*columns, "plate"]) if c in parquet.schema_arrow.names]
+                columns = [c for c in dict.fromkeys(columns) if c in parquet.schema_arrow.names]
                 groups = [row_group] if row_group is not None else None
                 yield from parquet.iter_batches(rows, row_groups=groups, columns=columns)
         except Exception as error:  # not `except (OSError, ...)`: evaluated when a generator closes at exit
             if not isinstance(error, (OSError, pa.ArrowException)):
                 raise
             self._bad_file(file, error)
+
+    @property
+    def split_columns(self) -> list[str]:
+        """The columns the split of a row is read from."""
+        return [CELL_ID_COLUMN, "plate", *self.config.pair_columns]
+
+    def distinct(self, columns: list[str]) -> pa.Table:
+        """The distinct combinations of metadata `columns` over every file (only those columns are read; a
+        condition's vocabulary and the pairs a screen holds)."""
+        parts = []
+        for file in tqdm(self.input_files()[0], desc="reading conditions", unit="file"):
+            for batch in self._blocks((file, None), 1 << 16, columns=columns):
+                table = pa.Table.from_batches([batch]).select(columns)
+                parts.append(table.group_by(columns, use_threads=False).aggregate([]))
+        if not parts:
+            raise ValueError(f"no readable rows to read {columns} from")
+        table = pa.concat_tables(parts, promote_options="permissive")
+        return table.group_by(columns, use_threads=False).aggregate([])
 
     epoch: int = 0
 
@@ -427,7 +472,7 @@ class Tahoe100MTokenized(datasets.ArrowBasedBuilder):
                 wanted.setdefault(piece, {})[split] = share
         parts: dict[str, list[pa.Table]] = {split: [] for split in sizes}
         for piece, shares in tqdm(sorted(wanted.items()), desc="sampling cells across the files", unit="file"):
-            keys = [b for b in self._blocks(piece, 1 << 16, columns=[CELL_ID_COLUMN, "plate"])]
+            keys = [b for b in self._blocks(piece, 1 << 16, columns=self.split_columns)]
             if not keys:
                 continue
             splits = self.split_of(pa.Table.from_batches(keys), piece[0])

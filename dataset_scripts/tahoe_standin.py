@@ -18,11 +18,15 @@ counts are 1 (Tahoe: 1,000-1,500 genes, most counts 1): the embedded sample's ce
 Tahoe's, which bounds how many a resampled cell can have.
 Drug names carry Tahoe's quirks: a trailing space and a "(DMSO_TF solvate)" variant.
 
-With `responses=True` each (drug, dose, line) shifts the expression of its drug's program of genes by a known
-log-fold change: a dose-response curve (Hill, EC50 per drug) times a line x drug interaction with structure shared
-across lines and drugs (low rank) and responders and non-responders within a condition. The ground truth, per
-drug, dose and line, is written to `metadata/simulated_effects.parquet` (`drug`, `dose_um`, `cell_line_id`,
-`responder_share`, `genes`, `log_fold_changes`).
+With `responses=True` the corpus is a drug screen with a known answer. Each line is its own kind of cell (a block
+of the real cells along their first principal axis, so lines differ at baseline), and each (drug, dose, line) shifts
+the expression of its drug's program (60 genes detected in >= 10% of cells) by a known log-fold change: a
+dose-response curve (Hill, EC50 per drug) times a line x drug sensitivity s = sigmoid(line axes . drug axes) with
+structure shared across lines and drugs (rank 2), and only a share s of a condition's cells respond (responders and
+non-responders within a condition). So the mean shift is neither additive in line and drug (it scales with s^2)
+nor the same across lines (PerturbMean's assumption), and a population is a mixture, not a shifted mean.
+The ground truth, per drug, dose and line, is written to `metadata/simulated_effects.parquet` (`drug`, `dose_um`,
+`cell_line_id`, `responder_share`, `genes`, `log_fold_changes`).
 
     python -m dataset_scripts.tahoe_standin /tmp/tahoe_standin --files 64 --cells_per_file 1600 --responses
 """
@@ -86,6 +90,20 @@ class ResponseModel:
         return self.programs[drug], strength * 2.0 * self.full_effects[drug], float(self.sensitivity[l_, d])
 
 
+def _first_axis(cells: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """Each cell's coordinate on the first principal axis of the cells' library-size-normalised log counts."""
+    from scipy import sparse
+    from sklearn.utils.extmath import randomized_svd
+
+    rows = np.repeat(np.arange(len(cells)), [len(g) for g, _ in cells])
+    genes = np.concatenate([g for g, _ in cells])
+    values = np.concatenate([np.log1p(1e4 * c / c.sum()) for _, c in cells])
+    _, columns = np.unique(genes, return_inverse=True)
+    matrix = sparse.csr_matrix((values, (rows, columns))).toarray()
+    u, s, _ = randomized_svd(matrix - matrix.mean(axis=0), 1, random_state=0)
+    return u[:, 0] * s[0]
+
+
 def _resample(genes, counts, library_size, rng, shift=None):
     """A cell of `library_size` UMIs drawn from a real cell's expression profile (optionally shifted)."""
     profile = counts / counts.sum()
@@ -124,9 +142,15 @@ def write_standin_corpus(
     drugs = [name for name, *_ in DRUGS]
     model = None
     if responses:
-        expressed = np.unique(np.concatenate([g for g, _ in cells]))
-        model = ResponseModel(expressed, [drug_key(d) for d in drugs if d != CONTROL], lines, rng)
+        # A screen: each line its own kind of cell (a block of the cells ordered along their first principal axis),
+        # each drug's program among the genes detected in at least 10% of the cells (so its effect can be seen).
+        order = np.argsort(_first_axis(cells), kind="stable")
+        pools = [block.tolist() for block in np.array_split(order, num_lines)]
+        genes, detected = np.unique(np.concatenate([g for g, _ in cells]), return_counts=True)
+        common = genes[detected >= 0.1 * len(cells)]
+        model = ResponseModel(common, [drug_key(d) for d in drugs if d != CONTROL], lines, rng)
 
+    layout = [(CONTROL, 0.0)] + [(drug, dose) for drug in drugs if drug != CONTROL for dose in DOSES_UM]
     plate_of_file = np.repeat(np.arange(num_plates), -(-num_files // num_plates))[:num_files]
     samples, obs, effects = [], [], {}
     for file_index in range(num_files):
@@ -134,8 +158,14 @@ def write_standin_corpus(
         rows = {name: [] for name in EXPRESSION_SCHEMA.names}
         for well in range(wells_per_file):
             sample = f"smp_{file_index * wells_per_file + well:05d}"
-            drug = drugs[rng.integers(len(drugs))]
-            dose = 0.0 if drug == CONTROL else float(rng.choice(DOSES_UM))
+            if model is not None:  # a screen's layout: every (drug, dose) and the control in turn, equally often
+                well_index = file_index * wells_per_file + well
+                if well_index % len(layout) == 0:
+                    rng.shuffle(layout)
+                drug, dose = layout[well_index % len(layout)]
+            else:
+                drug = drugs[rng.integers(len(drugs))]
+                dose = 0.0 if drug == CONTROL else float(rng.choice(DOSES_UM))
             name, smiles, cid, _, _, moa = DRUGS[drugs.index(drug)]
             samples.append((sample, plate, drug, f"[('{drug}', {dose}, 'uM')]"))
             for _ in range(cells_per_file // wells_per_file):

@@ -25,8 +25,9 @@ class RankDiTImputationPipeline(Pipeline):
     `unknown_genes="ignore"` leaves genes outside the vocabulary out, `window_batch_size=` sets how many windows of
     long cells go through the model at a time. A perturbation-conditioned checkpoint takes `conditions=` (one dict
     for every cell or one per cell, e.g. `{"cell_line_id": "CVCL_0480", "drug": "Bortezomib", "dose": 0.5}`) and
-    `guidance_scale=` (classifier-free guidance; 1 is the conditional model). Returns, per cell, a dict with `gene_ids`, `mask`, `probs`
-    (`(length, B + 1)`, one-hot where visible) and `expected` (the expected rank). The checkpoint's
+    `guidance_scale=` (classifier-free guidance; 1 is the conditional model). Returns, per cell, a dict with
+    `gene_ids`, `mask`, `probs` (`(length, B + 1)`, one-hot where visible) and `expected` (the expected rank). The
+    checkpoint's
     `RankDiTProcessor`, saved beside the model, is loaded as the pipeline's `feature_extractor`. Sampling lives in
     the diffusers `MaskedRankDiffusionPipeline`.
     """

@@ -139,6 +139,41 @@ class DataArguments:
         metadata={"help": "training cells read to fit the baselines and choose the gene pool and the panels"},
     )
     max_eval_cells: int = field(default=512, metadata={"help": "validation (and test) cells scored at most"})
+    conditions: str | None = field(
+        default=None,
+        metadata={
+            "help": "comma-separated metadata columns the model is told, e.g. cell_line_id,drug,dose (dose: uM from "
+            "metadata/sample_metadata.parquet joined on sample); AnnData: obs columns. Off when unset"
+        },
+    )
+    heldout_pairs: str | None = field(
+        default=None,
+        metadata={
+            "help": "CSV whose header names two of the conditions (e.g. cell_line_id,drug), whose rows are held-out "
+            "pairs: every cell (every dose) of such a pair is a test cell, never trained or validated on; validation "
+            "takes a --validation_share of the other perturbed pairs (drawn with --split_seed)"
+        },
+    )
+    condition_dropout: float = field(
+        default=0.1,
+        metadata={"help": "share of training cells shown with every condition null (classifier-free guidance)"},
+    )
+    control_drug: str = field(
+        default="DMSO_TF", metadata={"help": "the vehicle control's drug name (dose 0; never a validation pair)"}
+    )
+
+    def __post_init__(self):
+        if not 0.0 <= self.condition_dropout < 1.0:
+            raise ValueError(f"condition_dropout must be in [0, 1), got {self.condition_dropout}")
+        if self.heldout_pairs is not None and not self.conditions:
+            raise ValueError("--heldout_pairs needs --conditions (the pair's columns among them)")
+        if self.heldout_pairs is not None and self.split_by != "barcode":
+            raise ValueError(f"--heldout_pairs is its own split: leave --split_by at barcode, not {self.split_by!r}")
+
+    @property
+    def condition_names(self) -> list[str]:
+        """The conditions of `--conditions`, in order."""
+        return [name.strip() for name in (self.conditions or "").split(",") if name.strip()]
 
 
 @dataclass

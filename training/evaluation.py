@@ -14,6 +14,11 @@ from pipelines import MaskedRankDiffusionScheduler
 from .loss import masked_nelbo
 
 
+def condition_inputs(batch: dict, device) -> dict:
+    """The perturbation conditions of a collated batch as the model's keyword arguments (none without them)."""
+    return {name: batch[name].to(device) for name in ("condition_ids", "doses") if name in batch}
+
+
 @torch.no_grad()
 def evaluate_masked_diffusion(
     model: torch.nn.Module,
@@ -59,6 +64,7 @@ def evaluate_masked_diffusion(
             input_ids=noisy.to(device),
             attention_mask=batch["attention_mask"].to(device),
             timesteps=timesteps.to(device),
+            **condition_inputs(batch, device),
         ).logits.cpu()
 
     for batch in batches:

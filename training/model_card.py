@@ -103,6 +103,7 @@ class TrainingRun(RunRecord):
         baseline_choices: each baseline family's setting, chosen on validation cells.
         widgets: Hub widget examples (see [`widget_examples`]).
         plots: caption -> path relative to the card.
+        conditions: the run's perturbation conditions ([`ConditionSetup.to_dict`]), None without.
     """
 
     config: object
@@ -114,6 +115,7 @@ class TrainingRun(RunRecord):
     baseline_choices: dict[str, str] = field(default_factory=dict)
     widgets: list[dict] = field(default_factory=list)
     plots: dict[str, str] = field(default_factory=dict)
+    conditions: dict | None = None
 
 
 def widget_examples(
@@ -257,6 +259,49 @@ imputer(gene_ids=gene_ids, ranks=ranks, mask=mask)  # the cell above: probs, exp
 ```'''
 
 
+def _shown(values: list, most: int = 12) -> str:
+    return ", ".join(f"`{v}`" for v in values[:most]) + (f", ... ({len(values)} in all)" if len(values) > most else "")
+
+
+def conditions_section(run: TrainingRun) -> str:
+    """The card's `## Conditions` section: what the model is told, each vocabulary, guidance and the held-out pairs
+    (empty for an unconditional model)."""
+    if not run.conditions:
+        return ""
+    setup = run.conditions
+    rows = [f"| `{name}` | {len(values)} | {_shown(values)} |" for name, values in setup["conditions"].items()]
+    if setup["dose"]:
+        rows.append("| `dose` | uM | a smooth function of log10(dose + 1e-3) and dose > 0 (control: 0) |")
+    example = {name: values[0] for name, values in setup["conditions"].items()}
+    if setup["dose"]:
+        example["dose"] = 0.5
+    pairs = ""
+    if setup["test_pairs"]:
+        columns = " x ".join(setup["pair_columns"])
+        pairs = (
+            f"\n\nHeld out ({columns}): every dose of {len(setup['test_pairs'])} pairs is a test cell and never "
+            f"trained on ({_shown([' / '.join(p) for p in setup['test_pairs']], 8)}); validation pairs "
+            f"({_shown([' / '.join(p) for p in setup['validation_pairs']], 8)}) choose the guidance scale."
+        )
+    return f"""## Conditions
+
+The model is told each cell's perturbation conditions: one learned embedding per value (id 0 is each condition's
+learned null), summed into the adaLN conditioning of every block. During training all of a cell's conditions are
+replaced by the nulls at a rate (condition dropout), so the same model is also unconditional, and sampling uses
+classifier-free guidance on the log-probabilities at every step: `guidance_scale` 1 is the conditional model,
+0 the unconditional one, above 1 strengthens the conditions' effect. An unknown value is an error naming the
+known ones.
+
+| condition | values | vocabulary (id order from 1) |
+| --- | --- | --- |
+{chr(10).join(rows)}{pairs}
+
+```python
+out = pipe(gene_ids=[genes] * 100, conditions={example!r}, guidance_scale=2.0)
+```
+"""
+
+
 def _model_table(run: TrainingRun) -> str:
     config = run.config
     bins = config.num_rank_bins
@@ -303,6 +348,7 @@ baseline on the same masks, per evaluation panel: {headline(run)}.
 
 {_model_table(run)}
 
+{conditions_section(run)}
 ## Training
 
 - Data: `{run.data_name}`; cells are split into train / validation / test by a hash of their barcode. The

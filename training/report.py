@@ -29,9 +29,10 @@ logger = logging.getLogger(__name__)
 PLOTS_DIR = "plots"
 IMPUTATION_RESULTS = "imputation_results.json"
 EVAL_RESULTS = "eval_results.json"
+CONDITIONS = "conditions.json"  # a conditioned run's vocabularies and held-out pairs (what the benchmarks read)
 # What a finished run leaves in its folder besides checkpoints: the pipeline folder and the run's record.
 RUN_OUTPUTS = ("model_index.json", "model", "scheduler", "processor", "README.md", PLOTS_DIR, IMPUTATION_RESULTS,
-               EVAL_RESULTS, "preprocessor_config.json", "gene_vocab.json")  # fmt: skip
+               EVAL_RESULTS, CONDITIONS, "preprocessor_config.json", "gene_vocab.json")  # fmt: skip
 
 
 def finished_run_outputs(output_dir: str | Path) -> list[Path]:
@@ -137,6 +138,7 @@ def write_model_card(
             baseline_choices={family: choice["chosen"] for family, choice in report["baseline_choices"].items()},
             widgets=widgets,
             plots={caption: path.relative_to(output_dir).as_posix() for caption, path in plots.items()},
+            conditions=data.conditions.to_dict() if data.conditions is not None else None,
             **dataclasses.asdict(run),
         )
     )

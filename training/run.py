@@ -63,10 +63,13 @@ def build(
         gene_pool=data.gene_pool,
         panel=data.panel,
     )
+    conditions = data.conditions
     config = RankDiTConfig.from_preset(
         model_args.preset,
         gene_vocab_size=data.source.vocab.size,
         max_length=data_args.max_length,
+        conditions=(conditions.values or None) if conditions is not None else None,
+        dose_condition=conditions is not None and conditions.dose,
         **model_args.config_overrides(),
     )
     model = RankDiTModel(config)
@@ -80,6 +83,13 @@ def build(
     )
     processor = RankDiTProcessor.from_model_config(config, gene_vocab=data.source.vocab)
     collator = RankDiffusionCollator(tokenizer)
+    eval_collator = RankDiffusionCollator(tokenizer, rule="panel")
+    if conditions is not None:
+        collator.conditions = conditions.cell_conditions(data_args.condition_dropout, seed=training_args.seed)
+        eval_collator.conditions = conditions.cell_conditions()
+        logger.info("conditioned on %s (condition dropout %g)", ", ".join(
+            [*(f"{name} ({len(values)} values)" for name, values in conditions.values.items()),
+             *(["dose"] if conditions.dose else [])]), data_args.condition_dropout)  # fmt: skip
     trainer = RankDiffusionTrainer(
         model=model,
         args=training_args,
@@ -88,7 +98,7 @@ def build(
         data_collator=collator,
         callbacks=[EpochCallback(collator, data.source.builder)],
         noise_scheduler=scheduler,
-        eval_collator=RankDiffusionCollator(tokenizer, rule="panel"),
+        eval_collator=eval_collator,
         baseline=data.baseline,
         eval_time_grid=diffusion_args.eval_time_grid,
         eval_mask_ratio=diffusion_args.eval_mask_ratio,

@@ -17,7 +17,7 @@ from pipelines import MaskedRankDiffusionScheduler
 from .arguments import ema_decay_for
 from .checkpoints import CheckpointCompleteCallback, check_resumable, last_complete_checkpoint
 from .ema import EMACallback
-from .evaluation import evaluate_masked_diffusion
+from .evaluation import condition_inputs, evaluate_masked_diffusion
 from .loss import masked_nelbo, masked_ordinal
 
 
@@ -83,7 +83,11 @@ class RankDiffusionTrainer(Trainer):
         timesteps = self._global_strata_timesteps(original.shape[0], original.device)
         noisy = self.noise_scheduler.add_noise(original, timesteps, maskable=real)
         outputs = model(
-            gene_ids=inputs["gene_ids"], input_ids=noisy, attention_mask=attention_mask, timesteps=timesteps
+            gene_ids=inputs["gene_ids"],
+            input_ids=noisy,
+            attention_mask=attention_mask,
+            timesteps=timesteps,
+            **condition_inputs(inputs, original.device),
         )
         masked = noisy == self.noise_scheduler.config.mask_token_id
         count = num_items_in_batch if num_items_in_batch is not None else real.sum()
