@@ -138,6 +138,20 @@ def choose_panels(
     }
 
 
+def on_panel(batch, genes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`(tokens, counts)`, each `(n_cells, len(genes))`, of a tokenized batch's cells at the panel `genes` (sorted):
+    tokens from each whole cell, 0 (and count 0) where a panel gene is not expressed."""
+    n_cells, stride = len(batch.offsets) - 1, int(max(batch.gene_ids.max(initial=0), genes.max())) + 1
+    keys = segment_ids(batch.offsets) * stride + batch.gene_ids
+    order = np.argsort(keys)
+    wanted = (np.arange(n_cells)[:, None] * stride + genes[None, :]).ravel()
+    at = order[np.searchsorted(keys[order], wanted).clip(max=len(keys) - 1)]  # every kept cell expresses a gene
+    found = (keys[at] == wanted).reshape(n_cells, len(genes))
+    tokens = np.where(found, batch.input_ids[at].reshape(found.shape), 0)
+    counts = np.where(found, batch.counts[at].reshape(found.shape), 0)
+    return tokens, counts
+
+
 @dataclass
 class PreparedData:
     """The data of a run: the source, its splits (the training stream, sampled validation and test rows), the
@@ -177,14 +191,8 @@ class PreparedData:
         if not rows:
             raise ValueError("no cells to score on the panel")
         batch = tokenize_arrow_batch(pa.Table.from_pylist(rows), num_bins)
-        n_cells, stride = len(batch.offsets) - 1, int(max(batch.gene_ids.max(initial=0), genes.max())) + 1
-        keys = segment_ids(batch.offsets) * stride + batch.gene_ids
-        order = np.argsort(keys)
-        wanted = (np.arange(n_cells)[:, None] * stride + genes[None, :]).ravel()
-        at = order[np.searchsorted(keys[order], wanted).clip(max=len(keys) - 1)]
-        found = (keys[at] == wanted).reshape(n_cells, len(genes))
-        tokens = np.where(found, batch.input_ids[at].reshape(found.shape), 0)
-        counts = np.where(found, batch.counts[at].reshape(found.shape), 0)
+        n_cells = len(batch.offsets) - 1
+        tokens, counts = on_panel(batch, genes)
         levels = [token_levels(batch.cell(i)[1], num_bins) for i in range(n_cells)]
         return PanelCells(
             torch.from_numpy(np.repeat(genes[None, :].astype(np.int64), n_cells, axis=0)),

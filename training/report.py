@@ -51,6 +51,24 @@ def clear_run_outputs(output_dir: str | Path) -> None:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
+def add_card_section(card_path: str | Path, title: str, body: str) -> None:
+    """Put a `## title` section into a model card, replacing one of that title, before `## Limitations`."""
+    card_path = Path(card_path)
+    if not card_path.exists():
+        logger.warning("no model card at %s: the %s section is not written", card_path, title)
+        return
+    text = card_path.read_text()
+    heading = f"## {title}\n"
+    if heading in text:  # drop the old section, up to the next heading of its level
+        start = text.index(heading)
+        end = text.find("\n## ", start + len(heading))
+        text = text[:start] + (text[end + 1 :] if end >= 0 else "")
+    section = f"{heading}\n{body.strip()}\n\n"
+    at = text.find("## Limitations")
+    text = text[:at] + section + text[at:] if at >= 0 else text.rstrip() + "\n\n" + section
+    card_path.write_text(text)
+
+
 def write_model_card(
     output_dir: str | Path,
     *,

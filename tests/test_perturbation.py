@@ -1,0 +1,179 @@
+"""Perturbation-conditioned training and its benchmark: held-out pairs, condition dropout, the CLI contract, B0-B3."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from dataset_scripts.conditions import CellConditions, drug_key
+from dataset_scripts.tahoe_standin import write_standin_corpus
+from metrics.perturbation import MeanShiftBaselines, energy_distance, pearson_delta
+from modeling.conditions import ConditionEncoder
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def screen(tmp_path_factory):
+    root = tmp_path_factory.mktemp("screen") / "tahoe"
+    return write_standin_corpus(root, num_files=8, cells_per_file=192, num_plates=4, wells_per_file=4, num_lines=4,
+                                responses=True)  # fmt: skip
+
+
+def _pairs(root) -> set:
+    table = pq.read_table(sorted((root / "data").glob("*.parquet")), columns=["cell_line_id", "drug"])
+    return {(line, drug_key(drug)) for line, drug in zip(table["cell_line_id"].to_pylist(), table["drug"].to_pylist())}
+
+
+@pytest.fixture(scope="module")
+def heldout(screen, tmp_path_factory):
+    line = sorted(_pairs(screen))[0][0]
+    path = tmp_path_factory.mktemp("pairs") / "heldout.csv"
+    path.write_text(f"cell_line_id,drug\n{line},Aspirin\n{line},Caffeine\n")
+    return path, {(line, "Aspirin"), (line, "Caffeine")}
+
+
+def test_heldout_pairs_are_test_cells_at_every_dose_and_never_train_or_validate(screen, heldout):
+    from training import DataArguments
+    from training.data import prepare_data
+
+    path, pairs = heldout
+    args = DataArguments(data=str(screen), conditions="cell_line_id,drug,dose", heldout_pairs=str(path),
+                         max_eval_cells=2000, max_length=64, interleave_files=2)  # fmt: skip
+    data = prepare_data(args, 10)
+    setup = data.conditions
+    assert set(setup.test_pairs) == pairs and setup.validation_pairs and not set(setup.validation_pairs) & pairs
+    assert setup.values["drug"] == sorted(
+        {"Acetaminophen", "Aspirin", "Caffeine", "DMSO_TF", "Ibuprofen", "Metformin"}
+    )
+
+    def pairs_of(rows):
+        return [(r["cell_line_id"], drug_key(r["drug"])) for r in rows]
+
+    trained = pairs_of(data.train_rows)
+    assert len(trained) > 1000 and not set(trained) & pairs
+    assert not set(trained) & set(setup.validation_pairs) and not set(pairs_of(data.reference_rows)) & pairs
+    test = data.splits["test"]
+    assert set(pairs_of(test)) == pairs  # every test cell is of a held-out pair, and both pairs are there
+    doses = {setup.dose_of_sample[s] for s in test["sample"]}
+    assert doses == {0.05, 0.5, 5.0}  # every dose of them
+    assert set(pairs_of(data.splits["validation"])) == set(setup.validation_pairs)
+
+
+def test_heldout_pairs_files_are_checked(screen, tmp_path):
+    from training import DataArguments
+    from training.data import prepare_data
+
+    def prepare(text):
+        (tmp_path / "pairs.csv").write_text(text)
+        args = DataArguments(data=str(screen), conditions="cell_line_id,drug,dose",
+                             heldout_pairs=str(tmp_path / "pairs.csv"), max_length=64)  # fmt: skip
+        return prepare_data(args, 10)
+
+    line = sorted(_pairs(screen))[0][0]
+    with pytest.raises(ValueError, match=r"pairs not in the data: \[\('CVCL_9999', 'Aspirin'\)\]"):
+        prepare("cell_line_id,drug\nCVCL_9999,Aspirin\n")
+    with pytest.raises(ValueError, match="the control DMSO_TF cannot be held out"):
+        prepare(f"cell_line_id,drug\n{line},DMSO_TF\n")
+    with pytest.raises(ValueError, match=r"\['plate'\] are not categorical conditions"):
+        prepare(f"cell_line_id,plate\n{line},plate1\n")
+    with pytest.raises(ValueError, match="--heldout_pairs needs --conditions"):
+        DataArguments(data=str(screen), heldout_pairs=str(tmp_path / "pairs.csv"))
+
+
+def test_condition_dropout_nulls_every_condition_of_a_share_of_cells_anew_each_epoch():
+    encoder = ConditionEncoder({"cell_line_id": ["A", "B"], "drug": ["DMSO_TF", "X"]}, dose_condition=True)
+    conditions = CellConditions(encoder, {"w1": 0.5, "w2": 0.0}, dropout=0.2, seed=3)
+    n = 5000
+    columns = {"cell_line_id": ["A", "B"] * (n // 2), "drug": ["X"] * n, "sample": ["w1", "w2"] * (n // 2)}
+    cells = [f"cell{i}" for i in range(n)]
+    first = conditions(columns, cells, epoch=0)
+    dropped = (first["condition_ids"] == 0).all(dim=1).numpy()
+    assert abs(dropped.mean() - 0.2) < 0.02
+    assert np.isnan(first["doses"].numpy()[dropped]).all() and not np.isnan(first["doses"].numpy()[~dropped]).any()
+    assert (first["condition_ids"][~dropped] > 0).all()
+    again, later = conditions(columns, cells, epoch=0), conditions(columns, cells, epoch=1)
+    assert (again["condition_ids"] == first["condition_ids"]).all()
+    later_dropped = (later["condition_ids"] == 0).all(dim=1).numpy()
+    assert abs(later_dropped.mean() - 0.2) < 0.02 and (later_dropped != dropped).mean() > 0.2
+    none = CellConditions(encoder, {"w1": 0.5}, dropout=0.0)(columns, cells)
+    assert (none["condition_ids"] > 0).all() and not np.isnan(none["doses"][::2].numpy()).any()
+    assert np.isnan(none["doses"][1::2].numpy()).all()  # a well without metadata: the dose is unknown
+
+
+def test_the_cli_contract_trains_a_conditioned_model_and_the_benchmark_scores_it(screen, heldout, tmp_path):
+    import train_hf
+
+    path, _ = heldout
+    out = tmp_path / "run"
+    flags = f"--data {screen} --conditions cell_line_id,drug,dose --heldout_pairs {path} --condition_dropout 0.2"
+    flags += " --control_drug DMSO_TF --max_steps 6 --max_length 64 --max_eval_cells 32 --eval_time_grid 1"
+    flags += " --model_card false --use_cpu --disable_tqdm true --interleave_files 2 --eval_strategy no"
+    trainer, _ = train_hf.main(["--output_dir", str(out), *flags.split()])
+    config = trainer.model.config
+    assert config.dose_condition and set(config.conditions) == {"cell_line_id", "drug"}
+    recorded = json.loads((out / "conditions.json").read_text())
+    assert recorded["conditions"] == config.conditions and recorded["control_drug"] == "DMSO_TF"
+    assert {tuple(p) for p in recorded["test_pairs"]} == heldout[1]
+    report = tmp_path / "perturbation.json"
+    command = [sys.executable, str(REPO / "benchmarks" / "perturbation.py"), "--checkpoint", str(out), "--data",
+               str(screen), "--cells_per_condition", "6", "--guidance_scales", "1,2", "--num_inference_steps", "4",
+               "--json", str(report), "--no_card"]  # fmt: skip
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "B2 PerturbMean" in done.stdout and "RankDiT" in done.stdout
+    results = json.loads(report.read_text())
+    assert results["test_perturbations"] == 6 and results["choices"]["guidance_scale"]["chosen"] in (1.0, 2.0)
+    for space in ("expression", "tokens"):
+        methods = results["results"][space]
+        assert len(methods) == 5 and all("Pearson delta" in scores and "DE overlap" in scores
+                                         for scores in methods.values())  # fmt: skip
+    assert all("energy distance" in scores for scores in results["results"]["expression"].values())
+
+
+def _additive_screen(interaction: float, seed: int = 0):
+    """Cells of 5 lines x 4 treatments (+ control) whose mean shift is line + treatment (+ a rank-1 interaction)."""
+    rng = np.random.default_rng(seed)
+    lines, treatments, genes = [f"L{i}" for i in range(5)], [("D", d) for d in (0.5, 1.0, 2.0, 4.0)], 30
+    base, line_effect = rng.normal(size=(5, genes)), rng.normal(size=(5, genes))
+    drug_effect, u, v = rng.normal(size=(4, genes)), rng.normal(size=5), rng.normal(size=(4, genes))
+    rows, keys = [], []
+    for li, line in enumerate(lines):
+        rows.append(base[li] + 0.01 * rng.normal(size=(20, genes)))
+        keys += [(line, "DMSO_TF", 0.0)] * 20
+        for ti, (drug, dose) in enumerate(treatments):
+            shift = line_effect[li] + drug_effect[ti] + interaction * u[li] * v[ti]
+            rows.append(base[li] + shift + 0.01 * rng.normal(size=(20, genes)))
+            keys += [(line, drug, dose)] * 20
+    return np.vstack(rows), keys, lambda li, ti: line_effect[li] + drug_effect[ti] + interaction * u[li] * v[ti]
+
+
+def test_baselines_b2_leaves_the_line_out_and_b3_recovers_additive_and_low_rank_shifts():
+    matrix, keys, truth = _additive_screen(interaction=0.0)
+    held = ("L0", "D", 2.0)
+    train = [i for i, k in enumerate(keys) if k != held]
+    base = MeanShiftBaselines(matrix[train], [keys[i] for i in train], "DMSO_TF")
+    others = [base.shifts[(f"L{i}", "D", 2.0)] for i in range(1, 5)]
+    np.testing.assert_allclose(base.b2(held), np.mean(others, axis=0))
+    assert pearson_delta(base.fit_b3(0.01, 0).b3(held), truth(0, 2)) > 0.99
+    assert np.abs(base.b0(held)).sum() == 0
+    matrix, keys, truth = _additive_screen(interaction=3.0)
+    train = [i for i, k in enumerate(keys) if k != held]
+    base = MeanShiftBaselines(matrix[train], [keys[i] for i in train], "DMSO_TF")
+    additive = np.abs(base.fit_b3(0.01, 0).b3(held) - truth(0, 2)).mean()
+    low_rank = np.abs(base.fit_b3(0.01, 1).b3(held) - truth(0, 2)).mean()
+    assert low_rank < 0.5 * additive
+
+
+def test_set_metrics():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(300, 5)), rng.normal(size=(300, 5))
+    assert abs(energy_distance(x, y)) < 0.1 and energy_distance(x, y + 1.0) > 1.0
+    real = np.r_[np.full(50, 2.0), rng.normal(0, 0.1, 100)]
+    predicted = np.r_[np.full(50, 2.0) + rng.normal(0, 0.01, 50), rng.normal(0, 0.1, 100)]
+    assert pearson_delta(predicted, real) > 0.95 and pearson_delta(np.zeros(150), real) == 0.0
+    assert pearson_delta(predicted, real, top=50) < 0.5  # among the top genes the prediction is noise
