@@ -20,7 +20,7 @@ Drug names carry Tahoe's quirks: a trailing space and a "(DMSO_TF solvate)" vari
 
 With `responses=True` the corpus is a drug screen with a known answer. Each line is its own kind of cell (a block
 of the real cells along their first principal axis, so lines differ at baseline), and each (drug, dose, line) shifts
-the expression of its drug's program (60 genes detected in >= 10% of cells) by a known log-fold change: a
+the expression of its drug's program (60 genes detected in >= 30% of cells) by a known log-fold change: a
 dose-response curve (Hill, EC50 per drug) times a line x drug sensitivity s = sigmoid(line axes . drug axes) with
 structure shared across lines and drugs (rank 2), and only a share s of a condition's cells respond (responders and
 non-responders within a condition). So the mean shift is neither additive in line and drug (it scales with s^2)
@@ -87,7 +87,7 @@ class ResponseModel:
         """(genes, log-fold changes of a responder cell, share of responders) of a line treated with a drug."""
         d, l_ = self.drugs.index(drug), self.lines.index(line)
         strength = hill(dose_um, self.ec50[drug]) * self.sensitivity[l_, d]
-        return self.programs[drug], strength * 2.0 * self.full_effects[drug], float(self.sensitivity[l_, d])
+        return self.programs[drug], strength * 3.0 * self.full_effects[drug], float(self.sensitivity[l_, d])
 
 
 def _first_axis(cells: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
@@ -143,11 +143,11 @@ def write_standin_corpus(
     model = None
     if responses:
         # A screen: each line its own kind of cell (a block of the cells ordered along their first principal axis),
-        # each drug's program among the genes detected in at least 10% of the cells (so its effect can be seen).
+        # each drug's program among the genes detected in at least 30% of the cells (so its effect can be seen).
         order = np.argsort(_first_axis(cells), kind="stable")
         pools = [block.tolist() for block in np.array_split(order, num_lines)]
         genes, detected = np.unique(np.concatenate([g for g, _ in cells]), return_counts=True)
-        common = genes[detected >= 0.1 * len(cells)]
+        common = genes[detected >= 0.3 * len(cells)]
         model = ResponseModel(common, [drug_key(d) for d in drugs if d != CONTROL], lines, rng)
 
     layout = [(CONTROL, 0.0)] + [(drug, dose) for drug in drugs if drug != CONTROL for dose in DOSES_UM]
