@@ -83,11 +83,10 @@ def read_screen(data: str, setup: dict, num_bins: int, panel_size: int) -> dict:
             "plate": kept["plate"].to_pylist(),
             "split": splits,
         })  # fmt: skip
-        tables.append((kept, batch))
+        tables.append((kept.filter(pa.array(splits == "train")), batch))
         obs.append(frame)
     obs = pd.concat(obs, ignore_index=True)
-    train_table = pa.concat_tables([t.filter(pa.array(builder.split_of(t, f) == "train")) for (t, _), f in
-                                    zip(tables, files)])  # fmt: skip
+    train_table = pa.concat_tables([train for train, _ in tables])
     reference = reference_cells(train_table, num_bins, int(known_genes.max()) + 1)
     panel = choose_panels(reference, panel_size)[TRAINING_PANEL]
     tokens, expression = [], []

@@ -113,14 +113,18 @@ class CellConditions:
         if self.encoder.dose_condition and self.dose_of_sample is None:
             raise ValueError("a dose-conditioned model needs each well's dose (sample_conditions) or a dose column")
 
-    @property
-    def columns(self) -> list[str]:
-        """The row columns the conditions are read from (a well's dose comes through its `sample`)."""
-        return [*self.encoder.values, *(["sample"] if self.encoder.dose_condition else [])]
-
     def __call__(self, columns: dict, cell_ids: list[str], epoch: int = 0) -> dict[str, torch.Tensor]:
-        """`{"condition_ids": (n, k), "doses": (n,)}` for the cells of `columns` (a dict of per-cell lists)."""
+        """`{"condition_ids": (n, k), "doses": (n,)}` for the cells of `columns` (a dict of per-cell lists: each
+        categorical condition, and `dose` or the well, `sample`, whose dose the metadata gives).
+
+        Raises:
+            KeyError: a condition's column is missing (named with the columns there are).
+        """
         n = len(cell_ids)
+        needed = [*self.encoder.values, *(["sample"] if self.encoder.dose_condition and DOSE not in columns else [])]
+        missing = [name for name in needed if name not in columns]
+        if missing:
+            raise KeyError(f"the rows lack the condition columns {missing}; they have {sorted(columns)}")
         values = {name: [condition_value(name, v) for v in columns[name]] for name in self.encoder.values}
         if self.encoder.dose_condition:
             if DOSE in columns:

@@ -225,12 +225,8 @@ class RankDiffusionCollator:
             columns = rows if isinstance(rows, dict) else {name: [row.get(name) for row in rows] for name in rows[0]}
             row_of = {cell: i for i, cell in enumerate(columns[CELL_ID_COLUMN])}
             kept = [row_of[cell] for cell in cell_ids]  # bad rows were skipped
-            needed = [c for c in self.conditions.columns if not (c == "sample" and "dose" in columns)]
-            missing = [name for name in needed if name not in columns]
-            if missing:
-                raise KeyError(f"the rows lack the condition columns {missing}; they have {sorted(columns)}")
-            picked = {name: [columns[name][i] for i in kept] for name in (*self.conditions.columns, "dose")
-                      if name in columns}  # fmt: skip
+            wanted = (*self.conditions.encoder.values, "sample", "dose")
+            picked = {name: [columns[name][i] for i in kept] for name in wanted if name in columns}
             batch.update(self.conditions(picked, cell_ids, self.epoch))
         return batch
 

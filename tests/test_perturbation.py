@@ -100,6 +100,8 @@ def test_condition_dropout_nulls_every_condition_of_a_share_of_cells_anew_each_e
     assert (again["condition_ids"] == first["condition_ids"]).all()
     later_dropped = (later["condition_ids"] == 0).all(dim=1).numpy()
     assert abs(later_dropped.mean() - 0.2) < 0.02 and (later_dropped != dropped).mean() > 0.2
+    with pytest.raises(KeyError, match=r"lack the condition columns \['sample'\]"):
+        conditions({"cell_line_id": ["A"], "drug": ["X"]}, ["c"])
     none = CellConditions(encoder, {"w1": 0.5}, dropout=0.0)(columns, cells)
     assert (none["condition_ids"] > 0).all() and not np.isnan(none["doses"][::2].numpy()).any()
     assert np.isnan(none["doses"][1::2].numpy()).all()  # a well without metadata: the dose is unknown
