@@ -78,3 +78,17 @@ def test_train_hf_on_an_h5ad_file(tmp_path):
          "--eval_time_grid", "1", "--use_cpu", "--disable_tqdm", "true"]
     )  # fmt: skip
     assert np.isfinite(metrics["eval_masked_nll_0.5"])
+
+
+def test_train_hf_conditions_on_obs_columns_of_an_h5ad_file(tmp_path):
+    _write_h5ad(tmp_path / "cells.h5ad", _cells(60))
+    trainer, metrics = train_hf.main(
+        ["--data", str(tmp_path / "cells.h5ad"), "--conditions", "donor", "--output_dir", str(tmp_path / "run"),
+         "--max_steps", "2", "--max_length", "32", "--per_device_train_batch_size", "4", "--max_eval_cells", "4",
+         "--eval_time_grid", "1", "--use_cpu", "--disable_tqdm", "true", "--model_card", "false"]
+    )  # fmt: skip
+    assert trainer.model.config.conditions == {"donor": ["d0", "d1", "d2"]} and not trainer.model.config.dose_condition
+    assert np.isfinite(metrics["eval_masked_nll_0.5"])
+    with pytest.raises(ValueError, match=r"--conditions \['tissue'\] are not obs columns"):
+        train_hf.main(["--data", str(tmp_path / "cells.h5ad"), "--conditions", "tissue", "--output_dir",
+                       str(tmp_path / "run2"), "--use_cpu"])  # fmt: skip
