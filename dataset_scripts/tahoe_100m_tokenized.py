@@ -422,7 +422,7 @@ class Tahoe100MTokenized(datasets.ArrowBasedBuilder):
         for shard_idx, pieces in enumerate(shards):
             readers = {piece: _RowReader(self._blocks(piece, READ_ROWS)) for piece in pieces}
             skipped = {piece: Counter() for piece in pieces}
-            salt = zlib.crc32(repr(pieces[0]).encode())  # fixed by the shard's content, not its place in the order
+            salt = _piece_salt(pieces[0])  # fixed by the shard's content, not its place in the order
             window = 0
             while readers:
                 blocks, rows, sources, offset = [], [], [], 0  # a part of each live piece; its rows in the split
@@ -476,7 +476,7 @@ class Tahoe100MTokenized(datasets.ArrowBasedBuilder):
             if not keys:
                 continue
             splits = self.split_of(pa.Table.from_batches(keys), piece[0])
-            rng = np.random.default_rng([seed, zlib.crc32(repr(piece).encode())])
+            rng = np.random.default_rng([seed, _piece_salt(piece)])
             chosen = {}
             for split, share in shares.items():
                 rows = np.flatnonzero(splits == split)
@@ -516,6 +516,12 @@ class _RowReader:
             self.start += len(slices[-1])
             n -= len(slices[-1])
         return pa.Table.from_batches(slices) if slices else None
+
+
+def _piece_salt(piece: Piece) -> int:
+    """A seed salt of a piece from its file name and row group, not its folder: the same data gives the same
+    stream and samples wherever it lies (a copy, a clone, the Hub)."""
+    return zlib.crc32(f"{Path(piece[0]).name}:{piece[1]}".encode())
 
 
 def _plates_in(footer: pq.FileMetaData, row_group: int | None) -> set[str] | None:

@@ -218,3 +218,18 @@ def test_a_single_file_is_one_window_shuffled_whole(tmp_path):
     assert sorted(order) == sorted(in_file)
     position = {cell: i for i, cell in enumerate(in_file)}
     assert max(position[cell] for cell in order[:50]) >= 300  # the file's last rows come early too
+
+
+def test_the_stream_and_the_samples_do_not_depend_on_where_the_data_lies(fixture_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "elsewhere" / "tahoe"
+    shutil.copytree(fixture_dir, copy)
+    builders = [_builder(root, tmp_path / name, max_length=None) for root, name in ((fixture_dir, "a"), (copy, "b"))]
+    orders = [[row["BARCODE_SUB_LIB_ID"] for row in b.as_streaming_dataset(split="train")] for b in builders]
+    assert orders[0] == orders[1]
+    samples = [b.sample_cells({"train": 20, "validation": 5}, seed=0) for b in builders]
+    for split in ("train", "validation"):
+        assert (
+            samples[0][split]["BARCODE_SUB_LIB_ID"].to_pylist() == samples[1][split]["BARCODE_SUB_LIB_ID"].to_pylist()
+        )
