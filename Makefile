@@ -7,15 +7,17 @@ export HF_HOME := $(CURDIR)/.cache/huggingface
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# The CPU build of torch lies on this machine's disk; a bare `torch` requirement would pull a CUDA build.
+TORCH := torch==2.13.0
 
-.PHONY: demo test quality install
+.PHONY: demo test unit-test quality install lock
 
-$(VENV)/.installed: pyproject.toml
+# Exactly the versions the tests passed with (constraints.txt), build dependencies included.
+$(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PYTHON) || python3 -m venv $(VENV)
-	$(PYTHON) -m pip install --quiet --upgrade pip
-	# The CPU build of torch lies on this machine's disk; a bare `torch` requirement would pull a CUDA build.
-	$(PYTHON) -m pip install --quiet "torch==2.13.0"
-	$(PYTHON) -m pip install --quiet -e ".[dev]"
+	$(PYTHON) -m pip install --quiet "$$(grep '^pip==' constraints.txt)"
+	$(PYTHON) -m pip install --quiet -c constraints.txt "$(TORCH)"
+	$(PYTHON) -m pip install --quiet -c constraints.txt --build-constraint constraints.txt -e ".[dev]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -26,6 +28,22 @@ demo: install
 test: install quality
 	$(PYTHON) -m pytest -q
 
+# The unit tests alone (seconds): everything not marked slow.
+unit-test: install
+	$(PYTHON) -m pytest -q -m "not slow"
+
 quality: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# Newer releases within pyproject.toml's ranges, in a fresh environment; then `make test` and commit the new pins.
+lock:
+	rm -rf .venv-lock && python3 -m venv .venv-lock
+	.venv-lock/bin/python -m pip install --quiet --upgrade pip "setuptools>=68,<85" "$(TORCH)"
+	.venv-lock/bin/python -m pip install --quiet -e ".[dev]"
+	{ echo "# The exact versions 'make test' passed with (locked $$(date +%F)). 'make install' installs them;"; \
+	  echo "# pyproject.toml's ranges are bounded to them. To move to newer releases: 'make lock' (README, Upgrading)."; \
+	  .venv-lock/bin/python -m pip freeze --all --exclude-editable | grep -v '^wheel==' \
+	  | sed 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt && rm -rf .venv-lock $(VENV)
+	@echo "constraints.txt updated: run 'make test', then commit it"

@@ -8,7 +8,7 @@ diffusers pipeline folder that `DiffusionPipeline.from_pretrained(OUTPUT_DIR, tr
     OUTPUT_DIR/README.md       the model card, with plots/ and imputation_results.json
     OUTPUT_DIR/model/          config.json, model.safetensors, modeling code, the processor and the transformers task
     OUTPUT_DIR/scheduler/      scheduler_config.json, scheduler code
-    OUTPUT_DIR/processor/      preprocessor_config.json, gene_vocab.json, processor code
+    OUTPUT_DIR/processor/      preprocessor_config.json (with the gene vocabulary), processor code
 
 The folder is written by `MaskedRankDiffusionPipeline.save_pretrained`, the one export.
 

@@ -57,7 +57,7 @@ def read_gene_vocab(path: str | os.PathLike) -> GeneVocab:
 
 
 def read_vocab_file(path: str | os.PathLike) -> GeneVocab:
-    """A `gene_metadata` parquet file or a checkpoint's `gene_vocab.json`."""
+    """A `gene_metadata` parquet file, or a checkpoint's `preprocessor_config.json` (its gene vocabulary)."""
     return GeneVocab.from_file(path) if str(path).endswith(".json") else read_gene_vocab(path)
 
 
@@ -77,8 +77,8 @@ def load_expression_data(
             `.h5ad` file of raw counts (streamed from disk); or a Hub dataset id (streamed; its
             `metadata/gene_metadata.parquet` gives the vocabulary).
         config_name: dataset config for a Hub id (`expression_data` is Tahoe-100M's default).
-        gene_vocab: vocabulary for an `.h5ad` file (`gene_metadata` parquet or `gene_vocab.json`); by default the
-            embedded sample's GENCODE v44 genes.
+        gene_vocab: vocabulary for an `.h5ad` file (`gene_metadata` parquet or a `preprocessor_config.json`); by
+            default the embedded sample's GENCODE v44 genes.
         layer, gene_column, obs_columns: see [`load_anndata`].
     """
     path = Path(data) if data is not None else EMBEDDED_SAMPLE

@@ -9,7 +9,7 @@ from transformers.pipelines import PIPELINE_REGISTRY
 
 from .cell_inputs import CellInputs, CellWindows
 from .configuration_rank_dit import IMPUTATION_TASK, RANK_DIT_PRESETS, RankDiTConfig
-from .gene_vocab import GENE_VOCAB_FILE, GeneVocab
+from .gene_vocab import GeneVocab
 from .modeling_rank_dit import RankDiTModel, RankDiTOutput, RankDiTPreTrainedModel
 from .pipeline_rank_dit import RankDiTImputationPipeline
 from .processing_rank_dit import RankDiTProcessor
@@ -27,7 +27,6 @@ PIPELINE_REGISTRY.register_pipeline(
 
 __all__ = [
     "RANK_DIT_PRESETS",
-    "GENE_VOCAB_FILE",
     "IMPUTATION_TASK",
     "CellInputs",
     "CellTokenizer",

@@ -1,4 +1,4 @@
-"""Gene vocabulary: token id <-> Ensembl id <-> gene symbol, saved next to the weights."""
+"""Gene vocabulary: token id <-> Ensembl id <-> gene symbol, saved in the processor's config next to the weights."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import numpy as np
 
 SPECIAL_TOKENS = {0: "<pad>", 1: "<cls>", 2: "<eoc>"}
 FIRST_GENE_ID = len(SPECIAL_TOKENS)
-GENE_VOCAB_FILE = "gene_vocab.json"
 
 
 def _strip_version(ensembl_id: str) -> str:
@@ -108,6 +107,7 @@ class GeneVocab:
         return [self.ensembl_ids[position[t]] for t in token_ids]
 
     def to_dict(self) -> dict:
+        """The vocabulary as columns (`token_id`, `ensembl_id`, `gene_symbol`), as the processor's config holds it."""
         return {
             "special_tokens": {str(k): v for k, v in SPECIAL_TOKENS.items()},
             "token_id": self.token_ids.tolist(),
@@ -115,17 +115,18 @@ class GeneVocab:
             "gene_symbol": self.symbols,
         }
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> str:
-        """Write `gene_vocab.json` into `save_directory` and return its path."""
-        os.makedirs(save_directory, exist_ok=True)
-        path = os.path.join(save_directory, GENE_VOCAB_FILE)
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f)
-        return path
+    @classmethod
+    def from_dict(cls, data: dict) -> GeneVocab:
+        """The inverse of [`~GeneVocab.to_dict`]."""
+        return cls(data["token_id"], data["ensembl_id"], data["gene_symbol"])
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> GeneVocab:
-        """Read a `gene_vocab.json` written by [`~GeneVocab.save_pretrained`]."""
+        """The vocabulary in a checkpoint's `preprocessor_config.json`, or in a JSON file of [`~GeneVocab.to_dict`]."""
         with open(path) as f:
             data = json.load(f)
-        return cls(data["token_id"], data["ensembl_id"], data["gene_symbol"])
+        if "gene_vocab" in data:
+            data = data["gene_vocab"]
+        if data is None or "token_id" not in data:
+            raise ValueError(f"{path} holds no gene vocabulary (token_id, ensembl_id, gene_symbol)")
+        return cls.from_dict(data)

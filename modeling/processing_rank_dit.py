@@ -3,8 +3,8 @@
 Gene names -> token ids (the checkpoint's gene vocabulary), raw counts -> rank tokens (the training rule, from the
 whole cell), checks that name the cell, position and value of any bad input, padding and masks, windows for cells
 longer than the model's training length, and the model's logits -> per-position distributions. The model holds
-none of it. A processor is saved beside the model (`preprocessor_config.json` + `gene_vocab.json` + its code) and
-as the `processor` component of a diffusers pipeline folder; both load with `trust_remote_code=True`.
+none of it. A processor is saved beside the model (`preprocessor_config.json`, which holds the gene vocabulary, and
+its code) and as the `processor` component of a diffusers pipeline folder; both load with `trust_remote_code=True`.
 
 This file imports the transformers task (`pipeline_rank_dit.py`) so that a saved processor carries its code: the
 task drives the processor loaded beside a model. Every file a module here needs is imported by it directly
@@ -13,21 +13,21 @@ task drives the processor loaded beside a model. Every file a module here needs 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import json
 import logging
-import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 from transformers.feature_extraction_utils import FeatureExtractionMixin
-from transformers.utils import cached_file
 
 from .cell_inputs import CellInputs, CellWindows
 from .conditions import ConditionEncoder, guided_logits
 from .configuration_rank_dit import RankDiTConfig
-from .gene_vocab import FIRST_GENE_ID, GENE_VOCAB_FILE, SPECIAL_TOKENS, GeneVocab
+from .gene_vocab import FIRST_GENE_ID, SPECIAL_TOKENS, GeneVocab
 from .pipeline_rank_dit import RankDiTImputationPipeline  # noqa: F401  (its code travels with the processor)
 from .rank_tokenizer import checked_counts, rank_tokens
 
@@ -115,7 +115,7 @@ class RankDiTProcessor(FeatureExtractionMixin):
             there is no vocabulary.
         whole_cell_genes (`int`, defaults to 5000): a cell given by counts at fewer genes, some of them zero, looks
             like a panel cut from a cell: a warning says how to pass the rest of the cell.
-        gene_vocab ([`GeneVocab`], *optional*): gene names -> token ids; saved as `gene_vocab.json`.
+        gene_vocab ([`GeneVocab`], *optional*): gene names -> token ids; saved in `preprocessor_config.json`.
 
     Examples:
 
@@ -138,10 +138,12 @@ class RankDiTProcessor(FeatureExtractionMixin):
         max_length: int = 1024,
         gene_vocab_size: int | None = None,
         whole_cell_genes: int = 5000,
-        gene_vocab: GeneVocab | None = None,
+        gene_vocab: GeneVocab | dict | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if isinstance(gene_vocab, dict):  # as saved in the config
+            gene_vocab = GeneVocab.from_dict(gene_vocab)
         if num_rank_bins < 1 or max_length < 1:
             raise ValueError(f"num_rank_bins and max_length must be positive, got {num_rank_bins}, {max_length}")
         self.num_rank_bins = num_rank_bins
@@ -176,37 +178,30 @@ class RankDiTProcessor(FeatureExtractionMixin):
             raise ValueError(f"the processor's gene ids (0..{self.gene_vocab_size - 1}) do not fit the model's "
                              f"{config.gene_vocab_size} gene embeddings")  # fmt: skip
 
-    # Saving and loading, as a transformers feature extractor, with the vocabulary in its own file.
+    # Saving and loading, as a transformers feature extractor. The vocabulary is part of the config: transformers
+    # builds a feature extractor from its config alone (`from_dict`), whichever way it is loaded.
 
     def to_dict(self) -> dict:
-        output = super().to_dict()
-        output.pop("gene_vocab", None)
+        output = {key: copy.deepcopy(value) for key, value in self.__dict__.items() if key != "gene_vocab"}
+        output["feature_extractor_type"] = type(self).__name__
+        if self.gene_vocab is not None:
+            output["gene_vocab"] = self.gene_vocab.to_dict()
         return output
 
-    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs):
-        """Write `preprocessor_config.json`, `gene_vocab.json` (when there is a vocabulary) and the code."""
-        if self.gene_vocab is not None:  # first, so that a push to the Hub uploads it too
-            self.gene_vocab.save_pretrained(save_directory)
-        return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+    def to_json_string(self) -> str:
+        """The config as JSON, each column of the vocabulary on one line (a few MB, not 200,000 lines)."""
+        config = self.to_dict()
+        vocab = config.pop("gene_vocab", None)
+        text = json.dumps(config, indent=2, sort_keys=True)
+        if vocab is None:
+            return text + "\n"
+        columns = ",\n".join(f"    {json.dumps(name)}: {json.dumps(values)}" for name, values in vocab.items())
+        return f'{text[:-2]},\n  "gene_vocab": {{\n{columns}\n  }}\n}}\n'
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> RankDiTProcessor:
-        """Load as transformers does, and attach the gene vocabulary saved beside the config."""
-        hub_kwargs = {key: kwargs.get(key) for key in ("subfolder", "revision", "cache_dir", "token")}
-        processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        vocab_file = cached_file(
-            pretrained_model_name_or_path,
-            GENE_VOCAB_FILE,
-            subfolder=hub_kwargs["subfolder"] or "",
-            revision=hub_kwargs["revision"],
-            cache_dir=hub_kwargs["cache_dir"],
-            token=hub_kwargs["token"],
-            local_files_only=kwargs.get("local_files_only", False),
-            _raise_exceptions_for_missing_entries=False,
-        )
-        if vocab_file is not None:
-            processor.gene_vocab = GeneVocab.from_file(vocab_file)
-        return processor
+    def __repr__(self) -> str:
+        shown = {key: value for key, value in self.to_dict().items() if key != "gene_vocab"}
+        genes = f"{len(self.gene_vocab)} genes" if self.gene_vocab is not None else "None"
+        return f"{type(self).__name__}({shown}, gene_vocab={genes})"
 
     # Input: cells -> CellInputs.
 

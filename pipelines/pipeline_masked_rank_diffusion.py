@@ -544,11 +544,7 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
         index_path.write_text(json.dumps(index, indent=2) + "\n")
         # transformers 5 looks at the root for remote code, and the transformers task for the processor's config,
         # even with `subfolder="model"`.
-        for name in [
-            *(p.name for p in (folder / "model").glob("*.py")),
-            "preprocessor_config.json",
-            "gene_vocab.json",
-        ]:
+        for name in [*(p.name for p in (folder / "model").glob("*.py")), "preprocessor_config.json"]:
             if (folder / "model" / name).exists():
                 shutil.copy(folder / "model" / name, folder / name)
         if push_to_hub:

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from transformers import AutoFeatureExtractor
 
 from modeling import GeneVocab, RankDiTConfig, RankDiTProcessor, rank_tokens
 
@@ -21,14 +22,18 @@ def _processor(**kwargs) -> RankDiTProcessor:
 def test_save_and_load_keep_the_settings_and_the_vocabulary(tmp_path):
     processor = _processor(whole_cell_genes=100)
     processor.save_pretrained(tmp_path)
-    assert {"preprocessor_config.json", "gene_vocab.json", "processing_rank_dit.py", "pipeline_rank_dit.py"} <= {
+    assert {"preprocessor_config.json", "processing_rank_dit.py", "pipeline_rank_dit.py"} <= {
         p.name for p in tmp_path.iterdir()
     }
-    loaded = RankDiTProcessor.from_pretrained(tmp_path)
-    assert loaded.to_dict() == processor.to_dict()
-    assert loaded.gene_vocab.encode(["G5", "ENSG00000000007.3", 9]) == [5, 7, 9]
     call = dict(gene_ids=[["G5", "G6", "G7"]], counts=[[3, 0, 8]], mask=[[False, True, False]], context_counts=[[]])
-    assert torch.equal(loaded(**call).ranks, processor(**call).ranks)
+    # transformers' Auto class builds a feature extractor from its config alone (`from_dict`): the vocabulary is in it.
+    for loaded in (
+        RankDiTProcessor.from_pretrained(tmp_path),
+        AutoFeatureExtractor.from_pretrained(tmp_path, trust_remote_code=True),
+    ):
+        assert loaded.to_dict() == processor.to_dict()
+        assert loaded.gene_vocab.encode(["G5", "ENSG00000000007.3", 9]) == [5, 7, 9]
+        assert torch.equal(loaded(**call).ranks, processor(**call).ranks)
 
 
 def test_tokens_come_from_the_visible_counts_by_the_training_rule():

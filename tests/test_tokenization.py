@@ -134,4 +134,7 @@ def test_train_hf_on_local_tahoe_schema_shards(fixture_dir, tmp_path):
          "--per_device_train_batch_size", "4", "--max_eval_cells", "4", "--eval_time_grid", "1", "--use_cpu",
          "--disable_tqdm", "true"]
     )  # fmt: skip
-    assert np.isfinite(metrics["eval_masked_nll_0.5"]) and (tmp_path / "run" / "model" / "gene_vocab.json").exists()
+    assert (
+        np.isfinite(metrics["eval_masked_nll_0.5"])
+        and (tmp_path / "run" / "model" / "preprocessor_config.json").exists()
+    )

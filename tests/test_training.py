@@ -257,7 +257,11 @@ def test_train_hf_writes_a_loadable_pipeline_folder(trained_run, tmp_path):
     saved = json.loads((out / "eval_results.json").read_text())
     for key in ("eval_nelbo", "eval_masked_nll_0.5", "eval_baseline_masked_nll_0.5"):
         assert np.isfinite(saved[key]) and saved[key] == metrics[key]
-    for name in ("model/gene_vocab.json", "processor/gene_vocab.json", "scheduler/scheduler_config.json"):
+    for name in (
+        "model/preprocessor_config.json",
+        "processor/preprocessor_config.json",
+        "scheduler/scheduler_config.json",
+    ):
         assert (out / name).exists(), name
 
     # Fresh processes, outside the repo, that never import the project: the folder as written, then as re-saved

@@ -70,7 +70,10 @@ class DataArguments:
     data_config: str | None = field(default=None, metadata={"help": "dataset config of a Hub id"})
     gene_vocab: str | None = field(
         default=None,
-        metadata={"help": "vocabulary of an .h5ad (gene_metadata parquet or gene_vocab.json); default GENCODE v44"},
+        metadata={
+            "help": "vocabulary of an .h5ad (a gene_metadata parquet or a checkpoint's preprocessor_config.json); "
+            "default GENCODE v44"
+        },
     )
     layer: str | None = field(default=None, metadata={"help": "h5ad layer with raw counts (default X)"})
     gene_column: str | None = field(default=None, metadata={"help": "h5ad var column with gene names (default index)"})

@@ -32,7 +32,7 @@ EVAL_RESULTS = "eval_results.json"
 CONDITIONS = "conditions.json"  # a conditioned run's vocabularies and held-out pairs (what the benchmarks read)
 # What a finished run leaves in its folder besides checkpoints: the pipeline folder and the run's record.
 RUN_OUTPUTS = ("model_index.json", "model", "scheduler", "processor", "README.md", PLOTS_DIR, IMPUTATION_RESULTS,
-               EVAL_RESULTS, CONDITIONS, "preprocessor_config.json", "gene_vocab.json")  # fmt: skip
+               EVAL_RESULTS, CONDITIONS, "preprocessor_config.json")  # fmt: skip
 
 
 def finished_run_outputs(output_dir: str | Path) -> list[Path]:
