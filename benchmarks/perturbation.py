@@ -48,7 +48,7 @@ from dataset_scripts import tahoe_builder  # noqa: E402
 from dataset_scripts.conditions import condition_value, sample_conditions  # noqa: E402
 from dataset_scripts.tokenization import tokenize_arrow_batch  # noqa: E402
 from metrics.perturbation import MeanShiftBaselines, energy_distance, pearson_delta  # noqa: E402
-from training.data import TRAINING_PANEL, choose_panels, on_panel, reference_cells  # noqa: E402
+from training.data import TRAINING_PANEL, choose_panels, reference_cells  # noqa: E402
 from training.report import CONDITIONS  # noqa: E402
 
 logger = logging.getLogger("perturbation")
@@ -61,7 +61,7 @@ CELL_EVAL_METRICS = {
 }
 
 
-def read_screen(data: str, setup: dict, num_bins: int, panel_size: int) -> dict:
+def read_screen(data: str, setup: dict, processor, panel_size: int) -> dict:
     """Every cell of a Tahoe-layout screen: its (line, drug, dose), plate and split, and its tokens and
     log-normalised expression on the training panel (chosen here from training cells as training chose it)."""
     builder = tahoe_builder(data, split_by="pair", pair_columns=tuple(setup["pair_columns"]),
@@ -69,6 +69,7 @@ def read_screen(data: str, setup: dict, num_bins: int, panel_size: int) -> dict:
                             validation_pairs=tuple(map(tuple, setup["validation_pairs"])))  # fmt: skip
     files, _ = builder.input_files()
     known_genes = builder.known_genes()
+    num_bins = processor.num_rank_bins
     dose_of = {sample: dose for sample, (_, dose) in sample_conditions(data).items()}
     tables, obs = [], []
     for file in files:
@@ -91,9 +92,10 @@ def read_screen(data: str, setup: dict, num_bins: int, panel_size: int) -> dict:
     panel = choose_panels(reference, panel_size)[TRAINING_PANEL]
     tokens, expression = [], []
     for _, batch in tables:
-        cell_tokens, counts = on_panel(batch, panel)
+        cells = batch.on_genes(panel)
+        counts = cells.counts.reshape(batch.num_cells, len(panel))
         totals = np.add.reduceat(batch.counts.astype(np.float64), batch.offsets[:-1])
-        tokens.append(cell_tokens)
+        tokens.append(processor.encode(cells)["input_ids"].numpy())
         expression.append(np.log1p(1e4 * counts / totals[:, None]))
     return {"obs": obs, "panel": panel, "tokens": np.vstack(tokens), "expression": np.vstack(expression)}
 
@@ -222,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
     config = pipe.model.config
     num_bins, control = config.num_rank_bins, setup["control_drug"]
     started = time.perf_counter()
-    screen = read_screen(args.data, setup, num_bins, config.max_length)
+    screen = read_screen(args.data, setup, pipe.processor, config.max_length)
     obs = screen["obs"]
     keys = [key_of(row) for row in obs.itertuples()]
     train = np.flatnonzero(obs["split"] == "train")

@@ -1,9 +1,11 @@
 """AnnData / h5ad files as a stream of rows in the Tahoe-100M `expression_data` layout.
 
 The matrix (`X` or a named layer, dense or sparse) is read from disk a block of cells at a time, so large files
-stream. Gene names come from `var_names` or a `var` column, as Ensembl ids or symbols (recognised per name by
-[`GeneVocab.lookup`]); genes the vocabulary does not know are left out and the match rate is logged and returned.
-Each row holds the cell's expressed genes (`genes`, `expressions`), `BARCODE_SUB_LIB_ID` = the obs name, and the
+stream. Gene names come from `var_names` or a `var` column, as Ensembl ids or symbols, mapped by RankDiff's one rule
+for a table's genes ([`GeneVocab.columns`], [`RaggedCells.from_matrix`], which `impute_anndata` uses too): a column
+outside the vocabulary, or naming a gene an earlier column names, is not listed, and its counts join the cell's
+bins (the row's `context_expressions`). The match rate is logged and returned. Each row holds the cell's listed
+expressed genes (`genes`, `expressions`), its `context_expressions`, `BARCODE_SUB_LIB_ID` = the obs name, and the
 requested `obs` columns as strings, so the rest of RankDiff (split, collator, baseline) treats it like Tahoe-100M.
 """
 
@@ -18,9 +20,9 @@ import h5py
 import numpy as np
 from anndata.io import read_elem, sparse_dataset
 
-from modeling import GeneVocab
+from modeling import GeneVocab, RaggedCells
 
-from .schema import CELL_ID_COLUMN
+from .schema import CELL_ID_COLUMN, CONTEXT_COLUMN
 
 logger = logging.getLogger(__name__)
 
@@ -49,23 +51,20 @@ def _matrix(handle: h5py.File, layer: str | None):
     return sparse_dataset(element) if isinstance(element, h5py.Group) else element
 
 
-def _rows(path, layer, gene_ids, columns, obs_columns, blocks):
+def _rows(path, layer, column_ids, obs_columns, blocks):
     with h5py.File(path, "r") as handle:
         matrix = _matrix(handle, layer)
         obs = read_elem(handle["obs"])
         for start, stop in blocks:
             block = matrix[start:stop]
-            if hasattr(block, "tocsr"):
-                block = block.tocsr()[:, columns]
-                pieces = ((block.indices[a:b], block.data[a:b]) for a, b in zip(block.indptr[:-1], block.indptr[1:]))
-            else:
-                dense = np.asarray(block)[:, columns]
-                pieces = ((np.flatnonzero(values), values[values != 0]) for values in dense)
-            for i, (positions, values) in enumerate(pieces):
-                nonzero = values != 0
+            block = np.asarray(block.toarray() if hasattr(block, "toarray") else block, dtype=np.float64)
+            cells, _ = RaggedCells.from_matrix(block, column_ids)
+            for i in range(cells.num_cells):
+                context = cells.context[cells.context_offsets[i] : cells.context_offsets[i + 1]]
                 row = {
-                    "genes": gene_ids[positions[nonzero]].tolist(),
-                    "expressions": values[nonzero].astype(np.float32).tolist(),
+                    "genes": cells.values_of(cells.gene_ids, i).tolist(),
+                    "expressions": cells.values_of(cells.counts, i).astype(np.float32).tolist(),
+                    CONTEXT_COLUMN: context.astype(np.float32).tolist(),
                     CELL_ID_COLUMN: str(obs.index[start + i]),
                 }
                 for name in obs_columns:
@@ -105,21 +104,19 @@ def load_anndata(
     if gene_column is not None and gene_column not in var.columns:
         raise KeyError(f"var column {gene_column!r} not in {path}; var has {list(var.columns)}")
     names = [str(n) for n in (var[gene_column] if gene_column else var.index)]
-    token_ids = vocab.lookup(names)
-    matched = token_ids >= 0
-    match = GeneMatch(int(matched.sum()), len(names), [n for n, m in zip(names, matched) if not m][:10])
-    # Two names for one gene (a symbol and its Ensembl id, or a symbol listed twice): the first column wins.
-    _, first = np.unique(token_ids, return_index=True)
-    repeated = matched & ~np.isin(np.arange(len(names)), first)
+    column_ids = vocab.columns(names)
+    known = vocab.lookup(names) >= 0
+    match = GeneMatch(int(known.sum()), len(names), [n for n, k in zip(names, known) if not k][:10])
+    repeated = known & (column_ids < 0)
     if repeated.any():
-        logger.warning(
-            "%s: %d columns name a gene already listed; only its first column is used", path, repeated.sum()
-        )
-    matched &= ~repeated
+        shown = [names[j] for j in np.flatnonzero(repeated)[:5]]
+        logger.warning("%s: %d columns name a gene an earlier column names (e.g. %s): only the first is listed, "
+                       "the others' counts shape the bins", path, int(repeated.sum()), shown)  # fmt: skip
     if not match.matched:
         raise ValueError(f"none of the {len(names)} genes of {path} are in the vocabulary (e.g. {names[:5]})")
     logger.info(
-        "%s: %d of %d genes (%.1f%%) matched the vocabulary; left out e.g. %s",
+        "%s: %d of %d genes (%.1f%%) matched the vocabulary; left out of the model's input (their counts still "
+        "shape each cell's bins) e.g. %s",
         path, match.matched, match.total, 100 * match.rate, match.unmatched_examples,
     )  # fmt: skip
     blocks = [(start, min(start + block_size, n_cells)) for start in range(0, n_cells, block_size)]
@@ -127,6 +124,7 @@ def load_anndata(
         {
             "genes": datasets.List(datasets.Value("int64")),
             "expressions": datasets.List(datasets.Value("float32")),
+            CONTEXT_COLUMN: datasets.List(datasets.Value("float32")),
             CELL_ID_COLUMN: datasets.Value("string"),
             **{name: datasets.Value("string") for name in obs_columns},
         }
@@ -137,8 +135,7 @@ def load_anndata(
         gen_kwargs={
             "path": str(path),
             "layer": layer,
-            "gene_ids": token_ids[matched],
-            "columns": np.flatnonzero(matched),
+            "column_ids": column_ids,
             "obs_columns": tuple(obs_columns),
             "blocks": blocks,
         },

@@ -20,15 +20,14 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 from datasets.distributed import split_dataset_by_node
 from transformers import TrainerCallback
 
-from modeling import CellTokenizer, GeneVocab
+from modeling import CellBatch, CellTokenizer, GeneVocab, RaggedCells, RankDiTProcessor
 
 from .anndata_source import load_anndata
 from .conditions import CellConditions
-from .schema import CELL_ID_COLUMN, marker_positions
+from .schema import CELL_ID_COLUMN, CONTEXT_COLUMN, marker_positions
 from .tahoe_100m_tokenized import Tahoe100MTokenized
 from .tokenization import tokenize_arrow_batch
 
@@ -153,25 +152,16 @@ def cell_counts(row: dict) -> tuple[np.ndarray, np.ndarray]:
     return genes, counts
 
 
-def pad_cells(offsets: np.ndarray, gene_ids: np.ndarray, input_ids: np.ndarray) -> dict[str, torch.Tensor]:
-    """Pad sequences laid back to back by `offsets` to the longest; `labels` are -100 at padding."""
-    sizes = np.diff(offsets)
-    attention_mask = np.arange(max(int(sizes.max(initial=0)), 1)) < sizes[:, None]
-    padded = {}
-    for name, values in (("gene_ids", gene_ids), ("input_ids", input_ids)):
-        padded[name] = np.zeros(attention_mask.shape, dtype=np.int64)
-        padded[name][attention_mask] = values
-    batch = {name: torch.from_numpy(values) for name, values in padded.items()}
-    batch["attention_mask"] = torch.from_numpy(attention_mask.astype(np.int64))
-    batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    return batch
-
-
 def _flatten(lists, total: int) -> np.ndarray:
     """Lists (or numpy arrays, from a numpy-formatted stream) of integers, back to back as one int64 array."""
     if total and isinstance(lists[0], np.ndarray):
         return np.concatenate(lists).astype(np.int64, copy=False)
     return np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64, count=total)
+
+
+def _arrow_column(values):
+    """A batch's column as Arrow takes it: a numpy-formatted stream stacks lists of one length into a 2-D array."""
+    return list(values) if isinstance(values, np.ndarray) and values.ndim == 2 else values
 
 
 def tokenized_cells(rows: list[dict] | dict[str, list], num_bins: int) -> tuple[np.ndarray, ...]:
@@ -185,7 +175,8 @@ def tokenized_cells(rows: list[dict] | dict[str, list], num_bins: int) -> tuple[
         sizes = np.fromiter(map(len, columns["input_ids"]), dtype=np.int64, count=len(cell_ids))
         genes, tokens = (_flatten(columns[name], int(sizes.sum())) for name in ("gene_ids", "input_ids"))
         return np.concatenate([[0], np.cumsum(sizes)]), genes, tokens, cell_ids
-    table = pa.table({name: columns[name] for name in ("genes", "expressions", CELL_ID_COLUMN)})
+    names = ("genes", "expressions", CELL_ID_COLUMN, *([CONTEXT_COLUMN] if CONTEXT_COLUMN in columns else []))
+    table = pa.table({name: _arrow_column(columns[name]) for name in names})
     batch = tokenize_arrow_batch(table, num_bins)
     kept_ids = [cell for cell, kept in zip(cell_ids, batch.kept) if kept]
     if batch.skipped:
@@ -193,17 +184,20 @@ def tokenized_cells(rows: list[dict] | dict[str, list], num_bins: int) -> tuple[
         if not kept_ids:
             raise ValueError(f"every cell of the batch is a bad row ({dict(batch.skipped)}): {bad[:5]}")
         logger.warning("skipped %d bad cells (%s), e.g. %s", len(bad), dict(batch.skipped), bad[:3])
-    return batch.offsets, batch.gene_ids, batch.input_ids, kept_ids
+    return batch.offsets, batch.gene_ids, batch.ranks, kept_ids
 
 
 @dataclass
 class RankDiffusionCollator:
-    """Selects each cell's sequence by the rules of its [`CellTokenizer`] and pads the batch.
+    """Selects each cell's sequence by the rules of its [`CellTokenizer`] and makes the batch with the processor.
 
     Rows come from the [`Tahoe100MTokenized`] stream (rank tokens of every expressed gene) or are raw Tahoe-schema
-    rows ([`tokenized_cells`]); the selection is [`CellTokenizer.select_batch`], the builder's own.
+    rows ([`tokenized_cells`]); the selection is [`CellTokenizer.select_batch`], the builder's own; the batch is the
+    processor's [`~modeling.RankDiTProcessor.encode`] (the one batch tokenizer of training, evaluation and
+    inference), with the clean tokens as `labels` (-100 at padding).
 
     Args:
+        processor: the run's [`RankDiTProcessor`].
         cell_tokenizer: the [`CellTokenizer`] with the sequence rules (not named `tokenizer`: the Trainer would
             call `save_pretrained` on it at every checkpoint).
         rule: force a selection rule (`"panel"` for evaluation); None lets the tokenizer draw one per cell.
@@ -212,15 +206,17 @@ class RankDiffusionCollator:
             condition dropout) into `condition_ids` / `doses`.
     """
 
+    processor: RankDiTProcessor
     cell_tokenizer: CellTokenizer
     rule: str | None = None
     epoch: int = 0
     conditions: CellConditions | None = None
 
-    def __call__(self, rows: list[dict] | dict[str, list]) -> dict[str, torch.Tensor]:
-        offsets, genes, tokens, cell_ids = tokenized_cells(rows, self.cell_tokenizer.num_bins)
+    def __call__(self, rows: list[dict] | dict[str, list]) -> CellBatch:
+        offsets, genes, tokens, cell_ids = tokenized_cells(rows, self.processor.num_rank_bins)
         selected = self.cell_tokenizer.select_batch(offsets, genes, tokens, cell_ids, epoch=self.epoch, rule=self.rule)
-        batch = pad_cells(*selected)
+        batch = self.processor.encode(RaggedCells(selected[0], selected[1], ranks=selected[2]))
+        batch["labels"] = batch["input_ids"].masked_fill(~batch["attention_mask"], -100)
         if self.conditions is not None:
             columns = rows if isinstance(rows, dict) else {name: [row.get(name) for row in rows] for name in rows[0]}
             row_of = {cell: i for i, cell in enumerate(columns[CELL_ID_COLUMN])}

@@ -23,6 +23,9 @@ GENE_METADATA_SCHEMA = pa.schema([("token_id", pa.int64()), ("ensembl_id", pa.st
 
 # Unique per cell: the id that seeds per-cell draws and the held-out split.
 CELL_ID_COLUMN = "BARCODE_SUB_LIB_ID"
+# RankDiff's one addition, in rows read from AnnData: the counts of the cell's genes outside the vocabulary (list of
+# float32), which shape its rank bins without being listed.
+CONTEXT_COLUMN = "context_expressions"
 
 # Every column of a row but the two lists: the cell's metadata.
 METADATA_COLUMNS = tuple(name for name in EXPRESSION_SCHEMA.names if name not in ("genes", "expressions"))

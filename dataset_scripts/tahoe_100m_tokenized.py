@@ -360,7 +360,7 @@ class Tahoe100MTokenized(datasets.ArrowBasedBuilder):
         and why)."""
         batch = tokenize_arrow_batch(table, self.config.num_rank_bins, known_genes)
         kept = table if batch.kept.all() else table.filter(pa.array(batch.kept))
-        offsets, gene_ids, input_ids = batch.offsets, batch.gene_ids, batch.input_ids
+        offsets, gene_ids, input_ids = batch.offsets, batch.gene_ids, batch.ranks
         if tokenizer is not None:
             cell_ids = kept.column(CELL_ID_COLUMN).to_pylist()
             offsets, gene_ids, input_ids = tokenizer.select_batch(offsets, gene_ids, input_ids, cell_ids)

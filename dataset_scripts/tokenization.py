@@ -1,9 +1,8 @@
-"""Rank tokens for a whole Arrow batch of Tahoe-100M rows at once (numpy segment operations, no loop per cell).
+"""Tahoe-layout rows -> checked cells with rank tokens, a whole Arrow batch at once: RankDiff's one bad-row policy.
 
-Gives the same tokens as [`modeling.rank_tokens`] on each cell, bit for bit, without sorting: counts are small
-integers, so a per-cell histogram gives the sorted values at the quantile positions (the same integer positions
-and float operations as the per-cell rule), and a per-cell table maps each small count to its token. The few
-counts at or above `TABLE_COUNTS` take the per-cell route: a sort of those values and a comparison with the edges.
+The tokens come from [`modeling.rank_tokens`], the rank rule of the processor and of every other reader. Rows made
+from an AnnData file may carry `context_expressions`, the counts of the cell's genes outside the vocabulary: they
+join the cell's bins and are not listed, as the processor's `context_counts` do.
 """
 
 from __future__ import annotations
@@ -14,40 +13,49 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from modeling.rank_tokenizer import interpolate_edges, quantile_positions, segment_ids
+from modeling import RaggedCells
+from modeling.rank_tokenizer import invalid_counts, rank_tokens, segment_ids
 
-from .schema import marker_positions
+from .schema import CONTEXT_COLUMN, marker_positions
 
 SKIP_REASONS = ("length_mismatch", "bad_counts", "unknown_genes", "repeated_genes", "no_expressed_genes")
-TABLE_COUNTS = 64  # counts below this get their token from a per-cell table
 
 
 @dataclass
-class TokenizedBatch:
-    """The expressed genes of the kept cells with their rank tokens, as flat arrays with per-cell offsets.
+class TokenizedBatch(RaggedCells):
+    """The kept cells of a batch of rows: their expressed genes (count > 0, in input order, marker removed) with
+    their raw `counts` and rank tokens (`ranks`, 1..B), their `context` counts, and what was skipped.
 
-    Attributes:
-        offsets: `(n_kept + 1,)` start of each kept cell in `gene_ids` / `input_ids` / `counts`.
-        gene_ids: gene token ids of the expressed genes (count > 0), in input order, marker removed.
-        input_ids: their rank tokens 1..B.
-        counts: their raw counts.
+    Attributes (besides those of [`RaggedCells`]):
         kept: `(n_rows,)` True for the rows of the input batch that were kept.
         skipped: number of skipped rows per reason of `SKIP_REASONS`.
         reasons: `(n_rows,)` index in `SKIP_REASONS` of each skipped row's reason, -1 for kept rows.
     """
 
-    offsets: np.ndarray
-    gene_ids: np.ndarray
-    input_ids: np.ndarray
-    counts: np.ndarray
-    kept: np.ndarray
+    kept: np.ndarray | None = None
     skipped: Counter = field(default_factory=Counter)
     reasons: np.ndarray | None = None
 
-    def cell(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """Gene ids and tokens of the i-th kept cell."""
-        start, stop = self.offsets[i], self.offsets[i + 1]
-        return self.gene_ids[start:stop], self.input_ids[start:stop]
+    def on_genes(self, genes: np.ndarray) -> RaggedCells:
+        """The cells on a gene list (sorted ids), as the processor bins them: every cell lists `genes`, with its
+        count of each (0 where not expressed), and its other counts are its context. Tokens then come from the
+        whole cell, as for the stream."""
+        n_cells = self.num_cells
+        cell = segment_ids(self.offsets)
+        on = np.isin(self.gene_ids, genes)
+        counts = np.zeros((n_cells, len(genes)))
+        counts[cell[on], np.searchsorted(genes, self.gene_ids[on])] = self.counts[on]
+        # Each cell's context: its expressed counts off the list, then its own context counts.
+        context_cell = np.concatenate([cell[~on], segment_ids(self.context_offsets)])
+        context = np.concatenate([self.counts[~on], self.context])[np.argsort(context_cell, kind="stable")]
+        sizes = np.bincount(context_cell, minlength=n_cells)
+        return RaggedCells(
+            np.arange(n_cells + 1) * len(genes),
+            np.tile(genes.astype(np.int64), n_cells),
+            counts=counts.ravel(),
+            context=context,
+            context_offsets=np.concatenate([[0], np.cumsum(sizes)]),
+        )
 
 
 def _flat(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
@@ -67,57 +75,14 @@ def _rows_with(positions: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     return rows
 
 
-def batch_rank_tokens(offsets: np.ndarray, counts: np.ndarray, num_bins: int) -> np.ndarray:
-    """Rank tokens of the expressed counts (positive integers) of many cells, back to back with `offsets`."""
-    n_cells, sizes = len(offsets) - 1, np.diff(offsets)
-    if not n_cells:
-        return np.zeros(0, dtype=np.int64)
-    # Column v of a cell's table row counts its counts equal to v; the last column holds all larger counts.
-    table_index = np.minimum(counts, TABLE_COUNTS - 1).astype(np.int32)
-    table_index += np.repeat(np.arange(n_cells, dtype=np.int32) * TABLE_COUNTS, sizes)
-    histogram = np.bincount(table_index, minlength=n_cells * TABLE_COUNTS).reshape(n_cells, TABLE_COUNTS)
-    at_most = histogram[:, :-1].cumsum(axis=1)  # at_most[c, v]: the cell's counts <= v
-    n_small = at_most[:, -1]
-    large = np.flatnonzero(counts >= TABLE_COUNTS - 1)
-    large_cell = np.searchsorted(offsets, large, side="right") - 1
-    large_counts = counts[large].astype(np.float64)
-    large_sorted = large_counts[np.lexsort((large_counts, large_cell))]
-    large_start = np.cumsum(sizes - n_small) - (sizes - n_small)
-    # Cell-major, each row shifted past the last, so one searchsorted finds the smallest v with at_most > rank.
-    shift = np.arange(n_cells)[:, None] * (int(sizes.max()) + 1)
-    flat_at_most = (at_most + shift).ravel()
-
-    def sorted_value(rank: np.ndarray) -> np.ndarray:
-        """The value at each (cell, rank) of the cells' sorted counts."""
-        small = np.searchsorted(flat_at_most, rank + shift, side="right") - np.arange(n_cells)[:, None] * (
-            TABLE_COUNTS - 1
-        )
-        if not len(large):
-            return small
-        large_rank = np.clip(large_start[:, None] + rank - n_small[:, None], 0, len(large) - 1)
-        return np.where(rank < n_small[:, None], small, large_sorted[large_rank])
-
-    low, high, remainder = quantile_positions(sizes, num_bins)
-    edges = interpolate_edges(sorted_value(low), sorted_value(high), remainder)
-    # token = 1 + (edges below the count), as `searchsorted(edges, count, side="left") + 1` in the per-cell rule.
-    # An edge e is below the integer counts from floor(e) + 1 on: a cumulative histogram of those gives the table.
-    first_above = np.minimum(np.floor(edges) + 1, TABLE_COUNTS).astype(np.int64)
-    first_above += np.arange(n_cells)[:, None] * (TABLE_COUNTS + 1)
-    below = np.bincount(first_above.ravel(), minlength=n_cells * (TABLE_COUNTS + 1)).reshape(n_cells, -1)
-    table = 1 + below.cumsum(axis=1)[:, :TABLE_COUNTS]
-    tokens = table.ravel()[table_index]
-    tokens[large] = 1 + (edges[large_cell] < large_counts[:, None]).sum(axis=1)
-    return tokens
-
-
 def tokenize_arrow_batch(
     table: pa.Table | pa.RecordBatch, num_bins: int, known_genes: np.ndarray | None = None
 ) -> TokenizedBatch:
     """Strip the `<cls>` marker, check every cell, and rank-tokenize the expressed genes of the good ones.
 
-    Rows are skipped (and counted by reason) when `genes` and `expressions` differ in length, a count is negative,
-    NaN or not an integer, a gene id is not in `known_genes` (unchecked when None), a gene id repeats,
-    or no gene is expressed.
+    Rows are skipped (and counted by reason) when `genes` and `expressions` differ in length, a count (or a context
+    count) is negative, NaN or not an integer, a gene id is not in `known_genes` (unchecked when None), a gene id
+    repeats, or no gene is expressed.
     """
     gene_offsets, genes = _flat(table.column("genes"))
     count_offsets, counts = _flat(table.column("expressions"))
@@ -130,10 +95,11 @@ def tokenize_arrow_batch(
 
     first = gene_offsets[:-1][np.diff(gene_offsets) > 0]
     marker = marker_positions(gene_offsets, genes, counts)
-    with np.errstate(invalid="ignore"):
-        valid = (counts >= 0) & (counts == np.rint(counts)) & np.isfinite(counts)
-    valid[marker] = True
-    bad["bad_counts"] = _rows_with(np.flatnonzero(~valid), gene_offsets)
+    invalid = invalid_counts(counts)
+    invalid[marker] = False
+    bad["bad_counts"] = _rows_with(np.flatnonzero(invalid), gene_offsets)
+    context_offsets, context = _context(table, len(gene_offsets) - 1)
+    bad["bad_counts"] |= _rows_with(np.flatnonzero(invalid_counts(context)), context_offsets)
     if known_genes is not None and len(genes):
         is_known = np.zeros(max(int(known_genes.max()), int(genes.max())) + 1, dtype=bool)
         is_known[known_genes] = True
@@ -165,5 +131,18 @@ def tokenize_arrow_batch(
         expressed = expressed[np.repeat(~rejected, n_expressed)]
     offsets = np.concatenate([[0], np.cumsum(n_expressed[~rejected])])
     values = counts.take(expressed)
-    tokens = batch_rank_tokens(offsets, values, num_bins)
-    return TokenizedBatch(offsets, genes.take(expressed), tokens, values, ~rejected, skipped, reasons)
+    kept_context = np.repeat(~rejected, np.diff(context_offsets))
+    context_sizes = np.diff(context_offsets)[~rejected]
+    context_offsets = np.concatenate([[0], np.cumsum(context_sizes)])
+    context = context[kept_context]
+    tokens = rank_tokens(values, num_bins, offsets, context=context, context_offsets=context_offsets)
+    return TokenizedBatch(
+        offsets, genes.take(expressed), values, tokens, None, context, context_offsets, ~rejected, skipped, reasons
+    )
+
+
+def _context(table: pa.Table | pa.RecordBatch, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Offsets and values of the `context_expressions` column (none for Tahoe-100M's own rows)."""
+    if CONTEXT_COLUMN not in table.schema.names:
+        return np.zeros(n_rows + 1, dtype=np.int64), np.zeros(0, dtype=np.float32)
+    return _flat(table.column(CONTEXT_COLUMN).cast(pa.list_(pa.float32())))  # all-empty lists read as list<null>

@@ -2,7 +2,7 @@
 
 Each has `predict(cells, counts=None)` -> `(n_cells, length, B + 1)` probabilities at every position, computed only
 from what the model sees too (the genes of each sequence and the tokens at its visible positions: `cells` is a
-[`CellInputs`] with `[MASK]` at the masked positions) and from the training cells it was fitted on. `counts`, the
+[`CellBatch`] with `[MASK]` at the masked positions) and from the training cells it was fitted on. `counts`, the
 raw counts at the visible positions (NaN where masked), is read only by [`MagicImputation`], the library method,
 whose users give it counts.
 """
@@ -17,16 +17,17 @@ import numpy as np
 import torch
 from scipy import sparse
 
-from modeling import CellInputs
+from modeling import CellBatch
 
 from .imputation import token_levels
 
 
-def masked_cells(cells: CellInputs):
+def masked_cells(cells: CellBatch):
     """`(row, masked, visible)` for each cell with masked positions: boolean arrays over its positions."""
-    for row in range(len(cells)):
-        real = cells.attention_mask[row].bool().numpy()
-        masked = real & cells.mask[row].numpy()
+    mask = cells.mask
+    for row in range(cells.num_cells):
+        real = cells["attention_mask"][row].bool().numpy()
+        masked = real & mask[row].numpy()
         if masked.any():
             yield row, masked, real & ~masked
 
@@ -86,16 +87,16 @@ class PerGeneMarginal:
             self._log_table = torch.from_numpy(np.log(self.probabilities())).float()
         return self._log_table.to(gene_ids.device)[gene_ids]
 
-    def predict(self, cells: CellInputs, counts: torch.Tensor | None = None) -> torch.Tensor:
+    def predict(self, cells: CellBatch, counts: torch.Tensor | None = None) -> torch.Tensor:
         """Each position's gene marginal, whatever the rest of the cell says."""
-        return self.log_probs(cells.gene_ids).exp()
+        return self.log_probs(cells["gene_ids"]).exp()
 
 
-def visible_token_sets(cells: CellInputs, num_classes: int) -> torch.Tensor:
+def visible_token_sets(cells: CellBatch, num_classes: int) -> torch.Tensor:
     """`(n_cells, num_classes)`: True for each token seen at a visible position of the cell, and for 0."""
-    visible = cells.attention_mask.bool() & ~cells.mask
-    seen = torch.zeros(len(cells), num_classes + 1, dtype=torch.bool)
-    seen.scatter_(1, torch.where(visible, cells.ranks, num_classes), True)
+    visible = cells["attention_mask"].bool() & ~cells.mask
+    seen = torch.zeros(cells.num_cells, num_classes + 1, dtype=torch.bool)
+    seen.scatter_(1, torch.where(visible, cells["input_ids"], num_classes), True)
     seen[:, 0] = True
     return seen[:, :num_classes]
 
@@ -137,13 +138,13 @@ class CellAwareMarginal:
         self.depth_adjusted = depth_adjusted
         self.table = torch.from_numpy(per_gene.probabilities())
 
-    def predict(self, cells: CellInputs, counts: torch.Tensor | None = None) -> torch.Tensor:
-        probs = self.table[cells.gene_ids]  # float64 (n_cells, length, B + 1)
+    def predict(self, cells: CellBatch, counts: torch.Tensor | None = None) -> torch.Tensor:
+        probs = self.table[cells["gene_ids"]]  # float64 (n_cells, length, B + 1)
         detection = (1 - probs[..., 0]).clamp(1e-4, 1 - 1e-4)
         if self.depth_adjusted:
-            visible = cells.attention_mask.bool() & ~cells.mask
+            visible = cells["attention_mask"].bool() & ~cells.mask
             rates = -torch.log1p(-detection)
-            observed = (visible & (cells.ranks > 0)).sum(dim=1).double()
+            observed = (visible & (cells["input_ids"] > 0)).sum(dim=1).double()
             scale = _depth_scale(rates, visible.double(), observed)
             detection = (1 - torch.exp(-rates * scale[:, None])).clamp(1e-4, 1 - 1e-4)
         seen = visible_token_sets(cells, probs.shape[-1])
@@ -194,11 +195,11 @@ class NearestCells:
         other.k, other.prior_weight = min(k, self.levels.shape[0]), prior_weight
         return other
 
-    def predict(self, cells: CellInputs, counts: torch.Tensor | None = None) -> torch.Tensor:
+    def predict(self, cells: CellBatch, counts: torch.Tensor | None = None) -> torch.Tensor:
         out = self.prior.predict(cells)
         num_classes = out.shape[-1]
         for row, masked, visible in masked_cells(cells):
-            genes, query = cells.gene_ids[row].numpy(), cells.ranks[row].numpy()[visible]
+            genes, query = cells["gene_ids"][row].numpy(), cells["input_ids"][row].numpy()[visible]
             query_levels = token_levels(query, num_classes - 1)[query]
             shown = np.r_[0, np.unique(query[query > 0])]  # token of each level in this cell
             reference = self.levels[:, genes[visible]].toarray()
@@ -246,18 +247,19 @@ class MagicImputation:
         other.knn, other.t, other.bandwidth, other.prior_weight = knn, t, bandwidth, prior_weight
         return other
 
-    def impute(self, cells: CellInputs, counts: torch.Tensor) -> np.ndarray:
+    def impute(self, cells: CellBatch, counts: torch.Tensor) -> np.ndarray:
         """MAGIC's imputed values (`(n_cells, length)`, z-scored within each cell over its real positions)."""
-        key = (self.knn, self.t, *(x.numpy().tobytes() for x in (cells.gene_ids, cells.mask, counts.nan_to_num(-1))))
+        arrays = (cells["gene_ids"], cells.mask, counts.nan_to_num(-1))
+        key = (self.knn, self.t, *(x.numpy().tobytes() for x in arrays))
         if key in self._imputed:  # the same cells are read with several bandwidths when settings are chosen
             return self._imputed[key]
         import magic
 
-        real = cells.attention_mask.bool()
-        genes = np.unique(cells.gene_ids[real].numpy())
-        column = torch.from_numpy(np.searchsorted(genes, cells.gene_ids.numpy()))
+        real = cells["attention_mask"].bool()
+        genes = np.unique(cells["gene_ids"][real].numpy())
+        column = torch.from_numpy(np.searchsorted(genes, cells["gene_ids"].numpy()))
         visible = real & ~cells.mask
-        query = torch.zeros(len(cells), len(genes), dtype=torch.float64)
+        query = torch.zeros(cells.num_cells, len(genes), dtype=torch.float64)
         query.scatter_add_(1, column * visible, torch.where(visible, counts.double().nan_to_num(0.0), 0.0))
         data = np.vstack([self.reference_counts[:, genes].toarray(), query.numpy()])
         library = data.sum(axis=1, keepdims=True)
@@ -268,7 +270,7 @@ class MagicImputation:
         with warnings.catch_warnings():  # magic's logger is deprecated; identical cells are legal here
             warnings.filterwarnings("ignore", category=DeprecationWarning)
             warnings.filterwarnings("ignore", message="Detected zero distance", category=RuntimeWarning)
-            imputed = torch.from_numpy(operator.fit_transform(data)[-len(cells) :])
+            imputed = torch.from_numpy(operator.fit_transform(data)[-cells.num_cells :])
         values = imputed.gather(1, column).masked_fill(~real, 0.0)
         n = real.sum(dim=1, keepdim=True)
         mean = values.sum(dim=1, keepdim=True) / n
@@ -276,7 +278,7 @@ class MagicImputation:
         self._imputed[key] = ((values - mean) / std).numpy()
         return self._imputed[key]
 
-    def predict(self, cells: CellInputs, counts: torch.Tensor | None = None) -> torch.Tensor:
+    def predict(self, cells: CellBatch, counts: torch.Tensor | None = None) -> torch.Tensor:
         if counts is None:
             raise ValueError("MagicImputation needs the visible counts")
         values = self.impute(cells, counts)
@@ -287,7 +289,7 @@ class MagicImputation:
                 continue
             distance = values[row, masked][:, None] - values[row, visible][None, :]
             weights = np.exp(-0.5 * (distance / self.bandwidth) ** 2) + 1e-300
-            one_hot = np.eye(num_classes)[cells.ranks[row].numpy()[visible]]
+            one_hot = np.eye(num_classes)[cells["input_ids"][row].numpy()[visible]]
             kernel = weights @ one_hot / weights.sum(axis=1, keepdims=True)
             at = torch.from_numpy(np.flatnonzero(masked))
             mixed = (1 - self.prior_weight) * kernel + self.prior_weight * out[row, at].double().numpy()

@@ -10,7 +10,7 @@ import evaluate
 import numpy as np
 import torch
 
-from modeling import CellInputs
+from modeling import CellBatch
 from pipelines import MaskedRankDiffusionScheduler
 
 from .rank_imputation.rank_imputation import position_nll
@@ -47,29 +47,34 @@ def detection_strata(detection_rate: np.ndarray) -> np.ndarray:
 
 @dataclass
 class PanelCells:
-    """Cells on a gene panel, with what scoring needs beyond the model's input.
+    """Held-out cells on a gene panel, with what scoring needs beyond the model's input.
 
     Attributes:
-        gene_ids (`torch.LongTensor` of shape `(n_cells, length)`): the panel's genes (0 at padding).
-        tokens (`torch.LongTensor` of shape `(n_cells, length)`): their true rank tokens, from the whole cell.
-        attention_mask (`torch.BoolTensor` of shape `(n_cells, length)`): True at real positions.
+        cells ([`CellBatch`]): the processor's batch of the cells with every position visible: the panel's genes
+            and their true rank tokens from the whole cells.
         counts (`torch.FloatTensor` of shape `(n_cells, length)`): their raw counts.
         levels (`np.ndarray` of shape `(n_cells, B + 1)`): each cell's [`token_levels`].
     """
 
-    gene_ids: torch.LongTensor
-    tokens: torch.LongTensor
-    attention_mask: torch.BoolTensor
+    cells: CellBatch
     counts: torch.FloatTensor
     levels: np.ndarray
 
     def __len__(self) -> int:
-        return self.gene_ids.shape[0]
+        return self.cells.num_cells
 
-    def masked(self, mask: torch.Tensor, mask_token_id: int) -> tuple[CellInputs, torch.Tensor]:
+    @property
+    def tokens(self) -> torch.LongTensor:
+        return self.cells["input_ids"]
+
+    @property
+    def attention_mask(self) -> torch.BoolTensor:
+        return self.cells["attention_mask"].bool()
+
+    def masked(self, mask: torch.Tensor) -> tuple[CellBatch, torch.Tensor]:
         """The model's input with `mask` hidden, and the counts a user would have (NaN where masked)."""
-        inputs = CellInputs(self.gene_ids, self.tokens.masked_fill(mask, mask_token_id), mask, self.attention_mask)
-        return inputs, self.counts.masked_fill(mask, float("nan"))
+        masked = self.cells.replace(input_ids=self.tokens.masked_fill(mask, self.cells.mask_token_id))
+        return masked, self.counts.masked_fill(mask, float("nan"))
 
 
 def score_masked(
@@ -124,13 +129,13 @@ def strongest_baseline(by_method: dict[str, dict[str, dict]], ratio: str) -> tup
 
 
 def choose_on_validation(
-    candidates: dict[str, object], cells: PanelCells, mask_token_id: int, *, mask_ratio: float = 0.5, seed: int = 0
+    candidates: dict[str, object], cells: PanelCells, *, mask_ratio: float = 0.5, seed: int = 0
 ) -> tuple[str, dict[str, float]]:
     """The candidate baseline with the lowest masked NLL on validation cells (one mask at `mask_ratio`), and the
     NLL of every candidate."""
     generator = torch.Generator().manual_seed(seed)
     masked = MaskedRankDiffusionScheduler.random_mask(cells.attention_mask, mask_ratio, generator=generator)
-    inputs, counts = cells.masked(masked, mask_token_id)
+    inputs, counts = cells.masked(masked)
     nll = {
         name: masked_nll(method.predict(inputs, counts), cells.tokens, masked) for name, method in candidates.items()
     }
@@ -161,19 +166,19 @@ def compare_on_masks(
         `results[method][str(ratio)]`: the `rank_imputation` scores.
     """
     model, scheduler = pipe.model, pipe.scheduler
-    mask_id, num_bins = scheduler.config.mask_token_id, model.config.num_rank_bins
-    real = cells.attention_mask
-    position_strata = strata[cells.gene_ids.numpy()] if strata is not None else None
+    num_bins = model.config.num_rank_bins
+    real, gene_ids = cells.attention_mask, cells.cells["gene_ids"]
+    position_strata = strata[gene_ids.numpy()] if strata is not None else None
     metric = load_metric()
     results: dict[str, dict[str, dict]] = {}
     for i, ratio in enumerate(mask_ratios):
         generator = torch.Generator().manual_seed(seed + i)
         masked = scheduler.random_mask(real, ratio, generator=generator)
-        inputs, counts = cells.masked(masked, mask_id)
+        inputs, counts = cells.masked(masked)
         predictions = {MODEL_METHOD: pipe.processor.predictive_distribution(model, inputs, batch_size=32)}
         if sample_steps:
             sampled = pipe(
-                gene_ids=[g[r].tolist() for g, r in zip(cells.gene_ids, real)],
+                gene_ids=[g[r].tolist() for g, r in zip(gene_ids, real)],
                 ranks=[t[r].tolist() for t, r in zip(cells.tokens, real)],
                 mask=[m[r].tolist() for m, r in zip(masked, real)],
                 num_inference_steps=sample_steps,

@@ -7,11 +7,11 @@ checkpoint carries them as Hub remote code.
 from transformers import AutoConfig, AutoFeatureExtractor, AutoModel
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from .cell_inputs import CellInputs, CellWindows
+from .cell_batch import CellBatch, CellWindows, RaggedCells
 from .configuration_rank_dit import IMPUTATION_TASK, RANK_DIT_PRESETS, RankDiTConfig
 from .gene_vocab import GeneVocab
+from .imputation_task import RankDiTImputationPipeline
 from .modeling_rank_dit import RankDiTModel, RankDiTOutput, RankDiTPreTrainedModel
-from .pipeline_rank_dit import RankDiTImputationPipeline
 from .processing_rank_dit import RankDiTProcessor
 from .rank_tokenizer import CellTokenizer, rank_tokens
 
@@ -28,7 +28,7 @@ PIPELINE_REGISTRY.register_pipeline(
 __all__ = [
     "RANK_DIT_PRESETS",
     "IMPUTATION_TASK",
-    "CellInputs",
+    "CellBatch",
     "CellTokenizer",
     "CellWindows",
     "GeneVocab",
@@ -38,5 +38,6 @@ __all__ = [
     "RankDiTOutput",
     "RankDiTPreTrainedModel",
     "RankDiTProcessor",
+    "RaggedCells",
     "rank_tokens",
 ]

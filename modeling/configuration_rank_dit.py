@@ -18,10 +18,10 @@ RANK_DIT_PRESETS: dict[str, dict[str, int]] = {
 
 RANK_SCHEMES = ("mosaicfm_quantile",)
 # The transformers task every checkpoint offers (`pipeline(model=folder, trust_remote_code=True)`); its code,
-# `pipeline_rank_dit.py`, travels with the processor saved beside the model.
+# `imputation_task.py`, travels with the processor saved beside the model.
 IMPUTATION_TASK = "rank-imputation"
 TASK_PIPELINES = {
-    IMPUTATION_TASK: {"impl": "pipeline_rank_dit.RankDiTImputationPipeline", "pt": ["AutoModel"], "type": "multimodal"}
+    IMPUTATION_TASK: {"impl": "imputation_task.RankDiTImputationPipeline", "pt": ["AutoModel"], "type": "multimodal"}
 }
 
 

@@ -64,6 +64,8 @@ class GeneVocab:
             if symbol:
                 self._by_symbol.setdefault(symbol, token_id)
         self._known = set(self.token_ids.tolist())
+        self._is_gene = np.zeros(self.size, dtype=bool)
+        self._is_gene[self.token_ids] = True
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -73,8 +75,12 @@ class GeneVocab:
         """Number of ids the gene embedding needs: the largest token id + 1."""
         return int(self.token_ids.max()) + 1 if len(self) else FIRST_GENE_ID
 
-    def lookup(self, genes: Iterable[int | str]) -> np.ndarray:
+    def lookup(self, genes: Iterable[int | str] | np.ndarray) -> np.ndarray:
         """Token id of each gene (token id, Ensembl id or symbol), -1 where the gene is not in the vocabulary."""
+        if isinstance(genes, np.ndarray) and genes.dtype.kind in "iu":  # token ids: a table, no loop
+            ids = genes.astype(np.int64)
+            inside = (ids >= 0) & (ids < len(self._is_gene))
+            return np.where(inside & self._is_gene[np.where(inside, ids, 0)], ids, -1)
         out = []
         for gene in genes:
             if isinstance(gene, (int, np.integer)):
@@ -85,6 +91,17 @@ class GeneVocab:
             else:
                 raise TypeError(f"genes must be token ids or strings, got {type(gene).__name__}: {gene!r}")
         return np.asarray(out, dtype=np.int64)
+
+    def columns(self, names: Sequence[str]) -> np.ndarray:
+        """The token id of each column of a table whose genes are `names` (Ensembl ids or symbols), -1 where the
+        column is not one of the vocabulary's genes: its name is unknown, or names a gene an earlier column already
+        names (a symbol and its Ensembl id, or a symbol listed twice). RankDiff's one rule for an AnnData's genes:
+        the columns with -1 are not listed to the model, and their counts still shape the cell's bins."""
+        ids = self.lookup([str(name) for name in names])
+        _, first = np.unique(ids, return_index=True)
+        repeated = np.ones(len(ids), dtype=bool)
+        repeated[first] = False
+        return np.where(repeated, -1, ids)
 
     def encode(self, genes: Iterable[int | str]) -> list[int]:
         """Token ids of `genes`; raises `KeyError` naming every gene that is not in the vocabulary."""

@@ -68,6 +68,26 @@ def eager_attention_forward(
     return attn_output, attn_weights
 
 
+def key_padding_mask(attention_mask: torch.Tensor) -> torch.BoolTensor:
+    """`(batch, 1, 1, length)`: True where a query may look, at every key that is not padding (broadcast over heads
+    and queries): the boolean mask of the SDPA and eager attention functions."""
+    return attention_mask.bool()[:, None, None, :]
+
+
+def check_ids(name: str, ids: torch.Tensor, high: int, attended: torch.Tensor | None = None) -> None:
+    """Refuse ids outside 0..`high` at the attended positions, on every device. On the host the error names the first
+    (row, position) and value; on an accelerator the check is a device-side assertion, so the host does not wait for
+    the device (it fails at the next synchronisation, as an out-of-range embedding lookup would)."""
+    bad = (ids < 0) | (ids > high)
+    if attended is not None:
+        bad = bad & attended
+    if ids.device.type != "cpu" or torch.compiler.is_compiling():
+        torch._assert_async(~bad.any(), f"{name} must be in 0..{high} at every attended position")
+    elif bad.any():
+        row, col = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{name} must be in 0..{high}; got {int(ids[row, col])} at (row {row}, position {col})")
+
+
 def modulate(hidden_states: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN: `x * (1 + scale) + shift` with per-sequence shift and scale."""
     return hidden_states * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
@@ -361,13 +381,9 @@ class RankDiTModel(RankDiTPreTrainedModel):
         names = list(config.conditions or {})
         if tuple(condition_ids.shape) != (batch_size, len(names)):
             raise ValueError(f"condition_ids must be (batch, {len(names)}) for the conditions {names}")
-        if condition_ids.device.type != "cpu" or torch.compiler.is_compiling():
-            return
         for column, name in enumerate(names):
-            ids, high = condition_ids[:, column], len(config.conditions[name])
-            bad = (ids < 0) | (ids > high)
-            if bad.any():
-                raise ValueError(f"condition_ids of {name!r} must be in 0..{high}; got {int(ids[bad][0])}")
+            values = condition_ids[:, column : column + 1]
+            check_ids(f"condition_ids of {name!r}", values, len(config.conditions[name]))
 
     def _check_inputs(self, gene_ids, input_ids, attention_mask, timesteps):
         if gene_ids.dim() != 2 or gene_ids.shape != input_ids.shape:
@@ -381,18 +397,9 @@ class RankDiTModel(RankDiTPreTrainedModel):
             )
         if self.time_embedding is not None and timesteps is None:
             raise ValueError("this model is time-conditioned (config.time_conditioning): pass `timesteps`")
-        if input_ids.device.type != "cpu" or torch.compiler.is_compiling():
-            return  # value checks need the host: on an accelerator the processor and the collator made the ids
-        for name, ids, high in (
-            ("gene_ids", gene_ids, self.config.gene_vocab_size - 1),
-            ("input_ids", input_ids, self.config.mask_token_id),
-        ):
-            bad = (ids < 0) | (ids > high)
-            if bad.any():
-                row, col = (int(i) for i in bad.nonzero()[0])
-                raise ValueError(
-                    f"{name} must be in 0..{high}; got {int(ids[row, col])} at (row {row}, position {col})"
-                )
+        attended = None if attention_mask is None else attention_mask.bool()
+        check_ids("gene_ids", gene_ids, self.config.gene_vocab_size - 1, attended)
+        check_ids("input_ids", input_ids, self.config.mask_token_id, attended)
 
     def forward(
         self,
@@ -407,7 +414,8 @@ class RankDiTModel(RankDiTPreTrainedModel):
         r"""
         Args:
             gene_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
-                Gene token ids of each position (ids of the model's gene vocabulary).
+                Gene token ids of each position (ids of the model's gene vocabulary); any value (the processor puts
+                0, or -1 for a gene left out) where `attention_mask` is 0.
             input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
                 Rank tokens: 0 (not expressed), 1..B (quantile bins) or `config.mask_token_id` (`[MASK]`).
             attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
@@ -426,6 +434,7 @@ class RankDiTModel(RankDiTPreTrainedModel):
         """
         self._check_inputs(gene_ids, input_ids, attention_mask, timesteps)
         self._check_conditions(condition_ids, doses, input_ids.shape[0])
+        gene_ids = gene_ids.clamp(min=0)  # -1 marks a gene left out of the input: never attended, so any id will do
         hidden_states = self.rank_embedding(input_ids) + self.gene_embedding(gene_ids)
         real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         visible = real & (input_ids != self.config.mask_token_id)
@@ -438,10 +447,10 @@ class RankDiTModel(RankDiTPreTrainedModel):
             conditioning = conditioning + self.time_embedding(
                 timesteps.to(hidden_states.device).expand(input_ids.shape[0])
             )
-        if attention_mask is not None and not real.is_cpu and self.config._attn_implementation in ("sdpa", "eager"):
-            # The key-padding mask as given: transformers would first check it for padding on the host (a sync);
-            # callers pass attention_mask=None for a batch without padding (the processor and collator know).
-            mask = real[:, None, None, :]
+        if attention_mask is None or self.config._attn_implementation in ("sdpa", "eager"):
+            # The key-padding mask as given, on every device: transformers would first check it for padding on the
+            # host (a sync); callers pass attention_mask=None for a batch without padding (the processor knows).
+            mask = None if attention_mask is None else key_padding_mask(real)
         else:
             mask = create_bidirectional_mask(
                 config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask

@@ -6,7 +6,7 @@ longer than the model's training length, and the model's logits -> per-position 
 none of it. A processor is saved beside the model (`preprocessor_config.json`, which holds the gene vocabulary, and
 its code) and as the `processor` component of a diffusers pipeline folder; both load with `trust_remote_code=True`.
 
-This file imports the transformers task (`pipeline_rank_dit.py`) so that a saved processor carries its code: the
+This file imports the transformers task (`imputation_task.py`) so that a saved processor carries its code: the
 task drives the processor loaded beside a model. Every file a module here needs is imported by it directly
 (diffusers copies only direct relative imports of remote code).
 """
@@ -14,7 +14,6 @@ task drives the processor loaded beside a model. Every file a module here needs 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -24,12 +23,12 @@ import torch
 from torch.nn import functional as F
 from transformers.feature_extraction_utils import FeatureExtractionMixin
 
-from .cell_inputs import CellInputs, CellWindows
+from .cell_batch import CellBatch, CellWindows, RaggedCells
 from .conditions import ConditionEncoder, guided_logits
 from .configuration_rank_dit import RankDiTConfig
 from .gene_vocab import FIRST_GENE_ID, SPECIAL_TOKENS, GeneVocab
-from .pipeline_rank_dit import RankDiTImputationPipeline  # noqa: F401  (its code travels with the processor)
-from .rank_tokenizer import checked_counts, rank_tokens
+from .imputation_task import RankDiTImputationPipeline  # noqa: F401  (its code travels with the processor)
+from .rank_tokenizer import check_counts, invalid_counts, rank_tokens, segment_ids
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +44,7 @@ def _listed(values, name: str) -> list:
     if isinstance(values, np.ndarray):
         if values.ndim not in (1, 2):
             raise ValueError(f"{name} must be 1-D (one cell) or 2-D (cells x genes), got shape {values.shape}")
-        return list(values)
+        return list(values) if values.ndim == 2 else values
     if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Sequence):
         raise TypeError(f"{name} must be a sequence, an array or a tensor, got {type(values).__name__}")
     return list(values)
@@ -61,22 +60,26 @@ def as_cells(values, name: str) -> list[np.ndarray] | None:
     """One cell (a flat sequence) or several (a sequence of sequences, or a 2-D array) as a list of 1-D arrays."""
     if values is None:
         return None
+    if isinstance(values, np.ndarray) and values.ndim == 2 and values.dtype.kind in "iufb":  # cells x genes
+        return [_cell_array(row) for row in values]
     items = _listed(values, name)
     nested = [_is_cell(item) for item in items]
-    if items and all(nested):
+    if len(items) and all(nested):
         return [_cell_array(_listed(item, f"{name}[{i}]")) for i, item in enumerate(items)]
     if any(nested):
         raise ValueError(f"{name} mixes cells (sequences) and single values: give one cell or a list of cells")
     return [_cell_array(items)]
 
 
-def _cell_array(items: list) -> np.ndarray:
+def _cell_array(items: list | np.ndarray) -> np.ndarray:
     """One cell's values as an array: of their numeric (or bool) type when they all share it, else of objects, so
     that a bool among numbers or a number among names is still seen for what it is."""
+    if isinstance(items, np.ndarray) and items.ndim == 1 and items.dtype.kind in "iufb":  # as it is, no Python loop
+        return items.astype({"i": np.int64, "u": np.int64, "f": np.float64, "b": bool}[items.dtype.kind], copy=False)
     kinds = set(map(type, items))
     for dtype, allowed in ((np.int64, (int, np.int64, np.int32)), (np.float64, (float, np.float64, np.float32)),
                            (bool, (bool, np.bool_))):  # fmt: skip
-        if items and kinds <= set(allowed):
+        if len(items) and kinds <= set(allowed):
             return np.array(items, dtype=dtype)
     return np.array(items, dtype=object)
 
@@ -89,8 +92,30 @@ def _plain(value):
     return value.item() if isinstance(value, np.generic) else value
 
 
+def _number(value: float) -> str:
+    """A number as a user wrote it: 11 for 11.0, 12.7, nan."""
+    return str(int(value)) if np.isfinite(value) and value == int(value) else str(float(value))
+
+
 def _shown(value) -> str:
     return f"{_plain(value)!r} ({type(_plain(value)).__name__})"
+
+
+def _mask(values: np.ndarray | None, n: int, where: str) -> np.ndarray:
+    """One cell's mask as booleans (0 / 1 taken too); a `TypeError` naming the first value that is neither."""
+    if values is None:
+        return np.zeros(n, dtype=bool)
+    if values.dtype.kind == "b":
+        return values
+    if values.dtype.kind in "iu" and np.isin(values, (0, 1)).all():
+        return values.astype(bool)
+    flags = np.array([isinstance(v, (bool, np.bool_)) or (isinstance(v, (int, np.integer)) and v in (0, 1))
+                      for v in values], dtype=bool)  # fmt: skip
+    if not flags.all():
+        j = _first_bad(~flags)
+        raise TypeError(f"{where}: mask must be booleans (True = predict) or 0 / 1, got {_shown(values[j])} at "
+                        f"position {j}")  # fmt: skip
+    return values.astype(bool)
 
 
 def _numbers(values: np.ndarray, what: str, where: str) -> np.ndarray:
@@ -106,7 +131,7 @@ def _numbers(values: np.ndarray, what: str, where: str) -> np.ndarray:
 
 
 class RankDiTProcessor(FeatureExtractionMixin):
-    r"""Turns cells as users have them into [`CellInputs`] for a RankDiT model, and its logits into distributions.
+    r"""Turns cells as users have them into a [`CellBatch`] for a RankDiT model, and its logits into distributions.
 
     Args:
         num_rank_bins (`int`, defaults to 50): B of the model: rank tokens are 0..B, `[MASK]` is B + 1.
@@ -125,7 +150,7 @@ class RankDiTProcessor(FeatureExtractionMixin):
     >>> vocab = GeneVocab([3, 4, 5], ["ENSG01", "ENSG02", "ENSG03"], ["CD3E", "MS4A1", "LYZ"])
     >>> processor = RankDiTProcessor(num_rank_bins=50, gene_vocab=vocab)
     >>> cells = processor(gene_ids=["CD3E", "MS4A1", "LYZ"], counts=[3, 0, 12], mask=[False, True, False])
-    >>> cells.ranks  # 51 = [MASK]
+    >>> cells.input_ids  # 51 = [MASK]
     tensor([[ 1, 51, 50]])
     ```
     """
@@ -203,18 +228,13 @@ class RankDiTProcessor(FeatureExtractionMixin):
         genes = f"{len(self.gene_vocab)} genes" if self.gene_vocab is not None else "None"
         return f"{type(self).__name__}({shown}, gene_vocab={genes})"
 
-    # Input: cells -> CellInputs.
-
-    def rank_tokens(self, counts, reference=None) -> np.ndarray:
-        """Rank tokens of one cell's raw counts by the training rule ([`rank_tokens`]); with `reference`, binned
-        by those counts' quantiles instead (e.g. a cell's visible counts)."""
-        return rank_tokens(counts, self.num_rank_bins, reference=reference)
+    # Input: cells as users have them -> RaggedCells -> CellBatch.
 
     def gene_token_ids(self, genes, cell: int = 0) -> np.ndarray:
         """Token ids of one cell's genes (token ids, Ensembl ids or symbols); -1 for genes outside the vocabulary.
 
         Raises a `TypeError` / `ValueError` naming the position of a value that is no gene: a float, a bool, a
-        special id (`<pad>`, `<cls>`, `<eoc>`), an id outside the model's range, or a repeated gene.
+        special id (`<pad>`, `<cls>`, `<eoc>`) or an id outside the model's range.
         """
         genes = genes if isinstance(genes, np.ndarray) else _cell_array(list(genes))
         where = f"cell {cell}"
@@ -244,41 +264,12 @@ class RankDiTProcessor(FeatureExtractionMixin):
                 j = _first_bad(numbers >= high)
                 raise ValueError(f"{where}: gene id {int(numbers[j])} at position {positions[j]} is outside the "
                                  f"model's {FIRST_GENE_ID}..{high - 1}")  # fmt: skip
-            ids[numbered] = self.gene_vocab.lookup(numbers.tolist()) if self.gene_vocab is not None else numbers
+            ids[numbered] = self.gene_vocab.lookup(numbers) if self.gene_vocab is not None else numbers
         if named.any():
             if self.gene_vocab is None:
                 raise ValueError("gene names need the checkpoint's gene vocabulary (processor.gene_vocab is None)")
             ids[named] = self.gene_vocab.lookup(genes[named].tolist())
-        known = ids[ids >= 0]
-        unique, seen = np.unique(known, return_counts=True)
-        if (seen > 1).any():
-            raise ValueError(f"{where}: genes are repeated: token ids {unique[seen > 1][:10].tolist()}")
         return ids
-
-    def _mask(self, values: np.ndarray | None, n: int, where: str) -> np.ndarray:
-        if values is None:
-            return np.zeros(n, dtype=bool)
-        if values.dtype.kind == "b":
-            return values
-        if values.dtype.kind in "iu" and np.isin(values, (0, 1)).all():
-            return values.astype(bool)
-        flags = np.array([isinstance(v, (bool, np.bool_)) or (isinstance(v, (int, np.integer)) and v in (0, 1))
-                          for v in values], dtype=bool)  # fmt: skip
-        if not flags.all():
-            j = _first_bad(~flags)
-            raise TypeError(f"{where}: mask must be booleans (True = predict) or 0 / 1, got {_shown(values[j])} at "
-                            f"position {j}")  # fmt: skip
-        return values.astype(bool)
-
-    def _rank_values(self, values: np.ndarray, visible: np.ndarray, where: str) -> np.ndarray:
-        ranks = _numbers(values, "ranks", where)
-        valid = np.isfinite(ranks) & (ranks == np.round(ranks)) & (ranks >= 0) & (ranks <= self.num_rank_bins)
-        bad = visible & ~valid
-        if bad.any():
-            j = _first_bad(bad)
-            high, shown = self.num_rank_bins, _plain(values[j])
-            raise ValueError(f"{where}: ranks must be integers in 0..{high}, got {shown!r} at position {j}")
-        return np.where(visible, ranks, 0).astype(np.int64)
 
     def __call__(
         self,
@@ -289,8 +280,10 @@ class RankDiTProcessor(FeatureExtractionMixin):
         *,
         context_counts=None,
         unknown_genes: str = "raise",
-    ) -> CellInputs:
-        """Check cells and turn them into a padded [`CellInputs`] batch; cells may hold any number of genes.
+    ) -> CellBatch:
+        """Check cells and turn them into a padded [`CellBatch`] (`model(**batch)`); cells may hold any number of
+        genes. The cells are read into [`RaggedCells`] and go through [`~RankDiTProcessor.encode`], the batch
+        tokenizer of training and evaluation too.
 
         Args:
             gene_ids: the genes of one cell (a flat sequence) or of several (a sequence of sequences, a 2-D array):
@@ -308,7 +301,7 @@ class RankDiTProcessor(FeatureExtractionMixin):
                 cell's bins), marks them with gene id -1 in the returned cells and logs how many there were.
 
         Returns:
-            [`CellInputs`]: `(n_cells, longest cell)`, in the positions given (ignored genes are not attended).
+            [`CellBatch`]: `(n_cells, longest cell)`, in the positions given (ignored genes are not attended).
         """
         if unknown_genes not in UNKNOWN_GENE_POLICIES:
             raise ValueError(f"unknown_genes must be one of {UNKNOWN_GENE_POLICIES}, got {unknown_genes!r}")
@@ -318,122 +311,159 @@ class RankDiTProcessor(FeatureExtractionMixin):
             raise ValueError("a mask needs the ranks (or counts) of the positions it keeps")
         if context_counts is not None and counts is None:
             raise ValueError("context_counts go with counts: they join the counts in each cell's quantile bins")
+        cells = self._read_cells(gene_ids, ranks, counts, mask, context_counts, unknown_genes)
+        if counts is not None and context_counts is None:
+            self._warn_if_partial(cells)
+        return self.encode(cells)
+
+    def _read_cells(self, gene_ids, ranks, counts, mask, context_counts, unknown_genes) -> RaggedCells:
+        """A user's cells (Python sequences, arrays, tensors, pandas objects) as flat arrays, checked cell by cell
+        for what only the user's own values can name: gene names, types, lengths and genes outside the vocabulary."""
         value_name = "ranks" if ranks is not None else "counts"
-        cells = as_cells(gene_ids, "gene_ids")
+        genes = as_cells(gene_ids, "gene_ids")
         values = as_cells(ranks if ranks is not None else counts, value_name)
         masks = as_cells(mask, "mask")
         contexts = as_cells(context_counts, "context_counts")
-        if not cells or min(len(c) for c in cells) == 0:
+        if not genes or min(len(g) for g in genes) == 0:
             raise ValueError("gene_ids must hold at least one gene per cell")
-        for name, other in ((value_name, values), ("mask", masks)):
-            if other is not None and len(other) != len(cells):
-                raise ValueError(f"{name} must hold one cell per cell of gene_ids ({len(cells)}), got {len(other)}")
-            if other is not None:
-                for i, (genes, given) in enumerate(zip(cells, other)):
-                    if len(given) != len(genes):
-                        raise ValueError(f"cell {i}: {name} has {len(given)} values for {len(genes)} genes")
-        if contexts is not None and len(contexts) != len(cells):
-            raise ValueError(f"context_counts must hold one list per cell ({len(cells)}), got {len(contexts)}")
+        for name, other in ((value_name, values), ("mask", masks), ("context_counts", contexts)):
+            if other is not None and len(other) != len(genes):
+                raise ValueError(f"{name} must hold one cell per cell of gene_ids ({len(genes)}), got {len(other)}")
+            if other is not None and name != "context_counts":
+                for i, (cell, given) in enumerate(zip(genes, other)):
+                    if len(given) != len(cell):
+                        raise ValueError(f"cell {i}: {name} has {len(given)} values for {len(cell)} genes")
+        ids = [self.gene_token_ids(cell, i) for i, cell in enumerate(genes)]
+        unknown = np.concatenate(ids) < 0
+        if unknown.any():
+            if unknown_genes == "raise":
+                i = next(i for i, cell_ids in enumerate(ids) if (cell_ids < 0).any())
+                missing = np.flatnonzero(ids[i] < 0)
+                shown = ", ".join(f"{genes[i][j]!r} (position {j})" for j in missing[:10])
+                raise KeyError(f"cell {i}: {len(missing)} of {len(ids[i])} genes are not in the checkpoint's "
+                               f"vocabulary: {shown}; pass unknown_genes='ignore' to leave them out")  # fmt: skip
+            logger.warning("%d genes outside the checkpoint's vocabulary were left out (gene id -1 in the output)",
+                           int(unknown.sum()))  # fmt: skip
+        cells = RaggedCells(np.concatenate([[0], np.cumsum([len(i) for i in ids])]), np.concatenate(ids))
+        if values is not None:
+            parsed = np.concatenate([_numbers(v, value_name, f"cell {i}") for i, v in enumerate(values)])
+            setattr(cells, value_name, parsed)
+            cells.mask = np.concatenate(
+                [_mask(m, len(g), f"cell {i}") for i, (m, g) in enumerate(zip(masks or [None] * len(ids), ids))]
+            )
+        if contexts is not None:
+            parsed = [_numbers(c, "context_counts", f"cell {i}") for i, c in enumerate(contexts)]
+            cells.context = np.concatenate(parsed) if parsed else np.zeros(0)
+            cells.context_offsets = np.concatenate([[0], np.cumsum([len(c) for c in parsed])])
+        return cells
 
-        n_cells, width = len(cells), max(len(c) for c in cells)
-        out_genes = torch.zeros(n_cells, width, dtype=torch.long)
-        out_ranks = torch.zeros(n_cells, width, dtype=torch.long)
-        out_mask = torch.zeros(n_cells, width, dtype=torch.bool)
-        attention_mask = torch.zeros(n_cells, width, dtype=torch.bool)
-        partial, ignored = [], 0
-        for i, genes in enumerate(cells):
-            where, n = f"cell {i}", len(genes)
-            ids = self.gene_token_ids(genes, i)
-            unknown = ids < 0
-            if unknown.any() and unknown_genes == "raise":
-                shown = ", ".join(f"{genes[j]!r} (position {j})" for j in np.flatnonzero(unknown)[:10])
-                raise KeyError(f"{where}: {int(unknown.sum())} of {n} genes are not in the checkpoint's vocabulary: "
-                               f"{shown}; pass unknown_genes='ignore' to leave them out")  # fmt: skip
-            ignored += int(unknown.sum())
-            # `hidden`: what the user hides (its values never shape the bins); `cell_mask`: what the model predicts.
-            hidden = self._mask(masks[i] if masks is not None else None, n, where) if values is not None else ~unknown
-            cell_mask = hidden & ~unknown
-            out_genes[i, :n] = torch.from_numpy(ids)
-            attention_mask[i, :n] = torch.from_numpy(~unknown)
-            out_mask[i, :n] = torch.from_numpy(cell_mask)
-            if values is None:
-                continue
-            visible = ~hidden
-            if counts is not None:  # bins from the visible counts only: hidden values must not shape them
-                given = _numbers(values[i], "counts", where)
-                context = checked_counts(
-                    _numbers(contexts[i], "context_counts", where) if contexts is not None else np.zeros(0),
-                    f"{where}, context_counts",
-                )
-                shown_counts = checked_counts(given[visible], where, ids[visible], np.flatnonzero(visible))
-                if contexts is None and n < self.whole_cell_genes and (shown_counts == 0).any():
-                    partial.append(i)
-                reference = np.r_[shown_counts, context]  # the cell's genes outside the vocabulary count too
-                tokens = np.zeros(n, dtype=np.int64)
-                if reference.any():  # with no visible expressed gene there is nothing to bin
-                    tokens[visible] = rank_tokens(shown_counts, self.num_rank_bins, reference=reference)
-            else:
-                tokens = self._rank_values(values[i], visible & ~unknown, where)
-            out_ranks[i, :n] = torch.from_numpy(np.where(visible & ~unknown, tokens, 0))
-        if partial:
+    invalid_counts = staticmethod(invalid_counts)  # the one count check, for readers that name cells their own way
+
+    @staticmethod
+    def table_cells(counts, column_ids, hidden=None, requested=None) -> tuple[RaggedCells, np.ndarray]:
+        """Rows of a count table (an AnnData's) as cells: [`RaggedCells.from_matrix`], the rule training reads
+        `.h5ad` files with too; `column_ids` from [`GeneVocab.columns`]."""
+        return RaggedCells.from_matrix(counts, column_ids, hidden, requested)
+
+    def _warn_if_partial(self, cells: RaggedCells) -> None:
+        visible_zero = (cells.counts == 0) & ~cells.mask
+        short = cells.sizes < self.whole_cell_genes
+        partial = np.flatnonzero(short & (np.add.reduceat(visible_zero, cells.offsets[:-1]) > 0))
+        if len(partial):
             logger.warning(
                 "%d cells (e.g. cell %d, %d genes) are given by the counts of fewer than %d genes, some of them zero: "
                 "their tokens come from these counts by the training rule (quantile bins of the cell's non-zero "
                 "counts). If they are only part of their cells, pass the other genes' counts as context_counts (or "
                 "ranks computed from the whole cells), so the bins are those of the whole cells, as in training; "
                 "context_counts=[[]] * n_cells says they are whole.",
-                len(partial), partial[0], len(cells[partial[0]]), self.whole_cell_genes,
+                len(partial), partial[0], cells.sizes[partial[0]], self.whole_cell_genes,
             )  # fmt: skip
-        if ignored:
-            logger.warning("%d genes outside the checkpoint's vocabulary were left out (gene id -1 in the output)",
-                           ignored)  # fmt: skip
-        out_ranks[out_mask] = self.mask_token_id
-        return CellInputs(out_genes, out_ranks, out_mask, attention_mask)
 
-    # Model side: windows, model inputs, logits -> distributions.
+    def encode(self, cells: RaggedCells) -> CellBatch:
+        """The batch tokenizer: cells of any lengths -> a padded [`CellBatch`], vectorised over the whole batch.
 
-    def windows(self, cells: CellInputs) -> CellWindows:
-        """The cells cut into windows the model's length takes ([`CellInputs.windows`])."""
+        Checks that no cell repeats a gene and that the visible values are raw counts (or ranks in 0..B), bins the
+        counts by [`rank_tokens`] from each cell's visible counts and its context, puts `[MASK]` at the masked
+        positions and pads. Genes with id -1 (outside the vocabulary) are not attended; their visible counts still
+        shape the bins. The training collator, the evaluation and `__call__` all end here.
+        """
+        n = len(cells.gene_ids)
+        known = cells.gene_ids >= 0
+        self._check_repeats(cells, known)
+        if cells.counts is None and cells.ranks is None:  # no values: every known gene is generated
+            mask = known
+            tokens = np.zeros(n, dtype=np.int64)
+        else:
+            mask = (np.zeros(n, dtype=bool) if cells.mask is None else cells.mask) & known
+            visible = ~(np.zeros(n, dtype=bool) if cells.mask is None else cells.mask)
+            tokens = self._tokens(cells, visible, known)
+        input_ids = np.where(mask, self.mask_token_id, np.where(known, tokens, 0))
+        return CellBatch.from_ragged(cells.offsets, cells.gene_ids, input_ids, known, self.mask_token_id)
+
+    def _check_repeats(self, cells: RaggedCells, known: np.ndarray) -> None:
+        cell = segment_ids(cells.offsets)
+        stride = int(cells.gene_ids.max(initial=0)) + 1
+        keys = np.sort(cell[known] * stride + cells.gene_ids[known])
+        repeated = keys[1:][np.diff(keys) == 0]
+        if len(repeated):
+            first = int(repeated[0] // stride)
+            genes = np.unique(repeated[repeated // stride == first] % stride)
+            raise ValueError(f"cell {first}: genes are repeated: token ids {genes[:10].tolist()}")
+
+    def _tokens(self, cells: RaggedCells, visible: np.ndarray, known: np.ndarray) -> np.ndarray:
+        """Rank tokens at the visible positions (0 elsewhere): the given ranks, checked, or the counts binned."""
+        where = _Positions(cells.offsets)
+        if cells.ranks is not None:
+            ranks = cells.ranks
+            valid = np.isfinite(ranks) & (ranks == np.round(ranks)) & (ranks >= 0) & (ranks <= self.num_rank_bins)
+            bad = visible & known & ~valid
+            if bad.any():
+                i = int(np.flatnonzero(bad)[0])
+                raise ValueError(f"{where.cell(i)}: ranks must be integers in 0..{self.num_rank_bins}, got "
+                                 f"{_number(ranks[i])} at position {where.position(i)}")  # fmt: skip
+            return np.where(visible & known, np.nan_to_num(ranks), 0).astype(np.int64)
+        counts = np.where(visible, cells.counts, 0.0)
+        bad = invalid_counts(counts)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            check_counts(counts[i : i + 1], where.cell(i), cells.gene_ids[i : i + 1], np.array([where.position(i)]))
+        context, context_offsets = cells.context, cells.context_offsets
+        if context is not None:
+            bad = invalid_counts(context)
+            if bad.any():
+                i = int(np.flatnonzero(bad)[0])
+                cell = int(np.searchsorted(context_offsets, i, side="right") - 1)
+                check_counts(context[i : i + 1], f"cell {cell}, context_counts", positions=[i - context_offsets[cell]])
+        return rank_tokens(counts, self.num_rank_bins, cells.offsets, context=context, context_offsets=context_offsets)
+
+    # Model side: windows, logits -> distributions.
+
+    def windows(self, cells: CellBatch) -> CellWindows:
+        """The cells cut into windows the model's length takes ([`CellBatch.windows`])."""
         return cells.windows(self.max_length)
 
-    @staticmethod
-    def model_inputs(cells: CellInputs, device: torch.device | str, timesteps: torch.Tensor | None = None) -> dict:
-        """Keyword arguments of the model's forward for `cells` (padded windows), on `device`; no attention mask
-        for a batch without padding (checked here, on the host: the model then need not look)."""
-        padded = not bool(cells.attention_mask.all())
-        return {
-            "gene_ids": cells.gene_ids.clamp(min=0).to(device),
-            "input_ids": cells.ranks.to(device),
-            "attention_mask": cells.attention_mask.to(device) if padded else None,
-            "timesteps": None if timesteps is None else timesteps.to(device),
-            **{
-                name: getattr(cells, name).to(device)
-                for name in ("condition_ids", "doses")
-                if getattr(cells, name) is not None
-            },
-        }
-
-    def distributions(self, probs: torch.Tensor, cells: CellInputs) -> torch.Tensor:
+    def distributions(self, probs: torch.Tensor, cells: CellBatch) -> torch.Tensor:
         """Per-position model probabilities `(n_cells, length, B + 1)` -> the predictive distribution: one-hot at
         visible positions (their token is known), zero at padding and ignored genes."""
-        visible = ~cells.mask & cells.attention_mask
-        one_hot = F.one_hot(cells.ranks.clamp(max=self.num_rank_bins), self.num_rank_bins + 1).to(probs)
+        attended = cells["attention_mask"].bool()
+        visible = ~cells.mask & attended
+        one_hot = F.one_hot(cells["input_ids"].clamp(max=self.num_rank_bins), self.num_rank_bins + 1).to(probs)
         probs = torch.where(visible[..., None], one_hot, probs)
-        return probs * cells.attention_mask[..., None]
+        return probs * attended[..., None]
 
     logits = staticmethod(guided_logits)  # the denoiser's output under classifier-free guidance, for the pipelines
 
     @staticmethod
-    def add_conditions(cells: CellInputs, conditions, config: RankDiTConfig) -> CellInputs:
+    def add_conditions(cells: CellBatch, conditions, config: RankDiTConfig) -> CellBatch:
         """`cells` told their perturbation conditions: `conditions` is one dict for every cell (`{"drug":
         "Bortezomib", "dose": 0.5}`), a list of one dict per cell, or None (unconditional); see
         [`ConditionEncoder.encode`] for the errors."""
-        ids, doses = ConditionEncoder.from_config(config).encode(conditions, len(cells))
-        return dataclasses.replace(cells, condition_ids=ids, doses=doses)
+        ids, doses = ConditionEncoder.from_config(config).encode(conditions, cells.num_cells)
+        return cells.replace(condition_ids=ids, doses=doses)
 
     @torch.no_grad()
     def predictive_distribution(
-        self, model, cells: CellInputs, batch_size: int = 64, guidance_scale: float = 1.0
+        self, model, cells: CellBatch, batch_size: int = 64, guidance_scale: float = 1.0
     ) -> torch.Tensor:
         """p(x0 | visible tokens) over 0..B at every position of `cells` from one pass of `model` (at t = 1 when
         it is time-conditioned): float32 `(n_cells, length, B + 1)` on the CPU. A cell longer than the model's
@@ -442,14 +472,27 @@ class RankDiTProcessor(FeatureExtractionMixin):
         if batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         windows = self.windows(cells)
-        width, device = windows.inputs.gene_ids.shape[1], model.device
+        width, device = windows.inputs["gene_ids"].shape[1], model.device
         probs = []
-        for start in range(0, len(windows.inputs), batch_size):
+        for start in range(0, windows.inputs.num_cells, batch_size):
             inputs = windows.inputs.rows(slice(start, start + batch_size))
-            timesteps = torch.ones(len(inputs)) if model.config.time_conditioning else None
-            logits = guided_logits(model, self.model_inputs(inputs, device, timesteps), guidance_scale)
+            timesteps = torch.ones(inputs.num_cells) if model.config.time_conditioning else None
+            logits = guided_logits(model, inputs.model_inputs(device, timesteps), guidance_scale)
             probs.append(F.pad(torch.softmax(logits.float(), dim=-1).cpu(), (0, 0, 0, width - logits.shape[1])))
         return self.distributions(windows.to_cells(torch.cat(probs)), cells)
+
+
+class _Positions:
+    """Names the cell and the position in it of flat indices into cells laid out by `offsets`."""
+
+    def __init__(self, offsets: np.ndarray):
+        self.offsets = offsets
+
+    def cell(self, i: int) -> str:
+        return f"cell {int(np.searchsorted(self.offsets, i, side='right') - 1)}"
+
+    def position(self, i: int) -> int:
+        return int(i - self.offsets[np.searchsorted(self.offsets, i, side="right") - 1])
 
 
 RankDiTProcessor.register_for_auto_class("AutoFeatureExtractor")

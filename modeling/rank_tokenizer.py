@@ -1,4 +1,5 @@
-"""Per-cell rank tokens: counts -> quantile bins, and the (gene id, rank token) sequence of one or many cells."""
+"""The rank rule (a cell's counts -> quantile bins, many cells at once) and the selection rules that make a cell's
+(gene id, rank token) sequence."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ SELECTION_RULES = ("expressed", "panel", "random")
 # Independent hash streams of a cell: the rule draw, the expressed genes kept, the zero genes added, the panel (or
 # random) genes kept.
 _STREAMS = ("rule", "expressed", "zeros", "panel")
+TABLE_COUNTS = 64  # counts below this get their token from a per-cell table
 
 
 def quantile_positions(sizes: np.ndarray, num_bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -26,80 +28,150 @@ def quantile_positions(sizes: np.ndarray, num_bins: int) -> tuple[np.ndarray, np
 
 
 def interpolate_edges(low_values: np.ndarray, high_values: np.ndarray, remainder: np.ndarray) -> np.ndarray:
-    """Bin edges from the sorted values at the positions of [`quantile_positions`], in float64."""
+    """Bin edges from the sorted values at the positions of [`quantile_positions`], in float64.
+
+    Integer positions, not `np.quantile`'s float ones: an edge that falls on a data point (or between two equal
+    ones) is that count exactly instead of a float a hair below it, which would move every tied count one bin up.
+    """
     divisor = max(remainder.shape[-1] - 1, 1)
     low_values = np.asarray(low_values, dtype=np.float64)
     return low_values + ((high_values - low_values) * remainder) / divisor
 
 
-def quantile_edges(sorted_counts: np.ndarray, num_bins: int) -> np.ndarray:
-    """The quantiles `linspace(0, 1, num_bins)` of sorted integer counts, with linear interpolation, exactly.
+def invalid_counts(values) -> np.ndarray:
+    """True where a value is not a raw count (a non-negative integer): NaN, infinite, negative or fractional. The
+    one count check of every reader: Tahoe rows, AnnData, the processor."""
+    values = np.asarray(values)
+    if values.dtype.kind in "iu":
+        return values < 0
+    with np.errstate(invalid="ignore"):
+        return ~(np.isfinite(values) & (values >= 0) & (values == np.rint(values)))
 
-    This is `np.quantile(counts, np.linspace(0, 1, num_bins))` computed from integer positions, so an edge that
-    falls on a data point (or between two equal ones) is that count exactly instead of a float a hair below it,
-    which would move every tied count one bin up.
-    """
-    low, high, remainder = quantile_positions(np.array([len(sorted_counts)]), num_bins)
-    return interpolate_edges(sorted_counts[low[0]], sorted_counts[high[0]], remainder[0])
 
-
-def checked_counts(
-    counts, where: str, genes: np.ndarray | None = None, positions: np.ndarray | None = None
-) -> np.ndarray:
-    """`counts` as 1-D float64, or a `ValueError` naming the first value that is not a raw count (a non-negative
-    integer), its position (`positions[i]` when given) and its gene (`genes[i]` when given)."""
-    counts = np.asarray(counts, dtype=np.float64)
-    if counts.ndim != 1:
-        raise ValueError(f"{where}: counts must be 1-D, got shape {counts.shape}")
-    bad = ~np.isfinite(counts) | (counts < 0) | (counts != np.round(counts))
+def check_counts(counts, where: str, genes: np.ndarray | None = None, positions: np.ndarray | None = None) -> None:
+    """Raise a `ValueError` naming the first value of `counts` that is not a raw count ([`invalid_counts`]), its
+    position (`positions[i]` when given) and its gene (`genes[i]` when given)."""
+    bad = invalid_counts(counts)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        gene = f" (gene {int(genes[i])})" if genes is not None else ""
+        gene = f" (gene {genes[i]})" if genes is not None else ""
         position = int(positions[i]) if positions is not None else i
         raise ValueError(
             f"{where}: counts must be non-negative integers (raw UMI counts), got {float(counts[i])} at position "
             f"{position}{gene}; {int(bad.sum())} bad values in all"
         )
-    return counts
 
 
 def rank_tokens(
-    counts: np.ndarray,
+    counts,
     num_bins: int = 50,
+    offsets: np.ndarray | None = None,
     *,
-    where: str = "cell",
-    genes: np.ndarray | None = None,
-    reference: np.ndarray | None = None,
+    context=None,
+    context_offsets: np.ndarray | None = None,
+    reference=None,
+    reference_offsets: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Rank tokens of one cell's counts with the MosaicFM / Tahoe-x1 rule.
+    """Rank tokens of the counts of one cell or of many back to back: the MosaicFM / Tahoe-x1 rule, RankDiff's one.
 
-    The bin edges are the quantiles `linspace(0, 1, num_bins)` of the cell's non-zero counts (linear
-    interpolation, see [`quantile_edges`]); an expressed gene gets `bucketize(count, edges, right=False) + 1`, so
-    tied counts share a bin and the smallest count is bin 1. Unexpressed genes get 0.
+    A cell's bin edges are the quantiles `linspace(0, 1, B)` of its non-zero counts (linear interpolation at integer
+    positions, see [`interpolate_edges`]); an expressed gene gets `min(bucketize(count, edges, right=False) + 1, B)`,
+    so tied counts share a bin, the smallest count is bin 1 and the largest bin B; an unexpressed gene gets 0.
+    Vectorised over cells without sorting them: counts are small integers, so a per-cell histogram gives the sorted
+    values at the quantile positions, and a per-cell table maps each small count to its token; the few counts at or
+    above `TABLE_COUNTS` are compared with the edges.
 
     Args:
-        counts (`np.ndarray`): raw counts of every gene of the cell (1-D, non-negative integers).
+        counts (`np.ndarray`): raw counts (non-negative integers, zeros allowed).
         num_bins (`int`): B, the number of bins for expressed genes.
-        where (`str`): how to name the cell in error messages.
-        genes (`np.ndarray`, *optional*): the gene id of each count, to name a bad count's gene.
-        reference (`np.ndarray`, *optional*): the counts whose quantiles make the edges, when they are not `counts`
-            itself: for example a cell's visible counts, to put its held-out counts on the scale the visible
-            tokens use (a count above them all gets bin B).
+        offsets (`np.ndarray`, *optional*): `(n_cells + 1,)` start of each cell in `counts`; one cell when None.
+        context (`np.ndarray`, *optional*): counts of each cell's other genes (`context_offsets` lays them out): they
+            join the cell's bins and get no token, so a part of a cell is binned as the whole cell.
+        reference (`np.ndarray`, *optional*): instead, the counts whose quantiles alone make each cell's edges
+            (`reference_offsets` lays them out): `counts` are put on their scale, e.g. a cell's held-out counts on the
+            scale of its visible ones (a count above them all gets bin B).
 
     Returns:
         `np.ndarray` of int64 tokens in 0..B, one per count.
     """
-    counts = checked_counts(counts, where, genes)
-    binned_by = counts if reference is None else checked_counts(reference, f"{where} (reference counts)")
-    if not (binned_by > 0).any():
-        raise ValueError(
-            f"{where}: the cell has no expressed genes" + (" in the reference" if reference is not None else "")
-        )
-    edges = quantile_edges(np.sort(binned_by[binned_by > 0]), num_bins)
+    counts = np.asarray(counts)
+    offsets = np.array([0, len(counts)]) if offsets is None else np.asarray(offsets)
+    check_counts(counts, "counts")
     expressed = counts > 0
+    cell = segment_ids(offsets)[expressed]
+    if reference is not None and context is not None:
+        raise ValueError("give context (joins the counts in the bins) or reference (makes the bins), not both")
+    if reference is None:  # the edges from the counts and their context
+        edge_cell, edge_values = cell, counts[expressed]
+        if context is not None:
+            context = np.asarray(context)
+            check_counts(context, "context counts")
+            others = context > 0
+            edge_cell = np.concatenate([cell, segment_ids(np.asarray(context_offsets))[others]])
+            edge_values = np.concatenate([edge_values, context[others]])
+    else:
+        reference = np.asarray(reference)
+        reference_offsets = np.array([0, len(reference)]) if reference_offsets is None else reference_offsets
+        check_counts(reference, "reference counts")
+        edge_cell = segment_ids(np.asarray(reference_offsets))[reference > 0]
+        edge_values = reference[reference > 0]
+    order = np.argsort(edge_cell, kind="stable")
+    sizes = np.bincount(edge_cell, minlength=len(offsets) - 1)
     tokens = np.zeros(len(counts), dtype=np.int64)
-    tokens[expressed] = np.minimum(np.searchsorted(edges, counts[expressed], side="left") + 1, num_bins)
+    tokens[expressed] = _bin(np.concatenate([[0], np.cumsum(sizes)]), edge_values[order], cell, counts[expressed],
+                             num_bins)  # fmt: skip
     return tokens
+
+
+def _bin(offsets: np.ndarray, values: np.ndarray, cells: np.ndarray, queries: np.ndarray, num_bins: int) -> np.ndarray:
+    """Tokens of positive integer `queries` (each in cell `cells[i]`) on the bins of the cells' positive integer
+    `values` (cell by cell with `offsets`)."""
+    n_cells, sizes = len(offsets) - 1, np.diff(offsets)
+    if not len(queries):
+        return np.zeros(0, dtype=np.int64)
+    if (sizes[np.unique(cells)] == 0).any():
+        raise ValueError("a cell with expressed genes has no non-zero counts to make its bins of")
+    # Column v of a cell's histogram counts its values equal to v; the last column holds all larger values.
+    index = np.minimum(values, TABLE_COUNTS - 1).astype(np.int64)
+    index += np.repeat(np.arange(n_cells, dtype=np.int64) * TABLE_COUNTS, sizes)
+    histogram = np.bincount(index, minlength=n_cells * TABLE_COUNTS).reshape(n_cells, TABLE_COUNTS)
+    at_most = histogram[:, :-1].cumsum(axis=1)  # at_most[c, v]: the cell's values <= v
+    n_small = at_most[:, -1]
+    large = np.flatnonzero(values >= TABLE_COUNTS - 1)
+    large_cell = np.searchsorted(offsets, large, side="right") - 1
+    large_values = values[large].astype(np.float64)
+    large_sorted = large_values[np.lexsort((large_values, large_cell))]
+    large_start = np.cumsum(sizes - n_small) - (sizes - n_small)
+    # Cell-major, each row shifted past the last, so one searchsorted finds the smallest v with at_most > rank.
+    shift = np.arange(n_cells)[:, None] * (int(sizes.max()) + 1)
+    flat_at_most = (at_most + shift).ravel()
+
+    def sorted_value(rank: np.ndarray) -> np.ndarray:
+        """The value at each (cell, rank) of the cells' sorted values."""
+        small = np.searchsorted(flat_at_most, rank + shift, side="right") - np.arange(n_cells)[:, None] * (
+            TABLE_COUNTS - 1
+        )
+        if not len(large):
+            return small
+        large_rank = np.clip(large_start[:, None] + rank - n_small[:, None], 0, len(large) - 1)
+        return np.where(rank < n_small[:, None], small, large_sorted[large_rank])
+
+    # Cells without values (only those no query falls in) get harmless edges from a size of one.
+    low, high, remainder = quantile_positions(np.maximum(sizes, 1), num_bins)
+    edges = interpolate_edges(sorted_value(low), sorted_value(high), remainder)
+    # token = 1 + (edges below the count), as `searchsorted(edges, count, side="left") + 1` per cell. An edge e is
+    # below the integer counts from floor(e) + 1 on: a cumulative histogram of those gives the table.
+    first_above = np.minimum(np.floor(edges) + 1, TABLE_COUNTS).astype(np.int64)
+    first_above += np.arange(n_cells)[:, None] * (TABLE_COUNTS + 1)
+    below = np.bincount(first_above.ravel(), minlength=n_cells * (TABLE_COUNTS + 1)).reshape(n_cells, -1)
+    table = 1 + below.cumsum(axis=1)[:, :TABLE_COUNTS]
+    small = queries < TABLE_COUNTS - 1
+    tokens = np.empty(len(queries), dtype=np.int64)
+    tokens[small] = table[cells[small], queries[small].astype(np.int64)]
+    tokens[~small] = 1 + (edges[cells[~small]] < queries[~small, None]).sum(axis=1)
+    # A count above every edge (above the largest reference count, or any but the smallest when B = 1) is bin B:
+    # B + 1 is [MASK].
+    return np.minimum(tokens, num_bins)
 
 
 def cell_salts(seed: int, epoch: int, cell_ids: list[str]) -> np.ndarray:
@@ -288,21 +360,11 @@ class CellTokenizer:
         unique, seen = np.unique(genes, return_counts=True)
         if (seen > 1).any():
             raise ValueError(f"{where}: gene ids are repeated: {unique[seen > 1][:10].tolist()}")
-        tokens = rank_tokens(counts, self.num_bins, where=where, genes=genes)
-        return self.select(genes, tokens, cell_id=cell_id, epoch=epoch, rule=rule)
-
-    def select(
-        self, genes: np.ndarray, tokens: np.ndarray, *, cell_id: str, epoch: int = 0, rule: str | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """The sequence of a cell whose rank tokens are known: the selection-rule half of `__call__`.
-
-        Args:
-            genes (`np.ndarray`): the cell's listed gene ids.
-            tokens (`np.ndarray`): their rank tokens from the whole cell (0 for listed zero counts).
-            cell_id, epoch, rule: as in `__call__`.
-        """
+        check_counts(np.asarray(counts), where, genes)
+        if not (np.asarray(counts) > 0).any():
+            raise ValueError(f"{where}: the cell has no expressed genes")
         _, gene_ids, input_ids = self.select_batch(
-            np.array([0, len(genes)]), np.asarray(genes), np.asarray(tokens), [cell_id], epoch=epoch, rule=rule
+            np.array([0, len(genes)]), genes, rank_tokens(counts, self.num_bins), [cell_id], epoch=epoch, rule=rule
         )
         return gene_ids, input_ids
 

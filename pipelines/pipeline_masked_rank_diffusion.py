@@ -24,7 +24,8 @@ from diffusers.utils import BaseOutput, logging, replace_example_docstring
 from diffusers.utils.dynamic_modules_utils import get_relative_import_files
 from huggingface_hub import HfApi
 from torch.nn import functional as F
-from tqdm.auto import tqdm
+
+from .anndata_io import run_generation, run_imputation
 
 logger = logging.get_logger(__name__)
 
@@ -226,39 +227,43 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
             callback_on_step_end_tensor_inputs, guidance_scale,
         )  # fmt: skip
         if mask_ratio is not None:  # drawn before the tokens are made: masked counts must not shape the bins
-            if ranks is None and counts is None:
-                raise ValueError("mask_ratio needs the ranks (or counts) of the positions it keeps")
-            genes_only = self.processor(gene_ids, unknown_genes=unknown_genes)
-            drawn = self.scheduler.random_mask(genes_only.attention_mask, mask_ratio, generator=generator)
-            lengths = (genes_only.gene_ids != 0).sum(dim=1).tolist()  # 0 is padding; genes left out are -1
-            mask = [drawn[i, :n] for i, n in enumerate(lengths)]
+            mask = self._random_mask(gene_ids, ranks, counts, mask_ratio, unknown_genes, generator)
         cells = self.processor(
             gene_ids, ranks=ranks, counts=counts, mask=mask, context_counts=context_counts, unknown_genes=unknown_genes
         )
         cells = self.processor.add_conditions(cells, conditions, self.model.config)
+        ranks_out = probs_out = expected_out = None
         if output_type == "ranks":
             ranks_out, calls = self._sample(
                 cells, num_inference_steps, sampler, temperature, top_p, batch_size, use_cache, generator,
                 callback_on_step_end, callback_on_step_end_tensor_inputs, guidance_scale,
             )  # fmt: skip
-            probs_out = expected_out = None
         else:
             probs = self.processor.predictive_distribution(self.model, cells, batch_size, guidance_scale)
-            calls = torch.bincount(self.processor.windows(cells).cell, minlength=len(cells))
+            calls = torch.bincount(self.processor.windows(cells).cell, minlength=cells.num_cells)
             expected = (probs * torch.arange(probs.shape[-1], dtype=probs.dtype)).sum(dim=-1)
-            expected_out = np.where(cells.attention_mask.numpy(), expected.numpy(), np.nan)
-            probs_out, ranks_out = (probs.numpy() if output_type == "probs" else None), None
+            expected_out = np.where(cells["attention_mask"].numpy(), expected.numpy(), np.nan)
+            probs_out = probs.numpy() if output_type == "probs" else None
         output = MaskedRankDiffusionPipelineOutput(
             ranks=ranks_out,
             probs=probs_out,
             expected=expected_out,
             mask=cells.mask.numpy(),
-            gene_ids=cells.gene_ids.numpy(),
-            attention_mask=cells.attention_mask.numpy(),
+            gene_ids=cells["gene_ids"].numpy(),
+            attention_mask=cells["attention_mask"].numpy(),
             model_calls=calls.numpy(),
         )
         self.maybe_free_model_hooks()
         return output if return_dict else output.to_tuple()
+
+    def _random_mask(self, gene_ids, ranks, counts, mask_ratio, unknown_genes, generator) -> list[torch.Tensor]:
+        """`mask_ratio` of each cell's known genes, drawn from the genes alone (before any count is binned)."""
+        if ranks is None and counts is None:
+            raise ValueError("mask_ratio needs the ranks (or counts) of the positions it keeps")
+        genes_only = self.processor(gene_ids, unknown_genes=unknown_genes)
+        drawn = self.scheduler.random_mask(genes_only["attention_mask"], mask_ratio, generator=generator)
+        lengths = (genes_only["gene_ids"] != 0).sum(dim=1).tolist()  # 0 is padding; genes left out are -1
+        return [drawn[i, :n] for i, n in enumerate(lengths)]
 
     def _sample(
         self, cells, num_inference_steps, sampler, temperature, top_p, batch_size, use_cache, generator,
@@ -271,21 +276,23 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
         windows = self.processor.windows(cells)
         # One seed per window, drawn up front: a window draws the same values whatever batch it is in.
         seed_device = generator.device if generator is not None else "cpu"
-        seeds = torch.randint(-(2**63), 2**63 - 1, (len(windows.inputs),), generator=generator, device=seed_device)
+        count = windows.inputs.num_cells
+        seeds = torch.randint(-(2**63), 2**63 - 1, (count,), generator=generator, device=seed_device)
         samples, calls = [], []
-        for start in range(0, len(windows.inputs), batch_size):
+        for start in range(0, windows.inputs.num_cells, batch_size):
             chunk = slice(start, start + batch_size)
             batch = windows.inputs.rows(chunk)
-            where = {"cell": windows.cell[chunk], "position": windows.position[chunk, : batch.gene_ids.shape[1]]}
-            where["position"] = where["position"].masked_fill(~batch.attention_mask, -1)
+            length = batch["gene_ids"].shape[1]
+            where = {"cell": windows.cell[chunk], "position": windows.position[chunk, :length]}
+            where["position"] = where["position"].masked_fill(~batch["attention_mask"], -1)
             sample, batch_calls = self._denoise(
                 batch, seeds[chunk], temperature, top_p, use_cache, callback, callback_inputs, where, guidance_scale
             )
-            width = windows.inputs.gene_ids.shape[1]
+            width = windows.inputs["gene_ids"].shape[1]
             samples.append(F.pad(sample.cpu(), (0, width - sample.shape[1])))
             calls.append(batch_calls.cpu())
         ranks = windows.to_cells(torch.cat(samples), fill=-1).numpy()
-        calls = torch.zeros(len(cells), dtype=torch.long).index_add_(0, windows.cell, torch.cat(calls))
+        calls = torch.zeros(cells.num_cells, dtype=torch.long).index_add_(0, windows.cell, torch.cat(calls))
         return ranks, calls
 
     def _denoise(
@@ -295,16 +302,16 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
         window's number of denoiser calls. Without the cache nothing in the loop waits for the device."""
         scheduler, device = self.scheduler, self._execution_device
         mask_id = scheduler.config.mask_token_id
-        inputs = self.processor.model_inputs(batch, device)
+        inputs = batch.model_inputs(device)
         sample = inputs.pop("input_ids")
-        calls = torch.zeros(len(batch), dtype=torch.long, device=device)
+        calls = torch.zeros(batch.num_cells, dtype=torch.long, device=device)
         if not batch.mask.any():  # nothing to draw (a host tensor: no sync)
             return sample, calls
         time_conditioned = self.model.config.time_conditioning
         cached = use_cache and not time_conditioned
         scheduler.begin(sample, seeds=seeds)
         logits = torch.zeros(*sample.shape, self.model.config.num_rank_tokens, device=device) if cached else None
-        changed = torch.ones(len(batch), dtype=torch.bool, device=device)
+        changed = torch.ones(batch.num_cells, dtype=torch.bool, device=device)
         with self.progress_bar(total=len(scheduler)) as progress_bar:
             for step in range(len(scheduler)):
                 timestep = scheduler.row_times
@@ -376,104 +383,10 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
             call_kwargs: passed to the pipeline call (`num_inference_steps`, `sampler`, `guidance_scale`,
                 `generator`, ...).
         """
-        import scipy.sparse as sp
-
-        reserved = {"gene_ids", "ranks", "counts", "context_counts", "mask", "mask_ratio", "output_type", "conditions"}
-        reserved.add("return_dict")
-        if reserved & set(call_kwargs):
-            raise ValueError(f"impute_anndata sets {sorted(reserved & set(call_kwargs))} itself")
-        if not _is_positive_int(cell_batch_size):
-            raise ValueError(f"cell_batch_size must be a positive integer, got {cell_batch_size!r}")
-        if adata.n_obs == 0 or adata.n_vars == 0:
-            raise ValueError(f"the AnnData holds {adata.n_obs} cells x {adata.n_vars} genes: nothing to impute")
-        if layer is not None and layer not in adata.layers:
-            raise KeyError(f"layer {layer!r} is not in the AnnData; its layers: {list(adata.layers)} (None: X)")
-        if gene_column is not None and gene_column not in adata.var:
-            raise KeyError(f"gene_column {gene_column!r} is not in adata.var; its columns: {list(adata.var)}")
-        obs_conditions = _obs_conditions(adata.obs, condition_columns)
-        counts = adata.layers[layer] if layer is not None else adata.X
-        source = f"layers[{layer!r}]" if layer is not None else "X"
-        if mask is not None and tuple(mask.shape) != tuple(adata.shape):
-            raise ValueError(f"mask must have the AnnData's shape {adata.shape}, got {tuple(mask.shape)}")
-        mask = sp.csr_matrix(mask, dtype=bool) if mask is not None else _nan_entries(counts)
-        names = adata.var[gene_column] if gene_column is not None else adata.var_names
-        vocab = self.processor.gene_vocab
-        if vocab is None:
-            raise ValueError("impute_anndata needs the checkpoint's gene vocabulary (processor.gene_vocab is None)")
-        gene_ids = vocab.lookup([str(name) for name in names])
-        known = gene_ids >= 0
-        if not known.any():
-            raise ValueError("none of the AnnData's genes is in the checkpoint's vocabulary")
-        if not known.all():
-            logger.warning("%d of %d genes are not in the checkpoint's vocabulary: they shape each cell's bins but "
-                           "are not imputed", int((~known).sum()), len(gene_ids))  # fmt: skip
-        requested = np.flatnonzero(np.asarray(mask.sum(axis=0)).ravel() > 0)
-        requested = requested[known[requested]]
-        if not len(requested):
-            raise ValueError("nothing to impute: no entry of a known gene is masked (NaN, or True in mask)")
-        out_ranks = np.full(adata.shape, -1, dtype=np.int16)
-        out_expected = np.full(adata.shape, np.nan, dtype=np.float32)
-        num_tokens = self.processor.num_rank_bins + 1
-        out_probs = np.zeros((adata.n_obs, len(requested), num_tokens), np.float32) if return_probs else None
-        is_requested = np.zeros(adata.n_vars, dtype=bool)
-        is_requested[requested] = True
-        if call_kwargs.get("generator") is None:
-            call_kwargs["generator"] = torch.Generator().manual_seed(0)
-        bar_config = dict(getattr(self, "_progress_bar_config", {}))
-        cells_bar = tqdm(total=adata.n_obs, desc="imputing cells", unit="cell", disable=bar_config.get("disable"))
-        self.set_progress_bar_config(**{**bar_config, "disable": True})  # one bar, over cells
-        try:
-            for start in range(0, adata.n_obs, cell_batch_size):
-                rows = slice(start, start + cell_batch_size)
-                block = counts[rows]
-                block = np.asarray(block.toarray() if sp.issparse(block) else block, dtype=np.float64)
-                block_mask = mask[rows].toarray()
-                inputs = {"gene_ids": [], "counts": [], "mask": [], "context_counts": [], "conditions": []}
-                columns, cells = [], []
-                for i, (cell, hidden) in enumerate(zip(block, block_mask)):
-                    hidden = hidden & known  # a copy: masked entries of unknown genes stay masked below
-                    if not hidden.any():
-                        continue
-                    bad = ~block_mask[i] & (np.isnan(cell) | (cell < 0) | (cell != np.round(cell)))
-                    if bad.any():
-                        j = int(np.flatnonzero(bad)[0])
-                        raise ValueError(
-                            f"cell {adata.obs_names[start + i]!r} ({source}): counts must be non-negative integers, "
-                            f"got {cell[j]} at gene {names[j]!r}, which is not masked"
-                        )
-                    expressed = ~block_mask[i] & (cell > 0)
-                    shown = known & (expressed | hidden | is_requested)
-                    cells.append(i)
-                    columns.append(np.flatnonzero(shown))
-                    inputs["gene_ids"].append(gene_ids[shown])
-                    inputs["counts"].append(np.where(hidden[shown], np.nan, cell[shown]))
-                    inputs["mask"].append(hidden[shown])
-                    inputs["context_counts"].append(cell[expressed & ~shown])  # they still shape the cell's bins
-                    inputs["conditions"].append(obs_conditions[start + i] if obs_conditions else None)
-                cells_bar.update(len(block))
-                if not cells:
-                    continue
-                inputs["conditions"] = inputs["conditions"] if obs_conditions else None
-                sampled = self(**inputs, **call_kwargs, output_type="ranks").ranks
-                scoring = {k: call_kwargs[k] for k in ("batch_size", "guidance_scale") if k in call_kwargs}
-                scored = self(**inputs, **scoring, output_type="probs")
-                for k, (i, cols) in enumerate(zip(cells, columns)):
-                    hidden = inputs["mask"][k]
-                    out_ranks[start + i, cols[hidden]] = sampled[k, : len(cols)][hidden]
-                    out_expected[start + i, cols[hidden]] = scored.expected[k, : len(cols)][hidden]
-                    if return_probs:
-                        slots = np.searchsorted(requested, cols[hidden])
-                        out_probs[start + i, slots] = scored.probs[k, : len(cols)][hidden]
-        finally:
-            self.set_progress_bar_config(**bar_config)
-            cells_bar.close()
-        result = adata.copy()
-        result.layers[f"{key_added}_ranks"] = out_ranks
-        result.layers[f"{key_added}_expected"] = out_expected
-        result.uns[key_added] = {"genes": np.asarray(names)[requested].astype(str).tolist()}
-        if return_probs:
-            result.obsm[f"{key_added}_probs"] = out_probs
-        return result
+        return run_imputation(
+            self, adata, mask=mask, layer=layer, gene_column=gene_column, return_probs=return_probs,
+            key_added=key_added, cell_batch_size=cell_batch_size, condition_columns=condition_columns, **call_kwargs,
+        )  # fmt: skip
 
     def generate_anndata(self, obs, genes: CellValues, *, condition_columns=None, **call_kwargs):
         """Generate one whole cell per row of `obs` (a pandas DataFrame), told the conditions in its columns.
@@ -490,25 +403,7 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
             `anndata.AnnData`: `X` the sampled rank tokens 0..B (int16, cells x genes), `obs` as given, the genes as
             `var_names`.
         """
-        import anndata
-        import pandas as pd
-
-        reserved = {"gene_ids", "ranks", "counts", "context_counts", "mask", "mask_ratio", "output_type", "conditions"}
-        if reserved & set(call_kwargs):
-            raise ValueError(f"generate_anndata sets {sorted(reserved & set(call_kwargs))} itself")
-        if len(obs) == 0:
-            raise ValueError("obs holds no rows: one row per cell to generate")
-        if condition_columns is None:
-            known = [*(self.model.config.conditions or {}), *(["dose"] if self.model.config.dose_condition else [])]
-            condition_columns = [name for name in known if name in obs.columns]
-        genes = list(genes)
-        out = self(gene_ids=[genes] * len(obs), conditions=_obs_conditions(obs, condition_columns), **call_kwargs)
-        if (out.ranks < 0).any():
-            raise ValueError("some genes are outside the checkpoint's vocabulary: generate on known genes only")
-        obs = obs.copy()
-        obs.index = obs.index.astype(str)
-        var = pd.DataFrame(index=pd.Index([str(g) for g in genes]))
-        return anndata.AnnData(out.ranks.astype(np.int16), obs=obs, var=var)
+        return run_generation(self, obs, genes, condition_columns=condition_columns, **call_kwargs)
 
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
         """Write the complete pipeline folder, the one export of a RankDiff model, so that it loads every way:
@@ -561,33 +456,3 @@ def _is_positive_int(value) -> bool:
 
 def _is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
-
-
-def _obs_conditions(obs, condition_columns) -> list[dict] | None:
-    """One conditions dict per row of an AnnData's `obs` from `condition_columns` (names, or condition -> column);
-    None without columns. Missing values (NaN) are the condition's null."""
-    if not condition_columns:
-        return None
-    columns = dict(condition_columns) if isinstance(condition_columns, dict) else {c: c for c in condition_columns}
-    missing = [column for column in columns.values() if column not in obs.columns]
-    if missing:
-        raise KeyError(f"condition columns {missing} are not in obs; its columns: {list(obs.columns)}")
-    values = {
-        name: obs[column].astype(object).where(obs[column].notna(), None).tolist() for name, column in columns.items()
-    }
-    return [{name: values[name][i] for name in columns} for i in range(len(obs))]
-
-
-def _nan_entries(counts):
-    """A sparse boolean matrix of the NaN entries of a dense or sparse count matrix."""
-    import scipy.sparse as sp
-
-    if sp.issparse(counts):
-        counts = sp.csr_matrix(counts)
-        nan = sp.csr_matrix((np.isnan(counts.data), counts.indices, counts.indptr), shape=counts.shape, dtype=bool)
-        nan.eliminate_zeros()
-        return nan
-    counts = np.asarray(counts)
-    if counts.dtype.kind != "f":  # integer counts hold no NaN
-        return sp.csr_matrix(counts.shape, dtype=bool)
-    return sp.csr_matrix(np.isnan(counts))  # in the data's own dtype: no float64 copy of the table

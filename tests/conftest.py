@@ -13,6 +13,9 @@ os.environ.setdefault("HF_HOME", os.path.join(_CACHE, "hf"))
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from fractions import Fraction  # noqa: E402
+
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -48,3 +51,18 @@ def randomize_zero_init(model: RankDiTModel) -> RankDiTModel:
             if any(part in name for part in ("adaLN", "proj_out", "copy_head", "gene_prior")):
                 parameter.copy_(0.3 * torch.randn(parameter.shape, generator=generator))
     return model
+
+
+def exact_tokens(counts, num_bins: int, reference=None) -> list[int]:
+    """The rank rule in exact rational arithmetic, one cell at a time: the edges sit at positions k (n - 1) / (B - 1)
+    of the sorted non-zero counts (of `reference` when given), and a count gets 1 + the number of edges below it, at
+    most B. The independent reference the vectorised rule is held against."""
+    nonzero = sorted(int(c) for c in (counts if reference is None else reference) if c > 0)
+    n = len(nonzero)
+    edges = []
+    for k in range(num_bins):
+        position = Fraction(k * (n - 1), max(num_bins - 1, 1))
+        low = int(position)
+        high = min(low + 1, n - 1)
+        edges.append(nonzero[low] + (nonzero[high] - nonzero[low]) * (position - low))
+    return [0 if c == 0 else min(sum(e < c for e in edges) + 1, num_bins) for c in np.asarray(counts).tolist()]

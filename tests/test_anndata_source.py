@@ -5,8 +5,16 @@ import pytest
 import scipy.sparse as sp
 
 import train_hf
-from dataset_scripts import EMBEDDED_SAMPLE, cell_counts, load_expression_data, read_gene_vocab
+from dataset_scripts import (
+    EMBEDDED_SAMPLE,
+    RankDiffusionCollator,
+    cell_counts,
+    load_expression_data,
+    read_gene_vocab,
+)
 from dataset_scripts.anndata_source import load_anndata
+from modeling import CellTokenizer, RankDiTConfig, RankDiTModel, RankDiTProcessor
+from pipelines import MaskedRankDiffusionPipeline, MaskedRankDiffusionScheduler
 
 VOCAB = read_gene_vocab(EMBEDDED_SAMPLE / "metadata" / "gene_metadata.parquet")
 
@@ -92,3 +100,47 @@ def test_train_hf_conditions_on_obs_columns_of_an_h5ad_file(tmp_path):
     with pytest.raises(ValueError, match=r"--conditions \['tissue'\] are not obs columns"):
         train_hf.main(["--data", str(tmp_path / "cells.h5ad"), "--conditions", "tissue", "--output_dir",
                        str(tmp_path / "run2"), "--use_cpu"])  # fmt: skip
+
+
+def test_the_same_h5ad_cell_gets_the_same_tokens_in_training_and_in_impute_anndata(tmp_path):
+    # One rule on both sides: a gene outside the vocabulary (NOT_A_GENE) and a second column naming a listed gene
+    # (by its Ensembl id) are not listed, and their counts shape the cell's bins.
+    cells = _cells(10)[2:]  # each under 2,048 genes: one window of the model below
+    _write_h5ad(tmp_path / "x.h5ad", cells)
+    adata = anndata.read_h5ad(tmp_path / "x.h5ad")
+    first = adata.var_names[0]
+    again = VOCAB.ensembl_ids[VOCAB.encode([first])[0] - 3]
+    extra = anndata.AnnData(
+        sp.csr_matrix(np.tile([30.0, 2.0], (adata.n_obs, 1)), dtype=np.float32),
+        obs=adata.obs[[]], var=pd.DataFrame(index=["NOT_A_GENE_2", again]),
+    )  # fmt: skip
+    adata = anndata.concat([adata, extra], axis=1, merge="first")
+    adata.write_h5ad(tmp_path / "y.h5ad")
+
+    config = RankDiTConfig.from_preset("tiny", gene_vocab_size=VOCAB.size, max_length=2048)
+    processor = RankDiTProcessor.from_model_config(config, gene_vocab=VOCAB)
+    rows, _ = load_anndata(tmp_path / "y.h5ad", VOCAB)
+    batch = RankDiffusionCollator(processor, CellTokenizer(max_length=10_000), rule="expressed")(list(rows))
+    training = {}
+    for i, cell_id in enumerate(adata.obs_names):
+        real = batch["attention_mask"][i]
+        training[cell_id] = dict(zip(batch["gene_ids"][i][real].tolist(), batch["input_ids"][i][real].tolist()))
+
+    model = RankDiTModel(config).eval()
+    seen = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs), with_kwargs=True)
+    pipe = MaskedRankDiffusionPipeline(model=model, scheduler=MaskedRankDiffusionScheduler(), processor=processor)
+    pipe.set_progress_bar_config(disable=True)
+    counts = adata.X.toarray()
+    known = VOCAB.columns(list(adata.var_names)) >= 0
+    mask = np.zeros(adata.shape, dtype=bool)
+    for i in range(adata.n_obs):  # hide one known gene the cell does not express: the visible counts are all of them
+        mask[i, np.flatnonzero(known & (counts[i] == 0))[i]] = True
+    pipe.impute_anndata(adata, mask=mask, num_inference_steps=1, batch_size=1)
+    for i, cell_id in enumerate(adata.obs_names):
+        inputs = seen[i]  # one step, one cell per call: the first calls show each cell before anything is drawn
+        genes, tokens = inputs["gene_ids"][0].tolist(), inputs["input_ids"][0].tolist()
+        shown = {gene: token for gene, token in zip(genes, tokens) if token != config.mask_token_id}
+        expressed = {gene: token for gene, token in shown.items() if token > 0}
+        assert expressed == training[cell_id], cell_id
+        assert len(expressed) == len(training[cell_id]) > 100

@@ -100,7 +100,7 @@ def test_guidance_scale_one_is_the_conditional_model_and_zero_the_unconditional(
     assert not np.allclose(conditional, unconditional, atol=1e-4)
     cells = pipe.processor(GENES, ranks=[[1] * 30] * 2, mask=[[i % 3 == 0 for i in range(30)]] * 2)
     with torch.no_grad():  # the model told the ids by hand: what guidance scale 1 must be
-        direct = model(**pipe.processor.model_inputs(cells, "cpu"), condition_ids=torch.tensor([[2, 1]] * 2),
+        direct = model(**cells, condition_ids=torch.tensor([[2, 1]] * 2),
                        doses=torch.tensor([0.5, 0.5])).logits.softmax(-1)  # fmt: skip
     masked = cells.mask.numpy()
     np.testing.assert_allclose(conditional[masked], direct.numpy()[masked], atol=1e-5)

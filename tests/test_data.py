@@ -19,7 +19,7 @@ from dataset_scripts import (
     split_names,
 )
 from dataset_scripts.schema import EXPRESSION_SCHEMA
-from modeling import CellTokenizer, GeneVocab, rank_tokens
+from modeling import CellTokenizer, GeneVocab, RankDiTProcessor, rank_tokens
 from tests.conftest import REPO
 
 _spec = importlib.util.spec_from_file_location("build_sample", REPO / "data" / "build_celltypist_sample.py")
@@ -121,11 +121,15 @@ def test_split_is_disjoint_complete_and_stable():
         split_by_cell_id(rows, 0.6, 0.5)
 
 
+def _collator(tokenizer: CellTokenizer, **kwargs) -> RankDiffusionCollator:
+    return RankDiffusionCollator(RankDiTProcessor(num_rank_bins=tokenizer.num_bins), tokenizer, **kwargs)
+
+
 def test_collator_strips_marker_and_pads():
     rows = [dict(r) for r in load_expression_data().rows.select(range(3))]
     rows[1]["genes"] = rows[1]["genes"][:40]
     rows[1]["expressions"] = rows[1]["expressions"][:40]
-    batch = RankDiffusionCollator(CellTokenizer(max_length=128))(rows)
+    batch = _collator(CellTokenizer(max_length=128))(rows)
     assert batch["gene_ids"].shape == (3, 128)
     assert batch["attention_mask"].sum(1).tolist() == [128, 39, 128]
     assert (batch["gene_ids"][batch["attention_mask"] == 1] >= 3).all()
@@ -136,11 +140,11 @@ def test_collator_skips_and_names_bad_rows(caplog):
     rows = [dict(r) for r in load_expression_data().rows.select(range(3))]
     rows[0]["genes"] = rows[0]["genes"][:10]  # lists of different lengths
     with caplog.at_level(logging.WARNING):
-        batch = RankDiffusionCollator(CellTokenizer(max_length=128))(rows)
+        batch = _collator(CellTokenizer(max_length=128))(rows)
     assert batch["gene_ids"].shape[0] == 2
     assert "celltypist_sample_Cell_1" in caplog.text and "length_mismatch" in caplog.text
     with pytest.raises(ValueError, match="every cell of the batch is a bad row.*celltypist_sample_Cell_1"):
-        RankDiffusionCollator(CellTokenizer())(rows[:1])
+        _collator(CellTokenizer())(rows[:1])
 
 
 def test_collator_takes_stream_rows_and_raw_rows_alike():
@@ -154,8 +158,8 @@ def test_collator_takes_stream_rows_and_raw_rows_alike():
             {"gene_ids": genes[expressed], "input_ids": tokens, "BARCODE_SUB_LIB_ID": row["BARCODE_SUB_LIB_ID"]}
         )
     tokenizer = CellTokenizer(max_length=256, panel=np.arange(3, 3000), panel_share=0.5, seed=3)
-    for key, value in RankDiffusionCollator(tokenizer, epoch=1)(rows).items():
-        assert torch.equal(value, RankDiffusionCollator(tokenizer, epoch=1)(streamed)[key])
+    for key, value in _collator(tokenizer, epoch=1)(rows).items():
+        assert torch.equal(value, _collator(tokenizer, epoch=1)(streamed)[key])
 
 
 def test_gene_vocab_lookup_and_round_trip(tmp_path):

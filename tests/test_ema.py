@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 
 from dataset_scripts import RankDiffusionCollator, load_expression_data
 from metrics import PerGeneMarginal
-from modeling import CellTokenizer, RankDiTConfig, RankDiTModel
+from modeling import CellTokenizer, RankDiTConfig, RankDiTModel, RankDiTProcessor
 from pipelines import MaskedRankDiffusionScheduler
 from training import EMACallback, RankDiffTrainingArguments, RankDiffusionTrainer
 from training.checkpoints import is_complete_checkpoint, last_complete_checkpoint
@@ -74,6 +74,7 @@ def _trainer(output_dir, max_steps=12, save_total_limit=None) -> RankDiffusionTr
     config = RankDiTConfig.from_preset("tiny", gene_vocab_size=62757, max_length=32)
     torch.manual_seed(0)
     tokenizer = CellTokenizer(max_length=32)
+    processor = RankDiTProcessor(num_rank_bins=tokenizer.num_bins)
     args = RankDiffTrainingArguments(
         output_dir=str(output_dir),
         max_steps=max_steps,
@@ -93,9 +94,11 @@ def _trainer(output_dir, max_steps=12, save_total_limit=None) -> RankDiffusionTr
         args=args,
         train_dataset=rows.select(range(32)),
         eval_dataset=rows.select(range(32, 40)),
-        data_collator=RankDiffusionCollator(tokenizer),
+        data_collator=RankDiffusionCollator(processor, tokenizer),
         noise_scheduler=MaskedRankDiffusionScheduler(),
-        eval_collator=RankDiffusionCollator(tokenizer, rule="expressed"),
+        eval_collator=RankDiffusionCollator(
+            RankDiTProcessor(num_rank_bins=tokenizer.num_bins), tokenizer, rule="expressed"
+        ),
         baseline=PerGeneMarginal(50, 62757),
         ema_decay=0.8,
     )

@@ -6,7 +6,7 @@ from conftest import REPO
 from scipy import sparse
 
 from metrics import CellAwareMarginal, MagicImputation, NearestCells, PerGeneMarginal
-from modeling import CellInputs, rank_tokens
+from modeling import CellBatch, rank_tokens
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,6 @@ def test_hand_computed_scores(metric):
 
 
 def test_per_cell_spearman_needs_enough_positions(metric):
-    rng = np.random.default_rng(0)
     truth = np.tile(np.arange(12) % 5, 2)
     probs = np.eye(5)[truth]  # perfect in cell 0 ...
     probs[12:] = np.eye(5)[4 - truth[12:]]  # ... reversed in cell 1
@@ -42,7 +41,6 @@ def test_per_cell_spearman_needs_enough_positions(metric):
     assert scores["spearman_cells_all"] == 2 and scores["spearman_all"] == pytest.approx(0.0)
     short = metric.compute(predictions=probs[:9], references=truth[:9], cell_ids=cells[:9])
     assert short["spearman_cells_all"] == 0 and np.isnan(short["spearman_all"])
-    assert rng  # the seed documents that nothing here is random
 
 
 def test_per_cell_spearman_sign_and_value_by_hand(metric):
@@ -102,7 +100,8 @@ def _toy_cells():
 
 def _masked_cell(gene_ids, tokens, masked, mask_token_id):
     gene_ids, tokens, masked = torch.tensor([gene_ids]), torch.tensor([tokens]), torch.tensor([masked])
-    return CellInputs(gene_ids, tokens.masked_fill(masked, mask_token_id), masked, torch.ones_like(masked))
+    data = {"gene_ids": gene_ids, "input_ids": tokens.masked_fill(masked, mask_token_id)}
+    return CellBatch({**data, "attention_mask": torch.ones_like(masked)}, mask_token_id)
 
 
 def test_per_gene_marginal_on_toy_cells():
@@ -137,7 +136,6 @@ def test_nearest_cells_follow_the_neighbours_on_the_level_scale():
     cell = _masked_cell([3, 4, 6, 5, 7], [9, 8, 0, 0, 0], [False, False, False, True, True], 10)
     probs = knn.predict(cell)
     assert probs[0, 3, 9] == pytest.approx(1.0) and probs[0, 4, 0] == pytest.approx(1.0)
-    torch.testing.assert_close(probs[0, :3], prior.predict(cell)[0, :3])  # visible rows: untouched prior
     # The same cell with its levels shown by other tokens (counts 1 and 2 as tokens 3 and 7): the votes follow.
     cell = _masked_cell([3, 4, 6, 5, 7], [7, 3, 0, 0, 0], [False, False, False, True, True], 10)
     assert knn.predict(cell)[0, 3, 7] == pytest.approx(1.0)
@@ -145,6 +143,21 @@ def test_nearest_cells_follow_the_neighbours_on_the_level_scale():
     torch.testing.assert_close(
         knn.with_settings(3, 2.0).predict(cell), NearestCells(cells, prior, 3, 2.0).predict(cell)
     )
+
+
+def test_nearest_cells_mix_k_votes_with_prior_weight_pseudo_cells_into_distributions():
+    cells = _toy_cells()
+    prior = CellAwareMarginal(PerGeneMarginal(num_rank_bins=9, gene_vocab_size=10).fit(cells))
+    cell = _masked_cell([3, 4, 6, 5, 7], [9, 8, 0, 0, 0], [False, False, False, True, True], 10)
+    smoothed = NearestCells(cells, prior, k=5, prior_weight=2.0).predict(cell)[0].double()
+    # By hand: the 5 neighbours (the cells of the same kind, genes 3-5 high) vote 9 at gene 5 and 0 at gene 7, and
+    # 2 pseudo-cells vote the prior: (votes + 2 prior) / (5 + 2).
+    at = prior.predict(cell)[0].double()
+    expected_5 = (5 * torch.eye(10, dtype=torch.float64)[9] + 2 * at[3]) / 7
+    expected_7 = (5 * torch.eye(10, dtype=torch.float64)[0] + 2 * at[4]) / 7
+    torch.testing.assert_close(smoothed[3], expected_5, atol=1e-6, rtol=0)
+    torch.testing.assert_close(smoothed[4], expected_7, atol=1e-6, rtol=0)
+    torch.testing.assert_close(smoothed.sum(dim=-1), torch.ones(5, dtype=torch.float64), atol=1e-6, rtol=0)
 
 
 def test_magic_baseline_reads_the_cells_own_tokens_at_similar_genes():

@@ -3,9 +3,10 @@
 import numpy as np
 import pytest
 import torch
+from conftest import exact_tokens
 
 from metrics.imputation import detection_strata, token_levels
-from modeling import rank_tokens
+from modeling import RankDiTProcessor
 from training import DataArguments
 from training.data import HVG_PANEL, RANDOM_PANEL, TRAINING_PANEL, prepare_data
 
@@ -38,19 +39,19 @@ def test_three_panels_chosen_on_training_cells_without_looking_at_held_out_count
 
 def test_panel_cells_carry_whole_cell_tokens_counts_and_levels(data):
     genes = data.panels[RANDOM_PANEL]
-    cells = data.panel_cells(data.test_rows.take(3), genes, num_bins=50)
-    assert cells.gene_ids.shape == (3, len(genes)) and cells.attention_mask.all()
+    cells = data.panel_cells(data.test_rows.take(3), genes, RankDiTProcessor(num_rank_bins=50))
+    assert cells.cells["gene_ids"].shape == (3, len(genes)) and cells.attention_mask.all()
     row = next(iter(data.test_rows))
     listed, counts = np.asarray(row["genes"][1:]), np.asarray(row["expressions"][1:], dtype=np.float64)
-    tokens = rank_tokens(counts, 50)  # from the whole cell, not from the panel
+    tokens = np.array(exact_tokens(counts, 50))  # from the whole cell, not from the panel
     at = np.searchsorted(listed, genes)
     found = (at < len(listed)) & (listed[at.clip(max=len(listed) - 1)] == genes)
     expected = np.where(found, tokens[at.clip(max=len(listed) - 1)], 0)
     np.testing.assert_array_equal(cells.tokens[0].numpy(), expected)
     np.testing.assert_array_equal(cells.counts[0].numpy(), np.where(found, counts[at.clip(max=len(listed) - 1)], 0))
     np.testing.assert_array_equal(cells.levels[0], token_levels(tokens, 50))
-    inputs, visible_counts = cells.masked(torch.tensor([[True] + [False] * (len(genes) - 1)] * 3), 51)
-    assert inputs.ranks[0, 0] == 51 and torch.isnan(visible_counts[:, 0]).all()
+    inputs, visible_counts = cells.masked(torch.tensor([[True] + [False] * (len(genes) - 1)] * 3))
+    assert inputs.input_ids[0, 0] == 51 and torch.isnan(visible_counts[:, 0]).all()
 
 
 def test_detection_strata_labels():

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import scipy.sparse
 import torch
-from conftest import randomize_zero_init
+from conftest import exact_tokens, randomize_zero_init
 
-from modeling import GeneVocab, RankDiTConfig, RankDiTModel, RankDiTProcessor, rank_tokens
+from modeling import GeneVocab, RankDiTConfig, RankDiTModel, RankDiTProcessor
 from pipelines import MaskedRankDiffusionPipeline, MaskedRankDiffusionScheduler
 
 B = 10
@@ -32,9 +32,12 @@ class StubDenoiser(RankDiTModel):
         self.register_buffer("log_table", (table / table.sum(-1, keepdim=True)).log())
         self.feedback = feedback
         self.rows_seen = 0
+        self.inputs_seen = []  # per call, each row's (gene ids, tokens) at its attended positions
 
     def forward(self, gene_ids, input_ids, attention_mask=None, timesteps=None, return_dict=True):
         self.rows_seen += gene_ids.shape[0]
+        real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        self.inputs_seen.append([(g[r].tolist(), t[r].tolist()) for g, t, r in zip(gene_ids, input_ids, real)])
         logits = self.log_table[gene_ids].clone()
         visible_share = (input_ids != self.config.mask_token_id).float().mean(dim=1)
         logits[..., 0] += self.feedback * visible_share[:, None]
@@ -149,7 +152,7 @@ def test_ragged_cells_gene_names_counts_and_mask_ratio(config):
     assert out.ranks[1, 3] == -1
     for i, cell in enumerate(counts):  # the mask is drawn first: the visible counts alone make the bins
         visible = ~out.mask[i, : len(cell)]
-        tokens = rank_tokens(np.array(cell, dtype=float)[visible], B)
+        tokens = exact_tokens(np.array(cell, dtype=float)[visible], B)
         np.testing.assert_array_equal(out.ranks[i, : len(cell)][visible], tokens)
     with pytest.raises(KeyError, match="NOPE"):
         pipe([["G10", "NOPE"]])
@@ -200,6 +203,26 @@ def test_anndata_in_anndata_out(config):
     sparse.X = scipy.sparse.csr_matrix(np.where(np.isnan(counts), np.nan, counts))
     again = _pipe(StubDenoiser(config)).impute_anndata(sparse, generator=torch.Generator().manual_seed(0))
     np.testing.assert_allclose(again.layers["rankdiff_expected"], expected, rtol=1e-6, equal_nan=True)
+
+
+def test_anndata_cells_reach_the_model_with_the_tokens_of_all_their_visible_counts(config):
+    # Every value the denoiser is shown comes from the cell's visible counts by the exact rule, the counts of the gene
+    # the vocabulary lacks and of a second column naming G12 included; masked counts never take part.
+    model = StubDenoiser(config)
+    adata = _adata()
+    again = anndata.AnnData(np.full((5, 1), 40.0), var={"chrom": ["1"]})
+    again.var_names, again.obs_names = ["ENSG00000000012"], adata.obs_names
+    adata = anndata.concat([adata, again], axis=1, merge="same")
+    counts = adata.X.copy()
+    _pipe(model).impute_anndata(adata, num_inference_steps=1, generator=torch.Generator().manual_seed(0))
+    shown = model.inputs_seen[0]  # the first call: every cell (all have a masked known gene), no value drawn yet
+    assert len(shown) == 5
+    for (genes, tokens), cell in zip(shown, counts):
+        visible = ~np.isnan(cell)
+        expected = dict(zip(range(10, 21), exact_tokens(np.where(visible, cell, 0), B)))  # every column's token
+        assert genes.count(12) <= 1  # the repeated column is never listed a second time
+        for gene, token in zip(genes, tokens):
+            assert token == (MASK if np.isnan(cell[gene - 10]) else expected[gene]), (gene, token)
 
 
 def test_anndata_errors_name_the_layer_the_cell_and_the_problem(config):
@@ -314,9 +337,8 @@ def test_masked_counts_never_shape_the_visible_ranks(config):
     mask = np.array([[False, False, False, False, True]])
     cells = _processor(config)([[10, 11, 12, 13, 14]], counts=counts, mask=mask)
     hidden_nan = _processor(config)([[10, 11, 12, 13, 14]], counts=np.where(mask, np.nan, counts), mask=mask)
-    expected = rank_tokens(counts[0, :4], B)
-    np.testing.assert_array_equal(cells.ranks[0, :4].numpy(), expected)
-    assert torch.equal(cells.ranks, hidden_nan.ranks) and cells.ranks[0, 4] == MASK
+    assert cells.input_ids[0, :4].tolist() == exact_tokens(counts[0, :4], B)
+    assert torch.equal(cells.input_ids, hidden_nan.input_ids) and cells.input_ids[0, 4] == MASK
 
 
 def test_whole_cells_longer_than_the_model_length_are_seen_in_windows(config):
@@ -329,7 +351,7 @@ def test_whole_cells_longer_than_the_model_length_are_seen_in_windows(config):
     cells = _processor(config)([genes], counts=[counts], mask=[mask], context_counts=[[]])
     windows = cells.windows(64)
     real = windows.inputs.attention_mask
-    assert len(real) == 3 and real.sum(1).tolist() == [50, 50, 50]
+    assert windows.inputs.num_cells == 3 and real.sum(1).tolist() == [50, 50, 50]
     assert sorted(windows.position[real].tolist()) == list(range(150))  # every position once
     shuffled = _processor(config)([genes], counts=[rng.permutation(counts)], mask=[mask], context_counts=[[]])
     assert torch.equal(shuffled.windows(64).position, windows.position)  # drawn without looking at the counts
@@ -339,7 +361,7 @@ def test_whole_cells_longer_than_the_model_length_are_seen_in_windows(config):
     pipe = _pipe(model)
     out = pipe(gene_ids=[genes], counts=[counts], mask=[mask], context_counts=[[]], output_type="probs")
     tokens = np.zeros(150, dtype=np.int64)
-    tokens[~mask] = rank_tokens(counts[~mask], B)
+    tokens[~mask] = exact_tokens(counts[~mask], B)
     expected = torch.softmax(model.log_table[torch.from_numpy(genes)], -1).numpy()
     np.testing.assert_allclose(out.probs[0][mask], expected[mask], rtol=1e-5)
     np.testing.assert_array_equal(out.probs[0][~mask].argmax(-1), tokens[~mask])
@@ -357,13 +379,13 @@ def test_context_counts_give_the_whole_cells_bins_and_a_part_of_a_cell_is_named(
     with caplog.at_level("WARNING", logger="modeling.processing_rank_dit"):
         alone = _processor(config)([[10, 11, 12, 13, 14]], counts=[panel])
     assert "context_counts" in caplog.text and "1 cells" in caplog.text
-    np.testing.assert_array_equal(alone.ranks[0].numpy(), rank_tokens(panel, B))
+    assert alone.input_ids[0].tolist() == exact_tokens(panel, B)
     caplog.clear()
     with caplog.at_level("WARNING", logger="modeling.processing_rank_dit"):
         whole = _processor(config)([[10, 11, 12, 13, 14]], counts=[panel], context_counts=[rest])
     assert not caplog.text
-    np.testing.assert_array_equal(whole.ranks[0].numpy(), rank_tokens(np.r_[panel, rest], B)[:5])
-    assert not torch.equal(whole.ranks, alone.ranks)
+    assert whole.input_ids[0].tolist() == exact_tokens(np.r_[panel, rest], B)[:5]
+    assert not torch.equal(whole.input_ids, alone.input_ids)
     with pytest.raises(ValueError, match="context_counts go with counts"):
         _processor(config)([[10, 11]], ranks=[[1, 2]], context_counts=[[1.0]])
 
@@ -375,7 +397,7 @@ def test_a_drawn_mask_is_drawn_before_the_counts_are_binned(config):
     visible = ~out.mask[0]
     assert out.mask[0].sum() == 4
     # The visible tokens are the bins of the visible counts alone, as with a mask given by the caller.
-    np.testing.assert_array_equal(out.probs[0][visible].argmax(-1), rank_tokens(counts[0][visible], B))
+    assert out.probs[0][visible].argmax(-1).tolist() == exact_tokens(counts[0][visible], B)
 
 
 def test_the_same_seed_gives_the_same_cells_whatever_the_batch_size(config):

@@ -6,9 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import exact_tokens
 from transformers import AutoFeatureExtractor
 
-from modeling import GeneVocab, RankDiTConfig, RankDiTProcessor, rank_tokens
+from modeling import GeneVocab, RankDiTConfig, RankDiTModel, RankDiTProcessor
 
 B = 10
 
@@ -22,7 +23,7 @@ def _processor(**kwargs) -> RankDiTProcessor:
 def test_save_and_load_keep_the_settings_and_the_vocabulary(tmp_path):
     processor = _processor(whole_cell_genes=100)
     processor.save_pretrained(tmp_path)
-    assert {"preprocessor_config.json", "processing_rank_dit.py", "pipeline_rank_dit.py"} <= {
+    assert {"preprocessor_config.json", "processing_rank_dit.py", "imputation_task.py"} <= {
         p.name for p in tmp_path.iterdir()
     }
     call = dict(gene_ids=[["G5", "G6", "G7"]], counts=[[3, 0, 8]], mask=[[False, True, False]], context_counts=[[]])
@@ -33,15 +34,14 @@ def test_save_and_load_keep_the_settings_and_the_vocabulary(tmp_path):
     ):
         assert loaded.to_dict() == processor.to_dict()
         assert loaded.gene_vocab.encode(["G5", "ENSG00000000007.3", 9]) == [5, 7, 9]
-        assert torch.equal(loaded(**call).ranks, processor(**call).ranks)
+        assert torch.equal(loaded(**call).input_ids, processor(**call).input_ids)
 
 
 def test_tokens_come_from_the_visible_counts_by_the_training_rule():
     cells = _processor()(gene_ids=[5, 6, 7, 8], counts=[3, 0, 8, 1], mask=[False, True, False, False],
                          context_counts=[[2, 2]])  # fmt: skip
-    visible = np.array([3.0, 8.0, 1.0])
-    expected = rank_tokens(visible, B, reference=np.r_[visible, 2, 2])
-    assert cells.ranks[0].tolist() == [expected[0], B + 1, expected[1], expected[2]]
+    expected = exact_tokens([3, 8, 1, 2, 2], B)  # the visible counts and the context, never the masked one
+    assert cells.input_ids[0].tolist() == [expected[0], B + 1, expected[1], expected[2]]
 
 
 @pytest.mark.parametrize(
@@ -86,9 +86,9 @@ def test_every_bad_input_is_named(call, error, message):
 
 def test_masked_values_may_be_missing():
     cells = _processor()(gene_ids=[5, 6, 7], ranks=[4, None, float("nan")], mask=[False, True, True])
-    assert cells.ranks.tolist() == [[4, B + 1, B + 1]]
+    assert cells.input_ids.tolist() == [[4, B + 1, B + 1]]
     cells = _processor()(gene_ids=[5, 6], counts=[4, np.nan], mask=[0, 1], context_counts=[[]])
-    assert cells.ranks.tolist() == [[1, B + 1]]  # a lone count is the cell's lowest bin
+    assert cells.input_ids.tolist() == [[1, B + 1]]  # a lone count is the cell's lowest bin
 
 
 def test_pandas_and_tensors_are_taken_as_given():
@@ -99,7 +99,7 @@ def test_pandas_and_tensors_are_taken_as_given():
     from_tensors = processor(gene_ids=torch.tensor([5, 6, 7]), ranks=torch.tensor([1, 0, 4]),
                              mask=torch.tensor([False, True, False]))  # fmt: skip
     for cells in (from_pandas, from_tensors):
-        assert torch.equal(cells.gene_ids, from_lists.gene_ids) and torch.equal(cells.ranks, from_lists.ranks)
+        assert torch.equal(cells.gene_ids, from_lists.gene_ids) and torch.equal(cells.input_ids, from_lists.input_ids)
 
 
 def test_unknown_genes_are_left_out_when_asked_and_reported(caplog):
@@ -111,14 +111,14 @@ def test_unknown_genes_are_left_out_when_asked_and_reported(caplog):
     assert cells.gene_ids.tolist() == [[5, -1, 7]] and cells.attention_mask.tolist() == [[True, False, True]]
     assert not cells.mask[0, 1]
     # The left-out gene's count still shapes the cell's bins: 3 is low next to 50.
-    assert cells.ranks[0, 0] == rank_tokens(np.array([3.0]), B, reference=np.array([3.0, 50.0]))[0]
+    assert cells.input_ids[0, 0] == exact_tokens([3, 50], B)[0] == 1
     windows = processor.windows(cells)
     assert windows.inputs.gene_ids.tolist() == [[5, 7]]  # the model never sees it
     # Hidden at a left-out gene: still hidden (NaN allowed), and its count never shapes the bins.
     for hidden_count in (np.nan, 1000.0):
         hidden = processor(gene_ids=["G5", "OLD1", "G7", "G8"], counts=[3, hidden_count, 1, 9],
                            mask=[False, True, True, False], context_counts=[[]], unknown_genes="ignore")  # fmt: skip
-        assert hidden.ranks[0, 0] == rank_tokens(np.array([3.0, 9.0]), B)[0] and not hidden.mask[0, 1]
+        assert hidden.input_ids[0, 0] == exact_tokens([3, 9], B)[0] and not hidden.mask[0, 1]
 
 
 def test_a_model_with_other_bins_or_fewer_genes_is_refused():
@@ -128,3 +128,24 @@ def test_a_model_with_other_bins_or_fewer_genes_is_refused():
         processor.check_model_config(RankDiTConfig.from_preset("tiny", num_rank_bins=50, gene_vocab_size=40))
     with pytest.raises(ValueError, match="do not fit"):
         processor.check_model_config(RankDiTConfig.from_preset("tiny", num_rank_bins=B, gene_vocab_size=20))
+
+
+def test_the_batch_goes_straight_into_the_model_and_ragged_cells_get_the_exact_rule():
+    processor = _processor()
+    rng = np.random.default_rng(0)
+    genes = [rng.choice(np.arange(3, 40), n, replace=False) for n in (5, 30, 12)]
+    counts = [rng.negative_binomial(1, 0.3, len(g)).astype(float) for g in genes]
+    for c in counts:
+        c[0] += 1
+    masks = [rng.random(len(g)) < 0.3 for g in genes]
+    contexts = [rng.negative_binomial(1, 0.3, k) for k in (0, 7, 40)]
+    batch = processor(gene_ids=genes, counts=[np.where(m, np.nan, c) for c, m in zip(counts, masks)], mask=masks,
+                      context_counts=contexts)  # fmt: skip
+    assert set(batch) == {"gene_ids", "input_ids", "attention_mask"}
+    for i, (c, m, context) in enumerate(zip(counts, masks, contexts)):
+        visible = exact_tokens(np.r_[np.where(m, 0, c), context], B)[: len(c)]
+        expected = np.where(m, B + 1, visible)
+        assert batch.input_ids[i, : len(c)].tolist() == expected.tolist(), i
+        assert not batch.attention_mask[i, len(c) :].any()
+    model = RankDiTModel(RankDiTConfig.from_preset("tiny", num_rank_bins=B, gene_vocab_size=40)).eval()
+    assert model(**batch).logits.shape == (3, 30, B + 1)

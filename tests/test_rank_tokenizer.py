@@ -1,11 +1,10 @@
-from fractions import Fraction
-
 import numpy as np
 import pytest
 import torch
+from conftest import exact_tokens
 
 from modeling import CellTokenizer, rank_tokens
-from modeling.rank_tokenizer import cell_salts, draw_unexpressed, hash_keys, smallest_keys
+from modeling.rank_tokenizer import TABLE_COUNTS, cell_salts, check_counts, draw_unexpressed, hash_keys, smallest_keys
 
 
 def test_hand_computed_bins_with_ties():
@@ -24,26 +23,13 @@ def test_all_ones_cell_and_single_gene():
     np.testing.assert_array_equal(rank_tokens(np.array([0, 0, 5, 0]), 50), [0, 0, 1, 0])
 
 
-def _exact_tokens(counts, num_bins):
-    """The rule in exact rational arithmetic: edges at positions k (n - 1) / (B - 1) of the sorted counts."""
-    nonzero = sorted(int(c) for c in counts if c > 0)
-    n = len(nonzero)
-    edges = []
-    for k in range(num_bins):
-        position = Fraction(k * (n - 1), num_bins - 1)
-        low = int(position)
-        high = min(low + 1, n - 1)
-        edges.append(nonzero[low] + (nonzero[high] - nonzero[low]) * (position - low))
-    return [0 if c == 0 else next(i for i, e in enumerate(edges) if e >= c) + 1 for c in counts]
-
-
 @pytest.mark.parametrize("seed", range(6))
 def test_bins_match_exact_arithmetic(seed):
     rng = np.random.default_rng(seed)
     n = int(rng.integers(1, 3000))
     counts = rng.negative_binomial(1, rng.uniform(0.05, 0.6), size=n)
     counts[rng.integers(n)] = 1 + int(rng.integers(20))
-    assert rank_tokens(counts, 50).tolist() == _exact_tokens(counts, 50)
+    assert rank_tokens(counts, 50).tolist() == exact_tokens(counts, 50)
 
 
 def test_tied_edge_that_floats_get_wrong():
@@ -51,7 +37,7 @@ def test_tied_edge_that_floats_get_wrong():
     # would put every 9 in bin 48 instead of 47.
     counts = np.array([1] * 1500 + [2] * 100 + [8] * 10 + [9] * 100 + [40] * 6)
     tokens = rank_tokens(counts, 50)
-    assert tokens.tolist() == _exact_tokens(counts, 50)
+    assert tokens.tolist() == exact_tokens(counts, 50)
     assert set(tokens[counts == 9].tolist()) == {47}
 
 
@@ -72,12 +58,51 @@ def test_quantiles_are_scale_free_and_monotone():
         ([1, -1, 2], "non-negative integers"),
         ([1, np.nan, 2], "non-negative integers"),
         ([1, 2.5, 2], "2.5 at position 1 \\(gene 11\\)"),
-        ([0, 0, 0], "no expressed genes"),
+        ([1, np.inf, 2], "got inf at position 1"),
     ],
 )
 def test_bad_counts_are_named(counts, message):
     with pytest.raises(ValueError, match=message):
-        rank_tokens(np.array(counts, dtype=float), 50, where="cell 'x'", genes=np.array([10, 11, 12]))
+        check_counts(np.array(counts, dtype=float), "cell 'x'", genes=np.array([10, 11, 12]))
+    with pytest.raises(ValueError, match="non-negative integers"):
+        rank_tokens(np.array(counts, dtype=float), 50)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_batch_of_cells_with_context_matches_exact_arithmetic_cell_by_cell(seed):
+    # Cells of every size (one gene, all ties, counts beyond the table and at its seam, unexpressed genes), each with
+    # context counts that join its bins: the batch rule against the exact one on each whole cell.
+    rng = np.random.default_rng(seed)
+    cells, contexts = [], []
+    for _ in range(40):
+        n = int(rng.integers(1, 300))
+        counts = rng.negative_binomial(1, rng.uniform(0.05, 0.7), n)
+        counts[rng.integers(n)] += int(rng.choice([1, TABLE_COUNTS - 2, TABLE_COUNTS - 1, TABLE_COUNTS, 5000]))
+        cells.append(counts)
+        contexts.append(rng.negative_binomial(1, 0.3, int(rng.integers(0, 50))))
+    offsets = np.concatenate([[0], np.cumsum([len(c) for c in cells])])
+    context_offsets = np.concatenate([[0], np.cumsum([len(c) for c in contexts])])
+    for num_bins in (50, 7):
+        tokens = rank_tokens(np.concatenate(cells), num_bins, offsets, context=np.concatenate(contexts),
+                             context_offsets=context_offsets)  # fmt: skip
+        for i, (counts, context) in enumerate(zip(cells, contexts)):
+            expected = exact_tokens(np.r_[counts, context], num_bins)[: len(counts)]
+            assert tokens[offsets[i] : offsets[i + 1]].tolist() == expected, (num_bins, i)
+
+
+def test_no_count_gets_the_mask_id():
+    # With B = 1 every expressed gene is bin 1 however large (the edge is the smallest count); a count above every
+    # reference count is bin B, never B + 1 (the [MASK] id).
+    np.testing.assert_array_equal(rank_tokens(np.array([0, 3, 5, 900]), 1), [0, 1, 1, 1])
+    held_out, visible = np.array([2, 9, 80, 5000, 0]), np.array([1, 1, 2, 3, 7])
+    tokens = rank_tokens(held_out, 10, reference=visible)
+    assert tokens.tolist() == exact_tokens(held_out, 10, reference=visible) == [6, 10, 10, 10, 0]
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        counts = rng.negative_binomial(1, 0.2, 500)
+        reference = rng.negative_binomial(1, 0.6, 100) + 1
+        tokens = rank_tokens(counts, 50, reference=reference)
+        assert tokens.max() <= 50 and tokens.tolist() == exact_tokens(counts, 50, reference=reference)
 
 
 def _cell(n_expressed: int, seed: int = 0):
@@ -150,6 +175,7 @@ def test_panel_share_mixes_rules():
         ([3, 4], [1.0], "differ in shape"),
         ([3, 3, 4], [1.0, 2.0, 1.0], r"repeated: \[3\]"),
         ([3, 4], [0.0, 0.0], "no expressed genes"),
+        ([3, 4], [1.0, -2.0], "non-negative integers"),
     ],
 )
 def test_bad_cells_are_named(genes, counts, message):
@@ -184,6 +210,11 @@ def test_smallest_keys_match_a_sort_per_segment(n_keep, min_size):
     np.testing.assert_array_equal(smallest_keys(offsets, keys, n_keep), np.concatenate(expected))
 
 
+def _select_one(tokenizer, genes, tokens, cell_id, epoch=0):
+    _, gene_ids, input_ids = tokenizer.select_batch(np.array([0, len(genes)]), genes, tokens, [cell_id], epoch=epoch)
+    return gene_ids, input_ids
+
+
 def _random_cells(rng, n_cells, pool):
     sizes = rng.integers(1, 400, n_cells)
     genes = [np.sort(rng.choice(pool, size, replace=False)) for size in sizes]
@@ -212,7 +243,7 @@ def test_select_batch_with_every_rule_equals_each_cell_alone(zero_share):
     )
     assert set(tokenizer.rules_of(ids, epoch=2)) == {"expressed", "panel", "random"}
     for i, cell_id in enumerate(ids):
-        expected = tokenizer.select(genes[i], tokens[i], cell_id=cell_id, epoch=2)
+        expected = _select_one(tokenizer, genes[i], tokens[i], cell_id, epoch=2)
         np.testing.assert_array_equal(gene_ids[offsets[i] : offsets[i + 1]], expected[0])
         np.testing.assert_array_equal(input_ids[offsets[i] : offsets[i + 1]], expected[1])
 
@@ -238,7 +269,7 @@ def test_expressed_subsample_is_uniform():
     tokenizer = CellTokenizer(max_length=50)
     kept = np.zeros(203)
     for i in range(2000):
-        np.add.at(kept, tokenizer.select(genes, tokens, cell_id=f"c{i}")[0], 1)
+        np.add.at(kept, _select_one(tokenizer, genes, tokens, f"c{i}")[0], 1)
     chi2 = ((kept[3:] - 500) ** 2 / 500).sum()
     assert chi2 < 280  # chi-square with 199 degrees of freedom: mean 199, sd 20
 

@@ -71,4 +71,4 @@ def test_wrong_files_and_mistyped_paths_are_named(tmp_path, monkeypatch):
         load_expression_data("data/celltypist_sampl")
     with pytest.raises(ValueError, match="counts must be non-negative"):
         genes, counts = cell_counts({"genes": [2, 5, 6], "expressions": [-2.0, 1.0, 3.0]})  # not the marker
-        rank_tokens(counts, 10, genes=genes)
+        rank_tokens(counts, 10)

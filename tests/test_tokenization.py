@@ -2,13 +2,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import exact_tokens
 
 import train_hf
 from dataset_scripts import cell_counts
 from dataset_scripts.fixtures import write_tahoe_fixture
 from dataset_scripts.schema import EXPRESSION_SCHEMA
-from dataset_scripts.tokenization import TABLE_COUNTS, tokenize_arrow_batch
-from modeling import rank_tokens
+from dataset_scripts.tokenization import tokenize_arrow_batch
+from modeling.rank_tokenizer import TABLE_COUNTS
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +35,11 @@ def test_fixture_looks_like_tahoe(fixture_dir):
 
 
 def _per_cell(table, num_bins):
-    """Expressed genes and their tokens, cell by cell, with the per-cell rule."""
+    """Expressed genes and their tokens, cell by cell, in exact arithmetic (each row's context counts join)."""
     for row in table.to_pylist():
         genes, counts = cell_counts(row)
-        tokens = rank_tokens(counts, num_bins)
+        context = np.asarray(row.get("context_expressions") or [])
+        tokens = np.array(exact_tokens(np.r_[counts, context], num_bins)[: len(counts)])
         yield genes[counts > 0], tokens[counts > 0]
 
 
@@ -98,6 +100,19 @@ def test_counts_beyond_the_token_table_match_the_per_cell_rule():
         np.testing.assert_array_equal(batch.cell(i)[1], tokens)
 
 
+def test_context_counts_of_anndata_rows_join_the_bins_and_bad_ones_skip_the_row():
+    rows = [([3, 4, 5], [1, 2, 3]), ([3, 4, 5], [1, 2, 3]), ([3, 4], [1, 1]), ([3, 4], [1, 1])]
+    table = _table(rows).append_column(
+        "context_expressions", pa.array([[], [7, 7, 1, 0], [2.5], [-1]], pa.list_(pa.float32()))
+    )
+    batch = tokenize_arrow_batch(table, 50)
+    assert batch.kept.tolist() == [True, True, False, False] and batch.skipped == {"bad_counts": 2}
+    assert batch.cell(0)[1].tolist() == exact_tokens([1, 2, 3], 50)
+    assert batch.cell(1)[1].tolist() == exact_tokens([1, 2, 3, 7, 7, 1], 50)[:3]  # the context moves the bins
+    for i, (_, tokens) in enumerate(list(_per_cell(table.slice(0, 2), 50))):
+        np.testing.assert_array_equal(batch.cell(i)[1], tokens)
+
+
 def test_bad_rows_are_skipped_and_counted():
     good = ([1, 3, 4, 5], [-2, 1, 2, 3])
     rows = [
@@ -124,8 +139,7 @@ def test_bad_rows_are_skipped_and_counted():
     }
     np.testing.assert_array_equal(batch.cell(0)[0], [3, 4, 5])
     np.testing.assert_array_equal(batch.cell(1)[0], [5, 3, 4])
-    np.testing.assert_array_equal(batch.cell(0)[1], rank_tokens(np.array([1, 2, 3]), 50))
-    np.testing.assert_array_equal(batch.cell(1)[1], rank_tokens(np.array([3, 1, 2]), 50))
+    assert batch.cell(0)[1].tolist() == exact_tokens([1, 2, 3], 50) and batch.cell(1)[1].tolist() == [50, 1, 26]
 
 
 def test_train_hf_on_local_tahoe_schema_shards(fixture_dir, tmp_path):

@@ -74,6 +74,7 @@ def small_trainer(tmp_path):
     torch.manual_seed(0)
     model = RankDiTModel(config)
     tokenizer = CellTokenizer(max_length=64)
+    processor = RankDiTProcessor(num_rank_bins=tokenizer.num_bins)
     baseline = PerGeneMarginal(50, 62757)
     args = RankDiffTrainingArguments(
         output_dir=str(tmp_path / "run"),
@@ -90,9 +91,11 @@ def small_trainer(tmp_path):
         args=args,
         train_dataset=train_rows,
         eval_dataset=eval_rows,
-        data_collator=RankDiffusionCollator(tokenizer),
+        data_collator=RankDiffusionCollator(processor, tokenizer),
         noise_scheduler=MaskedRankDiffusionScheduler(),
-        eval_collator=RankDiffusionCollator(tokenizer, rule="expressed"),
+        eval_collator=RankDiffusionCollator(
+            RankDiTProcessor(num_rank_bins=tokenizer.num_bins), tokenizer, rule="expressed"
+        ),
         baseline=baseline,
     )
 
@@ -459,13 +462,13 @@ def test_the_trainer_and_the_benchmark_report_one_masked_nll(tiny_config):
     model = randomize_zero_init(RankDiTModel(config).eval())
     scheduler = MaskedRankDiffusionScheduler(num_rank_bins=10)
     tokenizer = CellTokenizer(num_bins=10, max_length=64, panel=data.panel)
-    collator = RankDiffusionCollator(tokenizer, rule="panel")
+    processor = RankDiTProcessor.from_model_config(config, gene_vocab=data.source.vocab)
+    collator = RankDiffusionCollator(processor, tokenizer, rule="panel")
     rows = list(data.validation_rows)
     batches = [collator(rows[i : i + 5]) for i in range(0, len(rows), 5)]
     trainer_scores = evaluate_masked_diffusion(model, scheduler, batches, data.baseline, time_grid=1, seed=3)
-    processor = RankDiTProcessor.from_model_config(config, gene_vocab=data.source.vocab)
     pipe = MaskedRankDiffusionPipeline(model=model, scheduler=scheduler, processor=processor)
-    cells = data.panel_cells(data.validation_rows, data.panel, 10)
+    cells = data.panel_cells(data.validation_rows, data.panel, processor)
     report = compare_on_masks(pipe, cells, {}, [0.5], seed=3)
     assert report[MODEL_METHOD]["0.5"]["positions_all"] == trainer_scores["masked_tokens"]
     assert report[MODEL_METHOD]["0.5"]["nll_all"] == pytest.approx(trainer_scores["masked_nll_0.5"], rel=1e-5)

@@ -27,8 +27,8 @@ from dataset_scripts.schema import CELL_ID_COLUMN
 from dataset_scripts.tokenization import tokenize_arrow_batch
 from metrics import CellAwareMarginal, MagicImputation, NearestCells, PerGeneMarginal
 from metrics.imputation import PanelCells, choose_on_validation, token_levels
+from modeling import RankDiTProcessor
 from modeling.conditions import DOSE, ConditionEncoder
-from modeling.rank_tokenizer import segment_ids
 
 from .arguments import DataArguments
 
@@ -99,7 +99,7 @@ def reference_cells(table: pa.Table, num_bins: int, gene_vocab_size: int) -> Ref
     indices, indptr = batch.gene_ids.astype(np.int32), batch.offsets
     return ReferenceCells(
         sparse.csr_matrix((batch.counts.astype(np.float32), indices, indptr), shape=shape),
-        sparse.csr_matrix((batch.input_ids.astype(np.int16), indices, indptr), shape=shape),
+        sparse.csr_matrix((batch.ranks.astype(np.int16), indices, indptr), shape=shape),
     )
 
 
@@ -138,18 +138,18 @@ def choose_panels(
     }
 
 
-def on_panel(batch, genes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """`(tokens, counts)`, each `(n_cells, len(genes))`, of a tokenized batch's cells at the panel `genes` (sorted):
-    tokens from each whole cell, 0 (and count 0) where a panel gene is not expressed."""
-    n_cells, stride = len(batch.offsets) - 1, int(max(batch.gene_ids.max(initial=0), genes.max())) + 1
-    keys = segment_ids(batch.offsets) * stride + batch.gene_ids
-    order = np.argsort(keys)
-    wanted = (np.arange(n_cells)[:, None] * stride + genes[None, :]).ravel()
-    at = order[np.searchsorted(keys[order], wanted).clip(max=len(keys) - 1)]  # every kept cell expresses a gene
-    found = (keys[at] == wanted).reshape(n_cells, len(genes))
-    tokens = np.where(found, batch.input_ids[at].reshape(found.shape), 0)
-    counts = np.where(found, batch.counts[at].reshape(found.shape), 0)
-    return tokens, counts
+def panel_cells(rows, genes: np.ndarray, processor: RankDiTProcessor) -> PanelCells:
+    """Raw Tahoe-schema `rows` (a list of dicts, a dataset or a pyarrow table) on the panel `genes` (sorted) as
+    [`PanelCells`]: the processor's batch of their counts at the panel, each with its other counts as context, so
+    the tokens are those of the whole cell, as in the training stream."""
+    table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(list(rows))
+    if not table.num_rows:
+        raise ValueError("no cells to score on the panel")
+    batch = tokenize_arrow_batch(table, processor.num_rank_bins)
+    on_panel = batch.on_genes(genes)
+    levels = [token_levels(batch.cell(i)[1], processor.num_rank_bins) for i in range(batch.num_cells)]
+    counts = torch.from_numpy(on_panel.counts.reshape(batch.num_cells, len(genes)).astype(np.float32))
+    return PanelCells(processor.encode(on_panel), counts, np.stack(levels))
 
 
 @dataclass
@@ -184,25 +184,13 @@ class PreparedData:
         """The training panel (the `"panel"` training rule and the trainer's evaluation)."""
         return self.panels[TRAINING_PANEL]
 
-    def panel_cells(self, rows, genes: np.ndarray, num_bins: int) -> PanelCells:
-        """Raw Tahoe-schema `rows` on the panel `genes` (sorted): tokens from each whole cell by the stream's batch
-        tokenizer, 0 where a panel gene is not expressed (bad rows are skipped, as everywhere)."""
-        rows = list(rows)
-        if not rows:
-            raise ValueError("no cells to score on the panel")
-        batch = tokenize_arrow_batch(pa.Table.from_pylist(rows), num_bins)
-        n_cells = len(batch.offsets) - 1
-        tokens, counts = on_panel(batch, genes)
-        levels = [token_levels(batch.cell(i)[1], num_bins) for i in range(n_cells)]
-        return PanelCells(
-            torch.from_numpy(np.repeat(genes[None, :].astype(np.int64), n_cells, axis=0)),
-            torch.from_numpy(tokens.astype(np.int64)),
-            torch.ones(n_cells, len(genes), dtype=torch.bool),
-            torch.from_numpy(counts.astype(np.float32)),
-            np.stack(levels),
-        )
+    def panel_cells(self, rows, genes: np.ndarray, processor: RankDiTProcessor) -> PanelCells:
+        """Raw Tahoe-schema `rows` on the panel `genes` (sorted), through the processor as a user's cells go: each
+        cell's counts at the panel genes with its other counts as context, so its tokens are those of the whole
+        cell, as in the training stream (bad rows are skipped, as everywhere)."""
+        return panel_cells(rows, genes, processor)
 
-    def imputation_baselines(self, validation: PanelCells, mask_token_id: int) -> tuple[dict, dict]:
+    def imputation_baselines(self, validation: PanelCells) -> tuple[dict, dict]:
         """The baselines the model is compared with, fitted on the training cells, each family's settings chosen
         by masked NLL on `validation` (validation cells on the training panel, half of each cell masked).
 
@@ -212,7 +200,7 @@ class PreparedData:
         choices = {}
 
         def choose(family: str, candidates: dict):
-            best, nll = choose_on_validation(candidates, validation, mask_token_id)
+            best, nll = choose_on_validation(candidates, validation)
             choices[family] = {"chosen": best, "validation_masked_nll_0.5": nll}
             return candidates[best]
 

@@ -132,13 +132,12 @@ def imputation_report(
     unknown = set(panels) - set(data.panels)
     if unknown:
         raise ValueError(f"unknown panels {sorted(unknown)}; choose from {list(data.panels)}")
-    num_bins, mask_id = pipe.model.config.num_rank_bins, pipe.model.config.mask_token_id
-    validation = data.panel_cells(data.validation_rows, data.panel, num_bins)
-    baselines, choices = data.imputation_baselines(validation, mask_id)
+    validation = data.panel_cells(data.validation_rows, data.panel, pipe.processor)
+    baselines, choices = data.imputation_baselines(validation)
     strata = detection_strata(data.reference.detection_rate)
     results, scored = {}, 0
     for panel in panels:
-        cells = data.panel_cells(data.splits[split], data.panels[panel], num_bins)
+        cells = data.panel_cells(data.splits[split], data.panels[panel], pipe.processor)
         scored = len(cells)
         steps = sample_steps if panel == TRAINING_PANEL else 0
         results[panel] = compare_on_masks(

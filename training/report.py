@@ -126,8 +126,8 @@ def write_model_card(
     at_ratio = {method: by_ratio[str(ratio)] for method, by_ratio in imputation.items()}
     plots[f"Calibration, {ratio:.0%} masked"] = plot_reliability(at_ratio, ratio, plots_dir / "reliability.png")
 
-    cells = data.panel_cells(data.test_rows.take(1), data.panel, num_bins)
-    genes, ranks = cells.gene_ids[0].tolist(), cells.tokens[0].tolist()
+    cells = data.panel_cells(data.test_rows.take(1), data.panel, pipe.processor)
+    genes, ranks = cells.cells["gene_ids"][0].tolist(), cells.tokens[0].tolist()
     for share, name in ((0.9, "high"), (0.2, "low")):
         states = record_denoising(
             pipe,
@@ -142,8 +142,8 @@ def write_model_card(
         write_denoising_gif(states, path, num_rank_bins=num_bins, title=title)
         plots[f"Denoising a test cell, {share:.0%} of its {len(genes)} panel genes masked"] = path
 
-    examples = data.panel_cells(data.reference_rows.take(2), data.panel, num_bins)
-    example_cells = [(examples.gene_ids[i].numpy(), examples.tokens[i].numpy()) for i in range(len(examples))]
+    examples = data.panel_cells(data.reference_rows.take(2), data.panel, pipe.processor)
+    example_cells = [(examples.cells["gene_ids"][i].numpy(), examples.tokens[i].numpy()) for i in range(len(examples))]
     widgets = widget_examples(example_cells, pipe.processor.gene_vocab, seed=seed)
     card = model_card(
         TrainingRun(

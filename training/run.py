@@ -82,8 +82,8 @@ def build(
         num_rank_bins=num_bins, noise_schedule=diffusion_args.noise_schedule, eps=diffusion_args.eps
     )
     processor = RankDiTProcessor.from_model_config(config, gene_vocab=data.source.vocab)
-    collator = RankDiffusionCollator(tokenizer)
-    eval_collator = RankDiffusionCollator(tokenizer, rule="panel")
+    collator = RankDiffusionCollator(processor, tokenizer)
+    eval_collator = RankDiffusionCollator(processor, tokenizer, rule="panel")
     if conditions is not None:
         collator.conditions = conditions.cell_conditions(data_args.condition_dropout, seed=training_args.seed)
         eval_collator.conditions = conditions.cell_conditions()

@@ -57,6 +57,10 @@ class RankDiTImputationPipeline(Pipeline):
         inputs = dict(gene_ids=gene_ids, ranks=ranks, counts=counts, mask=mask, context_counts=context_counts)
         return super().__call__(inputs, **kwargs)
 
+    def _ensure_tensor_on_device(self, inputs, device):
+        # The cells stay on the host as a whole: the processor moves each window to the model's device itself.
+        return inputs
+
     def preprocess(self, inputs, unknown_genes: str = "raise", conditions=None):
         cells = self.feature_extractor(**inputs, unknown_genes=unknown_genes)
         return {"cells": self.feature_extractor.add_conditions(cells, conditions, self.model.config)}
@@ -69,14 +73,15 @@ class RankDiTImputationPipeline(Pipeline):
     def postprocess(self, model_outputs):
         cells, probs = model_outputs["cells"], model_outputs["probs"]
         expected = (probs * torch.arange(probs.shape[-1], dtype=probs.dtype)).sum(dim=-1)
-        expected = expected.masked_fill(~cells.attention_mask, float("nan"))
+        expected = expected.masked_fill(~cells["attention_mask"].bool(), float("nan"))
+        gene_ids, mask = cells["gene_ids"], cells.mask
         results = []
-        for i in range(len(cells)):
-            given = cells.gene_ids[i] != 0  # the cell's positions, ignored genes (-1) included
+        for i in range(cells.num_cells):
+            given = gene_ids[i] != 0  # the cell's positions, ignored genes (-1) included
             results.append(
                 {
-                    "gene_ids": cells.gene_ids[i][given].tolist(),
-                    "mask": cells.mask[i][given].tolist(),
+                    "gene_ids": gene_ids[i][given].tolist(),
+                    "mask": mask[i][given].tolist(),
                     "probs": probs[i][given].numpy(),
                     "expected": expected[i][given].numpy(),
                 }

@@ -1,0 +1,229 @@
+# Copyright 2026 The RankDiff authors. Licensed under the Apache License, Version 2.0.
+"""AnnData in, AnnData out for [`MaskedRankDiffusionPipeline`]: imputing a table of raw counts and generating cells
+for the rows of an `obs` table.
+
+A table's rows become cells by the rule training reads `.h5ad` files with (the processor's `table_cells`, over the
+vocabulary's `columns`): the same cell gets the same tokens on both sides. This file imports only numpy, torch and
+tqdm (scipy, pandas and anndata on demand), so a saved pipeline folder carries it as remote code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers.utils import logging
+from tqdm.auto import tqdm
+
+logger = logging.get_logger(__name__)
+
+# Arguments the AnnData methods set themselves, which a caller may not pass through to the pipeline call.
+RESERVED_CALL_ARGUMENTS = frozenset(
+    {"gene_ids", "ranks", "counts", "context_counts", "mask", "mask_ratio", "output_type", "conditions", "return_dict"}
+)
+
+
+def obs_conditions(obs, condition_columns) -> list[dict] | None:
+    """One conditions dict per row of an AnnData's `obs` from `condition_columns` (names, or condition -> column);
+    None without columns. Missing values (NaN) are the condition's null."""
+    if not condition_columns:
+        return None
+    columns = dict(condition_columns) if isinstance(condition_columns, dict) else {c: c for c in condition_columns}
+    missing = [column for column in columns.values() if column not in obs.columns]
+    if missing:
+        raise KeyError(f"condition columns {missing} are not in obs; its columns: {list(obs.columns)}")
+    values = {
+        name: obs[column].astype(object).where(obs[column].notna(), None).tolist() for name, column in columns.items()
+    }
+    return [{name: values[name][i] for name in columns} for i in range(len(obs))]
+
+
+def nan_entries(counts):
+    """A sparse boolean matrix of the NaN entries of a dense or sparse count matrix."""
+    import scipy.sparse as sp
+
+    if sp.issparse(counts):
+        counts = sp.csr_matrix(counts)
+        nan = sp.csr_matrix((np.isnan(counts.data), counts.indices, counts.indptr), shape=counts.shape, dtype=bool)
+        nan.eliminate_zeros()
+        return nan
+    counts = np.asarray(counts)
+    if counts.dtype.kind != "f":  # integer counts hold no NaN
+        return sp.csr_matrix(counts.shape, dtype=bool)
+    return sp.csr_matrix(np.isnan(counts))  # in the data's own dtype: no float64 copy of the table
+
+
+def _check_call_arguments(method: str, call_kwargs: dict) -> None:
+    reserved = sorted(RESERVED_CALL_ARGUMENTS & set(call_kwargs))
+    if reserved:
+        raise ValueError(f"{method} sets {reserved} itself")
+
+
+@dataclass
+class CountTable:
+    """An AnnData's raw counts as the imputation reads them: the matrix, what is masked, each column's gene id and
+    the requested columns (masked in some cell, of a known gene)."""
+
+    counts: object
+    mask: object
+    source: str
+    names: np.ndarray
+    column_ids: np.ndarray
+    requested: np.ndarray
+
+    @classmethod
+    def of(cls, adata, processor, mask, layer: str | None, gene_column: str | None) -> CountTable:
+        import scipy.sparse as sp
+
+        if adata.n_obs == 0 or adata.n_vars == 0:
+            raise ValueError(f"the AnnData holds {adata.n_obs} cells x {adata.n_vars} genes: nothing to impute")
+        if layer is not None and layer not in adata.layers:
+            raise KeyError(f"layer {layer!r} is not in the AnnData; its layers: {list(adata.layers)} (None: X)")
+        if gene_column is not None and gene_column not in adata.var:
+            raise KeyError(f"gene_column {gene_column!r} is not in adata.var; its columns: {list(adata.var)}")
+        counts = adata.layers[layer] if layer is not None else adata.X
+        if mask is not None and tuple(mask.shape) != tuple(adata.shape):
+            raise ValueError(f"mask must have the AnnData's shape {adata.shape}, got {tuple(mask.shape)}")
+        mask = sp.csr_matrix(mask, dtype=bool) if mask is not None else nan_entries(counts)
+        if processor.gene_vocab is None:
+            raise ValueError("impute_anndata needs the checkpoint's gene vocabulary (processor.gene_vocab is None)")
+        names = np.array([str(name) for name in (adata.var[gene_column] if gene_column else adata.var_names)])
+        column_ids = processor.gene_vocab.columns(names)
+        if not (column_ids >= 0).any():
+            raise ValueError("none of the AnnData's genes is in the checkpoint's vocabulary")
+        if not (column_ids >= 0).all():
+            logger.warning(
+                "%d of %d genes are not in the checkpoint's vocabulary (or name a gene an earlier column names): "
+                "they shape each cell's bins but are not imputed", int((column_ids < 0).sum()), len(column_ids)
+            )  # fmt: skip
+        requested = (np.asarray(mask.sum(axis=0)).ravel() > 0) & (column_ids >= 0)
+        if not requested.any():
+            raise ValueError("nothing to impute: no entry of a known gene is masked (NaN, or True in mask)")
+        source = f"layers[{layer!r}]" if layer is not None else "X"
+        return cls(counts, mask, source, names, column_ids, requested)
+
+    def block(self, rows: slice, obs_names, processor) -> tuple[np.ndarray, np.ndarray]:
+        """`(counts, hidden)` of a block of cells, dense; a `ValueError` names a visible value that is no count."""
+        import scipy.sparse as sp
+
+        block = self.counts[rows]
+        block = np.asarray(block.toarray() if sp.issparse(block) else block, dtype=np.float64)
+        hidden = self.mask[rows].toarray()
+        bad = ~hidden & processor.invalid_counts(block)
+        if bad.any():
+            i, j = (int(k[0]) for k in np.nonzero(bad))
+            raise ValueError(f"cell {obs_names[i]!r} ({self.source}): counts must be non-negative integers, got "
+                             f"{block[i, j]} at gene {str(self.names[j])!r}, which is not masked")  # fmt: skip
+        return block, hidden
+
+
+def _call_inputs(cells) -> dict:
+    """[`RaggedCells`] as the pipeline's call takes them: one list per cell."""
+    split = cells.offsets[1:-1]
+    return {
+        "gene_ids": np.split(cells.gene_ids, split),
+        "counts": np.split(cells.counts, split),
+        "mask": np.split(cells.mask, split),
+        "context_counts": np.split(cells.context, cells.context_offsets[1:-1]),
+    }
+
+
+class ImputedLayers:
+    """The imputation's outputs over a whole table: sampled ranks, expected ranks and, on request, distributions."""
+
+    def __init__(self, shape: tuple[int, int], requested: np.ndarray, num_tokens: int, return_probs: bool):
+        self.ranks = np.full(shape, -1, dtype=np.int16)
+        self.expected = np.full(shape, np.nan, dtype=np.float32)
+        self.requested = np.flatnonzero(requested)
+        self.probs = np.zeros((shape[0], len(self.requested), num_tokens), np.float32) if return_probs else None
+
+    def write(self, rows: np.ndarray, cells, columns: np.ndarray, sampled: np.ndarray, scored) -> None:
+        """Put each cell's results at its masked entries (`rows`: the table row of each cell)."""
+        for k, row in enumerate(rows):
+            hidden, cols = cells.values_of(cells.mask, k), cells.values_of(columns, k)
+            n = len(cols)
+            self.ranks[row, cols[hidden]] = sampled[k, :n][hidden]
+            self.expected[row, cols[hidden]] = scored.expected[k, :n][hidden]
+            if self.probs is not None:
+                self.probs[row, np.searchsorted(self.requested, cols[hidden])] = scored.probs[k, :n][hidden]
+
+    def into(self, adata, key_added: str, names: np.ndarray):
+        result = adata.copy()
+        result.layers[f"{key_added}_ranks"] = self.ranks
+        result.layers[f"{key_added}_expected"] = self.expected
+        result.uns[key_added] = {"genes": names[self.requested].tolist()}
+        if self.probs is not None:
+            result.obsm[f"{key_added}_probs"] = self.probs
+        return result
+
+
+def run_imputation(
+    pipe,
+    adata,
+    *,
+    mask=None,
+    layer: str | None = None,
+    gene_column: str | None = None,
+    return_probs: bool = False,
+    key_added: str = "rankdiff",
+    cell_batch_size: int = 256,
+    condition_columns: Sequence[str] | dict[str, str] | None = None,
+    **call_kwargs,
+):
+    """[`MaskedRankDiffusionPipeline.impute_anndata`]: see there."""
+    _check_call_arguments("impute_anndata", call_kwargs)
+    if not isinstance(cell_batch_size, int) or isinstance(cell_batch_size, bool) or cell_batch_size < 1:
+        raise ValueError(f"cell_batch_size must be a positive integer, got {cell_batch_size!r}")
+    conditions = obs_conditions(adata.obs, condition_columns)
+    table = CountTable.of(adata, pipe.processor, mask, layer, gene_column)
+    outputs = ImputedLayers(adata.shape, table.requested, pipe.processor.num_rank_bins + 1, return_probs)
+    if call_kwargs.get("generator") is None:
+        call_kwargs["generator"] = torch.Generator().manual_seed(0)
+    scoring = {k: call_kwargs[k] for k in ("batch_size", "guidance_scale") if k in call_kwargs}
+    bar_config = dict(getattr(pipe, "_progress_bar_config", {}))
+    cells_bar = tqdm(total=adata.n_obs, desc="imputing cells", unit="cell", disable=bar_config.get("disable"))
+    pipe.set_progress_bar_config(**{**bar_config, "disable": True})  # one bar, over cells
+    try:
+        for start in range(0, adata.n_obs, cell_batch_size):
+            rows = slice(start, start + cell_batch_size)
+            counts, hidden = table.block(rows, adata.obs_names[rows], pipe.processor)
+            # Masked entries of genes outside the vocabulary stay masked and are not imputed.
+            active = np.flatnonzero((hidden & (table.column_ids >= 0)).any(axis=1))
+            cells_bar.update(len(counts))
+            if not len(active):
+                continue
+            cells, columns = pipe.processor.table_cells(counts[active], table.column_ids, hidden[active],
+                                                        table.requested)  # fmt: skip
+            inputs = _call_inputs(cells)
+            inputs["conditions"] = [conditions[start + i] for i in active] if conditions else None
+            sampled = pipe(**inputs, **call_kwargs, output_type="ranks").ranks
+            scored = pipe(**inputs, **scoring, output_type="probs")
+            outputs.write(start + active, cells, columns, sampled, scored)
+    finally:
+        pipe.set_progress_bar_config(**bar_config)
+        cells_bar.close()
+    return outputs.into(adata, key_added, table.names)
+
+
+def run_generation(pipe, obs, genes, *, condition_columns=None, **call_kwargs):
+    """[`MaskedRankDiffusionPipeline.generate_anndata`]: see there."""
+    import anndata
+    import pandas as pd
+
+    _check_call_arguments("generate_anndata", call_kwargs)
+    if len(obs) == 0:
+        raise ValueError("obs holds no rows: one row per cell to generate")
+    if condition_columns is None:
+        config = pipe.model.config
+        known = [*(config.conditions or {}), *(["dose"] if config.dose_condition else [])]
+        condition_columns = [name for name in known if name in obs.columns]
+    genes = list(genes)
+    out = pipe(gene_ids=[genes] * len(obs), conditions=obs_conditions(obs, condition_columns), **call_kwargs)
+    if (out.ranks < 0).any():
+        raise ValueError("some genes are outside the checkpoint's vocabulary: generate on known genes only")
+    obs = obs.copy()
+    obs.index = obs.index.astype(str)
+    var = pd.DataFrame(index=pd.Index([str(g) for g in genes]))
+    return anndata.AnnData(out.ranks.astype(np.int16), obs=obs, var=var)
