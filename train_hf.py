@@ -39,9 +39,10 @@ from training import (
     RankDiffTrainingArguments,
     RankDiffusionTrainer,
 )
-from training.model_card import RunRecord
-from training.report import CONDITIONS, EVAL_RESULTS, clear_run_outputs, finished_run_outputs, write_model_card
-from training.run import Run, build
+from training.model_card import TrainingSummary
+from training.outputs import MANIFEST, RunOutputs
+from training.report import EVAL_RESULTS, write_model_card
+from training.run import TrainingSetup, build_training
 
 logger = logging.getLogger("train_hf")
 
@@ -54,7 +55,7 @@ def build_parser() -> HfArgumentParser:
     )
 
 
-def fit(run: Run) -> dict[str, float]:
+def fit(run: TrainingSetup) -> dict[str, float]:
     """Train (or resume), put the EMA weights in the model, and evaluate it on validation cells."""
     trainer = run.trainer
     trainer.train(resume_from_checkpoint=resume_argument(trainer.args.resume_from_checkpoint))
@@ -64,41 +65,45 @@ def fit(run: Run) -> dict[str, float]:
 
 
 def finalize(
-    run: Run,
+    run: TrainingSetup,
     metrics: dict[str, float],
     model_args: ModelArguments,
     diffusion_args: DiffusionArguments,
     card_args: CardArguments,
     repo_id: str | None,
 ) -> None:
-    """On the main process: write the pipeline folder and `eval_results.json`, the model card, and push it all."""
+    """On the main process: write the pipeline folder, `eval_results.json`, the data recipe (`run_config.json`) and
+    the model card, recording each file in the folder's manifest; then push those files."""
     output_dir = Path(run.trainer.args.output_dir)
-    clear_run_outputs(output_dir)  # a resumed run's earlier outputs, if any: nothing of two runs mixes
-    run.pipe.save_pretrained(output_dir)
-    (output_dir / EVAL_RESULTS).write_text(json.dumps(metrics, indent=2) + "\n")
-    if run.data.conditions is not None:
-        (output_dir / CONDITIONS).write_text(json.dumps(run.data.conditions.to_dict(), indent=2) + "\n")
-    logger.info("pipeline folder written to %s", output_dir)
-    if card_args.model_card:
-        run.pipe.set_progress_bar_config(disable=True)
-        source = run.data.source.name
-        data_name = source if is_hub_dataset_id(source) else Path(source).name
-        record = RunRecord.of(
-            run.trainer,
-            preset=model_args.preset,
-            data_name=data_name,
-            dataset=card_args.dataset_name,
-            loss=diffusion_args.loss_description(),
-            noise_schedule=diffusion_args.noise_schedule,
-            ema_decay=run.ema_decay,
-            metrics=metrics,
-            repo_id=repo_id or str(output_dir),
-        )
-        write_model_card(output_dir, pipe=run.pipe, data=run.data, trainer=run.trainer, run=record,
-                         mask_ratios=card_args.card_mask_ratios, gif_steps=card_args.card_gif_steps)  # fmt: skip
-    if repo_id is not None:  # the whole finished folder: card, plots, model, scheduler, processor, code
-        args = run.trainer.args
-        run.pipe.save_pretrained(output_dir, push_to_hub=True, repo_id=repo_id, token=args.hub_token)
+    outputs = RunOutputs(output_dir)
+    outputs.clear()  # a resumed run's earlier outputs, if any: nothing of two runs mixes
+    with outputs.recording():
+        run.pipe.save_pretrained(output_dir)
+        (output_dir / EVAL_RESULTS).write_text(json.dumps(metrics, indent=2) + "\n")
+        run.data.recipe.save(output_dir)
+        logger.info("pipeline folder written to %s", output_dir)
+        if card_args.model_card:
+            run.pipe.set_progress_bar_config(disable=True)
+            source = run.data.source.name
+            data_name = source if is_hub_dataset_id(source) else Path(source).name
+            summary = TrainingSummary.of(
+                run.trainer,
+                preset=model_args.preset,
+                data_name=data_name,
+                dataset=card_args.dataset_name,
+                loss=diffusion_args.loss_description(),
+                noise_schedule=diffusion_args.noise_schedule,
+                ema_decay=run.ema_decay,
+                metrics=metrics,
+                repo_id=repo_id or str(output_dir),
+            )
+            write_model_card(output_dir, pipe=run.pipe, data=run.data, trainer=run.trainer, summary=summary,
+                             mask_ratios=card_args.card_mask_ratios, gif_steps=card_args.card_gif_steps)  # fmt: skip
+    if repo_id is not None:  # the run's files: card, plots, model, scheduler, processor, code (not a user's own)
+        HfApi(token=run.trainer.args.hub_token).upload_folder(
+            repo_id=repo_id, folder_path=output_dir, allow_patterns=[*outputs.paths, MANIFEST],
+            commit_message="Upload RankDiff pipeline",
+        )  # fmt: skip
         logger.info("pipeline folder pushed to %s", repo_id)
 
 
@@ -121,15 +126,15 @@ def train(
     card_args = card_args or CardArguments()
     if card_args.model_card and data_args.test_share <= 0:  # before training: the card reports test cells
         raise ValueError("the model card scores test cells: give --test_share > 0, or --model_card false")
-    finished = finished_run_outputs(training_args.output_dir)
-    if finished and resume_argument(training_args.resume_from_checkpoint) is None:
+    outputs = RunOutputs(training_args.output_dir)
+    if outputs.finished() and resume_argument(training_args.resume_from_checkpoint) is None:
         if not training_args.overwrite_output_dir:
             raise FileExistsError(
-                f"{training_args.output_dir} holds a finished run ({', '.join(p.name for p in finished[:4])}, ...): "
-                "give another --output_dir, --overwrite_output_dir to replace it, or --resume_from_checkpoint"
+                f"{training_args.output_dir} holds a finished run: give another --output_dir, --overwrite_output_dir "
+                "to replace its outputs (only the files the run wrote), or --resume_from_checkpoint"
             )
         if training_args.process_index == 0:
-            clear_run_outputs(training_args.output_dir)
+            outputs.clear()
     # The Trainer would push its own checkpoints into the repo root; the finished pipeline folder goes up instead.
     push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
     repo_id = None
@@ -143,7 +148,7 @@ def train(
             )
             .repo_id
         )
-    run = build(model_args, data_args, diffusion_args, training_args)
+    run = build_training(model_args, data_args, diffusion_args, training_args)
     metrics = fit(run)
     if run.trainer.is_world_process_zero():
         finalize(run, metrics, model_args, diffusion_args, card_args, repo_id)

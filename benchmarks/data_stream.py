@@ -1,7 +1,8 @@
 """Stream training batches exactly as `train_hf.py` reads them, and say how fast and how mixed they are.
 
-The run is built as `train_hf.py` builds it (`training.run.build`: data, splits, the `Tahoe100MTokenized` stream,
-collator, the Trainer's own train DataLoader) and `--batches` batches of `--batch_size` cells are drawn from it.
+The run is built as `train_hf.py` builds it (`training.run.build_training`: data, splits, the `Tahoe100MTokenized`
+stream, collator, the Trainer's own train DataLoader) and `--batches` batches of `--batch_size` cells are drawn from
+it.
 Beside it, in the same process, a plain per-cell loop reads the same files with pyarrow and applies the same rank
 rule and selection (the run's `CellTokenizer`, one cell at a time) to as many cells. With `--train_steps N` the run
 then trains N steps and the time the Trainer waits for batches is measured (its `get_batch_samples`).
@@ -37,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dataset_scripts import cell_counts  # noqa: E402
 from dataset_scripts.schema import CELL_ID_COLUMN  # noqa: E402
 from training import DataArguments, DiffusionArguments, ModelArguments, RankDiffTrainingArguments  # noqa: E402
-from training.run import build  # noqa: E402
+from training.run import build_training  # noqa: E402
 
 
 @dataclass
@@ -103,7 +104,7 @@ def main() -> None:
         args=[*sys.argv[1:], "--output_dir", tempfile.mkdtemp(prefix="data-stream-"), "--report_to", "none"]
     )
     training_args.per_device_train_batch_size = stream_args.batch_size
-    run = build(model_args, data_args, diffusion_args, training_args)
+    run = build_training(model_args, data_args, diffusion_args, training_args)
     trainer = run.trainer
     collate, seen, expressed = trainer.data_collator, [], [0, 0]
 

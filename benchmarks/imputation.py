@@ -9,9 +9,9 @@ training cells) and mask ratio (0.2 / 0.5 / 0.8 / 0.95 of each cell's panel gene
   use and how deep the cell is); nearest training cells on the visible genes; MAGIC (`magic-impute`).
 
 Each baseline family's settings are chosen on validation cells; the numbers are reported on test cells
-(`--split test`, the default). The data flags are train_hf.py's (`--data`, `--validation_share`, `--test_share`,
-`--split_seed`, ...): give the ones the checkpoint was trained with, so the splits, the panels and the baselines'
-training cells are the same. Prints markdown tables, writes JSON and a plot of each metric against the mask ratio.
+(`--split test`, the default). The data is the checkpoint's own, rebuilt from the recipe the run saved
+(`run_config.json`): the same splits, panels and baselines' training cells (`--data` if the data has moved). Prints
+markdown tables, writes JSON and a plot of each metric against the mask ratio.
 
     python benchmarks/imputation.py --checkpoint outputs/demo --output benchmarks/results/imputation.json
 """
@@ -32,8 +32,7 @@ from transformers import HfArgumentParser
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from metrics.imputation import MODEL_METHOD, strongest_baseline  # noqa: E402
 from pipelines import MaskedRankDiffusionPipeline  # noqa: E402
-from training import DataArguments  # noqa: E402
-from training.data import PANELS, prepare_data  # noqa: E402
+from training.data import PANELS, prepare_run_data  # noqa: E402
 from training.evaluation import imputation_report  # noqa: E402
 from training.plots import plot_metrics_vs_mask_ratio  # noqa: E402
 
@@ -53,6 +52,7 @@ COLUMNS = {  # metric key -> table header
 @dataclass
 class BenchmarkArguments:
     checkpoint: str = field(default="outputs/demo", metadata={"help": "a train_hf.py output folder"})
+    data: str | None = field(default=None, metadata={"help": "the run's data, where it lies now (if it moved)"})
     split: str = field(default="test", metadata={"help": "held-out cells to score: test (reported) or validation"})
     panels: list[str] = field(default_factory=lambda: list(PANELS), metadata={"help": f"some of {PANELS}"})
     mask_ratios: list[float] = field(default_factory=lambda: [0.2, 0.5, 0.8, 0.95])
@@ -62,13 +62,12 @@ class BenchmarkArguments:
     plot: str | None = field(default=None, metadata={"help": "PNG of metrics vs mask ratio (default: beside output)"})
 
 
-def evaluate_checkpoint(bench_args: BenchmarkArguments, data_args: DataArguments) -> dict:
+def evaluate_checkpoint(bench_args: BenchmarkArguments) -> dict:
     """Score a checkpoint and the baselines ([`imputation_report`]), with the checkpoint's own data split."""
     pipe = MaskedRankDiffusionPipeline.from_pretrained(bench_args.checkpoint, trust_remote_code=True)
     pipe.set_progress_bar_config(disable=True)
     pipe.model.eval()
-    data_args.max_length = pipe.model.config.max_length
-    data = prepare_data(data_args, pipe.model.config.num_rank_bins)
+    data = prepare_run_data(bench_args.checkpoint, bench_args.data)
     record = imputation_report(
         pipe,
         data,
@@ -101,9 +100,9 @@ def headline(results: dict[str, dict], ratio: float) -> str:
 
 
 def main() -> None:
-    bench_args, data_args = HfArgumentParser((BenchmarkArguments, DataArguments)).parse_args_into_dataclasses()
+    (bench_args,) = HfArgumentParser(BenchmarkArguments).parse_args_into_dataclasses()
     start = time.time()
-    record = evaluate_checkpoint(bench_args, data_args)
+    record = evaluate_checkpoint(bench_args)
     for family, choice in record["baseline_choices"].items():
         print(f"{family}: chose {choice['chosen']} on validation cells")
     for panel, by_method in record["results"].items():

@@ -28,7 +28,6 @@ sys.path.insert(0, str(ROOT))
 from imputation import BenchmarkArguments, evaluate_checkpoint, print_table  # noqa: E402
 
 from metrics.imputation import MODEL_METHOD  # noqa: E402
-from training import DataArguments  # noqa: E402
 
 VARIANTS = {  # name -> train_hf.py flags
     "MDLM (lambda = 0)": ["--ordinal_term", "none"],
@@ -73,7 +72,7 @@ def main() -> None:
             bench_args = BenchmarkArguments(
                 checkpoint=str(folder), split=args.split, mask_ratios=args.mask_ratios, sample_steps=0
             )
-            record = evaluate_checkpoint(bench_args, DataArguments())
+            record = evaluate_checkpoint(bench_args)
             runs = {panel: by_method[MODEL_METHOD] for panel, by_method in record["results"].items()}
             per_seed.setdefault(name, []).append(runs)
             for panel, by_method in record["results"].items():

@@ -2,7 +2,7 @@
 
     python benchmarks/perturbation.py --checkpoint outputs/screen --data /tmp/screen
 
-The checkpoint's `conditions.json` names the held-out pairs (every dose of them is a test cell never trained on) and
+The checkpoint's `run_config.json` names the held-out pairs (every dose of them is a test cell never trained on) and
 the validation pairs. Cells are read from `--data` (a Tahoe-layout folder) and split by the same rule as in
 training. Everything is on the checkpoint's training panel (the genes most often detected in training cells,
 chosen without the test cells), in two spaces: log-normalised expression (`log1p(1e4 x count / cell total)`) and
@@ -45,14 +45,16 @@ import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
 from dataset_scripts import tahoe_builder  # noqa: E402
-from dataset_scripts.conditions import condition_value, sample_conditions  # noqa: E402
+from dataset_scripts.tahoe_metadata import sample_conditions  # noqa: E402
 from dataset_scripts.tokenization import tokenize_arrow_batch  # noqa: E402
 from metrics.perturbation import MeanShiftBaselines, energy_distance, pearson_delta  # noqa: E402
+from modeling.conditions import condition_value  # noqa: E402
 from training.data import TRAINING_PANEL, choose_panels, reference_cells  # noqa: E402
-from training.report import CONDITIONS  # noqa: E402
+from training.recipe import DataRecipe  # noqa: E402
 
 logger = logging.getLogger("perturbation")
 METHODS = ("B0 no change", "B1 line mean", "B2 PerturbMean", "B3 additive ridge")
+SPACES = ("expression", "tokens")
 CELL_EVAL_METRICS = {
     "pearson_delta": "Pearson delta",
     "overlap_at_N": "DE overlap",
@@ -198,10 +200,10 @@ def plot_deltas(real: dict, predictions: dict, control_mean: dict, path: Path, m
     return path
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a pipeline folder trained with --heldout_pairs")
-    parser.add_argument("--data", required=True, help="the Tahoe-layout folder it was trained on")
+    parser.add_argument("--data", help="the Tahoe-layout folder it was trained on (default: its run_config.json's)")
     parser.add_argument("--cells_per_condition", type=int, default=64)
     parser.add_argument("--guidance_scales", default="1,2,4", help="candidates, chosen on the validation pairs")
     parser.add_argument("--num_inference_steps", type=int, default=32)
@@ -209,48 +211,50 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default="benchmarks/results/perturbation.json")
     parser.add_argument("--no_card", action="store_true", help="leave the checkpoint folder and its card alone")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from diffusers import DiffusionPipeline
+    return parser.parse_args(argv)
 
-    checkpoint = Path(args.checkpoint)
-    if not (checkpoint / CONDITIONS).exists():
-        raise FileNotFoundError(f"{checkpoint / CONDITIONS} is missing: train with --conditions and --heldout_pairs")
-    setup = json.loads((checkpoint / CONDITIONS).read_text())
-    if not setup["test_pairs"]:
-        raise ValueError(f"{checkpoint} was trained without --heldout_pairs: there is nothing held out to score")
-    pipe = DiffusionPipeline.from_pretrained(checkpoint, trust_remote_code=True)
-    pipe.set_progress_bar_config(disable=True)
-    config = pipe.model.config
-    num_bins, control = config.num_rank_bins, setup["control_drug"]
-    started = time.perf_counter()
-    screen = read_screen(args.data, setup, pipe.processor, config.max_length)
+
+def run_setup(checkpoint: Path, data: str | None) -> tuple[dict, str]:
+    """The conditions and held-out pairs a run recorded in its `run_config.json`, and its data folder."""
+    recipe = DataRecipe.load(checkpoint)
+    setup = recipe.conditions
+    if setup is None or not setup["test_pairs"]:
+        raise ValueError(f"{checkpoint} was trained without --conditions and --heldout_pairs: nothing is held out")
+    data = data or recipe.data["data"]
+    if data is None:
+        raise ValueError("the run was trained on the embedded sample, which holds no perturbations: give --data")
+    return setup, data
+
+
+def split_cells(screen: dict, control: str) -> dict:
+    """Each cell's (line, drug, dose) key, the training rows, each line's training DMSO rows, and the perturbed cells
+    of the validation and test pairs in both spaces (key -> cells)."""
     obs = screen["obs"]
     keys = [key_of(row) for row in obs.itertuples()]
-    train = np.flatnonzero(obs["split"] == "train")
-    rng = np.random.default_rng(args.seed)
+    is_train = (obs["split"] == "train").to_numpy()
 
-    def cells_of(split: str, space: str) -> dict:
-        rows = np.flatnonzero((obs["split"] == split) & (obs["drug"] != control))
+    def perturbed(split: str, space: str) -> dict:
         grouped = {}
-        for i in rows:
+        for i in np.flatnonzero((obs["split"] == split) & (obs["drug"] != control)):
             grouped.setdefault(keys[i], []).append(i)
         return {key: screen[space][index] for key, index in sorted(grouped.items())}
 
-    spaces = ("expression", "tokens")
-    baselines = {s: MeanShiftBaselines(screen[s][train], [keys[i] for i in train], control) for s in spaces}
-    control_cells = {}
-    for line in obs["line"].unique():
-        rows = np.flatnonzero((obs["split"] == "train") & (obs["drug"] == control) & (obs["line"] == line))
-        control_cells[line] = rows
-    validation = {s: cells_of("validation", s) for s in spaces}
-    test = {s: cells_of("test", s) for s in spaces}
-    logger.info("%d test perturbations (%d cells), %d validation perturbations", len(test["tokens"]),
-                sum(len(v) for v in test["tokens"].values()), len(validation["tokens"]))  # fmt: skip
+    lines = obs["line"].unique()
+    return {
+        "keys": keys,
+        "train": np.flatnonzero(is_train),
+        "control_rows": {
+            line: np.flatnonzero(is_train & (obs["drug"] == control) & (obs["line"] == line)) for line in lines
+        },  # fmt: skip
+        "validation": {space: perturbed("validation", space) for space in SPACES},
+        "test": {space: perturbed("test", space) for space in SPACES},
+    }
 
-    # B3's penalty and interaction rank, and the guidance scale: chosen on the validation pairs.
+
+def choose_b3(baselines: dict, validation: dict) -> dict:
+    """B3's ridge penalty and interaction rank in each space, chosen on the validation pairs (and fitted)."""
     choices = {}
-    for space in spaces:
+    for space in SPACES:
         base, best = baselines[space], None
         for alpha in (0.1, 1.0, 10.0):
             for rank in (0, 1, 2):
@@ -261,84 +265,130 @@ def main(argv: list[str] | None = None) -> dict:
                     best = (score, alpha, rank)
         base.fit_b3(best[1], best[2])
         choices[f"B3 ({space})"] = {"alpha": best[1], "rank": best[2], "validation_pearson_delta": best[0]}
-    lookup = token_to_expression(screen, control, num_bins)
+    return choices
 
-    def as_expression(generated: dict) -> dict:
-        return {key: lookup[key[0]][tokens] for key, tokens in generated.items()}
 
-    counts = {
-        split: {key: min(len(real), args.cells_per_condition) for key, real in cells["tokens"].items()}
-        for split, cells in (("validation", validation), ("test", test))
-    }
-    guidance = {}
-    for scale in [float(s) for s in args.guidance_scales.split(",")]:
-        generated = generate(pipe, screen, counts["validation"], scale, args.num_inference_steps, args.seed,
-                             args.batch_size)  # fmt: skip
-        guidance[scale] = mean_pearson(as_expression(generated), validation["expression"],
-                                       baselines["expression"].control_mean)  # fmt: skip
-        logger.info("guidance %g: validation Pearson delta %.3f", scale, guidance[scale])
-    chosen = max(guidance, key=guidance.get)
-    choices["guidance_scale"] = {"chosen": chosen, "validation_pearson_delta": guidance}
-    generated = generate(pipe, screen, counts["test"], chosen, args.num_inference_steps, args.seed + 1,
-                         args.batch_size)  # fmt: skip
-    model_name = f"RankDiT (guidance {chosen:g})"
-
-    # Predicted cells of every method in both spaces: mean models shift the line's training DMSO cells.
-    predictions = {space: {} for space in spaces}
-    for space in spaces:
+def mean_shift_cells(screen: dict, cells: dict, baselines: dict, num_bins: int, rng) -> dict:
+    """Each baseline's cells for every test perturbation in both spaces: the line's training DMSO cells (drawn with
+    replacement) plus the predicted shift."""
+    predictions = {space: {} for space in SPACES}
+    for space in SPACES:
         base, top = baselines[space], num_bins if space == "tokens" else None
         for name, method in zip(METHODS, (base.b0, base.b1, base.b2, base.b3)):
-            cells = {}
-            for key, real in test[space].items():
-                drawn = rng.choice(control_cells[key[0]], len(real))
-                cells[key] = np.clip(screen[space][drawn] + method(key), 0, top)
-            predictions[space][name] = cells
-        predictions[space][model_name] = generated if space == "tokens" else as_expression(generated)
+            shifted = {}
+            for key, real in cells["test"][space].items():
+                drawn = rng.choice(cells["control_rows"][key[0]], len(real))
+                shifted[key] = np.clip(screen[space][drawn] + method(key), 0, top)
+            predictions[space][name] = shifted
+    return predictions
 
-    # Each line's real DMSO cells of the plates its test cells come from: the control of real and predicted.
-    results = {}
-    genes = [str(g) for g in screen["panel"]]
-    test_rows = np.flatnonzero(obs["split"] == "test")
-    for space in spaces:
-        controls = {}
-        for line in {k[0] for k in test[space]}:
-            plates = set(obs["plate"].iloc[test_rows][obs["line"].iloc[test_rows] == line])
-            rows = control_cells[line][obs["plate"].iloc[control_cells[line]].isin(plates).to_numpy()]
-            controls[line] = screen[space][rows]
-        real = test[space]
-        for name, cells in predictions[space].items():
-            scores = cell_eval_scores(real, cells, controls, genes, discrete=space == "tokens")
-            mean = {label: float(scores[metric].mean()) for metric, label in CELL_EVAL_METRICS.items()}
-            mean["Pearson delta top-50"] = mean_pearson(cells, real, baselines[space].control_mean, top=50)
-            results.setdefault(space, {})[name] = mean
-    # Energy distance between predicted and real cell sets, on training cells' principal components.
+
+def score_methods(screen: dict, cells: dict, predictions: dict, baselines: dict, seed: int) -> dict:
+    """cell-eval metrics of every method against the test cells, with each line's real DMSO cells of the plates
+    its test cells come from as the control of real and predicted, and the energy distance on training PCs."""
     from sklearn.decomposition import PCA
 
-    pca = PCA(20, random_state=args.seed).fit(screen["expression"][train])
-    for name, cells in predictions["expression"].items():
+    obs, results = screen["obs"], {}
+    genes = [str(g) for g in screen["panel"]]
+    test_rows = np.flatnonzero(obs["split"] == "test")
+    for space in SPACES:
+        controls = {}
+        for line in {k[0] for k in cells["test"][space]}:
+            plates = set(obs["plate"].iloc[test_rows][obs["line"].iloc[test_rows] == line])
+            rows = cells["control_rows"][line]
+            controls[line] = screen[space][rows[obs["plate"].iloc[rows].isin(plates).to_numpy()]]
+        real = cells["test"][space]
+        for name, predicted in predictions[space].items():
+            scores = cell_eval_scores(real, predicted, controls, genes, discrete=space == "tokens")
+            mean = {label: float(scores[metric].mean()) for metric, label in CELL_EVAL_METRICS.items()}
+            mean["Pearson delta top-50"] = mean_pearson(predicted, real, baselines[space].control_mean, top=50)
+            results.setdefault(space, {})[name] = mean
+    pca = PCA(20, random_state=seed).fit(screen["expression"][cells["train"]])
+    for name, predicted in predictions["expression"].items():
         results["expression"][name]["energy distance"] = float(np.mean([
-            energy_distance(pca.transform(cells[k]), pca.transform(real)) for k, real in test["expression"].items()
+            energy_distance(pca.transform(predicted[k]), pca.transform(real))
+            for k, real in cells["test"]["expression"].items()
         ]))  # fmt: skip
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from diffusers import DiffusionPipeline
+
+    checkpoint = Path(args.checkpoint)
+    setup, data = run_setup(checkpoint, args.data)
+    pipe = DiffusionPipeline.from_pretrained(checkpoint, trust_remote_code=True)
+    pipe.set_progress_bar_config(disable=True)
+    num_bins, control = pipe.model.config.num_rank_bins, setup["control_drug"]
+    started = time.perf_counter()
+    screen = read_screen(data, setup, pipe.processor, pipe.model.config.max_length)
+    cells = split_cells(screen, control)
+    train = cells["train"]
+    baselines = {s: MeanShiftBaselines(screen[s][train], [cells["keys"][i] for i in train], control) for s in SPACES}
+    test = cells["test"]
+    logger.info("%d test perturbations (%d cells), %d validation perturbations", len(test["tokens"]),
+                sum(len(v) for v in test["tokens"].values()), len(cells["validation"]["tokens"]))  # fmt: skip
+    choices = choose_b3(baselines, cells["validation"])
+    lookup = token_to_expression(screen, control, num_bins)
+    generated, model_name, choices["guidance_scale"] = generate_for_pairs(pipe, screen, cells, baselines, lookup, args)
+    predictions = mean_shift_cells(screen, cells, baselines, num_bins, np.random.default_rng(args.seed))
+    predictions["tokens"][model_name] = generated
+    predictions["expression"][model_name] = {key: lookup[key[0]][tokens] for key, tokens in generated.items()}
+    results = score_methods(screen, cells, predictions, baselines, args.seed)
     report = {
         "checkpoint": str(checkpoint),
-        "data": str(args.data),
+        "data": str(data),
         "test_pairs": setup["test_pairs"],
         "validation_pairs": setup["validation_pairs"],
         "test_perturbations": len(test["tokens"]),
         "test_cells": int(sum(len(v) for v in test["tokens"].values())),
-        "panel_genes": len(genes),
+        "panel_genes": len(screen["panel"]),
         "choices": choices,
         "results": results,
         "seconds": round(time.perf_counter() - started, 1),
         "date": time.strftime("%Y-%m-%d"),
     }
-    table = markdown_table(results)
+    write_report(report, args, checkpoint, predictions, test, baselines, model_name)
+    return report
+
+
+def generate_for_pairs(pipe, screen: dict, cells: dict, baselines: dict, lookup: dict, args) -> tuple[dict, str, dict]:
+    """The model's cells for the test perturbations (as many as the real ones, at most `--cells_per_condition`), with
+    the guidance scale chosen on the validation pairs (mean Pearson delta in expression space; `lookup`: each line's
+    expression of each token)."""
+    counts = {
+        split: {key: min(len(real), args.cells_per_condition) for key, real in cells[split]["tokens"].items()}
+        for split in ("validation", "test")
+    }
+    guidance = {}
+    for scale in [float(s) for s in args.guidance_scales.split(",")]:
+        generated = generate(pipe, screen, counts["validation"], scale, args.num_inference_steps, args.seed,
+                             args.batch_size)  # fmt: skip
+        as_expression = {key: lookup[key[0]][tokens] for key, tokens in generated.items()}
+        guidance[scale] = mean_pearson(as_expression, cells["validation"]["expression"],
+                                       baselines["expression"].control_mean)  # fmt: skip
+        logger.info("guidance %g: validation Pearson delta %.3f", scale, guidance[scale])
+    chosen = max(guidance, key=guidance.get)
+    generated = generate(pipe, screen, counts["test"], chosen, args.num_inference_steps, args.seed + 1,
+                         args.batch_size)  # fmt: skip
+    return generated, f"RankDiT (guidance {chosen:g})", {"chosen": chosen, "validation_pearson_delta": guidance}
+
+
+def write_report(report: dict, args, checkpoint: Path, predictions: dict, test: dict, baselines: dict, model_name):
+    """Print the table, write the JSON, and (unless `--no_card`) put the table, a plot of predicted vs real shifts
+    and the JSON into the checkpoint folder and its card, recorded in the folder's manifest."""
+    table = markdown_table(report["results"])
     print(table)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2, default=float) + "\n")
-    if not args.no_card:
-        from training.report import PLOTS_DIR, add_card_section
+    if args.no_card:
+        return
+    from training.outputs import RunOutputs
+    from training.report import PLOTS_DIR, add_card_section
 
+    with RunOutputs(checkpoint).recording():
         (checkpoint / PLOTS_DIR).mkdir(exist_ok=True)
         shown = {name: predictions["expression"][name] for name in ("B2 PerturbMean", "B3 additive ridge", model_name)}
         plot = plot_deltas(test["expression"], shown, baselines["expression"].control_mean,
@@ -346,7 +396,6 @@ def main(argv: list[str] | None = None) -> dict:
         (checkpoint / "perturbation_results.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
         add_card_section(checkpoint / "README.md", "Perturbation prediction", perturbation_section(report, table,
                          plot.relative_to(checkpoint).as_posix()))  # fmt: skip
-    return report
 
 
 def markdown_table(results: dict) -> str:

@@ -10,7 +10,7 @@ path, which is what the pipeline's visible tokens mean:
 
     python benchmarks/whole_cells.py --checkpoint outputs/demo --output benchmarks/results/whole_cells.json
 
-The data flags are train_hf.py's (`--data`, `--validation_share`, `--test_share`, ...): give the checkpoint's.
+The data is the checkpoint's own, rebuilt from its `run_config.json` (`--data` if it has moved).
 """
 
 from __future__ import annotations
@@ -32,13 +32,13 @@ from dataset_scripts import cell_counts  # noqa: E402
 from metrics.imputation import masked_nll  # noqa: E402
 from modeling import rank_tokens  # noqa: E402
 from pipelines import MaskedRankDiffusionPipeline  # noqa: E402
-from training import DataArguments  # noqa: E402
-from training.data import prepare_data  # noqa: E402
+from training.data import prepare_run_data  # noqa: E402
 
 
 @dataclass
 class WholeCellArguments:
     checkpoint: str = field(default="outputs/demo", metadata={"help": "a train_hf.py output folder"})
+    data: str | None = field(default=None, metadata={"help": "the run's data, where it lies now (if it moved)"})
     mask_ratio: float = field(default=0.5, metadata={"help": "share of each cell's genes masked"})
     min_genes: int = field(
         default=1500, metadata={"help": "cells with at least this many genes are also scored apart"}
@@ -56,12 +56,11 @@ def nll_over(probs: np.ndarray, tokens: list[np.ndarray], masks: list[np.ndarray
 
 
 def main() -> None:
-    args, data_args = HfArgumentParser((WholeCellArguments, DataArguments)).parse_args_into_dataclasses()
+    (args,) = HfArgumentParser(WholeCellArguments).parse_args_into_dataclasses()
     pipe = MaskedRankDiffusionPipeline.from_pretrained(args.checkpoint, trust_remote_code=True)
     pipe.set_progress_bar_config(disable=True)
     num_bins = pipe.model.config.num_rank_bins
-    data_args.max_length = pipe.model.config.max_length
-    data = prepare_data(data_args, num_bins)
+    data = prepare_run_data(args.checkpoint, args.data)
     rng = np.random.default_rng(args.seed)
     genes, counts, tokens, visible_scale, masks = [], [], [], [], []
     for row in data.test_rows:

@@ -24,9 +24,9 @@ from datasets.distributed import split_dataset_by_node
 from transformers import TrainerCallback
 
 from modeling import CellBatch, CellTokenizer, GeneVocab, RaggedCells, RankDiTProcessor
+from modeling.conditions import DOSE, ConditionEncoder
 
 from .anndata_source import load_anndata
-from .conditions import CellConditions
 from .schema import CELL_ID_COLUMN, CONTEXT_COLUMN, marker_positions
 from .tahoe_100m_tokenized import Tahoe100MTokenized
 from .tokenization import tokenize_arrow_batch
@@ -202,15 +202,19 @@ class RankDiffusionCollator:
             call `save_pretrained` on it at every checkpoint).
         rule: force a selection rule (`"panel"` for evaluation); None lets the tokenizer draw one per cell.
         epoch: the training epoch, kept current by [`EpochCallback`] so each epoch draws new subsamples.
-        conditions ([`CellConditions`], *optional*): read each cell's perturbation conditions from its row (with
-            condition dropout) into `condition_ids` / `doses`.
+        conditions ([`ConditionEncoder`], *optional*): read each cell's perturbation conditions from its row into
+            `condition_ids` / `doses` ([`~ConditionEncoder.encode_rows`]), nulled at `condition_dropout` (drawn by a
+            hash of `seed`, the epoch and the cell); `dose_of_sample` gives each Tahoe well's dose.
     """
 
     processor: RankDiTProcessor
     cell_tokenizer: CellTokenizer
     rule: str | None = None
     epoch: int = 0
-    conditions: CellConditions | None = None
+    conditions: ConditionEncoder | None = None
+    dose_of_sample: dict[str, float] | None = None
+    condition_dropout: float = 0.0
+    seed: int = 0
 
     def __call__(self, rows: list[dict] | dict[str, list]) -> CellBatch:
         offsets, genes, tokens, cell_ids = tokenized_cells(rows, self.processor.num_rank_bins)
@@ -221,9 +225,13 @@ class RankDiffusionCollator:
             columns = rows if isinstance(rows, dict) else {name: [row.get(name) for row in rows] for name in rows[0]}
             row_of = {cell: i for i, cell in enumerate(columns[CELL_ID_COLUMN])}
             kept = [row_of[cell] for cell in cell_ids]  # bad rows were skipped
-            wanted = (*self.conditions.encoder.values, "sample", "dose")
+            wanted = (*self.conditions.values, "sample", DOSE)
             picked = {name: [columns[name][i] for i in kept] for name in wanted if name in columns}
-            batch.update(self.conditions(picked, cell_ids, self.epoch))
+            encoded = self.conditions.encode_rows(
+                picked, cell_ids, dose_of_sample=self.dose_of_sample, dropout=self.condition_dropout, seed=self.seed,
+                epoch=self.epoch,
+            )  # fmt: skip
+            batch.update(encoded)
         return batch
 
 

@@ -60,8 +60,8 @@ from datasets.builder import Key
 from tqdm.auto import tqdm
 
 from modeling import CellTokenizer
+from modeling.conditions import condition_value
 
-from .conditions import condition_value
 from .schema import CELL_ID_COLUMN, METADATA_COLUMNS, missing_columns
 from .splits import TEST_SHARE, VALIDATION_SHARE, split_names
 from .tokenization import SKIP_REASONS, TokenizedBatch, tokenize_arrow_batch

@@ -41,9 +41,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .conditions import CONTROL_DRUG, drug_key
+from modeling.conditions import drug_key
+
 from .expression_data import EMBEDDED_SAMPLE, GENE_METADATA_PATH, cell_counts, load_expression_data
 from .schema import CLS_TOKEN_ID, CLS_VALUE, EXPRESSION_SCHEMA
+from .tahoe_metadata import CONTROL_DRUG
 
 CONTROL = CONTROL_DRUG
 DOSES_UM = (0.05, 0.5, 5.0)

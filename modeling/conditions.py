@@ -1,20 +1,67 @@
-"""A cell's perturbation conditions as the denoiser takes them, and classifier-free guidance over them.
+"""A cell's perturbation conditions, all in one place: the values as the model keys them, their ids, the dose, the
+condition dropout of training and classifier-free guidance over them.
 
 The config lists each categorical condition's values (`config.conditions`: value i has id i + 1, id 0 is the
-learned null value) and whether the dose (uM) is a condition (`config.dose_condition`; NaN is its null). Training
-replaces a cell's conditions by the nulls at a rate (condition dropout), so one model is both conditional and
-unconditional, and sampling can extrapolate from the one to the other ([`guided_logits`]).
+learned null value) and whether the dose (uM) is a condition (`config.dose_condition`; NaN is its null). Drugs are
+keyed by [`drug_key`] (Tahoe's tables write one drug several ways). Training replaces a cell's conditions by the
+nulls at a rate (condition dropout), so one model is both conditional and unconditional, and sampling can
+extrapolate from the one to the other ([`guided_logits`]).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import re
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 
 DOSE = "dose"
+_SOLVATE = re.compile(r"\s*\([^()]*\bsolvate\)\s*$", flags=re.IGNORECASE)
+
+
+def drug_key(name: str) -> str:
+    """A drug's identity across Tahoe's tables: the name without surrounding spaces or a solvate suffix
+    (`"Ibuprofen "` and `"Metformin (DMSO_TF solvate)"` are `"Ibuprofen"` and `"Metformin"`)."""
+    return _SOLVATE.sub("", name.strip()).strip()
+
+
+def condition_value(column: str, value) -> str | None:
+    """A condition's value as the model keys it: drugs by [`drug_key`], everything else as a string (None stays)."""
+    if value is None:
+        return None
+    return drug_key(str(value)) if column == "drug" else str(value)
+
+
+def _is_null(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def dropped_cells(cell_ids: Sequence[str], rate: float, seed: int = 0, epoch: int = 0) -> np.ndarray:
+    """Which cells have all their conditions replaced by the nulls (condition dropout): each with probability `rate`,
+    by a hash of (seed, epoch, cell id), so a resumed run drops the same cells and each epoch drops others."""
+    if rate <= 0:
+        return np.zeros(len(cell_ids), dtype=bool)
+    keys = (f"conditions:{seed}:{epoch}:{cell}".encode() for cell in cell_ids)
+    draws = [int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") / 2**64 for key in keys]
+    return np.array(draws) < rate
+
+
+def table_conditions(obs, condition_columns) -> list[dict] | None:
+    """One conditions dict per row of a table (an AnnData's `obs`) from `condition_columns` (names, or condition ->
+    column); None without columns. Missing values (NaN) are the condition's null."""
+    if not condition_columns:
+        return None
+    columns = dict(condition_columns) if isinstance(condition_columns, dict) else {c: c for c in condition_columns}
+    missing = [column for column in columns.values() if column not in obs.columns]
+    if missing:
+        raise KeyError(f"condition columns {missing} are not in obs; its columns: {list(obs.columns)}")
+    values = {
+        name: obs[column].astype(object).where(obs[column].notna(), None).tolist() for name, column in columns.items()
+    }
+    return [{name: values[name][i] for name in columns} for i in range(len(obs))]
 
 
 class ConditionEncoder:
@@ -43,20 +90,21 @@ class ConditionEncoder:
         return bool(self.names)
 
     def ids(self, name: str, values: Sequence) -> np.ndarray:
-        """Ids of one condition's `values` (None or NaN: the null id 0).
+        """Ids of one condition's `values` (None or NaN: the null id 0); drugs are compared by [`drug_key`].
 
         Raises:
             KeyError: a value the model was not trained on, named with (some of) the known ones.
         """
         table, out = self._ids[name], np.zeros(len(values), dtype=np.int64)
         for i, value in enumerate(values):
-            if value is None or (isinstance(value, float) and math.isnan(value)):
+            if _is_null(value):
                 continue
-            if str(value) not in table:
+            key = condition_value(name, value)
+            if key not in table:
                 known = self.values[name]
                 shown = ", ".join(known[:10]) + (", ..." if len(known) > 10 else "")
                 raise KeyError(f"unknown {name} {value!r}: the model knows {len(known)} ({shown})")
-            out[i] = table[str(value)]
+            out[i] = table[key]
         return out
 
     def encode_columns(self, columns: Mapping[str, Sequence], n_cells: int) -> tuple[np.ndarray, np.ndarray]:
@@ -71,8 +119,7 @@ class ConditionEncoder:
                 ids[:, column] = self.ids(name, list(columns[name]))
         doses = np.full(n_cells, np.nan)
         if DOSE in columns:
-            given = [np.nan if d is None else d for d in columns[DOSE]]
-            doses = np.asarray(given, dtype=np.float64)
+            doses = np.asarray([np.nan if d is None else d for d in columns[DOSE]], dtype=np.float64)
             if (doses < 0).any():
                 raise ValueError(f"doses must be >= 0 uM (NaN: unknown), got {doses[doses < 0][0]}")
         return ids, doses
@@ -97,6 +144,44 @@ class ConditionEncoder:
         names = list(dict.fromkeys(name for row in rows for name in row))
         ids, doses = self.encode_columns({name: [row.get(name) for row in rows] for name in names}, n_cells)
         return torch.from_numpy(ids), torch.from_numpy(doses).float()
+
+    def encode_rows(
+        self,
+        columns: Mapping[str, Sequence],
+        cell_ids: Sequence[str],
+        *,
+        dose_of_sample: Mapping[str, float] | None = None,
+        dropout: float = 0.0,
+        seed: int = 0,
+        epoch: int = 0,
+    ) -> dict[str, torch.Tensor]:
+        """The conditions of training rows (`columns`: per-cell lists) as the model's keyword arguments, with
+        condition dropout ([`dropped_cells`]). The dose comes from a `dose` column or, for rows that name their
+        well (`sample`, Tahoe), from `dose_of_sample` (a well without one: an unknown dose).
+
+        Raises:
+            KeyError: a condition's column is missing (named with the columns there are).
+        """
+        by_sample = self.dose_condition and DOSE not in columns
+        needed = [*self.values, *(["sample"] if by_sample else [])]
+        missing = [name for name in needed if name not in columns]
+        if missing:
+            raise KeyError(f"the rows lack the condition columns {missing}; they have {sorted(columns)}")
+        if by_sample and dose_of_sample is None:
+            raise ValueError("a dose-conditioned model needs each well's dose (dose_of_sample) or a dose column")
+        values = {name: list(columns[name]) for name in self.values}
+        if self.dose_condition:
+            samples = columns["sample"] if by_sample else None
+            values[DOSE] = list(columns[DOSE]) if not by_sample else [
+                float("nan") if s is None else dose_of_sample.get(str(s), float("nan")) for s in samples
+            ]  # fmt: skip
+        ids, doses = self.encode_columns(values, len(cell_ids))
+        dropped = dropped_cells(cell_ids, dropout, seed, epoch)
+        ids[dropped], doses[dropped] = 0, np.nan
+        out = {"condition_ids": torch.from_numpy(ids)} if self.values else {}
+        if self.dose_condition:
+            out["doses"] = torch.from_numpy(doses).float()
+        return out
 
 
 def guided_logits(model, inputs: dict, guidance_scale: float = 1.0) -> torch.Tensor:

@@ -25,28 +25,15 @@ RESERVED_CALL_ARGUMENTS = frozenset(
 )
 
 
-def obs_conditions(obs, condition_columns) -> list[dict] | None:
-    """One conditions dict per row of an AnnData's `obs` from `condition_columns` (names, or condition -> column);
-    None without columns. Missing values (NaN) are the condition's null."""
-    if not condition_columns:
-        return None
-    columns = dict(condition_columns) if isinstance(condition_columns, dict) else {c: c for c in condition_columns}
-    missing = [column for column in columns.values() if column not in obs.columns]
-    if missing:
-        raise KeyError(f"condition columns {missing} are not in obs; its columns: {list(obs.columns)}")
-    values = {
-        name: obs[column].astype(object).where(obs[column].notna(), None).tolist() for name, column in columns.items()
-    }
-    return [{name: values[name][i] for name in columns} for i in range(len(obs))]
-
-
 def nan_entries(counts):
     """A sparse boolean matrix of the NaN entries of a dense or sparse count matrix."""
     import scipy.sparse as sp
 
     if sp.issparse(counts):
         counts = sp.csr_matrix(counts)
-        nan = sp.csr_matrix((np.isnan(counts.data), counts.indices, counts.indptr), shape=counts.shape, dtype=bool)
+        # Copies of the index arrays: eliminate_zeros rewrites them in place, and they are the user's matrix's.
+        structure = (counts.indices.copy(), counts.indptr.copy())
+        nan = sp.csr_matrix((np.isnan(counts.data), *structure), shape=counts.shape, dtype=bool)
         nan.eliminate_zeros()
         return nan
     counts = np.asarray(counts)
@@ -176,7 +163,7 @@ def run_imputation(
     _check_call_arguments("impute_anndata", call_kwargs)
     if not isinstance(cell_batch_size, int) or isinstance(cell_batch_size, bool) or cell_batch_size < 1:
         raise ValueError(f"cell_batch_size must be a positive integer, got {cell_batch_size!r}")
-    conditions = obs_conditions(adata.obs, condition_columns)
+    conditions = pipe.processor.table_conditions(adata.obs, condition_columns)
     table = CountTable.of(adata, pipe.processor, mask, layer, gene_column)
     outputs = ImputedLayers(adata.shape, table.requested, pipe.processor.num_rank_bins + 1, return_probs)
     if call_kwargs.get("generator") is None:
@@ -220,7 +207,8 @@ def run_generation(pipe, obs, genes, *, condition_columns=None, **call_kwargs):
         known = [*(config.conditions or {}), *(["dose"] if config.dose_condition else [])]
         condition_columns = [name for name in known if name in obs.columns]
     genes = list(genes)
-    out = pipe(gene_ids=[genes] * len(obs), conditions=obs_conditions(obs, condition_columns), **call_kwargs)
+    conditions = pipe.processor.table_conditions(obs, condition_columns)
+    out = pipe(gene_ids=[genes] * len(obs), conditions=conditions, **call_kwargs)
     if (out.ranks < 0).any():
         raise ValueError("some genes are outside the checkpoint's vocabulary: generate on known genes only")
     obs = obs.copy()

@@ -318,7 +318,7 @@ class MaskedRankDiffusionScheduler(SchedulerMixin, ConfigMixin):
         index = torch.round((1.0 - timestep.double()) * self.num_inference_steps).long() + 1
         return self._grid.to(timestep.device)[index.clamp(0, self.num_inference_steps)]
 
-    def predictive_distribution(
+    def sampling_distribution(
         self, model_output: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0
     ) -> torch.Tensor:
         """Float64 probabilities over 0..B from the model's logits, with temperature and nucleus (top-p) cut.
@@ -384,7 +384,7 @@ class MaskedRankDiffusionScheduler(SchedulerMixin, ConfigMixin):
                 reveal = masked & (self._uniforms(_REVEAL, masked.shape) < share[:, None])
             else:  # confidence: the expected number of reveals, the most confident positions first
                 count = (masked.sum(dim=1) * share).round().long()
-                confidence = self.predictive_distribution(logits, temperature, top_p).amax(dim=-1)
+                confidence = self.sampling_distribution(logits, temperature, top_p).amax(dim=-1)
                 rank = confidence.masked_fill(~masked, -1.0).argsort(dim=1, descending=True).argsort(dim=1)
                 reveal = masked & (rank < count[:, None])
         if self.sampler == "confidence":
@@ -403,10 +403,10 @@ class MaskedRankDiffusionScheduler(SchedulerMixin, ConfigMixin):
         """Values drawn at the `reveal` positions (elsewhere 0). On the host only those positions are computed;
         on an accelerator every position is, as picking them out would wait for the device. Same draws either way."""
         if reveal.device.type != "cpu":
-            return self._draw(self.predictive_distribution(logits, temperature, top_p), uniforms)
+            return self._draw(self.sampling_distribution(logits, temperature, top_p), uniforms)
         where = reveal.nonzero(as_tuple=True)
         values = torch.zeros(reveal.shape, dtype=torch.long)
-        values[where] = self._draw(self.predictive_distribution(logits[where], temperature, top_p), uniforms[where])
+        values[where] = self._draw(self.sampling_distribution(logits[where], temperature, top_p), uniforms[where])
         return values
 
     @staticmethod

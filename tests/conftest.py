@@ -65,4 +65,5 @@ def exact_tokens(counts, num_bins: int, reference=None) -> list[int]:
         low = int(position)
         high = min(low + 1, n - 1)
         edges.append(nonzero[low] + (nonzero[high] - nonzero[low]) * (position - low))
-    return [0 if c == 0 else min(sum(e < c for e in edges) + 1, num_bins) for c in np.asarray(counts).tolist()]
+    token = {c: min(sum(e < c for e in edges) + 1, num_bins) for c in set(np.asarray(counts).tolist()) if c > 0}
+    return [token.get(c, 0) for c in np.asarray(counts).tolist()]

@@ -78,6 +78,7 @@ def test_bad_choices_are_named(tmp_path):
         load_expression_data(tmp_path / "missing.h5ad")
 
 
+@pytest.mark.slow
 def test_train_hf_on_an_h5ad_file(tmp_path):
     _write_h5ad(tmp_path / "cells.h5ad", _cells(60), counts_in_layer=True)
     _, metrics = train_hf.main(
@@ -88,6 +89,7 @@ def test_train_hf_on_an_h5ad_file(tmp_path):
     assert np.isfinite(metrics["eval_masked_nll_0.5"])
 
 
+@pytest.mark.slow
 def test_train_hf_conditions_on_obs_columns_of_an_h5ad_file(tmp_path):
     _write_h5ad(tmp_path / "cells.h5ad", _cells(60))
     trainer, metrics = train_hf.main(

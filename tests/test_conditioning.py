@@ -37,6 +37,17 @@ def test_conditions_change_the_prediction_and_null_is_the_default():
     torch.testing.assert_close(told.logits[2], other_dose.logits[2])  # the same dose, 0
 
 
+def test_the_dose_reaches_the_model_as_log10_of_dose_plus_1e_3_and_whether_it_is_above_zero():
+    model, cells = _model(), _cells()
+    seen = []
+    model.condition_embedding.dose.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+    doses = torch.tensor([0.05, 5.0, 0.0])
+    with torch.no_grad():
+        model(**cells, condition_ids=torch.ones(3, 2, dtype=torch.long), doses=doses)
+    expected = torch.tensor([[np.log10(0.05 + 1e-3), 1], [np.log10(5.0 + 1e-3), 1], [np.log10(1e-3), 0]]).float()
+    torch.testing.assert_close(seen[0], expected)
+
+
 def test_conditions_round_trip_through_save_and_load(tmp_path):
     model, cells = _model(), _cells()
     model.save_pretrained(tmp_path)
@@ -172,6 +183,7 @@ def test_anndata_generation_and_imputation_conditioned_on_obs_columns():
         pipe.impute_anndata(adata, condition_columns={"drug": "treatment"})
 
 
+@pytest.mark.slow
 def test_conditions_survive_the_hub_style_folder_and_the_transformers_task(tmp_path):
     from diffusers import DiffusionPipeline
     from transformers import pipeline

@@ -4,8 +4,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dataset_scripts.conditions import CONTROL_DRUG, drug_key, parse_drug_doses, sample_conditions
+from dataset_scripts.tahoe_metadata import CONTROL_DRUG, parse_drug_doses, sample_conditions
 from dataset_scripts.tahoe_standin import DOSES_UM, write_standin_corpus
+from modeling.conditions import drug_key
 
 
 def test_drug_keys_ignore_spaces_and_solvates():

@@ -1,3 +1,4 @@
+import hashlib
 import importlib.util
 import json
 import logging
@@ -19,6 +20,7 @@ from dataset_scripts import (
     split_names,
 )
 from dataset_scripts.schema import EXPRESSION_SCHEMA
+from dataset_scripts.splits import held_out_fraction
 from modeling import CellTokenizer, GeneVocab, RankDiTProcessor, rank_tokens
 from tests.conftest import REPO
 
@@ -123,6 +125,19 @@ def test_split_is_disjoint_complete_and_stable():
 
 def _collator(tokenizer: CellTokenizer, **kwargs) -> RankDiffusionCollator:
     return RankDiffusionCollator(RankDiTProcessor(num_rank_bins=tokenizer.num_bins), tokenizer, **kwargs)
+
+
+def test_the_split_is_a_fixed_function_of_the_cell_id():
+    # blake2b of "seed:cell id", never Python's hash(), which is salted per process: every process, machine and
+    # resume puts a cell in the same split.
+    ids = [f"cell-{i}" for i in range(300)]
+    by_hand = [
+        int.from_bytes(hashlib.blake2b(f"7:{c}".encode(), digest_size=8).digest(), "little") / 2**64 for c in ids
+    ]
+    assert [held_out_fraction(c, seed=7) for c in ids] == by_hand
+    fraction = np.array(by_hand)
+    expected = np.where(fraction < 0.1, "validation", np.where(fraction < 0.25, "test", "train"))
+    assert split_names(ids, 0.1, 0.15, seed=7).tolist() == expected.tolist()
 
 
 def test_collator_strips_marker_and_pads():

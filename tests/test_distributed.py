@@ -53,7 +53,18 @@ def _env() -> dict:
     return env
 
 
-def test_two_processes_see_disjoint_cells_and_end_with_identical_weights(tmp_path):
+@pytest.fixture(scope="module")
+def standin(tmp_path_factory):
+    """A small Tahoe stand-in corpus: 8 plate-grouped files."""
+    root = tmp_path_factory.mktemp("standin") / "tahoe"
+    return write_standin_corpus(root, num_files=8, cells_per_file=40, num_plates=4, wells_per_file=2, num_lines=8)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["embedded sample", "stand-in corpus"])
+def test_two_processes_see_disjoint_cells_and_end_with_identical_weights(tmp_path, source, request):
+    """On the embedded sample (one shard: each process takes its share of every global batch) and on a corpus of
+    4 shards (each process reads its own shards, after the same seeded shuffle of their order on both)."""
     script = tmp_path / "record.py"
     script.write_text(RECORDING_SCRIPT.format(repo=str(REPO)))
     out = tmp_path / "run"
@@ -61,6 +72,8 @@ def test_two_processes_see_disjoint_cells_and_end_with_identical_weights(tmp_pat
     config = REPO / "configs" / "accelerate" / "cpu_2_processes.yaml"
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
     args = ["--output_dir", str(out), "--max_steps", "4", "--eval_steps", "2", "--logging_steps", "1", *SMALL_RUN]
+    if source == "stand-in corpus":
+        args += ["--data", str(request.getfixturevalue("standin")), "--interleave_files", "2"]
     subprocess.run([*launch, str(script), *args], cwd=tmp_path, env=_env(), check=True, timeout=600)
 
     ranks = [json.loads((out / f"seen_rank{r}.json").read_text()) for r in range(2)]
@@ -84,13 +97,6 @@ def test_two_processes_see_disjoint_cells_and_end_with_identical_weights(tmp_pat
     assert saved["eval_nelbo"] == pytest.approx(ranks[0]["metrics"]["eval_nelbo"])
 
 
-@pytest.fixture(scope="module")
-def standin(tmp_path_factory):
-    """A small Tahoe stand-in corpus: 8 plate-grouped files."""
-    root = tmp_path_factory.mktemp("standin") / "tahoe"
-    return write_standin_corpus(root, num_files=8, cells_per_file=40, num_plates=4, wells_per_file=2, num_lines=8)
-
-
 def _train(out: Path, *extra: str) -> subprocess.Popen:
     args = ["--output_dir", str(out), "--max_steps", "18", "--save_strategy", "steps", "--save_steps", "3",
             "--logging_steps", "1", "--eval_strategy", "no", "--ema_decay", "0.9", *SMALL_RUN, *extra]  # fmt: skip
@@ -103,6 +109,7 @@ def _losses(checkpoint: Path) -> dict[int, float]:
     return {entry["step"]: entry["loss"] for entry in history if "loss" in entry}
 
 
+@pytest.mark.slow
 def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_losses_and_weights(tmp_path, standin):
     """On a Tahoe stand-in corpus streamed through Tahoe100MTokenized (4 files read side by side per shard)."""
     whole, killed = tmp_path / "whole", tmp_path / "killed"

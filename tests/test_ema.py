@@ -8,7 +8,7 @@ from dataset_scripts import RankDiffusionCollator, load_expression_data
 from metrics import PerGeneMarginal
 from modeling import CellTokenizer, RankDiTConfig, RankDiTModel, RankDiTProcessor
 from pipelines import MaskedRankDiffusionScheduler
-from training import EMACallback, RankDiffTrainingArguments, RankDiffusionTrainer
+from training import EMACallback, RankDiffTrainingArguments, RankDiffusionTrainer, ema_decay_for
 from training.checkpoints import is_complete_checkpoint, last_complete_checkpoint
 from training.ema import EMA_WEIGHTS_NAME
 
@@ -69,7 +69,24 @@ def test_bad_decay_and_a_checkpoint_without_ema_weights_are_refused(tmp_path):
         EMACallback(decay=0.9).load(tmp_path, torch.nn.Linear(2, 2))
 
 
-def _trainer(output_dir, max_steps=12, save_total_limit=None) -> RankDiffusionTrainer:
+def test_ema_decay_zero_is_off_and_unset_is_the_preset_default(tmp_path):
+    import train_hf
+
+    parsed = train_hf.build_parser().parse_args_into_dataclasses(["--preset", "small", "--ema_decay", "0"])
+    assert parsed[3].ema_decay == 0.0
+    assert ema_decay_for(parsed[3].ema_decay, fsdp=False, preset="small") == 0.0  # off, as asked
+    assert (
+        ema_decay_for(None, fsdp=False, preset="small") == 0.9999
+        and ema_decay_for(None, fsdp=False, preset="tiny") == 0
+    )
+    assert ema_decay_for(0.5, fsdp=False, preset="tiny") == 0.5
+    with pytest.raises(ValueError, match="FSDP"):
+        ema_decay_for(0.9, fsdp=True)
+    assert _trainer(tmp_path / "off", ema_decay=0.0).ema is None
+    assert _trainer(tmp_path / "on", ema_decay=0.9).ema.decay == 0.9
+
+
+def _trainer(output_dir, max_steps=12, save_total_limit=None, ema_decay=0.8) -> RankDiffusionTrainer:
     rows = load_expression_data().rows.select(range(40))
     config = RankDiTConfig.from_preset("tiny", gene_vocab_size=62757, max_length=32)
     torch.manual_seed(0)
@@ -96,14 +113,13 @@ def _trainer(output_dir, max_steps=12, save_total_limit=None) -> RankDiffusionTr
         eval_dataset=rows.select(range(32, 40)),
         data_collator=RankDiffusionCollator(processor, tokenizer),
         noise_scheduler=MaskedRankDiffusionScheduler(),
-        eval_collator=RankDiffusionCollator(
-            RankDiTProcessor(num_rank_bins=tokenizer.num_bins), tokenizer, rule="expressed"
-        ),
+        eval_collator=RankDiffusionCollator(processor, tokenizer, rule="expressed"),
         baseline=PerGeneMarginal(50, 62757),
-        ema_decay=0.8,
+        ema_decay=ema_decay,
     )
 
 
+@pytest.mark.slow
 def test_ema_weights_are_saved_with_each_checkpoint_restored_on_resume_and_used_for_evaluation(tmp_path):
     run = _trainer(tmp_path / "run")
     run.train()
@@ -133,6 +149,7 @@ def test_ema_weights_are_saved_with_each_checkpoint_restored_on_resume_and_used_
     assert run.evaluate()["eval_nelbo"] == pytest.approx(with_ema["eval_nelbo"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_old_checkpoints_are_deleted_only_once_the_new_one_is_complete(tmp_path, monkeypatch):
     import training.checkpoints
 

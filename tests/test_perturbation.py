@@ -9,10 +9,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from dataset_scripts.conditions import CellConditions, drug_key
 from dataset_scripts.tahoe_standin import write_standin_corpus
 from metrics.perturbation import MeanShiftBaselines, energy_distance, pearson_delta
-from modeling.conditions import ConditionEncoder
+from modeling.conditions import ConditionEncoder, drug_key
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -87,7 +86,10 @@ def test_heldout_pairs_files_are_checked(screen, tmp_path):
 
 def test_condition_dropout_nulls_every_condition_of_a_share_of_cells_anew_each_epoch():
     encoder = ConditionEncoder({"cell_line_id": ["A", "B"], "drug": ["DMSO_TF", "X"]}, dose_condition=True)
-    conditions = CellConditions(encoder, {"w1": 0.5, "w2": 0.0}, dropout=0.2, seed=3)
+
+    def conditions(columns, cells, epoch=0, dose_of_sample={"w1": 0.5, "w2": 0.0}, dropout=0.2):  # noqa: B006
+        return encoder.encode_rows(columns, cells, dose_of_sample=dose_of_sample, dropout=dropout, seed=3, epoch=epoch)
+
     n = 5000
     columns = {"cell_line_id": ["A", "B"] * (n // 2), "drug": ["X"] * n, "sample": ["w1", "w2"] * (n // 2)}
     cells = [f"cell{i}" for i in range(n)]
@@ -102,11 +104,12 @@ def test_condition_dropout_nulls_every_condition_of_a_share_of_cells_anew_each_e
     assert abs(later_dropped.mean() - 0.2) < 0.02 and (later_dropped != dropped).mean() > 0.2
     with pytest.raises(KeyError, match=r"lack the condition columns \['sample'\]"):
         conditions({"cell_line_id": ["A"], "drug": ["X"]}, ["c"])
-    none = CellConditions(encoder, {"w1": 0.5}, dropout=0.0)(columns, cells)
+    none = conditions(columns, cells, dose_of_sample={"w1": 0.5}, dropout=0.0)
     assert (none["condition_ids"] > 0).all() and not np.isnan(none["doses"][::2].numpy()).any()
     assert np.isnan(none["doses"][1::2].numpy()).all()  # a well without metadata: the dose is unknown
 
 
+@pytest.mark.slow
 def test_the_cli_contract_trains_a_conditioned_model_and_the_benchmark_scores_it(screen, heldout, tmp_path):
     import train_hf
 
@@ -118,7 +121,7 @@ def test_the_cli_contract_trains_a_conditioned_model_and_the_benchmark_scores_it
     trainer, _ = train_hf.main(["--output_dir", str(out), *flags.split()])
     config = trainer.model.config
     assert config.dose_condition and set(config.conditions) == {"cell_line_id", "drug"}
-    recorded = json.loads((out / "conditions.json").read_text())
+    recorded = json.loads((out / "run_config.json").read_text())["conditions"]
     assert recorded["conditions"] == config.conditions and recorded["control_drug"] == "DMSO_TF"
     assert {tuple(p) for p in recorded["test_pairs"]} == heldout[1]
     report = tmp_path / "perturbation.json"
@@ -161,7 +164,17 @@ def test_baselines_b2_leaves_the_line_out_and_b3_recovers_additive_and_low_rank_
     base = MeanShiftBaselines(matrix[train], [keys[i] for i in train], "DMSO_TF")
     others = [base.shifts[(f"L{i}", "D", 2.0)] for i in range(1, 5)]
     np.testing.assert_allclose(base.b2(held), np.mean(others, axis=0))
-    assert pearson_delta(base.fit_b3(0.01, 0).b3(held), truth(0, 2)) > 0.99
+    # A pair seen in training: PerturbMean still leaves its own line out (L2, L3, L4; L0 holds no D 2.0 cells).
+    own = [base.shifts[(f"L{i}", "D", 2.0)] for i in (2, 3, 4)]
+    np.testing.assert_allclose(base.b2(("L1", "D", 2.0)), np.mean(own, axis=0))
+    # B1 by hand: the line's mean over its perturbed training cells (never its controls) minus its control mean.
+    line = np.array([k[0] == "L1" for k in keys]) & np.isin(np.arange(len(keys)), train)
+    treated = line & np.array([k[1] != "DMSO_TF" for k in keys])
+    controls = line & np.array([k[1] == "DMSO_TF" for k in keys])
+    np.testing.assert_allclose(base.b1(("L1", "D", 2.0)), matrix[treated].mean(0) - matrix[controls].mean(0))
+    # B3 recovers the held-out pair's shift itself, not only its direction (from the observed pairs alone).
+    np.testing.assert_allclose(base.fit_b3(0.01, 0).b3(held), truth(0, 2), atol=0.05)
+    assert pearson_delta(base.b3(held), truth(0, 2)) > 0.99
     assert np.abs(base.b0(held)).sum() == 0
     matrix, keys, truth = _additive_screen(interaction=3.0)
     train = [i for i, k in enumerate(keys) if k != held]
@@ -175,6 +188,10 @@ def test_set_metrics():
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(300, 5)), rng.normal(size=(300, 5))
     assert abs(energy_distance(x, y)) < 0.1 and energy_distance(x, y + 1.0) > 1.0
+    # By hand: {0, 2} against {1}: 2 E|X - Y| - E|X - X'| - E|Y - Y'| = 2 - 1 - 0 = 1 (distances, not squared ones,
+    # which would see only the means, equal here). Sets of one mean and different spreads are far apart.
+    assert energy_distance(np.array([[0.0], [2.0]]), np.array([[1.0]])) == pytest.approx(1.0)
+    assert energy_distance(x, 3 * rng.normal(size=(300, 5))) > 1.0
     real = np.r_[np.full(50, 2.0), rng.normal(0, 0.1, 100)]
     predicted = np.r_[np.full(50, 2.0) + rng.normal(0, 0.01, 50), rng.normal(0, 0.1, 100)]
     assert pearson_delta(predicted, real) > 0.95 and pearson_delta(np.zeros(150), real) == 0.0

@@ -225,6 +225,21 @@ def test_anndata_cells_reach_the_model_with_the_tokens_of_all_their_visible_coun
             assert token == (MASK if np.isnan(cell[gene - 10]) else expected[gene]), (gene, token)
 
 
+def test_sparse_and_dense_anndata_impute_alike_and_stay_as_they_were(config):
+    # A model that reads the whole cell (a stub that ignores context would not see a corrupted table).
+    torch.manual_seed(0)
+    pipe = _pipe(randomize_zero_init(RankDiTModel(config).eval()))
+    dense = _adata()
+    sparse = dense.copy()
+    sparse.X = scipy.sparse.csr_matrix(dense.X)  # NaN entries stored, zeros not
+    before = sparse.X.copy()
+    results = [pipe.impute_anndata(a, generator=torch.Generator().manual_seed(0)) for a in (dense, sparse)]
+    for layer in ("rankdiff_ranks", "rankdiff_expected"):
+        np.testing.assert_allclose(results[0].layers[layer], results[1].layers[layer], rtol=1e-6, equal_nan=True)
+    for name in ("data", "indices", "indptr"):  # the user's matrix is read, never rewritten
+        np.testing.assert_array_equal(getattr(sparse.X, name), getattr(before, name))
+
+
 def test_anndata_errors_name_the_layer_the_cell_and_the_problem(config):
     pipe = _pipe(StubDenoiser(config))
     adata = _adata()
@@ -265,6 +280,7 @@ def _fresh_process(code: str, cwd) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_diffusion_pipeline_loads_in_a_fresh_process_and_reproduces(saved_pipeline, tmp_path):
     pipe, path = saved_pipeline
     index = json.loads((path / "model_index.json").read_text())
@@ -281,6 +297,7 @@ np.save("ranks.npy", out.ranks)
     np.testing.assert_array_equal(np.load(tmp_path / "ranks.npy"), expected)
 
 
+@pytest.mark.slow
 def test_transformers_pipeline_task_loads_in_a_fresh_process(saved_pipeline, tmp_path):
     pipe, path = saved_pipeline
     cells = pipe.processor(CALL["gene_ids"], ranks=CALL["ranks"], mask=CALL["mask"])

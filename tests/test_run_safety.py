@@ -1,5 +1,7 @@
 """A run never loses or mixes results silently: finished folders, damaged checkpoints, wrong files and paths."""
 
+import json
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -11,23 +13,53 @@ from dataset_scripts import cell_counts, is_hub_dataset_id, load_expression_data
 from dataset_scripts.fixtures import write_tahoe_fixture
 from modeling import rank_tokens
 from training.checkpoints import COMPLETE_MARKER, check_resumable
+from training.outputs import MANIFEST, RunOutputs
 
 
-def test_a_finished_run_is_not_overwritten_without_being_asked(tmp_path):
+def test_a_finished_run_is_replaced_only_when_asked_and_only_its_own_files_go(tmp_path):
     out = tmp_path / "run"
     (out / "plots").mkdir(parents=True)
-    for name in ("model_index.json", "README.md", "imputation_results.json", "modeling_rank_dit.py"):
+    written = ["model_index.json", "README.md", "imputation_results.json", "modeling_rank_dit.py", "plots/a.png"]
+    for name in written:
         (out / name).write_text("{}")
+    (out / MANIFEST).write_text(json.dumps({"files": written}))
     (out / "checkpoint-2").mkdir()
+    (out / "my_script.py").write_text("# a user's own script\n")  # never written by a run: never deleted
+    (out / "notes").mkdir()
+    (out / "notes" / "todo.txt").write_text("look at the plots\n")
     argv = ["--output_dir", str(out), "--max_steps", "1"]
-    with pytest.raises(FileExistsError, match="holds a finished run .*--overwrite_output_dir"):
+    with pytest.raises(FileExistsError, match="holds a finished run: .*--overwrite_output_dir"):
         train_hf.main(argv)
     with pytest.raises(FileNotFoundError, match="no such checkpoint folder"):  # outputs are kept for a resume
         train_hf.main([*argv, "--resume_from_checkpoint", str(tmp_path / "gone")])
     assert (out / "README.md").exists()
     with pytest.raises(FileNotFoundError, match="nope does not exist"):
         train_hf.main([*argv, "--overwrite_output_dir", "--data", str(tmp_path / "nope")])
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2"]  # the old outputs went, the checkpoint stays
+    left = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    assert left == ["checkpoint-2", "my_script.py", "notes", "notes/todo.txt"]  # the run's outputs went, nothing else
+
+
+def test_a_pipeline_folder_without_a_manifest_is_never_cleared(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "model_index.json").write_text("{}")
+    (out / "pipeline_masked_rank_diffusion.py").write_text("")
+    with pytest.raises(FileExistsError, match=f"without {MANIFEST}"):
+        train_hf.main(["--output_dir", str(out), "--max_steps", "1", "--overwrite_output_dir"])
+    assert sorted(p.name for p in out.iterdir()) == ["model_index.json", "pipeline_masked_rank_diffusion.py"]
+
+
+def test_the_manifest_records_what_was_written_and_clearing_removes_only_that(tmp_path):
+    outputs = RunOutputs(tmp_path)
+    (tmp_path / "mine.txt").write_text("kept")
+    (tmp_path / "stale.json").write_text("old")
+    with outputs.recording():
+        (tmp_path / "model").mkdir()
+        (tmp_path / "model" / "config.json").write_text("{}")
+        (tmp_path / "stale.json").write_text("new")  # rewritten: the run's now
+    assert outputs.paths == ["model/config.json", "stale.json"] and outputs.finished()
+    outputs.clear()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"] and not outputs.finished()
 
 
 def _checkpoint(folder, *, complete=True, optimizer=True, weights_ok=True):

@@ -54,6 +54,13 @@ def test_stratified_timesteps_cover_each_stratum_once():
     assert t.min() >= 1e-3 and t.max() <= 1.0
     strata = ((t.double() - 1e-3) / (1 - 1e-3) * 16).floor().long()
     assert sorted(strata.tolist()) == list(range(16))
+    # By the formula: t_i = eps + (1 - eps) ((u + i / n) mod 1), u the generator's one uniform draw.
+    eps = 0.3
+    u = torch.rand((), generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    expected = eps + (1 - eps) * torch.remainder(u + torch.arange(16, dtype=torch.float64) / 16, 1.0)
+    got = MaskedRankDiffusionScheduler(eps=eps).sample_timesteps(16, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(got, expected.float())
+    assert got.min() >= eps
 
 
 def test_parts_of_a_global_batch_cover_each_global_stratum_once():
@@ -136,6 +143,7 @@ def test_step_fills_only_masked_positions_with_valid_ranks(sampler):
     revealed = masked & (out.prev_sample != 11)
     assert revealed.any() and out.prev_sample[revealed].max() <= 10
     assert torch.equal(out.pred_original_sample[masked], logits.argmax(-1)[masked])
+    assert torch.equal(out.pred_original_sample[~masked], sample[~masked])  # visible tokens carried over (SUBS)
 
 
 @pytest.mark.parametrize("schedule", ["log-linear", "cosine"])
@@ -181,10 +189,10 @@ def test_confidence_reveals_the_most_likely_values_first():
 def test_top_p_keeps_the_smallest_set_reaching_p():
     scheduler = MaskedRankDiffusionScheduler(num_rank_bins=3)
     logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
-    probs = scheduler.predictive_distribution(logits, top_p=0.7)
+    probs = scheduler.sampling_distribution(logits, top_p=0.7)
     torch.testing.assert_close(probs, torch.tensor([0.625, 0.375, 0.0, 0.0], dtype=torch.float64))
     with pytest.raises(ValueError, match="temperature"):
-        scheduler.predictive_distribution(logits, temperature=0.0)
+        scheduler.sampling_distribution(logits, temperature=0.0)
 
 
 def test_a_per_call_sampler_does_not_stick_and_float_noise_does_not_stall_a_step():

@@ -70,6 +70,7 @@ def test_simulated_responses_follow_dose_and_are_recorded(corpus):
             assert np.abs(higher["log_fold_changes"]).sum() >= np.abs(effect["log_fold_changes"]).sum()
 
 
+@pytest.mark.slow
 def test_the_stream_benchmark_reports_its_keys(corpus, tmp_path):
     out = tmp_path / "stream.json"
     command = [sys.executable, str(REPO / "benchmarks" / "data_stream.py"), "--data", str(corpus), "--batches", "6",
@@ -98,6 +99,7 @@ def test_training_data_is_streamed_and_evaluation_cells_come_from_every_file(cor
     assert len(ids) == len(set(ids)) > 600 and not held_out & set(ids)
 
 
+@pytest.mark.slow
 def test_training_skips_bad_files_and_rows_and_names_them(corpus, tmp_path, caplog):
     import shutil
 

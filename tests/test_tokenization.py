@@ -142,6 +142,7 @@ def test_bad_rows_are_skipped_and_counted():
     assert batch.cell(0)[1].tolist() == exact_tokens([1, 2, 3], 50) and batch.cell(1)[1].tolist() == [50, 1, 26]
 
 
+@pytest.mark.slow
 def test_train_hf_on_local_tahoe_schema_shards(fixture_dir, tmp_path):
     _, metrics = train_hf.main(
         ["--data", str(fixture_dir), "--output_dir", str(tmp_path / "run"), "--max_steps", "2", "--max_length", "32",

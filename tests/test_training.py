@@ -51,10 +51,20 @@ def test_nelbo_of_the_marginal_model_equals_the_baseline_nll():
     batch = {"gene_ids": gene_ids, "input_ids": tokens, "attention_mask": torch.ones_like(tokens)}
     scheduler = MaskedRankDiffusionScheduler(num_rank_bins=10)
     scores = evaluate_masked_diffusion(MarginalModel(baseline), scheduler, [batch], baseline, time_grid=256)
-    everything = -baseline.log_probs(gene_ids).gather(-1, tokens.unsqueeze(-1)).mean().item()
+    # The per-gene marginal by hand: each gene's token frequencies over the cells, + 1 pseudo-count spread evenly.
+    counts = np.zeros((50, 11))
+    for genes, cell_tokens in cells:
+        np.add.at(counts, (genes, cell_tokens), 1.0)
+    table = (counts + 1 / 11) / (len(cells) + 1)
+    nll = -np.log(table[gene_ids.numpy(), tokens.numpy()])
     # E_t[-alpha'(t)] = 1 - eps for the log-linear schedule, so the NELBO is the mean NLL up to that factor.
-    assert scores["nelbo"] == pytest.approx(everything * (1 - 1e-3), rel=0.02)
-    assert scores["masked_nll_0.5"] == pytest.approx(scores["baseline_masked_nll_0.5"], rel=1e-6)
+    assert scores["nelbo"] == pytest.approx(nll.mean() * (1 - 1e-3), rel=0.02)
+    # Half of each cell masked, drawn as the evaluation draws it: the model and the baseline score those positions.
+    masked = scheduler.random_mask(
+        torch.ones_like(tokens, dtype=torch.bool), 0.5, generator=torch.Generator().manual_seed(0)
+    )
+    assert scores["masked_nll_0.5"] == pytest.approx(nll[masked.numpy()].mean(), rel=1e-5)
+    assert scores["baseline_masked_nll_0.5"] == pytest.approx(nll[masked.numpy()].mean(), rel=1e-5)
 
 
 def test_marginal_baseline_counts_unlisted_genes_as_zero():
@@ -110,6 +120,16 @@ def test_loss_is_divided_by_num_items_in_batch(small_trainer):
     torch.testing.assert_close(over_items * 3, per_token)
 
 
+def test_each_process_evaluates_the_share_of_its_global_rank_on_every_node(small_trainer, monkeypatch):
+    # Process 3 of 4 on two machines of two (local rank 1): it scores the 4th quarter of the cells, not the 2nd.
+    arguments = type(small_trainer.args)
+    monkeypatch.setattr(arguments, "process_index", property(lambda self: 3))
+    monkeypatch.setattr(arguments, "local_process_index", property(lambda self: 1))
+    monkeypatch.setattr(arguments, "world_size", property(lambda self: 4))
+    cells = small_trainer.get_eval_dataloader().dataset["BARCODE_SUB_LIB_ID"]
+    assert cells == small_trainer.eval_dataset["BARCODE_SUB_LIB_ID"][6:8]
+
+
 def test_trainer_counts_real_tokens_over_accumulated_batches(small_trainer):
     loader = iter(small_trainer.get_train_dataloader())
     batches = [next(loader), next(loader)]
@@ -123,6 +143,7 @@ def test_evaluation_rejects_a_mask_ratio_that_the_schedule_cannot_reach(small_tr
         small_trainer.evaluate()
 
 
+@pytest.mark.slow
 def test_a_few_steps_lower_the_loss(small_trainer):
     before = small_trainer.evaluate()
     assert before["eval_loss"] == before["eval_nelbo"]
@@ -203,12 +224,12 @@ class RecordingHfApi:
         self.calls.append(("create_repo", repo_id, private, exist_ok, self.token))
         return type("RepoUrl", (), {"repo_id": repo_id})()
 
-    def upload_folder(self, repo_id, folder_path, commit_message=None, ignore_patterns=None):
+    def upload_folder(self, repo_id, folder_path, commit_message=None, allow_patterns=None, ignore_patterns=None):
         from huggingface_hub.utils import filter_repo_objects
 
         root = Path(folder_path)
         files = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
-        uploaded = sorted(filter_repo_objects(files, ignore_patterns=ignore_patterns))
+        uploaded = sorted(filter_repo_objects(files, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns))
         # What is on disk when the upload starts is what the repo gets.
         self.calls.append(("upload_folder", repo_id, uploaded, (root / "README.md").read_text()))
         return f"https://huggingface.co/{repo_id}/commit/0"
@@ -218,6 +239,8 @@ class RecordingHfApi:
 def trained_run(tmp_path_factory):
     """train_hf.py on the embedded sample for a few steps, with a checkpoint, the card and a (recorded) push."""
     out = tmp_path_factory.mktemp("run") / "demo"
+    out.mkdir()
+    (out / "my_analysis.py").write_text("print('a user keeps scripts here')\n")  # never deleted, never uploaded
     RecordingHfApi.calls = []
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(train_hf, "HfApi", RecordingHfApi)
@@ -255,6 +278,7 @@ def trained_run(tmp_path_factory):
     return out, trainer, metrics, list(RecordingHfApi.calls)
 
 
+@pytest.mark.slow
 def test_train_hf_writes_a_loadable_pipeline_folder(trained_run, tmp_path):
     out, trainer, metrics, _ = trained_run
     saved = json.loads((out / "eval_results.json").read_text())
@@ -347,6 +371,7 @@ def test_mixed_loss_adds_the_weighted_ordinal_term_and_logs_the_nelbo_apart(smal
     assert small_trainer._loss_parts == {"nelbo": 0.0, "ordinal": 0.0} and small_trainer._loss_parts_calls == 0
 
 
+@pytest.mark.slow
 def test_model_card_parses_and_matches_the_run(trained_run):
     out, trainer, metrics, _ = trained_run
     card = ModelCard.load(out / "README.md")
@@ -386,6 +411,7 @@ def test_model_card_parses_and_matches_the_run(trained_run):
     assert 'DiffusionPipeline.from_pretrained("someone/rankdiff-test"' in text
 
 
+@pytest.mark.slow
 def test_every_plot_the_card_links_exists_and_is_an_image(trained_run):
     from PIL import Image
 
@@ -401,6 +427,7 @@ def test_every_plot_the_card_links_exists_and_is_an_image(trained_run):
                 assert image.n_frames > 4  # masked input, the steps, the held last frame
 
 
+@pytest.mark.slow
 def test_push_to_hub_uploads_the_finished_folder_without_checkpoints(trained_run):
     out, *_, calls = trained_run
     assert (out / "checkpoint-2").is_dir()  # it was there to be left out
@@ -408,13 +435,15 @@ def test_push_to_hub_uploads_the_finished_folder_without_checkpoints(trained_run
     assert (create, repo_id, exist_ok, token) == ("create_repo", "someone/rankdiff-test", True, "hf_fake")
     _, repo_id, files, readme = upload
     assert repo_id == "someone/rankdiff-test"
-    assert not any(f.startswith("checkpoint-") for f in files)
+    assert not any(f.startswith("checkpoint-") for f in files) and "my_analysis.py" not in files
+    assert (out / "my_analysis.py").exists()
     required = ["README.md", "model_index.json", "model/model.safetensors", "model/config.json"]
     required += ["scheduler/scheduler_config.json", "plots/loss_curves.png", "imputation_results.json"]
     assert set(required) <= set(files)
     assert readme == (out / "README.md").read_text()  # the card was complete before the upload began
 
 
+@pytest.mark.slow
 def test_rankdiff_impute_round_trips_an_h5ad_of_the_sample_cells(trained_run, tmp_path):
     import anndata
     import scipy.sparse
@@ -443,6 +472,22 @@ def test_rankdiff_impute_round_trips_an_h5ad_of_the_sample_cells(trained_run, tm
     ranks, expected = result.layers["rankdiff_ranks"], result.layers["rankdiff_expected"]
     assert (ranks[hidden] >= 0).all() and (ranks[hidden] <= 50).all() and np.isfinite(expected[hidden]).all()
     assert (ranks[~hidden] == -1).all() and np.isnan(expected[~hidden]).all()
+    # The command is the pipeline's impute_anndata with its flags passed through: the same values, draw for draw.
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(out, trust_remote_code=True)
+    pipe.set_progress_bar_config(disable=True)
+    direct = pipe.impute_anndata(
+        adata, num_inference_steps=4, cell_batch_size=5, generator=torch.Generator().manual_seed(0)
+    )
+    np.testing.assert_array_equal(ranks, direct.layers["rankdiff_ranks"])
+    np.testing.assert_allclose(expected, direct.layers["rankdiff_expected"], equal_nan=True)
+    # By hand: the cell lists its expressed visible genes, its masked ones and the genes masked in any cell; the
+    # expected rank at a masked entry is the mean of the one-pass distribution of the model given them.
+    listed = ((counts[0] > 0) & ~hidden[0]) | hidden[0] | hidden.any(axis=0)
+    cell = pipe(gene_ids=[list(adata.var_names[listed])], counts=[np.where(hidden[0], np.nan, counts[0])[listed]],
+                mask=[hidden[0][listed]], context_counts=[[]], output_type="expected")  # fmt: skip
+    np.testing.assert_allclose(expected[0, listed], np.where(hidden[0][listed], cell.expected[0], np.nan), rtol=1e-5)
     with pytest.raises(SystemExit, match="exists; pass --overwrite"):
         rankdiff_cli.main(argv)
     with pytest.raises(SystemExit, match="no layer 'mask'"):

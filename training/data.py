@@ -3,6 +3,7 @@ marginal, the pool of genes seen, the evaluation panels) and cells as panel sequ
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -21,16 +22,15 @@ from dataset_scripts import (
     split_by_cell_id,
     tahoe_builder,
 )
-from dataset_scripts.conditions import CONTROL_DRUG, CellConditions, condition_value, sample_conditions
 from dataset_scripts.expression_data import ExpressionSource
 from dataset_scripts.schema import CELL_ID_COLUMN
 from dataset_scripts.tokenization import tokenize_arrow_batch
 from metrics import CellAwareMarginal, MagicImputation, NearestCells, PerGeneMarginal
 from metrics.imputation import PanelCells, choose_on_validation, token_levels
 from modeling import RankDiTProcessor
-from modeling.conditions import DOSE, ConditionEncoder
 
 from .arguments import DataArguments
+from .recipe import ConditionSetup, DataRecipe, anndata_condition_setup, condition_setup
 
 logger = logging.getLogger(__name__)
 
@@ -165,6 +165,7 @@ class PreparedData:
     baseline: PerGeneMarginal
     gene_pool: np.ndarray
     panels: dict[str, np.ndarray]
+    recipe: DataRecipe
     conditions: ConditionSetup | None = None
 
     @property
@@ -239,109 +240,6 @@ class PreparedData:
         return baselines, choices
 
 
-@dataclass
-class ConditionSetup:
-    """The perturbation conditions of a run: each categorical condition's values (the model's vocabularies), whether
-    the dose is one and each well's dose, and the held-out pairs of a `--heldout_pairs` split."""
-
-    values: dict[str, list[str]]
-    dose: bool = False
-    dose_of_sample: dict[str, float] | None = None
-    control_drug: str = CONTROL_DRUG
-    pair_columns: tuple[str, ...] = ()
-    test_pairs: tuple[tuple[str, ...], ...] = ()
-    validation_pairs: tuple[tuple[str, ...], ...] = ()
-
-    @property
-    def columns(self) -> list[str]:
-        """The row columns the conditions are read from."""
-        return [*self.values, *(["sample"] if self.dose else [])]
-
-    def cell_conditions(self, dropout: float = 0.0, seed: int = 0) -> CellConditions:
-        """The collator's reader of these conditions."""
-        return CellConditions(ConditionEncoder(self.values, self.dose), self.dose_of_sample, dropout, seed)
-
-    def to_dict(self) -> dict:
-        """What a checkpoint records (`conditions.json`): the vocabularies and the split, not the wells' doses."""
-        return {
-            "conditions": self.values,
-            "dose": self.dose,
-            "control_drug": self.control_drug,
-            "pair_columns": list(self.pair_columns),
-            "test_pairs": [list(p) for p in self.test_pairs],
-            "validation_pairs": [list(p) for p in self.validation_pairs],
-        }
-
-
-def read_heldout_pairs(path: str, conditions: list[str]) -> tuple[tuple[str, str], list[tuple[str, str]]]:
-    """`(columns, pairs)` of a held-out pairs CSV: a header naming two of `conditions`, one pair per row."""
-    import csv
-
-    with open(path, newline="") as f:
-        rows = [row for row in csv.reader(f) if any(cell.strip() for cell in row)]
-    if not rows or len(rows[0]) != 2:
-        raise ValueError(f"{path}: the header must name two conditions (e.g. cell_line_id,drug), got {rows[:1]}")
-    columns = tuple(name.strip() for name in rows[0])
-    unknown = [name for name in columns if name not in conditions or name == DOSE]
-    if unknown:
-        raise ValueError(f"{path}: {unknown} are not categorical conditions of --conditions {conditions}")
-    bad = [row for row in rows[1:] if len(row) != 2]
-    if bad or len(rows) < 2:
-        raise ValueError(f"{path}: every row must hold one pair of two values; got {bad[:3] or 'no pairs'}")
-    pairs = [tuple(condition_value(c, v.strip()) for c, v in zip(columns, row)) for row in rows[1:]]
-    return columns, pairs
-
-
-def condition_setup(builder, data_args: DataArguments) -> ConditionSetup:
-    """The conditions of a Tahoe-layout source: vocabularies from every file's values (only those columns are read),
-    each well's dose from `metadata/sample_metadata.parquet`, and the held-out pairs (checked against the data) with
-    the validation pairs drawn among the other perturbed ones."""
-    names = data_args.condition_names
-    categorical = [name for name in names if name != DOSE]
-    dose = DOSE in names
-    missing = [name for name in categorical if name not in builder.schema().names]
-    if missing:
-        raise ValueError(f"--conditions {missing} are not columns of the data; it has {builder.schema().names}")
-    combos = builder.distinct(categorical) if categorical else None
-    values = {
-        name: sorted({condition_value(name, v) for v in combos[name].to_pylist()} - {None}) for name in categorical
-    }
-    empty = [name for name, vals in values.items() if not vals]
-    if empty:
-        raise ValueError(f"the conditions {empty} hold no values in the data (all null)")
-    dose_of_sample = None
-    if dose:
-        root = builder.input_files()[1]
-        root = str(root).rsplit("/metadata/", 1)[0] if root is not None else str(data_args.data or EMBEDDED_SAMPLE)
-        dose_of_sample = {sample: amount for sample, (_, amount) in sample_conditions(root).items()}
-    setup = ConditionSetup(values, dose, dose_of_sample, condition_value("drug", data_args.control_drug))
-    if data_args.heldout_pairs is None:
-        return setup
-    columns, test_pairs = read_heldout_pairs(data_args.heldout_pairs, categorical)
-    present = {
-        tuple(condition_value(c, v) for c, v in zip(columns, pair))
-        for pair in zip(*(combos[c].to_pylist() for c in columns))
-    }
-    absent = [pair for pair in test_pairs if pair not in present]
-    if absent:
-        raise ValueError(f"{data_args.heldout_pairs}: pairs not in the data: {absent[:5]}")
-    control = [pair for pair in test_pairs if "drug" in columns and pair[columns.index("drug")] == setup.control_drug]
-    if control:
-        raise ValueError(f"{data_args.heldout_pairs}: the control {setup.control_drug} cannot be held out: {control}")
-    candidates = sorted(
-        pair
-        for pair in present - set(test_pairs)
-        if None not in pair and not ("drug" in columns and pair[columns.index("drug")] == setup.control_drug)
-    )
-    count = min(len(candidates), max(1, round(data_args.validation_share * len(candidates))))
-    chosen = np.random.default_rng(data_args.split_seed).choice(len(candidates), count, replace=False)
-    setup.pair_columns, setup.test_pairs = columns, tuple(test_pairs)
-    setup.validation_pairs = tuple(candidates[i] for i in sorted(chosen))
-    logger.info("held out %d pairs for testing (%s) and %d for validation (%s)", len(test_pairs), test_pairs[:3],
-                count, list(setup.validation_pairs)[:3])  # fmt: skip
-    return setup
-
-
 def as_dataset(table: pa.Table | None, columns: list[str]) -> datasets.Dataset:
     """An in-memory `datasets.Dataset` of sampled rows (an empty one with `columns` when there are none)."""
     if table is None:
@@ -412,19 +310,6 @@ def open_data(
     return ExpressionSource(stream, read_gene_vocab(builder.input_files()[1]), name, builder), samples, setup
 
 
-def anndata_condition_setup(data_args: DataArguments) -> ConditionSetup:
-    """The conditions of an `.h5ad` file: `obs` columns (the vocabularies from their values) and, for `dose`, a
-    numeric `obs` column of doses in uM."""
-    obs = anndata.read_h5ad(data_args.data, backed="r").obs
-    missing = [name for name in data_args.condition_names if name not in obs.columns]
-    if missing:
-        raise ValueError(f"--conditions {missing} are not obs columns of {data_args.data}; it has {list(obs.columns)}")
-    categorical = [name for name in data_args.condition_names if name != DOSE]
-    values = {name: sorted({str(v) for v in obs[name].dropna().unique()}) for name in categorical}
-    dose = DOSE in data_args.condition_names
-    return ConditionSetup(values, dose, {} if dose else None, condition_value("drug", data_args.control_drug))
-
-
 def prepare_data(data_args: DataArguments, num_bins: int, seed: int = 0, shard_multiple: int = 1) -> PreparedData:
     """Open the data (the training stream; validation and test cells drawn across the files), read the training
     cells the baselines are fitted on, and choose the gene pool and the evaluation panels from them."""
@@ -447,4 +332,18 @@ def prepare_data(data_args: DataArguments, num_bins: int, seed: int = 0, shard_m
         ", ".join(f"{len(genes)} ({name})" for name, genes in panels.items()),
     )
     reference_rows = as_dataset(samples["train"], columns)
-    return PreparedData(source, splits, reference_rows, reference, baseline, gene_pool, panels, conditions)
+    recipe = DataRecipe(
+        dataclasses.asdict(data_args), num_bins, seed, {name: genes.tolist() for name, genes in panels.items()},
+        conditions.to_dict() if conditions is not None else None,
+    )  # fmt: skip
+    return PreparedData(source, splits, reference_rows, reference, baseline, gene_pool, panels, recipe, conditions)
+
+
+def prepare_run_data(folder: str, data: str | None = None) -> PreparedData:
+    """The data of a finished run, rebuilt from the recipe it saved ([`DataRecipe`], `run_config.json`): the same
+    splits, panels and baselines' training cells, without the training flags. `data` replaces the data source when
+    it has moved; the panels chosen again must be the run's."""
+    recipe = DataRecipe.load(folder)
+    prepared = prepare_data(recipe.data_arguments(data=data), recipe.num_rank_bins, seed=recipe.seed)
+    recipe.check_panels(prepared.panels)
+    return prepared

@@ -44,8 +44,8 @@ def hardware_name() -> str:
 
 
 @dataclass
-class RunRecord:
-    """What a finished run was, for its model card: the [`TrainingRun`] fields the data and the model do not give.
+class TrainingSummary:
+    """What a finished run was, for its model card: the [`CardContents`] fields the data and the model do not give.
 
     Args:
         preset: the model preset; data_name: the data source (a Hub id, or a local file or folder name); dataset:
@@ -71,7 +71,7 @@ class RunRecord:
 
     @classmethod
     def of(cls, trainer, *, preset: str, data_name: str, dataset: str | None, loss: str, noise_schedule: str,
-           ema_decay: float, metrics: dict[str, float], repo_id: str) -> RunRecord:  # fmt: skip
+           ema_decay: float, metrics: dict[str, float], repo_id: str) -> TrainingSummary:  # fmt: skip
         """The record of a finished `trainer`'s run."""
         args = trainer.args
         return cls(
@@ -92,8 +92,8 @@ class RunRecord:
 
 
 @dataclass
-class TrainingRun(RunRecord):
-    """What a model card says about a run: its [`RunRecord`] and what the data and the model give.
+class CardContents(TrainingSummary):
+    """What a model card says about a run: its [`TrainingSummary`] and what the data and the model give.
 
     Args:
         config: the trained model's `RankDiTConfig`; num_parameters: its size.
@@ -150,7 +150,7 @@ def widget_examples(
     return examples
 
 
-def _eval_results(run: TrainingRun) -> list[EvalResult]:
+def _eval_results(run: CardContents) -> list[EvalResult]:
     """model-index entries: the model's test scores on every panel at every mask ratio."""
     results = []
     for panel, by_method in run.imputation.items():
@@ -173,7 +173,7 @@ def _eval_results(run: TrainingRun) -> list[EvalResult]:
     return results
 
 
-def card_data(run: TrainingRun, model_name: str) -> ModelCardData:
+def card_data(run: CardContents, model_name: str) -> ModelCardData:
     """The YAML front matter."""
     return ModelCardData(
         model_name=model_name,
@@ -212,7 +212,7 @@ def _results_table(by_method: dict[str, dict[str, dict]]) -> str:
     return "\n".join(rows)
 
 
-def headline(run: TrainingRun) -> str:
+def headline(run: CardContents) -> str:
     """Model NLL against the strongest baseline's, at the mask ratio closest to one half, per panel."""
     parts = []
     for panel, by_method in run.imputation.items():
@@ -223,7 +223,7 @@ def headline(run: TrainingRun) -> str:
     return "; ".join(parts)
 
 
-def _usage(run: TrainingRun) -> str:
+def _usage(run: CardContents) -> str:
     example = (
         run.widgets[0]["structured_data"] if run.widgets else {"gene_ids": ["CD3E"], "ranks": [0], "mask": [True]}
     )
@@ -263,7 +263,7 @@ def _shown(values: list, most: int = 12) -> str:
     return ", ".join(f"`{v}`" for v in values[:most]) + (f", ... ({len(values)} in all)" if len(values) > most else "")
 
 
-def conditions_section(run: TrainingRun) -> str:
+def conditions_section(run: CardContents) -> str:
     """The card's `## Conditions` section: what the model is told, each vocabulary, guidance and the held-out pairs
     (empty for an unconditional model)."""
     if not run.conditions:
@@ -302,7 +302,7 @@ out = pipe(gene_ids=[genes] * 100, conditions={example!r}, guidance_scale=2.0)
 """
 
 
-def _model_table(run: TrainingRun) -> str:
+def _model_table(run: CardContents) -> str:
     config = run.config
     bins = config.num_rank_bins
     rows = {
@@ -319,7 +319,7 @@ def _model_table(run: TrainingRun) -> str:
     return "| | |\n| --- | --- |\n" + "\n".join(f"| {name} | {value} |" for name, value in rows.items())
 
 
-def model_card(run: TrainingRun, model_name: str = "RankDiT") -> ModelCard:
+def model_card(run: CardContents, model_name: str = "RankDiT") -> ModelCard:
     """The model card of `run`: `ModelCard.load` parses it back; every plot it shows is a path of `run.plots`."""
     config = run.config
     runtime = f", {run.runtime_s / 60:.1f} minutes" if run.runtime_s else ""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import torch
@@ -15,7 +14,7 @@ from pipelines.denoising_animation import record_denoising, write_denoising_gif
 
 from .data import TRAINING_PANEL
 from .evaluation import imputation_report
-from .model_card import RunRecord, TrainingRun, model_card, widget_examples
+from .model_card import CardContents, TrainingSummary, model_card, widget_examples
 from .plots import (
     plot_count_histogram,
     plot_loss_curves,
@@ -29,26 +28,6 @@ logger = logging.getLogger(__name__)
 PLOTS_DIR = "plots"
 IMPUTATION_RESULTS = "imputation_results.json"
 EVAL_RESULTS = "eval_results.json"
-CONDITIONS = "conditions.json"  # a conditioned run's vocabularies and held-out pairs (what the benchmarks read)
-# What a finished run leaves in its folder besides checkpoints: the pipeline folder and the run's record.
-RUN_OUTPUTS = ("model_index.json", "model", "scheduler", "processor", "README.md", PLOTS_DIR, IMPUTATION_RESULTS,
-               EVAL_RESULTS, CONDITIONS, "preprocessor_config.json")  # fmt: skip
-
-
-def finished_run_outputs(output_dir: str | Path) -> list[Path]:
-    """The outputs of a finished run in `output_dir` (with the code files the export puts at its root)."""
-    output_dir = Path(output_dir)
-    if not (output_dir / "model_index.json").exists() and not (output_dir / "model").exists():
-        return []
-    return [output_dir / name for name in RUN_OUTPUTS if (output_dir / name).exists()] + sorted(
-        output_dir.glob("*.py")
-    )
-
-
-def clear_run_outputs(output_dir: str | Path) -> None:
-    """Delete a finished run's outputs from `output_dir` (checkpoints stay), so a new run never mixes with them."""
-    for path in finished_run_outputs(output_dir):
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def add_card_section(card_path: str | Path, title: str, body: str) -> None:
@@ -75,7 +54,7 @@ def write_model_card(
     pipe,
     data,
     trainer,
-    run: RunRecord,
+    summary: TrainingSummary,
     mask_ratios: list[float],
     count_cells: int = 500,
     gif_steps: int = 32,
@@ -89,7 +68,7 @@ def write_model_card(
         pipe: the trained [`MaskedRankDiffusionPipeline`].
         data: the run's [`PreparedData`] (rows, splits, baseline, panels).
         trainer: the finished [`RankDiffusionTrainer`] (its log history and final metrics).
-        run: the run's [`RunRecord`].
+        summary: the run's [`TrainingSummary`].
         mask_ratios: shares masked for the evaluation tables and plots.
         count_cells: training cells read for the count histogram.
         gif_steps: denoising steps of the two GIFs (one cell with 90% and with 20% of its genes masked).
@@ -110,7 +89,7 @@ def write_model_card(
     plots["Rank tokens of the training data"] = plot_rank_token_distribution(
         data.baseline, data.panel, plots_dir / "rank_tokens.png"
     )
-    metrics = run.metrics
+    metrics = summary.metrics
     baseline_key = next((k for k in metrics if k.startswith("eval_baseline_masked_nll_")), None)
     plots["Training and validation losses"] = plot_loss_curves(
         trainer.state.log_history, plots_dir / "loss_curves.png", baseline_key
@@ -146,7 +125,7 @@ def write_model_card(
     example_cells = [(examples.cells["gene_ids"][i].numpy(), examples.tokens[i].numpy()) for i in range(len(examples))]
     widgets = widget_examples(example_cells, pipe.processor.gene_vocab, seed=seed)
     card = model_card(
-        TrainingRun(
+        CardContents(
             config=model.config,
             num_parameters=model.num_parameters(),
             training_cells=data.baseline.num_cells,
@@ -157,7 +136,7 @@ def write_model_card(
             widgets=widgets,
             plots={caption: path.relative_to(output_dir).as_posix() for caption, path in plots.items()},
             conditions=data.conditions.to_dict() if data.conditions is not None else None,
-            **dataclasses.asdict(run),
+            **dataclasses.asdict(summary),
         )
     )
     card.save(output_dir / "README.md")

@@ -23,8 +23,8 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class Run:
-    """What `build` makes: the data, the pipeline being trained, its trainer and the EMA decay in use."""
+class TrainingSetup:
+    """What [`build_training`] makes: the data, the pipeline being trained, its trainer and the EMA decay in use."""
 
     data: PreparedData
     pipe: MaskedRankDiffusionPipeline
@@ -32,12 +32,12 @@ class Run:
     ema_decay: float
 
 
-def build(
+def build_training(
     model_args: ModelArguments,
     data_args: DataArguments,
     diffusion_args: DiffusionArguments,
     training_args: RankDiffTrainingArguments,
-) -> Run:
+) -> TrainingSetup:
     """Prepare the data (splits, baselines, panels), the model, its processor and scheduler, and the trainer."""
     fsdp = bool(training_args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
     ema_decay = ema_decay_for(training_args.ema_decay, fsdp=fsdp, preset=model_args.preset)
@@ -85,8 +85,10 @@ def build(
     collator = RankDiffusionCollator(processor, tokenizer)
     eval_collator = RankDiffusionCollator(processor, tokenizer, rule="panel")
     if conditions is not None:
-        collator.conditions = conditions.cell_conditions(data_args.condition_dropout, seed=training_args.seed)
-        eval_collator.conditions = conditions.cell_conditions()
+        for each in (collator, eval_collator):
+            each.conditions, each.dose_of_sample = conditions.encoder, conditions.dose_of_sample
+            each.seed = training_args.seed
+        collator.condition_dropout = data_args.condition_dropout
         logger.info("conditioned on %s (condition dropout %g)", ", ".join(
             [*(f"{name} ({len(values)} values)" for name, values in conditions.values.items()),
              *(["dose"] if conditions.dose else [])]), data_args.condition_dropout)  # fmt: skip
@@ -108,4 +110,4 @@ def build(
         ema_decay=ema_decay,
     )
     pipe = MaskedRankDiffusionPipeline(model=model, scheduler=scheduler, processor=processor)
-    return Run(data=data, pipe=pipe, trainer=trainer, ema_decay=ema_decay)
+    return TrainingSetup(data=data, pipe=pipe, trainer=trainer, ema_decay=ema_decay)

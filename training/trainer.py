@@ -186,16 +186,23 @@ class RankDiffusionTrainer(Trainer):
             return totals
         return self.accelerator.reduce(totals.to(self.args.device), reduction="sum").cpu()
 
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+    def get_eval_dataloader(self, eval_dataset=None) -> DataLoader:
+        """This process's share of the held-out cells (its global rank's, over every node), batched by the
+        evaluation collator."""
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        if dataset is None or self.baseline is None:
-            raise ValueError("evaluation needs an eval_dataset and a fitted baseline")
-        batches = DataLoader(
+        if dataset is None:
+            raise ValueError("evaluation needs an eval_dataset")
+        return DataLoader(
             shard_for_process(dataset, self.args.process_index, self.args.world_size),
             batch_size=self.args.per_device_eval_batch_size,
             collate_fn=self.eval_collator,
             num_workers=self.args.dataloader_num_workers,
         )
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        if self.baseline is None:
+            raise ValueError("evaluation needs a fitted baseline")
+        batches = self.get_eval_dataloader(eval_dataset)
         with self.ema.averaged_weights(self.model) if self.ema is not None else contextlib.nullcontext():
             scores = evaluate_masked_diffusion(
                 self.model,
