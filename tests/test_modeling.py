@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from modeling import RankDiTConfig, RankDiTModel
+from modeling.modeling_rank_dit import key_padding_mask
 from tests.conftest import REPO, randomize_zero_init
 
 
@@ -170,6 +171,45 @@ def test_padding_does_not_change_real_positions(tiny_config, attn_implementation
     mask = torch.cat([torch.ones(1, 10), torch.zeros(1, 6)], dim=1).long()
     padded = model(gene_ids=padded_genes, input_ids=padded_tokens, attention_mask=mask).logits
     torch.testing.assert_close(padded[:, :10], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_the_key_padding_mask_hides_padded_keys_from_every_query():
+    attention_mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    mask = key_padding_mask(attention_mask)
+    assert mask.shape == (2, 1, 1, 3) and mask.dtype == torch.bool
+    assert mask[:, 0, 0].tolist() == [[True, True, False], [True, False, False]]
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_padding_of_other_lengths_in_one_batch(tiny_config, attn_implementation):
+    torch.manual_seed(0)
+    model = randomize_zero_init(RankDiTModel(tiny_config)).eval()
+    model.set_attn_implementation(attn_implementation)
+    gene_ids, input_ids = _inputs(tiny_config, batch=2, length=12)
+    mask = torch.tensor([[1] * 12, [1] * 7 + [0] * 5])
+    batch = model(gene_ids=gene_ids, input_ids=input_ids, attention_mask=mask).logits
+    short = model(gene_ids=gene_ids[1:, :7], input_ids=input_ids[1:, :7]).logits
+    torch.testing.assert_close(batch[1:, :7], short, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(batch[:1], model(gene_ids=gene_ids[:1], input_ids=input_ids[:1]).logits)
+
+
+def test_ids_are_checked_at_attended_positions_only_and_on_every_device(tiny_model, tiny_config, monkeypatch):
+    gene_ids, input_ids = _inputs(tiny_config, batch=1, length=8)
+    mask = torch.tensor([[1] * 6 + [0] * 2])
+    left_out = gene_ids.clone()
+    left_out[0, 6] = -1  # a gene the processor left out: never attended, any id will do
+    torch.testing.assert_close(
+        tiny_model(gene_ids=left_out, input_ids=input_ids, attention_mask=mask).logits[:, :6],
+        tiny_model(gene_ids=gene_ids, input_ids=input_ids, attention_mask=mask).logits[:, :6],
+    )
+    attended = gene_ids.clone()
+    attended[0, 2] = -1
+    with pytest.raises(ValueError, match=r"gene_ids must be in 0..199; got -1 at \(row 0, position 2\)"):
+        tiny_model(gene_ids=attended, input_ids=input_ids, attention_mask=mask)
+    # On an accelerator (or compiled) the same check is a device-side assertion, which on the host raises at once.
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with pytest.raises(RuntimeError, match="gene_ids must be in 0..199 at every attended position"):
+        tiny_model(gene_ids=attended, input_ids=input_ids, attention_mask=mask)
 
 
 def test_time_conditioning_uses_timesteps(tiny_config):
