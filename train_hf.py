@@ -124,8 +124,9 @@ def train(
 ) -> tuple[RankDiffusionTrainer, dict[str, float]]:
     """Build, fit and finalize a run; returns the trainer and its final evaluation metrics."""
     card_args = card_args or CardArguments()
-    if card_args.model_card and data_args.test_share <= 0:  # before training: the card reports test cells
-        raise ValueError("the model card scores test cells: give --test_share > 0, or --model_card false")
+    if card_args.model_card and not data_args.holds_out_test_cells:  # before training: the card reports test cells
+        raise ValueError("the model card scores test cells: hold some out (--test_share > 0, --test_plates or "
+                         "--test_files), or --model_card false")  # fmt: skip
     outputs = RunOutputs(training_args.output_dir)
     if outputs.finished() and resume_argument(training_args.resume_from_checkpoint) is None:
         if not training_args.overwrite_output_dir:

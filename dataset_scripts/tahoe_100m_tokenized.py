@@ -277,6 +277,27 @@ class Tahoe100MTokenized(datasets.ArrowBasedBuilder):
 
         return [piece for piece in pieces if may_hold(piece)]
 
+    def check_held_out(self) -> None:
+        """Raise, naming them, unless every plate or file a hold-out names is in the data: the files' names, the
+        plates of their footers' statistics (the `plate` column is read only where the footers do not say)."""
+        config = self.config
+        if config.split_by not in ("plate", "file"):
+            return
+        named = {name for split in ("validation", "test") for name in config.held_out(split)}
+        files, _ = self.input_files()
+        if config.split_by == "file":
+            present = {Path(file).name for file in files}
+        else:
+            plates = [_plates_in(footer, None) for footer in self.check_files(files).values()]
+            if any(found is None for found in plates):
+                present = {str(plate) for plate in self.distinct(["plate"])["plate"].to_pylist()}
+            else:
+                present = set().union(*plates)
+        missing = sorted(named - present)
+        if missing:
+            shown = ", ".join(sorted(present)[:20]) + (", ..." if len(present) > 20 else "")
+            raise ValueError(f"--split_by {config.split_by}: {missing} are not in the data; it holds {shown}")
+
     def shards(self, pieces: list[Piece]) -> list[tuple[Piece, ...]]:
         """Pieces dealt into shards of about `interleave_files`, after a seeded shuffle (so each shard holds pieces
         from across the data); the number of shards is a multiple of `shard_multiple` when there are enough."""

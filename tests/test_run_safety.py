@@ -104,3 +104,34 @@ def test_wrong_files_and_mistyped_paths_are_named(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="counts must be non-negative"):
         genes, counts = cell_counts({"genes": [2, 5, 6], "expressions": [-2.0, 1.0, 3.0]})  # not the marker
         rank_tokens(counts, 10)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (dict(test_plates=["plate1"]), "--test_plates holds out plates: it needs --split_by plate, not barcode"),
+        (dict(split_by="file", validation_plates=["plate1"]), "--validation_plates .* needs --split_by plate"),
+        (dict(split_by="plate"), "--split_by plate needs the plates to hold out"),
+        (dict(split_by="file"), "--split_by file needs the files to hold out"),
+        (dict(split_by="plate", test_plates=["plate1"], test_share=0.2), "--test_share goes with --split_by barcode"),
+        (dict(split_by="plate", validation_plates=["p1", "p2"], test_plates=["p2"]), r"\['p2'\] are in both"),
+        (dict(split_by="lane"), "--split_by must be one of"),
+    ],
+)
+def test_split_flags_without_their_split_are_refused_at_once(flags, message):
+    from training import DataArguments
+
+    with pytest.raises(ValueError, match=message):
+        DataArguments(**flags)
+
+
+def test_held_out_plates_and_files_must_be_in_the_data(tmp_path):
+    write_tahoe_fixture(tmp_path / "tahoe", num_shards=2, cells_per_shard=4, num_genes=200, expressed_range=(5, 50))
+    common = ["--data", str(tmp_path / "tahoe"), "--output_dir", str(tmp_path / "run"), "--max_steps", "1"]
+    with pytest.raises(ValueError, match=r"--split_by plate: \['plateX'\] are not in the data; it holds plate"):
+        train_hf.main([*common, "--split_by", "plate", "--test_plates", "plateX"])
+    with pytest.raises(ValueError, match=r"--split_by file: \['nope.parquet'\] are not in the data; it holds train-"):
+        train_hf.main([*common, "--split_by", "file", "--test_files", "nope.parquet"])
+    with pytest.raises(ValueError, match="the model card scores test cells"):
+        train_hf.main([*common, "--split_by", "plate", "--validation_plates", "plate1"])
+    assert not (tmp_path / "run").exists()

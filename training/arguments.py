@@ -13,6 +13,7 @@ from pipelines import NOISE_SCHEDULES
 from .loss import ORDINAL_TERMS, ORDINAL_TIME_WEIGHTINGS
 
 GENE_EMBEDDING_INITS = ("random", "pca")
+SPLIT_BY = ("barcode", "plate", "file")
 
 
 @dataclass
@@ -101,16 +102,20 @@ class DataArguments:
         default=None,
         metadata={"help": "genes in the panel: the most often detected genes of the training split (default L)"},
     )
-    validation_share: float = field(
-        default=VALIDATION_SHARE,
+    validation_share: float | None = field(
+        default=None,
         metadata={
-            "help": "share of cells held out for validation (by a hash of BARCODE_SUB_LIB_ID): the evaluations "
-            "during training and every choice of setting are made on them"
+            "help": f"share of cells held out for validation (by a hash of BARCODE_SUB_LIB_ID; default "
+            f"{VALIDATION_SHARE}, --split_by barcode only): the evaluations during training and every choice of "
+            "setting are made on them"
         },
     )
-    test_share: float = field(
-        default=TEST_SHARE,
-        metadata={"help": "share of cells held out for testing (the next slice of the hash): the reported numbers"},
+    test_share: float | None = field(
+        default=None,
+        metadata={
+            "help": f"share of cells held out for testing (the next slice of the hash; default {TEST_SHARE}, "
+            "--split_by barcode only): the reported numbers"
+        },
     )
     split_seed: int = field(
         default=0, metadata={"help": "salt of that hash; unlike --seed it keeps the held-out cells across runs"}
@@ -172,6 +177,38 @@ class DataArguments:
             raise ValueError("--heldout_pairs needs --conditions (the pair's columns among them)")
         if self.heldout_pairs is not None and self.split_by != "barcode":
             raise ValueError(f"--heldout_pairs is its own split: leave --split_by at barcode, not {self.split_by!r}")
+        self._check_split()
+
+    def _check_split(self) -> None:
+        """Every split flag goes with its split, names something, and names it once (the data is checked for the
+        plates and files it names when it is opened, before any cell is read)."""
+        if self.split_by not in SPLIT_BY:
+            raise ValueError(f"--split_by must be one of {SPLIT_BY}, got {self.split_by!r}")
+        for kind in ("plate", "file"):
+            flags = (f"validation_{kind}s", f"test_{kind}s")
+            named = [flag for flag in flags if getattr(self, flag)]
+            if named and self.split_by != kind:
+                raise ValueError(f"--{named[0]} holds out {kind}s: it needs --split_by {kind}, not {self.split_by}")
+            if self.split_by == kind and not named:
+                raise ValueError(f"--split_by {kind} needs the {kind}s to hold out: --{flags[0]} and/or --{flags[1]}")
+            both = sorted(set(getattr(self, flags[0])) & set(getattr(self, flags[1])))
+            if both:
+                raise ValueError(f"{both} are in both --{flags[0]} and --{flags[1]}")
+        given = [name for name in ("validation_share", "test_share") if getattr(self, name) is not None]
+        if given and self.split_by != "barcode":
+            kind = self.split_by
+            raise ValueError(f"--{given[0]} goes with --split_by barcode; a {kind} split holds out the {kind}s "
+                             f"--validation_{kind}s / --test_{kind}s name")  # fmt: skip
+        if self.split_by == "barcode":
+            self.validation_share = VALIDATION_SHARE if self.validation_share is None else self.validation_share
+            self.test_share = TEST_SHARE if self.test_share is None else self.test_share
+
+    @property
+    def holds_out_test_cells(self) -> bool:
+        """Whether the split has test cells (what the model card scores)."""
+        if self.split_by == "barcode":
+            return self.test_share > 0 or self.heldout_pairs is not None
+        return bool(self.test_plates if self.split_by == "plate" else self.test_files)
 
     @property
     def condition_names(self) -> list[str]:

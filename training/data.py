@@ -285,8 +285,11 @@ def open_data(
         "num_rank_bins": num_bins,
         "seed": seed,
         "split_by": data_args.split_by,
-        "validation_share": data_args.validation_share,
-        "test_share": data_args.test_share,
+        **{
+            name: getattr(data_args, name)
+            for name in ("validation_share", "test_share")
+            if getattr(data_args, name) is not None
+        },  # fmt: skip
         "split_seed": data_args.split_seed,
         "validation_plates": tuple(data_args.validation_plates),
         "test_plates": tuple(data_args.test_plates),
@@ -296,6 +299,7 @@ def open_data(
         "shard_multiple": shard_multiple,
     }
     first = tahoe_builder(data_args.data, **config)
+    first.check_held_out()  # the plates or files a hold-out names are in the data, before any cell is read
     names = first.schema().names
     setup = condition_setup(first, data_args) if data_args.conditions else None
     if setup is not None and setup.pair_columns:
