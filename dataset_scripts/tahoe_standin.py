@@ -151,68 +151,84 @@ def write_standin_corpus(
         genes, detected = np.unique(np.concatenate([g for g, _ in cells]), return_counts=True)
         common = genes[detected >= 0.3 * len(cells)]
         model = ResponseModel(common, [drug_key(d) for d in drugs if d != CONTROL], lines, rng)
-
     layout = [(CONTROL, 0.0)] + [(drug, dose) for drug in drugs if drug != CONTROL for dose in DOSES_UM]
     plate_of_file = np.repeat(np.arange(num_plates), -(-num_files // num_plates))[:num_files]
-    samples, obs, effects = [], [], {}
+    wells = _Wells(cells, lines, pools, model, median_library_size, rng)
+    samples = []
     for file_index in range(num_files):
         plate = f"plate{plate_of_file[file_index] + 1}"
         rows = {name: [] for name in EXPRESSION_SCHEMA.names}
         for well in range(wells_per_file):
-            sample = f"smp_{file_index * wells_per_file + well:05d}"
+            well_index = file_index * wells_per_file + well
+            sample = f"smp_{well_index:05d}"
             if model is not None:  # a screen's layout: every (drug, dose) and the control in turn, equally often
-                well_index = file_index * wells_per_file + well
                 if well_index % len(layout) == 0:
                     rng.shuffle(layout)
                 drug, dose = layout[well_index % len(layout)]
             else:
                 drug = drugs[rng.integers(len(drugs))]
                 dose = 0.0 if drug == CONTROL else float(rng.choice(DOSES_UM))
-            name, smiles, cid, _, _, moa = DRUGS[drugs.index(drug)]
             samples.append((sample, plate, drug, f"[('{drug}', {dose}, 'uM')]"))
             for _ in range(cells_per_file // wells_per_file):
-                line_index = int(rng.integers(num_lines))
-                line = lines[line_index]
-                genes, counts = cells[pools[line_index][rng.integers(len(pools[line_index]))]]
-                library_size = max(200, int(rng.lognormal(np.log(median_library_size), 0.5)))
-                shift = None
-                if model is not None and drug != CONTROL:
-                    program, lfc, responders = model.effect(drug_key(drug), dose, line)
-                    effects[(drug_key(drug), dose, line)] = (program, lfc, responders)
-                    if rng.random() < responders:
-                        shift = np.zeros(len(genes))
-                        where = np.searchsorted(program, genes).clip(max=len(program) - 1)
-                        hit = program[where] == genes
-                        shift[hit] = lfc[where[hit]]
-                cell_genes, cell_counts_ = _resample(genes, counts, library_size, rng, shift)
-                barcode = f"{plate}_{sample}_{rng.integers(2**62):016x}"
-                rows["genes"].append([CLS_TOKEN_ID, *cell_genes.tolist()])
-                rows["expressions"].append([CLS_VALUE, *cell_counts_.tolist()])
-                for column, value in (("drug", drug), ("sample", sample), ("BARCODE_SUB_LIB_ID", barcode),
-                                      ("cell_line_id", line), ("moa-fine", moa), ("canonical_smiles", smiles),
-                                      ("pubchem_cid", cid), ("plate", plate)):  # fmt: skip
-                    rows[column].append(value)
-                obs.append((barcode, sample, plate, line, len(cell_genes), int(cell_counts_.sum())))
+                wells.add_cell(rows, plate, sample, drug, dose)
         path = root / "data" / f"train-{file_index:05d}-of-{num_files:05d}.parquet"
         pq.write_table(pa.table(rows, schema=EXPRESSION_SCHEMA), path)
-
-    _write_metadata(root, samples, obs, lines, rng)
+    _write_metadata(root, samples, wells.obs, lines, rng)
     if model is not None:
-        keys = sorted(effects)
-        pq.write_table(
-            pa.table(
-                {
-                    "drug": [k[0] for k in keys],
-                    "dose_um": [k[1] for k in keys],
-                    "cell_line_id": [k[2] for k in keys],
-                    "responder_share": [effects[k][2] for k in keys],
-                    "genes": [effects[k][0].tolist() for k in keys],
-                    "log_fold_changes": [effects[k][1].tolist() for k in keys],
-                }
-            ),
-            root / "metadata" / "simulated_effects.parquet",
-        )
+        _write_effects(root, wells.effects)
     return root
+
+
+class _Wells:
+    """Draws the cells of a well: a real cell of the line, resampled to a library size, shifted by the drug's effect
+    in a responding cell (a screen), with its row columns and QC record."""
+
+    def __init__(self, cells, lines, pools, model, median_library_size, rng):
+        self.cells, self.lines, self.pools, self.model = cells, lines, pools, model
+        self.median_library_size, self.rng = median_library_size, rng
+        self.obs, self.effects = [], {}
+
+    def add_cell(self, rows: dict, plate: str, sample: str, drug: str, dose: float) -> None:
+        rng = self.rng
+        line_index = int(rng.integers(len(self.lines)))
+        line, pool = self.lines[line_index], self.pools[line_index]
+        genes, counts = self.cells[pool[rng.integers(len(pool))]]
+        library_size = max(200, int(rng.lognormal(np.log(self.median_library_size), 0.5)))
+        shift = None
+        if self.model is not None and drug != CONTROL:
+            program, lfc, responders = self.model.effect(drug_key(drug), dose, line)
+            self.effects[(drug_key(drug), dose, line)] = (program, lfc, responders)
+            if rng.random() < responders:
+                shift = np.zeros(len(genes))
+                where = np.searchsorted(program, genes).clip(max=len(program) - 1)
+                hit = program[where] == genes
+                shift[hit] = lfc[where[hit]]
+        cell_genes, cell_counts_ = _resample(genes, counts, library_size, rng, shift)
+        barcode = f"{plate}_{sample}_{rng.integers(2**62):016x}"
+        name, smiles, cid, _, _, moa = DRUGS[[d for d, *_ in DRUGS].index(drug)]
+        rows["genes"].append([CLS_TOKEN_ID, *cell_genes.tolist()])
+        rows["expressions"].append([CLS_VALUE, *cell_counts_.tolist()])
+        for column, value in (("drug", drug), ("sample", sample), ("BARCODE_SUB_LIB_ID", barcode),
+                              ("cell_line_id", line), ("moa-fine", moa), ("canonical_smiles", smiles),
+                              ("pubchem_cid", cid), ("plate", plate)):  # fmt: skip
+            rows[column].append(value)
+        self.obs.append((barcode, sample, plate, line, len(cell_genes), int(cell_counts_.sum())))
+
+
+def _write_effects(root: Path, effects: dict) -> None:
+    """The simulated ground truth of a screen: each (drug, dose, line)'s program, log-fold changes and responders."""
+    keys = sorted(effects)
+    table = pa.table(
+        {
+            "drug": [k[0] for k in keys],
+            "dose_um": [k[1] for k in keys],
+            "cell_line_id": [k[2] for k in keys],
+            "responder_share": [effects[k][2] for k in keys],
+            "genes": [effects[k][0].tolist() for k in keys],
+            "log_fold_changes": [effects[k][1].tolist() for k in keys],
+        }
+    )
+    pq.write_table(table, root / "metadata" / "simulated_effects.parquet")
 
 
 def _write_metadata(root: Path, samples, obs, lines, rng) -> None:

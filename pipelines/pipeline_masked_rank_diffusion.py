@@ -1,31 +1,27 @@
 # Copyright 2026 The RankDiff authors. Licensed under the Apache License, Version 2.0.
 """`MaskedRankDiffusionPipeline`: impute, denoise and generate cells' rank tokens with a RankDiT denoiser.
 
-This file imports only torch, numpy, tqdm, huggingface_hub and diffusers (scipy on demand), so a saved pipeline
-folder carries it as remote code: `DiffusionPipeline.from_pretrained(path, trust_remote_code=True)`.
+This file holds the sampling; AnnData in and out is `anndata_io.py`'s, the export `export.py`'s. They import only
+torch, numpy, tqdm, huggingface_hub and diffusers (scipy, pandas and anndata on demand), so a saved pipeline folder
+carries them as remote code: `DiffusionPipeline.from_pretrained(path, trust_remote_code=True)`.
 """
 
 from __future__ import annotations
 
-import inspect
-import json
 import math
 import numbers
 import os
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput, logging, replace_example_docstring
-from diffusers.utils.dynamic_modules_utils import get_relative_import_files
-from huggingface_hub import HfApi
 from torch.nn import functional as F
 
 from .anndata_io import run_generation, run_imputation
+from .export import save_pipeline_folder
 
 logger = logging.get_logger(__name__)
 
@@ -406,48 +402,10 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
         return run_generation(self, obs, genes, condition_columns=condition_columns, **call_kwargs)
 
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
-        """Write the complete pipeline folder, the one export of a RankDiff model, so that it loads every way:
-
-        `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`, `AutoModel.from_pretrained(folder,
-        subfolder="model", trust_remote_code=True)` and `pipeline(model=folder + "/model", trust_remote_code=True)`.
-        The folder holds `model_index.json` and this file, `model/` (config, weights, the model's code, the
-        processor and the transformers task beside it), `scheduler/` and `processor/`, each with its code, and the
-        model's code and the processor's config at the root too (transformers 5 looks there even with a
-        `subfolder`). With
-        `push_to_hub=True` (and `repo_id=`, `token=`, `private=`, `commit_message=`) the folder is uploaded.
-        """
-        hub = {key: kwargs.pop(key, None) for key in ("repo_id", "token", "private", "commit_message")}
-        # Remote code classes loaded by diffusers are not registered with transformers' Auto classes; registering
-        # them makes each `save_pretrained` write its code and `auto_map`.
-        type(self.model).register_for_auto_class("AutoModel")
-        type(self.model.config).register_for_auto_class()
-        type(self.processor).register_for_auto_class("AutoFeatureExtractor")
-        super().save_pretrained(save_directory, **kwargs)
-        folder = Path(save_directory)
-        self.processor.save_pretrained(folder / "model")  # for the transformers task, which loads it from there
-        index_path = folder / "model_index.json"
-        index = json.loads(index_path.read_text())
-        for name, obj in (("pipeline", self), ("scheduler", self.scheduler)):
-            module_file = Path(inspect.getfile(type(obj)))
-            target = folder if name == "pipeline" else folder / name
-            for code_file in [module_file, *map(Path, get_relative_import_files(str(module_file)))]:
-                shutil.copy(code_file, target / code_file.name)
-        index["_class_name"] = [Path(inspect.getfile(type(self))).stem, type(self).__name__]
-        for name in ("model", "scheduler", "processor"):
-            component = getattr(self, name)
-            index[name] = [Path(inspect.getfile(type(component))).stem, type(component).__name__]
-        index_path.write_text(json.dumps(index, indent=2) + "\n")
-        # transformers 5 looks at the root for remote code, and the transformers task for the processor's config,
-        # even with `subfolder="model"`.
-        for name in [*(p.name for p in (folder / "model").glob("*.py")), "preprocessor_config.json"]:
-            if (folder / "model" / name).exists():
-                shutil.copy(folder / "model" / name, folder / name)
-        if push_to_hub:
-            api = HfApi(token=hub["token"])
-            repo_id = api.create_repo(hub["repo_id"] or folder.absolute().name, private=hub["private"],
-                                      exist_ok=True).repo_id  # fmt: skip
-            api.upload_folder(repo_id=repo_id, folder_path=folder, ignore_patterns=["checkpoint-*", "runs/*"],
-                              commit_message=hub["commit_message"] or "Upload RankDiff pipeline")  # fmt: skip
+        """Write the complete pipeline folder, the one export of a RankDiff model, so that it loads every way
+        ([`save_pipeline_folder`]); with `push_to_hub=True` (and `repo_id=`, `token=`, `private=`,
+        `commit_message=`) the folder is uploaded."""
+        save_pipeline_folder(self, save_directory, push_to_hub=push_to_hub, **kwargs)
 
 
 def _is_positive_int(value) -> bool:

@@ -16,7 +16,7 @@ import train_hf
 from dataset_scripts import RankDiffusionCollator, load_expression_data
 from metrics import PerGeneMarginal
 from modeling import CellTokenizer, RankDiTConfig, RankDiTModel, RankDiTProcessor, rank_tokens
-from pipelines import MaskedRankDiffusionPipeline, MaskedRankDiffusionScheduler, pipeline_masked_rank_diffusion
+from pipelines import MaskedRankDiffusionPipeline, MaskedRankDiffusionScheduler
 from training import RankDiffTrainingArguments, RankDiffusionTrainer, evaluate_masked_diffusion
 from training.data import PANELS
 
@@ -244,7 +244,6 @@ def trained_run(tmp_path_factory):
     RecordingHfApi.calls = []
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(train_hf, "HfApi", RecordingHfApi)
-        patch.setattr(pipeline_masked_rank_diffusion, "HfApi", RecordingHfApi)
         trainer, metrics = train_hf.main(
             [
                 "--output_dir",

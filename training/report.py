@@ -79,48 +79,11 @@ def write_model_card(
     plots_dir = output_dir / PLOTS_DIR
     plots_dir.mkdir(parents=True, exist_ok=True)
     model = pipe.model.eval()
-    num_bins = model.config.num_rank_bins
-    plots: dict[str, Path] = {}
-
-    counts = data.reference.counts[:count_cells]
-    plots["Counts of expressed genes in the training data"] = plot_count_histogram(
-        counts.data, counts.shape[0], plots_dir / "count_histogram.png"
-    )
-    plots["Rank tokens of the training data"] = plot_rank_token_distribution(
-        data.baseline, data.panel, plots_dir / "rank_tokens.png"
-    )
-    metrics = summary.metrics
-    baseline_key = next((k for k in metrics if k.startswith("eval_baseline_masked_nll_")), None)
-    plots["Training and validation losses"] = plot_loss_curves(
-        trainer.state.log_history, plots_dir / "loss_curves.png", baseline_key
-    )
-
+    plots = data_and_training_plots(data, trainer.state.log_history, summary.metrics, plots_dir, count_cells)
     report = imputation_report(pipe, data, split="test", mask_ratios=mask_ratios, seed=seed)
     (output_dir / IMPUTATION_RESULTS).write_text(json.dumps(report, indent=2) + "\n")
-    imputation = report["results"][TRAINING_PANEL]
-    plots["Test metrics against the share of genes masked, training panel"] = plot_metrics_vs_mask_ratio(
-        imputation, plots_dir / "metrics_vs_mask_ratio.png"
-    )
-    ratio = min(mask_ratios, key=lambda r: abs(r - 0.5))
-    at_ratio = {method: by_ratio[str(ratio)] for method, by_ratio in imputation.items()}
-    plots[f"Calibration, {ratio:.0%} masked"] = plot_reliability(at_ratio, ratio, plots_dir / "reliability.png")
-
-    cells = data.panel_cells(data.test_rows.take(1), data.panel, pipe.processor)
-    genes, ranks = cells.cells["gene_ids"][0].tolist(), cells.tokens[0].tolist()
-    for share, name in ((0.9, "high"), (0.2, "low")):
-        states = record_denoising(
-            pipe,
-            genes,
-            ranks=[ranks],
-            mask_ratio=share,
-            num_inference_steps=gif_steps,
-            generator=torch.Generator().manual_seed(seed),
-        )
-        path = plots_dir / f"denoising_{name}_corruption.gif"
-        title = f"Denoising a test cell ({share:.0%} masked)"
-        write_denoising_gif(states, path, num_rank_bins=num_bins, title=title)
-        plots[f"Denoising a test cell, {share:.0%} of its {len(genes)} panel genes masked"] = path
-
+    plots.update(imputation_plots(report["results"][TRAINING_PANEL], mask_ratios, plots_dir))
+    plots.update(denoising_gifs(pipe, data, plots_dir, gif_steps, seed))
     examples = data.panel_cells(data.reference_rows.take(2), data.panel, pipe.processor)
     example_cells = [(examples.cells["gene_ids"][i].numpy(), examples.tokens[i].numpy()) for i in range(len(examples))]
     widgets = widget_examples(example_cells, pipe.processor.gene_vocab, seed=seed)
@@ -142,3 +105,45 @@ def write_model_card(
     card.save(output_dir / "README.md")
     logger.info("model card with %d plots written to %s", len(plots), output_dir / "README.md")
     return card
+
+
+def data_and_training_plots(data, log_history, metrics, plots_dir: Path, count_cells: int) -> dict[str, Path]:
+    """The training data's counts and rank tokens, and the training and validation losses: caption -> path."""
+    counts = data.reference.counts[:count_cells]
+    baseline_key = next((k for k in metrics if k.startswith("eval_baseline_masked_nll_")), None)
+    return {
+        "Counts of expressed genes in the training data": plot_count_histogram(
+            counts.data, counts.shape[0], plots_dir / "count_histogram.png"
+        ),
+        "Rank tokens of the training data": plot_rank_token_distribution(
+            data.baseline, data.panel, plots_dir / "rank_tokens.png"
+        ),
+        "Training and validation losses": plot_loss_curves(log_history, plots_dir / "loss_curves.png", baseline_key),
+    }
+
+
+def imputation_plots(imputation: dict, mask_ratios: list[float], plots_dir: Path) -> dict[str, Path]:
+    """Test metrics against the share masked, and the calibration at the ratio nearest one half."""
+    ratio = min(mask_ratios, key=lambda r: abs(r - 0.5))
+    at_ratio = {method: by_ratio[str(ratio)] for method, by_ratio in imputation.items()}
+    return {
+        "Test metrics against the share of genes masked, training panel": plot_metrics_vs_mask_ratio(
+            imputation, plots_dir / "metrics_vs_mask_ratio.png"
+        ),
+        f"Calibration, {ratio:.0%} masked": plot_reliability(at_ratio, ratio, plots_dir / "reliability.png"),
+    }
+
+
+def denoising_gifs(pipe, data, plots_dir: Path, steps: int, seed: int) -> dict[str, Path]:
+    """The denoising of one test cell on the training panel, with 90% and with 20% of its genes masked."""
+    cells = data.panel_cells(data.test_rows.take(1), data.panel, pipe.processor)
+    genes, ranks = cells.cells["gene_ids"][0].tolist(), cells.tokens[0].tolist()
+    gifs = {}
+    for share, name in ((0.9, "high"), (0.2, "low")):
+        states = record_denoising(pipe, genes, ranks=[ranks], mask_ratio=share, num_inference_steps=steps,
+                                  generator=torch.Generator().manual_seed(seed))  # fmt: skip
+        path = plots_dir / f"denoising_{name}_corruption.gif"
+        write_denoising_gif(states, path, num_rank_bins=pipe.model.config.num_rank_bins,
+                            title=f"Denoising a test cell ({share:.0%} masked)")  # fmt: skip
+        gifs[f"Denoising a test cell, {share:.0%} of its {len(genes)} panel genes masked"] = path
+    return gifs

@@ -42,56 +42,22 @@ def build_training(
     fsdp = bool(training_args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
     ema_decay = ema_decay_for(training_args.ema_decay, fsdp=fsdp, preset=model_args.preset)
     set_seed(training_args.seed)
-    num_bins = model_args.num_rank_bins
     if training_args.train_sampling_strategy == "group_by_length":
         raise ValueError("group_by_length needs a map-style dataset; training data is a stream (use random)")
     workers = max(1, training_args.dataloader_num_workers)
     data = prepare_data(
-        data_args, num_bins, seed=training_args.seed, shard_multiple=training_args.world_size * workers
-    )
+        data_args, model_args.num_rank_bins, seed=training_args.seed,
+        shard_multiple=training_args.world_size * workers,
+    )  # fmt: skip
     # Each process reads the stream itself (its own files when there are enough, else its share of each global
     # batch) rather than process 0 reading everything and sending slices.
     training_args.accelerator_config.dispatch_batches = False
-
-    tokenizer = CellTokenizer(
-        num_bins=num_bins,
-        max_length=data_args.max_length,
-        zero_share=data_args.zero_share,
-        panel_share=data_args.panel_share,
-        random_share=data_args.random_share,
-        seed=training_args.seed,
-        gene_pool=data.gene_pool,
-        panel=data.panel,
-    )
-    conditions = data.conditions
-    config = RankDiTConfig.from_preset(
-        model_args.preset,
-        gene_vocab_size=data.source.vocab.size,
-        max_length=data_args.max_length,
-        conditions=(conditions.values or None) if conditions is not None else None,
-        dose_condition=conditions is not None and conditions.dose,
-        **model_args.config_overrides(),
-    )
-    model = RankDiTModel(config)
-    if config.gene_prior:
-        model.init_gene_prior(data.baseline.probabilities())
-    if model_args.gene_embedding_init == "pca":
-        model.init_gene_embedding(*data.reference.gene_loadings(config.hidden_size, seed=training_args.seed))
-    logger.info("RankDiT %s: %.2fM parameters", model_args.preset, model.num_parameters() / 1e6)
+    model = build_model(model_args, data_args, data, seed=training_args.seed)
     scheduler = MaskedRankDiffusionScheduler(
-        num_rank_bins=num_bins, noise_schedule=diffusion_args.noise_schedule, eps=diffusion_args.eps
+        num_rank_bins=model_args.num_rank_bins, noise_schedule=diffusion_args.noise_schedule, eps=diffusion_args.eps
     )
-    processor = RankDiTProcessor.from_model_config(config, gene_vocab=data.source.vocab)
-    collator = RankDiffusionCollator(processor, tokenizer)
-    eval_collator = RankDiffusionCollator(processor, tokenizer, rule="panel")
-    if conditions is not None:
-        for each in (collator, eval_collator):
-            each.conditions, each.dose_of_sample = conditions.encoder, conditions.dose_of_sample
-            each.seed = training_args.seed
-        collator.condition_dropout = data_args.condition_dropout
-        logger.info("conditioned on %s (condition dropout %g)", ", ".join(
-            [*(f"{name} ({len(values)} values)" for name, values in conditions.values.items()),
-             *(["dose"] if conditions.dose else [])]), data_args.condition_dropout)  # fmt: skip
+    processor = RankDiTProcessor.from_model_config(model.config, gene_vocab=data.source.vocab)
+    collator, eval_collator = build_collators(processor, data_args, data, seed=training_args.seed)
     trainer = RankDiffusionTrainer(
         model=model,
         args=training_args,
@@ -111,3 +77,52 @@ def build_training(
     )
     pipe = MaskedRankDiffusionPipeline(model=model, scheduler=scheduler, processor=processor)
     return TrainingSetup(data=data, pipe=pipe, trainer=trainer, ema_decay=ema_decay)
+
+
+def build_model(model_args: ModelArguments, data_args: DataArguments, data: PreparedData, seed: int) -> RankDiTModel:
+    """The RankDiT of the preset, for the data's genes and conditions, its gene prior started at the training cells'
+    per-gene marginal and its gene embeddings at their principal axes (as the arguments ask)."""
+    conditions = data.conditions
+    config = RankDiTConfig.from_preset(
+        model_args.preset,
+        gene_vocab_size=data.source.vocab.size,
+        max_length=data_args.max_length,
+        conditions=(conditions.values or None) if conditions is not None else None,
+        dose_condition=conditions is not None and conditions.dose,
+        **model_args.config_overrides(),
+    )
+    model = RankDiTModel(config)
+    if config.gene_prior:
+        model.init_gene_prior(data.baseline.probabilities())
+    if model_args.gene_embedding_init == "pca":
+        model.init_gene_embedding(*data.reference.gene_loadings(config.hidden_size, seed=seed))
+    logger.info("RankDiT %s: %.2fM parameters", model_args.preset, model.num_parameters() / 1e6)
+    return model
+
+
+def build_collators(
+    processor: RankDiTProcessor, data_args: DataArguments, data: PreparedData, seed: int
+) -> tuple[RankDiffusionCollator, RankDiffusionCollator]:
+    """The training collator (the selection rules drawn per cell and epoch, condition dropout) and the evaluation's
+    (the training panel, no dropout)."""
+    tokenizer = CellTokenizer(
+        num_bins=processor.num_rank_bins,
+        max_length=data_args.max_length,
+        zero_share=data_args.zero_share,
+        panel_share=data_args.panel_share,
+        random_share=data_args.random_share,
+        seed=seed,
+        gene_pool=data.gene_pool,
+        panel=data.panel,
+    )
+    collator = RankDiffusionCollator(processor, tokenizer)
+    eval_collator = RankDiffusionCollator(processor, tokenizer, rule="panel")
+    conditions = data.conditions
+    if conditions is not None:
+        for each in (collator, eval_collator):
+            each.conditions, each.dose_of_sample, each.seed = conditions.encoder, conditions.dose_of_sample, seed
+        collator.condition_dropout = data_args.condition_dropout
+        logger.info("conditioned on %s (condition dropout %g)", ", ".join(
+            [*(f"{name} ({len(values)} values)" for name, values in conditions.values.items()),
+             *(["dose"] if conditions.dose else [])]), data_args.condition_dropout)  # fmt: skip
+    return collator, eval_collator
