@@ -84,7 +84,8 @@ def run_per_cell(root: Path, max_length: int) -> tuple[int, float]:
 
 def check_same_output(root: Path, cache: Path, max_length: int, n: int = 20) -> None:
     tokenizer = CellTokenizer(max_length=max_length)
-    raw = {r["BARCODE_SUB_LIB_ID"]: r for r in pq.read_table(sorted((root / "data").glob("*.parquet"))[0]).to_pylist()}
+    files = sorted((root / "data").glob("*.parquet"))  # a shard reads several files side by side, shuffled
+    raw = {r["BARCODE_SUB_LIB_ID"]: r for file in files for r in pq.read_table(file).to_pylist()}
     table = next(builder_stream(root, cache, max_length).iter(batch_size=n))
     for row in table.to_pylist():
         source = raw[row["BARCODE_SUB_LIB_ID"]]

@@ -135,7 +135,7 @@ def tokenize_arrow_batch(
     context_sizes = np.diff(context_offsets)[~rejected]
     context_offsets = np.concatenate([[0], np.cumsum(context_sizes)])
     context = context[kept_context]
-    tokens = rank_tokens(values, num_bins, offsets, context=context, context_offsets=context_offsets)
+    tokens = rank_tokens(values, num_bins, offsets, context=context, context_offsets=context_offsets, checked=True)
     return TokenizedBatch(
         offsets, genes.take(expressed), values, tokens, None, context, context_offsets, ~rejected, skipped, reasons
     )

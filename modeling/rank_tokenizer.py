@@ -71,6 +71,7 @@ def rank_tokens(
     context_offsets: np.ndarray | None = None,
     reference=None,
     reference_offsets: np.ndarray | None = None,
+    checked: bool = False,
 ) -> np.ndarray:
     """Rank tokens of the counts of one cell or of many back to back: the MosaicFM / Tahoe-x1 rule, RankDiff's one.
 
@@ -90,47 +91,75 @@ def rank_tokens(
         reference (`np.ndarray`, *optional*): instead, the counts whose quantiles alone make each cell's edges
             (`reference_offsets` lays them out): `counts` are put on their scale, e.g. a cell's held-out counts on the
             scale of its visible ones (a count above them all gets bin B).
+        checked (`bool`, defaults to `False`): the caller has checked every count ([`invalid_counts`], naming the
+            row or cell of a bad one), so they are not checked again.
 
     Returns:
         `np.ndarray` of int64 tokens in 0..B, one per count.
     """
-    counts = np.asarray(counts)
-    offsets = np.array([0, len(counts)]) if offsets is None else np.asarray(offsets)
-    check_counts(counts, "counts")
-    expressed = counts > 0
-    cell = segment_ids(offsets)[expressed]
     if reference is not None and context is not None:
         raise ValueError("give context (joins the counts in the bins) or reference (makes the bins), not both")
-    if reference is None:  # the edges from the counts and their context
-        edge_cell, edge_values = cell, counts[expressed]
-        if context is not None:
-            context = np.asarray(context)
-            check_counts(context, "context counts")
-            others = context > 0
-            edge_cell = np.concatenate([cell, segment_ids(np.asarray(context_offsets))[others]])
-            edge_values = np.concatenate([edge_values, context[others]])
-    else:
+    counts = np.asarray(counts)
+    offsets = np.array([0, len(counts)]) if offsets is None else np.asarray(offsets)
+    if not checked:
+        for name, given in (("counts", counts), ("context counts", context), ("reference counts", reference)):
+            if given is not None:
+                check_counts(np.asarray(given), name)
+    if context is not None and not len(context):
+        context = None
+    values, sizes, expressed = _expressed(counts, offsets)
+    if reference is not None:  # the edges from other counts: each count looked up on its cell's
         reference = np.asarray(reference)
         reference_offsets = np.array([0, len(reference)]) if reference_offsets is None else reference_offsets
-        check_counts(reference, "reference counts")
-        edge_cell = segment_ids(np.asarray(reference_offsets))[reference > 0]
-        edge_values = reference[reference > 0]
-    order = np.argsort(edge_cell, kind="stable")
-    sizes = np.bincount(edge_cell, minlength=len(offsets) - 1)
+        edges, edge_sizes, _ = _expressed(reference, np.asarray(reference_offsets))
+        cells = np.repeat(np.arange(len(sizes)), sizes)
+        binned = _bin(_offsets(edge_sizes), edges, num_bins, queries=values, query_cells=cells)
+    elif context is not None:  # each cell's counts, then its context, make its edges
+        context = np.asarray(context)
+        others, other_sizes, _ = _expressed(context, np.asarray(context_offsets))
+        merged_offsets = _offsets(sizes + other_sizes)
+        own = concatenated_ranges(merged_offsets[:-1], sizes)
+        merged = np.empty(merged_offsets[-1], dtype=np.result_type(values, others))
+        merged[own] = values
+        merged[concatenated_ranges(merged_offsets[:-1] + sizes, other_sizes)] = others
+        binned = _bin(merged_offsets, merged, num_bins)[own]
+    else:
+        binned = _bin(_offsets(sizes), values, num_bins)
+    if expressed is None:  # every count was expressed
+        return binned
     tokens = np.zeros(len(counts), dtype=np.int64)
-    tokens[expressed] = _bin(np.concatenate([[0], np.cumsum(sizes)]), edge_values[order], cell, counts[expressed],
-                             num_bins)  # fmt: skip
+    tokens[expressed] = binned
     return tokens
 
 
-def _bin(offsets: np.ndarray, values: np.ndarray, cells: np.ndarray, queries: np.ndarray, num_bins: int) -> np.ndarray:
-    """Tokens of positive integer `queries` (each in cell `cells[i]`) on the bins of the cells' positive integer
-    `values` (cell by cell with `offsets`)."""
+def _offsets(sizes: np.ndarray) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(sizes)])
+
+
+def _expressed(counts: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """`(values, sizes, expressed)`: the non-zero counts cell by cell, each cell's number of them, and where they are
+    (None when every count is non-zero: no copy)."""
+    expressed = counts > 0
+    if expressed.all():
+        return counts, np.diff(offsets), None
+    before = np.concatenate([[0], np.cumsum(expressed, dtype=np.int64)])
+    return counts[expressed], before[offsets[1:]] - before[offsets[:-1]], expressed
+
+
+def _bin(
+    offsets: np.ndarray,
+    values: np.ndarray,
+    num_bins: int,
+    queries: np.ndarray | None = None,
+    query_cells: np.ndarray | None = None,
+) -> np.ndarray:
+    """Tokens of the positive integer `values` (cell by cell with `offsets`) on their cells' bins, or of other
+    positive integer `queries` (each in cell `query_cells[i]`) on the bins of the `values`."""
     n_cells, sizes = len(offsets) - 1, np.diff(offsets)
-    if not len(queries):
+    if not len(values if queries is None else queries):
         return np.zeros(0, dtype=np.int64)
-    if (sizes[np.unique(cells)] == 0).any():
-        raise ValueError("a cell with expressed genes has no non-zero counts to make its bins of")
+    if queries is not None and (sizes[np.unique(query_cells)] == 0).any():
+        raise ValueError("a cell with expressed genes has no non-zero reference counts to make its bins of")
     # Column v of a cell's histogram counts its values equal to v; the last column holds all larger values.
     index = np.minimum(values, TABLE_COUNTS - 1).astype(np.int64)
     index += np.repeat(np.arange(n_cells, dtype=np.int64) * TABLE_COUNTS, sizes)
@@ -165,13 +194,17 @@ def _bin(offsets: np.ndarray, values: np.ndarray, cells: np.ndarray, queries: np
     first_above += np.arange(n_cells)[:, None] * (TABLE_COUNTS + 1)
     below = np.bincount(first_above.ravel(), minlength=n_cells * (TABLE_COUNTS + 1)).reshape(n_cells, -1)
     table = 1 + below.cumsum(axis=1)[:, :TABLE_COUNTS]
-    small = queries < TABLE_COUNTS - 1
-    tokens = np.empty(len(queries), dtype=np.int64)
-    tokens[small] = table[cells[small], queries[small].astype(np.int64)]
-    tokens[~small] = 1 + (edges[cells[~small]] < queries[~small, None]).sum(axis=1)
+    if queries is None:  # the values themselves: their table slots are `index`
+        tokens = table.ravel()[index]
+        tokens[large] = 1 + (edges[large_cell] < large_values[:, None]).sum(axis=1)
+    else:
+        small = queries < TABLE_COUNTS - 1
+        tokens = np.empty(len(queries), dtype=np.int64)
+        tokens[small] = table[query_cells[small], queries[small].astype(np.int64)]
+        tokens[~small] = 1 + (edges[query_cells[~small]] < queries[~small, None]).sum(axis=1)
     # A count above every edge (above the largest reference count, or any but the smallest when B = 1) is bin B:
     # B + 1 is [MASK].
-    return np.minimum(tokens, num_bins)
+    return np.minimum(tokens, num_bins, out=tokens)
 
 
 def cell_salts(seed: int, epoch: int, cell_ids: list[str]) -> np.ndarray:
