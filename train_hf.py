@@ -128,6 +128,7 @@ def train(
         raise ValueError("the model card scores test cells: hold some out (--test_share > 0, --test_plates or "
                          "--test_files), or --model_card false")  # fmt: skip
     outputs = RunOutputs(training_args.output_dir)
+    outputs.check_clearable()  # the run replaces a finished run's outputs at its end: it must know which they are
     if outputs.finished() and resume_argument(training_args.resume_from_checkpoint) is None:
         if not training_args.overwrite_output_dir:
             raise FileExistsError(

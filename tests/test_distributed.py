@@ -138,8 +138,10 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_losses_and_weights(
     assert bad.wait(timeout=600) != 0 and b"not a complete checkpoint" in bad.stderr.read()
     shutil.rmtree(partial)
 
+    (killed / "my_notes.py").write_text("# a user's own file in the output folder\n")
     resumed = _train(killed, *data, "--resume_from_checkpoint", "true")
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read().decode()[-3000:]
+    assert (killed / "my_notes.py").exists()  # finishing a resumed run replaces only the run's own outputs
 
     expected, got = _losses(whole / "checkpoint-18"), _losses(killed / "checkpoint-18")
     assert sorted(got) == list(range(1, 19))

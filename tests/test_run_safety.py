@@ -44,8 +44,9 @@ def test_a_pipeline_folder_without_a_manifest_is_never_cleared(tmp_path):
     out.mkdir()
     (out / "model_index.json").write_text("{}")
     (out / "pipeline_masked_rank_diffusion.py").write_text("")
-    with pytest.raises(FileExistsError, match=f"without {MANIFEST}"):
-        train_hf.main(["--output_dir", str(out), "--max_steps", "1", "--overwrite_output_dir"])
+    for flags in (["--overwrite_output_dir"], ["--resume_from_checkpoint", "true"]):  # refused before training
+        with pytest.raises(FileExistsError, match=f"without {MANIFEST}"):
+            train_hf.main(["--output_dir", str(out), "--max_steps", "1", *flags])
     assert sorted(p.name for p in out.iterdir()) == ["model_index.json", "pipeline_masked_rank_diffusion.py"]
 
 

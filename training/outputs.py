@@ -40,6 +40,15 @@ class RunOutputs:
         """The files the run wrote, relative to its folder (none before it finished)."""
         return json.loads(self.manifest.read_text())["files"] if self.manifest.exists() else []
 
+    def check_clearable(self) -> None:
+        """Raise if the folder holds a pipeline folder without a manifest: which of its files are a run's is unknown,
+        so none of them may be replaced (checked before training, not only at its end)."""
+        if not self.manifest.exists() and self.finished():
+            raise FileExistsError(
+                f"{self.folder} holds a pipeline folder without {MANIFEST}: which files are a run's is unknown; "
+                "remove them yourself or give another --output_dir"
+            )
+
     def finished(self) -> bool:
         """Whether the folder holds a finished run: its manifest, or a pipeline folder written without one."""
         return self.manifest.exists() or (self.folder / "model_index.json").exists()
@@ -62,14 +71,10 @@ class RunOutputs:
         file the run did not write stay.
 
         Raises:
-            FileExistsError: the folder holds a pipeline folder without a manifest: what in it is the run's is unknown.
+            FileExistsError: the folder holds a pipeline folder without a manifest ([`check_clearable`]).
         """
+        self.check_clearable()
         if not self.manifest.exists():
-            if self.finished():
-                raise FileExistsError(
-                    f"{self.folder} holds a pipeline folder without {MANIFEST}: which files are a run's is unknown; "
-                    "remove them yourself or give another --output_dir"
-                )
             return
         for relative in self.paths:
             path = self.folder / relative
