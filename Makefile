@@ -7,7 +7,7 @@ export HF_HOME := $(CURDIR)/.cache/huggingface
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
-# The CPU build of torch lies on this machine's disk; a bare `torch` requirement would pull a CUDA build.
+# torch first, pinned: these machines hold its CPU wheel, which pip takes; a bare `torch` would pull a CUDA build.
 TORCH := torch==2.13.0
 
 .PHONY: demo test unit-test quality install lock
@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 install: $(VENV)/.installed
 
 demo: install
-	$(PYTHON) train_hf.py --output_dir outputs/demo
+	$(PYTHON) train_hf.py --output_dir outputs/demo --overwrite_output_dir
 
 test: install quality
 	$(PYTHON) -m pytest -q

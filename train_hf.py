@@ -30,6 +30,8 @@ from pathlib import Path
 from huggingface_hub import HfApi
 from transformers import HfArgumentParser
 
+import modeling
+import pipelines
 from dataset_scripts import is_hub_dataset_id
 from training import (
     CardArguments,
@@ -41,7 +43,8 @@ from training import (
 )
 from training.model_card import TrainingSummary
 from training.outputs import MANIFEST, RunOutputs
-from training.report import EVAL_RESULTS, write_model_card
+from training.recipe import RUN_CONFIG
+from training.report import EVAL_RESULTS, IMPUTATION_RESULTS, PLOTS_DIR, write_model_card
 from training.run import TrainingSetup, build_training
 
 logger = logging.getLogger("train_hf")
@@ -107,6 +110,14 @@ def finalize(
         logger.info("pipeline folder pushed to %s", repo_id)
 
 
+def run_output_names() -> set[str]:
+    """The names a finished run writes at the top of its folder: the pipeline folder's (with every code file it may
+    copy), the card and its plots, the results."""
+    code = {p.name for package in (modeling, pipelines) for p in Path(package.__file__).parent.glob("*.py")}
+    fixed = {"model_index.json", "model", "scheduler", "processor", "preprocessor_config.json", "README.md"}
+    return fixed | code | {PLOTS_DIR, EVAL_RESULTS, IMPUTATION_RESULTS, RUN_CONFIG}
+
+
 def resume_argument(value: str | bool | None) -> str | bool | None:
     """`--resume_from_checkpoint` as the trainer takes it: "true" is the output folder's last complete checkpoint,
     "false" (or nothing) is none, anything else a checkpoint folder."""
@@ -127,16 +138,17 @@ def train(
     if card_args.model_card and not data_args.holds_out_test_cells:  # before training: the card reports test cells
         raise ValueError("the model card scores test cells: hold some out (--test_share > 0, --test_plates or "
                          "--test_files), or --model_card false")  # fmt: skip
+    # The run replaces a finished run's outputs when it ends (finalize), never a user's files: checked now, before
+    # training; the old outputs stay until then, so a run that fails loses nothing.
     outputs = RunOutputs(training_args.output_dir)
-    outputs.check_clearable()  # the run replaces a finished run's outputs at its end: it must know which they are
+    outputs.check_clearable()
+    outputs.check_no_clash(run_output_names())
     if outputs.finished() and resume_argument(training_args.resume_from_checkpoint) is None:
         if not training_args.overwrite_output_dir:
             raise FileExistsError(
                 f"{training_args.output_dir} holds a finished run: give another --output_dir, --overwrite_output_dir "
                 "to replace its outputs (only the files the run wrote), or --resume_from_checkpoint"
             )
-        if training_args.process_index == 0:
-            outputs.clear()
     # The Trainer would push its own checkpoints into the repo root; the finished pipeline folder goes up instead.
     push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
     repo_id = None

@@ -29,6 +29,7 @@ from transformers import HfArgumentParser
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dataset_scripts import cell_counts  # noqa: E402
+from dataset_scripts.schema import CONTEXT_COLUMN  # noqa: E402
 from metrics.imputation import masked_nll  # noqa: E402
 from modeling import rank_tokens  # noqa: E402
 from pipelines import MaskedRankDiffusionPipeline  # noqa: E402
@@ -55,61 +56,85 @@ def nll_over(probs: np.ndarray, tokens: list[np.ndarray], masks: list[np.ndarray
     return masked_nll(torch.from_numpy(probs[cells]), truth, masked)
 
 
-def main() -> None:
-    (args,) = HfArgumentParser(WholeCellArguments).parse_args_into_dataclasses()
-    pipe = MaskedRankDiffusionPipeline.from_pretrained(args.checkpoint, trust_remote_code=True)
-    pipe.set_progress_bar_config(disable=True)
-    num_bins = pipe.model.config.num_rank_bins
-    data = prepare_run_data(args.checkpoint, args.data)
-    rng = np.random.default_rng(args.seed)
-    genes, counts, tokens, visible_scale, masks = [], [], [], [], []
-    for row in data.test_rows:
-        cell_genes, cell_values = cell_counts(row)
-        genes.append(cell_genes)
-        counts.append(cell_values)
-        tokens.append(rank_tokens(cell_values, num_bins))  # the training rule: the whole cell, masked genes too
-        mask = np.zeros(len(cell_genes), dtype=bool)
-        mask[rng.choice(len(cell_genes), round(args.mask_ratio * len(cell_genes)), replace=False)] = True
-        masks.append(mask)
-        visible_scale.append(rank_tokens(cell_values, num_bins, reference=cell_values[~mask]))
-    start = time.time()
-    through_counts = pipe(
-        gene_ids=genes,
-        counts=[np.where(m, np.nan, c) for c, m in zip(counts, masks)],
-        mask=masks,
-        context_counts=[[]] * len(genes),
-        output_type="probs",
-    ).probs
-    counts_seconds = time.time() - start
-    through_ranks = pipe(gene_ids=genes, ranks=tokens, mask=masks, output_type="probs").probs
-    sizes = np.array([len(g) for g in genes])
-    groups = {
-        "all test cells": list(range(len(genes))),
-        f">= {args.min_genes} genes": np.flatnonzero(sizes >= args.min_genes).tolist(),
-    }
-    rows = {}
-    for name, cells in groups.items():
-        if not cells:
-            continue
-        counts_nll = nll_over(through_counts, visible_scale, masks, cells)
-        ranks_nll = nll_over(through_ranks, tokens, masks, cells)
-        rows[name] = {
-            "cells": len(cells),
-            "median_genes": float(np.median(sizes[cells])),
-            "max_genes": int(sizes[cells].max()),
-            "masked_positions": int(sum(masks[i].sum() for i in cells)),
-            "nll_through_counts": counts_nll,
-            "nll_through_training_ranks": ranks_nll,
-            "relative_gap": counts_nll / ranks_nll - 1,
-        }
-    print(f"\nWhole test cells, {args.mask_ratio:.0%} of each cell's genes masked, model length "
-          f"{pipe.model.config.max_length} ({args.checkpoint})\n")  # fmt: skip
+@dataclass
+class MaskedCells:
+    """Whole test cells with a mask each, and the true tokens on each path's scale."""
+
+    genes: list[np.ndarray] = field(default_factory=list)
+    counts: list[np.ndarray] = field(default_factory=list)
+    contexts: list[np.ndarray] = field(default_factory=list)  # counts of genes the model lacks
+    masks: list[np.ndarray] = field(default_factory=list)
+    tokens: list[np.ndarray] = field(default_factory=list)  # the training rule: the whole cell, masked genes too
+    visible_scale: list[np.ndarray] = field(default_factory=list)  # binned by the visible counts' edges
+
+
+def masked_cells(rows, num_bins: int, mask_ratio: float, seed: int) -> MaskedCells:
+    """Every cell of `rows` with `mask_ratio` of its genes masked at random (seeded), and its true tokens."""
+    rng = np.random.default_rng(seed)
+    cells = MaskedCells()
+    for row in rows:
+        genes, counts = cell_counts(row)
+        context = np.asarray(row.get(CONTEXT_COLUMN) or [], dtype=np.float64)
+        mask = np.zeros(len(genes), dtype=bool)
+        mask[rng.choice(len(genes), round(mask_ratio * len(genes)), replace=False)] = True
+        cells.genes.append(genes)
+        cells.counts.append(counts)
+        cells.contexts.append(context)
+        cells.masks.append(mask)
+        cells.tokens.append(rank_tokens(counts, num_bins, context=context))
+        visible = np.concatenate([counts[~mask], context])
+        cells.visible_scale.append(rank_tokens(counts, num_bins, reference=visible))
+    return cells
+
+
+def print_table(rows: dict, mask_ratio: float, max_length: int, checkpoint: str) -> None:
+    print(f"\nWhole test cells, {mask_ratio:.0%} of each cell's genes masked, model length {max_length} "
+          f"({checkpoint})\n")  # fmt: skip
     print("| cells | n | median genes | max genes | NLL through counts | NLL through the training rule | gap |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for name, row in rows.items():
         print(f"| {name} | {row['cells']} | {row['median_genes']:.0f} | {row['max_genes']} | "
               f"{row['nll_through_counts']:.3f} | {row['nll_through_training_ranks']:.3f} | "
               f"{100 * row['relative_gap']:+.1f}% |")  # fmt: skip
+
+
+def main() -> None:
+    (args,) = HfArgumentParser(WholeCellArguments).parse_args_into_dataclasses()
+    pipe = MaskedRankDiffusionPipeline.from_pretrained(args.checkpoint, trust_remote_code=True)
+    pipe.set_progress_bar_config(disable=True)
+    data = prepare_run_data(args.checkpoint, args.data)
+    cells = masked_cells(data.test_rows, pipe.model.config.num_rank_bins, args.mask_ratio, args.seed)
+    start = time.time()
+    through_counts = pipe(
+        gene_ids=cells.genes,
+        counts=[np.where(m, np.nan, c) for c, m in zip(cells.counts, cells.masks)],
+        mask=cells.masks,
+        context_counts=cells.contexts,
+        output_type="probs",
+    ).probs
+    counts_seconds = time.time() - start
+    through_ranks = pipe(gene_ids=cells.genes, ranks=cells.tokens, mask=cells.masks, output_type="probs").probs
+    sizes = np.array([len(g) for g in cells.genes])
+    groups = {
+        "all test cells": list(range(len(sizes))),
+        f">= {args.min_genes} genes": np.flatnonzero(sizes >= args.min_genes).tolist(),
+    }
+    rows = {}
+    for name, group in groups.items():
+        if not group:
+            continue
+        counts_nll = nll_over(through_counts, cells.visible_scale, cells.masks, group)
+        ranks_nll = nll_over(through_ranks, cells.tokens, cells.masks, group)
+        rows[name] = {
+            "cells": len(group),
+            "median_genes": float(np.median(sizes[group])),
+            "max_genes": int(sizes[group].max()),
+            "masked_positions": int(sum(cells.masks[i].sum() for i in group)),
+            "nll_through_counts": counts_nll,
+            "nll_through_training_ranks": ranks_nll,
+            "relative_gap": counts_nll / ranks_nll - 1,
+        }
+    print_table(rows, args.mask_ratio, pipe.model.config.max_length, args.checkpoint)
     record = {
         "checkpoint": args.checkpoint,
         "mask_ratio": args.mask_ratio,

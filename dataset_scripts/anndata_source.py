@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import datasets
 import h5py
 import numpy as np
+import pandas as pd
 from anndata.io import read_elem, sparse_dataset
 
 from modeling import GeneVocab, RaggedCells
@@ -57,7 +58,7 @@ def _rows(path, layer, column_ids, obs_columns, blocks):
         obs = read_elem(handle["obs"])
         for start, stop in blocks:
             block = matrix[start:stop]
-            block = np.asarray(block.toarray() if hasattr(block, "toarray") else block, dtype=np.float64)
+            block = np.asarray(block.toarray() if hasattr(block, "toarray") else block)  # its own dtype: no copy
             cells, _ = RaggedCells.from_matrix(block, column_ids)
             for i in range(cells.num_cells):
                 context = cells.context[cells.context_offsets[i] : cells.context_offsets[i + 1]]
@@ -67,8 +68,9 @@ def _rows(path, layer, column_ids, obs_columns, blocks):
                     CONTEXT_COLUMN: context.astype(np.float32).tolist(),
                     CELL_ID_COLUMN: str(obs.index[start + i]),
                 }
-                for name in obs_columns:
-                    row[name] = str(obs[name].iloc[start + i])
+                for name in obs_columns:  # a missing value stays missing (a condition's null), not the string "nan"
+                    value = obs[name].iloc[start + i]
+                    row[name] = None if pd.isna(value) else str(value)
                 yield row
 
 

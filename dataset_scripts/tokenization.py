@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from modeling import RaggedCells
-from modeling.rank_tokenizer import invalid_counts, rank_tokens, segment_ids
+from modeling.rank_tokenizer import invalid_counts, rank_tokens, repeated_genes, segment_ids
 
 from .schema import CONTEXT_COLUMN, marker_positions
 
@@ -112,9 +112,7 @@ def tokenize_arrow_batch(
     if len(not_increasing):
         listed = np.ones(len(genes), dtype=bool)
         listed[marker] = False
-        stride = int(genes.max()) + 1
-        keys = np.sort(segment_ids(gene_offsets)[listed] * stride + genes[listed])
-        bad["repeated_genes"][keys[1:][np.diff(keys) == 0] // stride] = True
+        bad["repeated_genes"][repeated_genes(gene_offsets, genes, listed)[0]] = True
     expressed = np.flatnonzero(counts > 0)
     n_expressed = np.diff(np.searchsorted(expressed, gene_offsets))
     bad["no_expressed_genes"] = n_expressed == 0

@@ -103,7 +103,8 @@ class RaggedCells:
 
 
 class CellBatch(BatchFeature):
-    """A padded batch of cells as RankDiT takes them: `model(**batch)`.
+    """A padded batch of cells as RankDiT takes them: `model(**batch)` (a training batch also holds `labels`, which
+    the loss takes and the model does not: `model(**batch.model_inputs(device))`).
 
     Keys (all `torch` tensors of `n_cells` rows):
 

@@ -434,9 +434,10 @@ class RankDiTModel(RankDiTPreTrainedModel):
         """
         self._check_inputs(gene_ids, input_ids, attention_mask, timesteps)
         self._check_conditions(condition_ids, doses, input_ids.shape[0])
-        gene_ids = gene_ids.clamp(min=0)  # -1 marks a gene left out of the input: never attended, so any id will do
-        hidden_states = self.rank_embedding(input_ids) + self.gene_embedding(gene_ids)
         real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        if attention_mask is not None:  # unattended positions may hold anything (-1: a gene left out): read them as 0
+            gene_ids, input_ids = gene_ids.masked_fill(~real, 0), input_ids.masked_fill(~real, 0)
+        hidden_states = self.rank_embedding(input_ids) + self.gene_embedding(gene_ids)
         visible = real & (input_ids != self.config.mask_token_id)
         conditioning = self.base_conditioning.weight.expand(input_ids.shape[0], -1)
         if self.cell_profile is not None:

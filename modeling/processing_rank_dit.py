@@ -28,7 +28,7 @@ from .conditions import ConditionEncoder, guided_logits, table_conditions
 from .configuration_rank_dit import RankDiTConfig
 from .gene_vocab import FIRST_GENE_ID, SPECIAL_TOKENS, GeneVocab
 from .imputation_task import RankDiTImputationPipeline  # noqa: F401  (its code travels with the processor)
-from .rank_tokenizer import check_counts, invalid_counts, rank_tokens, segment_ids
+from .rank_tokenizer import check_counts, invalid_counts, rank_tokens, repeated_genes
 
 logger = logging.getLogger(__name__)
 
@@ -401,17 +401,10 @@ class RankDiTProcessor(FeatureExtractionMixin):
         return CellBatch.from_ragged(cells.offsets, cells.gene_ids, input_ids, known, self.mask_token_id)
 
     def _check_repeats(self, cells: RaggedCells, known: np.ndarray) -> None:
-        cell = segment_ids(cells.offsets)
-        stride = int(cells.gene_ids.max(initial=0)) + 1
-        keys = cell[known] * stride + cells.gene_ids[known]
-        if stride * cells.num_cells < 2**31:  # int32 keys sort twice as fast (a training batch's usual case)
-            keys = keys.astype(np.int32)
-        keys = np.sort(keys)
-        repeated = keys[1:][np.diff(keys) == 0]
-        if len(repeated):
-            first = int(repeated[0] // stride)
-            genes = np.unique(repeated[repeated // stride == first] % stride)
-            raise ValueError(f"cell {first}: genes are repeated: token ids {genes[:10].tolist()}")
+        repeating, genes = repeated_genes(cells.offsets, cells.gene_ids, known)
+        if len(repeating):
+            first = repeating[0]
+            raise ValueError(f"cell {first}: genes are repeated: token ids {genes[repeating == first][:10].tolist()}")
 
     def _tokens(self, cells: RaggedCells, visible: np.ndarray, known: np.ndarray) -> np.ndarray:
         """Rank tokens at the visible positions (0 elsewhere): the given ranks, checked, or the counts binned."""

@@ -80,7 +80,7 @@ def rank_tokens(
     so tied counts share a bin, the smallest count is bin 1 and the largest bin B; an unexpressed gene gets 0.
     Vectorised over cells without sorting them: counts are small integers, so a per-cell histogram gives the sorted
     values at the quantile positions, and a per-cell table maps each small count to its token; the few counts at or
-    above `TABLE_COUNTS` are compared with the edges.
+    above `TABLE_COUNTS - 1` are compared with the edges.
 
     Args:
         counts (`np.ndarray`): raw counts (non-negative integers, zeros allowed).
@@ -100,7 +100,11 @@ def rank_tokens(
     if reference is not None and context is not None:
         raise ValueError("give context (joins the counts in the bins) or reference (makes the bins), not both")
     counts = np.asarray(counts)
+    if counts.ndim != 1:
+        raise ValueError(f"counts must be 1-D (cells back to back, laid out by offsets), got shape {counts.shape}")
     offsets = np.array([0, len(counts)]) if offsets is None else np.asarray(offsets)
+    if context is not None and context_offsets is None:
+        context_offsets = np.array([0, len(context)])  # one cell's
     if not checked:
         for name, given in (("counts", counts), ("context counts", context), ("reference counts", reference)):
             if given is not None:
@@ -239,6 +243,23 @@ def hash_keys(salts: np.ndarray, values: np.ndarray) -> np.ndarray:
 def segment_ids(offsets: np.ndarray) -> np.ndarray:
     """The segment (cell) index of every flat position of arrays with per-segment `offsets`."""
     return np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+
+
+def repeated_genes(
+    offsets: np.ndarray, gene_ids: np.ndarray, listed: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The gene ids that a cell lists more than once, among cells laid out by `offsets` (only the positions where
+    `listed` is True count, all when None): `(cells, genes)`, one entry per repeated (cell, gene) pair, by cell."""
+    cell = segment_ids(offsets)
+    if listed is not None:
+        cell, gene_ids = cell[listed], gene_ids[listed]
+    stride = int(gene_ids.max(initial=0)) + 1
+    keys = cell * stride + gene_ids
+    if stride * (len(offsets) - 1) < 2**31:  # int32 keys sort twice as fast (a training batch's usual case)
+        keys = keys.astype(np.int32)
+    keys = np.sort(keys)
+    repeated = np.unique(keys[1:][np.diff(keys) == 0])
+    return repeated // stride, repeated % stride
 
 
 def concatenated_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -390,9 +411,9 @@ class CellTokenizer:
         genes = np.asarray(genes, dtype=np.int64)
         if genes.ndim != 1 or genes.shape != np.shape(counts):
             raise ValueError(f"{where}: genes and counts differ in shape: {genes.shape} vs {np.shape(counts)}")
-        unique, seen = np.unique(genes, return_counts=True)
-        if (seen > 1).any():
-            raise ValueError(f"{where}: gene ids are repeated: {unique[seen > 1][:10].tolist()}")
+        _, repeated = repeated_genes(np.array([0, len(genes)]), genes)
+        if len(repeated):
+            raise ValueError(f"{where}: gene ids are repeated: {repeated[:10].tolist()}")
         check_counts(np.asarray(counts), where, genes)
         if not (np.asarray(counts) > 0).any():
             raise ValueError(f"{where}: the cell has no expressed genes")

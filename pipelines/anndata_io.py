@@ -3,8 +3,9 @@
 for the rows of an `obs` table.
 
 A table's rows become cells by the rule training reads `.h5ad` files with (the processor's `table_cells`, over the
-vocabulary's `columns`): the same cell gets the same tokens on both sides. This file imports only numpy, torch and
-tqdm (scipy, pandas and anndata on demand), so a saved pipeline folder carries it as remote code.
+vocabulary's `columns`): the same cell gets the same tokens on both sides. This file imports only numpy, torch,
+tqdm and diffusers' logging (scipy, pandas and anndata on demand), so a saved pipeline folder carries it as remote
+code.
 """
 
 from __future__ import annotations

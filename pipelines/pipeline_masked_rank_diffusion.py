@@ -355,7 +355,8 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
     ):
         """Impute the masked (or missing) values of an AnnData of raw counts; returns an annotated copy.
 
-        Cells are read `cell_batch_size` at a time (sparse data stays sparse) and only the *requested* genes, those
+        Cells are read `cell_batch_size` at a time (a sparse matrix is never densified whole; each block is, in
+        memory `cell_batch_size x n_vars`) and only the *requested* genes, those
         masked in some cell, are scored. Each row is a whole cell as Tahoe-100M stores one: the model sees its
         expressed visible genes, its masked genes and the requested genes it does not express, and its tokens come
         from all its visible counts by the checkpoint's rule (genes outside the vocabulary included). Results:

@@ -68,6 +68,19 @@ def test_rows_match_the_cells_written(tmp_path, names, counts_in_layer, dense):
     assert got[4]["donor"] == "d1"
 
 
+def test_a_missing_obs_value_is_a_null_not_the_string_nan(tmp_path):
+    cells = _cells(6)
+    _write_h5ad(tmp_path / "x.h5ad", cells)
+    adata = anndata.read_h5ad(tmp_path / "x.h5ad")
+    adata.obs["donor"] = pd.Categorical(["d0", None, "d2", "d0", None, "d1"])
+    adata.obs["dose"] = [0.5, np.nan, 1.0, 0.0, 2.0, np.nan]
+    adata.write_h5ad(tmp_path / "x.h5ad")
+    rows, _ = load_anndata(tmp_path / "x.h5ad", VOCAB, obs_columns=("donor", "dose"))
+    got = list(rows)
+    assert [r["donor"] for r in got] == ["d0", None, "d2", "d0", None, "d1"]
+    assert [r["dose"] for r in got] == ["0.5", None, "1.0", "0.0", "2.0", None]
+
+
 def test_bad_choices_are_named(tmp_path):
     _write_h5ad(tmp_path / "x.h5ad", _cells(5))
     with pytest.raises(KeyError, match="no layer 'raw'"):

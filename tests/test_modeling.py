@@ -196,10 +196,10 @@ def test_padding_of_other_lengths_in_one_batch(tiny_config, attn_implementation)
 def test_ids_are_checked_at_attended_positions_only_and_on_every_device(tiny_model, tiny_config, monkeypatch):
     gene_ids, input_ids = _inputs(tiny_config, batch=1, length=8)
     mask = torch.tensor([[1] * 6 + [0] * 2])
-    left_out = gene_ids.clone()
-    left_out[0, 6] = -1  # a gene the processor left out: never attended, any id will do
+    left_out, anything = gene_ids.clone(), input_ids.clone()
+    left_out[0, 6], left_out[0, 7], anything[0, 7] = -1, 10_000, -100  # unattended: a left-out gene, any value
     torch.testing.assert_close(
-        tiny_model(gene_ids=left_out, input_ids=input_ids, attention_mask=mask).logits[:, :6],
+        tiny_model(gene_ids=left_out, input_ids=anything, attention_mask=mask).logits[:, :6],
         tiny_model(gene_ids=gene_ids, input_ids=input_ids, attention_mask=mask).logits[:, :6],
     )
     attended = gene_ids.clone()

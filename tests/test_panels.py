@@ -5,10 +5,11 @@ import pytest
 import torch
 from conftest import exact_tokens
 
+from dataset_scripts.schema import CELL_ID_COLUMN, CLS_TOKEN_ID, CLS_VALUE, CONTEXT_COLUMN
 from metrics.imputation import detection_strata, token_levels
 from modeling import RankDiTProcessor
 from training import DataArguments
-from training.data import HVG_PANEL, RANDOM_PANEL, TRAINING_PANEL, prepare_data
+from training.data import HVG_PANEL, RANDOM_PANEL, TRAINING_PANEL, panel_cells, prepare_data
 
 
 @pytest.fixture(scope="module")
@@ -66,3 +67,24 @@ def test_gene_loadings_put_co_varying_genes_close(data):
     genes, loadings = data.reference.gene_loadings(8)
     assert loadings.shape == (len(genes), 8) and np.allclose(loadings.std(axis=0), 1.0)
     assert set(genes.tolist()) == set(data.gene_pool.tolist())
+
+
+def test_panel_cells_of_rows_with_context_rank_among_all_the_cells_counts():
+    """Rows with context counts (what an h5ad reader writes for genes outside the vocabulary): the panel's tokens come
+    from each cell's listed counts and its context together; a panel gene the cell does not list is 0."""
+    rows = [
+        {"genes": [CLS_TOKEN_ID, 3, 4, 5, 6], "expressions": [CLS_VALUE, 1.0, 2.0, 3.0, 7.0],
+         CONTEXT_COLUMN: [9.0, 9.0], CELL_ID_COLUMN: "a"},
+        {"genes": [3, 5, 7], "expressions": [4.0, 1.0, 5.0], CONTEXT_COLUMN: [6.0, 6.0], CELL_ID_COLUMN: "b"},
+    ]  # fmt: skip
+    panel = np.array([3, 5, 6, 8])
+    cells = panel_cells(rows, panel, RankDiTProcessor(num_rank_bins=4))
+
+    def on_panel(a, b):  # tokens of cell a (genes 3, 4, 5, 6) and cell b (genes 3, 5, 7) at the panel
+        return [[a[0], a[2], a[3], 0], [b[0], b[1], 0, 0]]
+
+    expected = on_panel(exact_tokens([1, 2, 3, 7, 9, 9], 4), exact_tokens([4, 1, 5, 6, 6], 4))
+    assert expected != on_panel(exact_tokens([1, 2, 3, 7], 4), exact_tokens([4, 1, 5], 4))  # the context matters
+    np.testing.assert_array_equal(cells.tokens.numpy(), expected)
+    np.testing.assert_array_equal(cells.counts.numpy(), [[1, 3, 7, 0], [4, 1, 0, 0]])
+    np.testing.assert_array_equal(cells.cells["gene_ids"].numpy(), [panel, panel])

@@ -64,6 +64,7 @@ def test_tokens_come_from_the_visible_counts_by_the_training_rule():
         (dict(gene_ids=[2, 5]), ValueError, "is <eoc>"),
         (dict(gene_ids=[5, 400]), ValueError, "gene id 400 at position 1 is outside the model's 3..39"),
         (dict(gene_ids=[5, 6, 5]), ValueError, "cell 0: genes are repeated: token ids \\[5\\]"),
+        (dict(gene_ids=[[5, 6], [7, 8, 7, 9, 8, 7]]), ValueError, "cell 1: genes are repeated: token ids \\[7, 8\\]"),
         (dict(gene_ids=[["G5"], ["G6", "NOPE"]]), KeyError, "cell 1: 1 of 2 genes .* 'NOPE' \\(position 1\\)"),
         (dict(gene_ids=[5, 6], counts=[1, -2]), ValueError, "cell 0: counts must be non-negative integers.*-2"),
         (dict(gene_ids=[5, 6], counts=[1, 2.5]), ValueError, "2.5 at position 1 \\(gene 6\\)"),

@@ -33,10 +33,23 @@ def test_a_finished_run_is_replaced_only_when_asked_and_only_its_own_files_go(tm
     with pytest.raises(FileNotFoundError, match="no such checkpoint folder"):  # outputs are kept for a resume
         train_hf.main([*argv, "--resume_from_checkpoint", str(tmp_path / "gone")])
     assert (out / "README.md").exists()
+    before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
     with pytest.raises(FileNotFoundError, match="nope does not exist"):
         train_hf.main([*argv, "--overwrite_output_dir", "--data", str(tmp_path / "nope")])
+    # A failed run keeps the finished run it was to replace: outputs are replaced only when the new ones are written.
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before
+    RunOutputs(out).clear()  # what a finishing run does first
     left = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
     assert left == ["checkpoint-2", "my_script.py", "notes", "notes/todo.txt"]  # the run's outputs went, nothing else
+
+
+def test_a_users_file_of_a_name_a_run_writes_is_refused_before_training(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "README.md").write_text("my own notes on this folder\n")
+    with pytest.raises(FileExistsError, match=r"holds \['README.md'\], which a run writes and no run of this folder"):
+        train_hf.main(["--output_dir", str(out), "--max_steps", "1"])
+    assert (out / "README.md").read_text() == "my own notes on this folder\n"
 
 
 def test_a_pipeline_folder_without_a_manifest_is_never_cleared(tmp_path):

@@ -19,6 +19,7 @@ from modeling import CellTokenizer, RankDiTConfig, RankDiTModel, RankDiTProcesso
 from pipelines import MaskedRankDiffusionPipeline, MaskedRankDiffusionScheduler
 from training import RankDiffTrainingArguments, RankDiffusionTrainer, evaluate_masked_diffusion
 from training.data import PANELS
+from training.outputs import MANIFEST
 
 
 class MarginalModel(torch.nn.Module):
@@ -440,6 +441,8 @@ def test_push_to_hub_uploads_the_finished_folder_without_checkpoints(trained_run
     required += ["scheduler/scheduler_config.json", "plots/loss_curves.png", "imputation_results.json"]
     assert set(required) <= set(files)
     assert readme == (out / "README.md").read_text()  # the card was complete before the upload began
+    # Every name the run wrote is one the start-of-run clash check knows: a user's file of that name is refused early.
+    assert {f.split("/")[0] for f in files} - {MANIFEST} <= train_hf.run_output_names()
 
 
 @pytest.mark.slow

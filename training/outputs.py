@@ -49,6 +49,17 @@ class RunOutputs:
                 "remove them yourself or give another --output_dir"
             )
 
+    def check_no_clash(self, names: set[str]) -> None:
+        """Raise if the folder holds a file or folder of one of these top-level `names` (what a run writes) that no
+        earlier run wrote: the run would overwrite a user's own file, and a later overwrite would delete it."""
+        ours = {Path(path).parts[0] for path in self.paths}
+        clash = sorted(name for name in names if (self.folder / name).exists() and name not in ours)
+        if clash:
+            raise FileExistsError(
+                f"{self.folder} holds {clash}, which a run writes and no run of this folder wrote: move them, or give "
+                "another --output_dir"
+            )
+
     def finished(self) -> bool:
         """Whether the folder holds a finished run: its manifest, or a pipeline folder written without one."""
         return self.manifest.exists() or (self.folder / "model_index.json").exists()
