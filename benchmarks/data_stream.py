@@ -97,6 +97,48 @@ def shard_of_cells(data: str | None) -> dict[str, Path]:
     return {cell: file for file in files for cell in pq.read_table(file, columns=[CELL_ID_COLUMN])[0].to_pylist()}
 
 
+@dataclass
+class StreamReading:
+    """What the training dataloader gave: per batch its time since the start, its (plate, cell id) pairs, and in
+    all the expressed genes and cells, the attended tokens, and the memory grown after the first tenth."""
+
+    times: list[float] = field(default_factory=list)
+    cells: list[list[tuple[str | None, str]]] = field(default_factory=list)
+    expressed: list[int] = field(default_factory=lambda: [0, 0])  # expressed genes, cells
+    tokens: int = 0
+    rss_growth_mib: float | None = None
+
+
+def read_stream(trainer, batches: int) -> StreamReading:
+    """Read `batches` batches through the trainer's own dataloader and collator (workers included), recording
+    what each held."""
+    collate, reading, rss_early = trainer.data_collator, StreamReading(), None
+
+    def recording_collator(batch):  # the training collator's tensors, and what the batch held (in a worker too)
+        cell_ids = [str(cell) for cell in batch[CELL_ID_COLUMN]]
+        plates = [str(plate) for plate in batch["plate"]] if "plate" in batch else [None] * len(cell_ids)
+        return {**collate(batch), "cells": list(zip(plates, cell_ids)), "expressed": sum(map(len, batch["input_ids"]))}
+
+    trainer.data_collator = recording_collator
+    try:
+        loader = trainer.get_train_dataloader()
+        start = time.perf_counter()
+        for index, batch in enumerate(loader):
+            reading.times.append(time.perf_counter() - start)
+            reading.cells.append(batch["cells"])
+            reading.expressed[0] += batch["expressed"]
+            reading.expressed[1] += len(batch["cells"])
+            reading.tokens += int(batch["attention_mask"].sum())
+            if index + 1 == max(1, batches // 10):
+                rss_early = resident_mib()
+            if index + 1 == batches:
+                break
+    finally:
+        trainer.data_collator = collate
+    reading.rss_growth_mib = resident_mib() - rss_early if rss_early is not None else None
+    return reading
+
+
 def main() -> None:
     parser = HfArgumentParser((StreamArguments, ModelArguments, DataArguments, DiffusionArguments,
                                RankDiffTrainingArguments))  # fmt: skip
@@ -106,38 +148,18 @@ def main() -> None:
     training_args.per_device_train_batch_size = stream_args.batch_size
     run = build_training(model_args, data_args, diffusion_args, training_args)
     trainer = run.trainer
-    collate, seen, expressed = trainer.data_collator, [], [0, 0]
-
-    def recording_collator(batch):  # the training collator's tensors, and what the batch held (in a worker too)
-        cell_ids = [str(cell) for cell in batch[CELL_ID_COLUMN]]
-        plates = [str(plate) for plate in batch["plate"]] if "plate" in batch else [None] * len(cell_ids)
-        return {**collate(batch), "cells": list(zip(plates, cell_ids)), "expressed": sum(map(len, batch["input_ids"]))}
-
-    trainer.data_collator = recording_collator
-    loader = trainer.get_train_dataloader()
-    times, tokens, rss_early = [], 0, None
-    start = time.perf_counter()
-    for index, batch in enumerate(loader):
-        times.append(time.perf_counter() - start)
-        seen.append(batch["cells"])
-        expressed[0] += batch["expressed"]
-        expressed[1] += len(batch["cells"])
-        tokens += int(batch["attention_mask"].sum())
-        if index + 1 == max(1, stream_args.batches // 10):
-            rss_early = resident_mib()
-        if index + 1 == stream_args.batches:
-            break
-    rss_end = resident_mib()
-    cells = [len(b) for b in seen[: len(times)]]
+    collate = trainer.data_collator
+    reading = read_stream(trainer, stream_args.batches)
+    times, seen, expressed, tokens = reading.times, reading.cells, reading.expressed, reading.tokens
+    cells = [len(b) for b in seen]
     elapsed = times[-1] - times[0] if len(times) > 1 else float("nan")
     shards = shard_of_cells(data_args.data)
     files = sorted(set(shards.values()))
     loop_cells_per_s, loop_cells = per_cell_loop(files, collate.cell_tokenizer, sum(cells)) if files else (None, 0)
     cells_per_s = sum(cells[1:]) / elapsed if elapsed > 0 else None
     workers = max(1, training_args.dataloader_num_workers)
-    trainer.data_collator = collate
     wait_share, step_s = data_wait(trainer, stream_args.train_steps) if stream_args.train_steps else (None, None)
-    plates = [len({p for p, _ in b}) for b in seen[: len(times)] if all(p is not None for p, _ in b)]
+    plates = [len({p for p, _ in b}) for b in seen if all(p is not None for p, _ in b)]
     record = {
         "data": data_args.data or "embedded sample",
         "batches": len(times),
@@ -153,11 +175,9 @@ def main() -> None:
         "tokens_per_batch": tokens / max(len(times), 1),
         "first_batch_s": times[0] if times else None,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "rss_growth_mib": rss_end - rss_early if rss_early is not None else None,
+        "rss_growth_mib": reading.rss_growth_mib,
         "mean_plates_per_batch": float(np.mean(plates)) if plates else None,
-        "distinct_shards": len({shards[c] for b in seen[: len(times)] for _, c in b if c in shards})
-        if shards
-        else None,
+        "distinct_shards": len({shards[c] for b in seen for _, c in b if c in shards}) if shards else None,
         "train_steps": stream_args.train_steps,
         "data_wait_share": wait_share,
         "train_step_s": step_s,

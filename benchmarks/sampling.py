@@ -113,6 +113,49 @@ def overhead(args) -> list[dict]:
     return rows
 
 
+def timed_runs(pipe: MaskedRankDiffusionPipeline, cells: int, steps: list[int]) -> tuple[int, list[dict]]:
+    """Seconds and model calls per cell of each sampler, step count and mask ratio, on `cells` random cells of the
+    model's length (at most 1,024 genes); returns that length and one row per run."""
+    length = min(1024, pipe.model.config.max_length)
+    rng = np.random.default_rng(0)
+    gene_ids = np.stack(
+        [rng.choice(np.arange(3, pipe.model.config.gene_vocab_size), length, replace=False) for _ in range(cells)]
+    )
+    ranks = rng.integers(0, pipe.model.config.num_rank_bins + 1, gene_ids.shape)
+    pipe(gene_ids[:, :64], ranks=ranks[:, :64], mask_ratio=0.5, num_inference_steps=4)  # warm-up
+    results = []
+    for ratio in RATIOS:
+        for label, sampler, use_cache in RUNS:
+            for count in [steps[0]] if sampler == "first-hitting" else steps:
+                inputs = {"ranks": ranks, "mask_ratio": ratio} if ratio < 1.0 else {}  # 1.0: generate whole cells
+                start = time.perf_counter()
+                out = pipe(
+                    gene_ids,
+                    **inputs,
+                    num_inference_steps=count,
+                    sampler=sampler,
+                    use_cache=use_cache,
+                    generator=torch.Generator().manual_seed(0),
+                )
+                seconds = (time.perf_counter() - start) / cells
+                results.append(
+                    {
+                        "mask_ratio": ratio,
+                        "sampler": label,
+                        "steps": "one per masked gene" if sampler == "first-hitting" else count,
+                        "model_calls_per_cell": float(out.model_calls.mean()),
+                        "seconds_per_cell": seconds,
+                    }
+                )
+                print(f"{ratio} {label} {results[-1]['steps']}: {seconds:.2f} s", file=sys.stderr, flush=True)
+    return length, results
+
+
+def write_record(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", help="a train_hf.py output folder (default: a fresh model of --preset)")
@@ -132,46 +175,11 @@ def main() -> None:
         for row in rows:
             print(f"| {row['measure']} | {row['value']:.2f} |")
         record = {"device": device_name, "machine": machine, "date": time.strftime("%Y-%m-%d"), "results": rows}
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(record, indent=2) + "\n")
+        write_record(args.output, record)
         return
 
     pipe = load_pipeline(args.checkpoint, args.preset, args.device)
-    length = min(1024, pipe.model.config.max_length)
-    rng = np.random.default_rng(0)
-    gene_ids = np.stack(
-        [rng.choice(np.arange(3, pipe.model.config.gene_vocab_size), length, replace=False) for _ in range(args.cells)]
-    )
-    ranks = rng.integers(0, pipe.model.config.num_rank_bins + 1, gene_ids.shape)
-    pipe(gene_ids[:, :64], ranks=ranks[:, :64], mask_ratio=0.5, num_inference_steps=4)  # warm-up
-
-    results = []
-    for ratio in RATIOS:
-        for label, sampler, use_cache in RUNS:
-            for steps in [args.steps[0]] if sampler == "first-hitting" else args.steps:
-                inputs = {"ranks": ranks, "mask_ratio": ratio} if ratio < 1.0 else {}  # 1.0: generate whole cells
-                start = time.perf_counter()
-                out = pipe(
-                    gene_ids,
-                    **inputs,
-                    num_inference_steps=steps,
-                    sampler=sampler,
-                    use_cache=use_cache,
-                    generator=torch.Generator().manual_seed(0),
-                )
-                seconds = (time.perf_counter() - start) / args.cells
-                results.append(
-                    {
-                        "mask_ratio": ratio,
-                        "sampler": label,
-                        "steps": "one per masked gene" if sampler == "first-hitting" else steps,
-                        "model_calls_per_cell": float(out.model_calls.mean()),
-                        "seconds_per_cell": seconds,
-                    }
-                )
-                row = results[-1]
-                print(f"{ratio} {label} {row['steps']}: {seconds:.2f} s", file=sys.stderr, flush=True)
-
+    length, results = timed_runs(pipe, args.cells, args.steps)
     print(f"\n{pipe.model.config.num_hidden_layers}-layer RankDiT, {length} genes per cell, {args.device}\n")
     print("| mask ratio | sampler | steps | model calls / cell | seconds / cell |\n| --- | --- | --- | --- | --- |")
     for row in results:
@@ -188,8 +196,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "results": results,
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(record, indent=2) + "\n")
+    write_record(args.output, record)
 
 
 if __name__ == "__main__":
