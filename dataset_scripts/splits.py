@@ -10,9 +10,11 @@ from .schema import CELL_ID_COLUMN
 
 # Default shares of the split, for every reader (the trainer's data and the streaming builder).
 VALIDATION_SHARE, TEST_SHARE = 0.1, 0.15
+# With held-out pairs, the share of the control cells kept apart as the perturbation metric's own control.
+EVALUATION_CONTROL_SHARE = 0.5
 
 
-def held_out_fraction(cell_id: str, seed: int = 0) -> float:
+def held_out_fraction(cell_id: str, seed: int | str = 0) -> float:
     """A stable number in [0, 1) per cell id, the key of the barcode split ([`split_names`])."""
     digest = hashlib.blake2b(f"{seed}:{cell_id}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") / 2**64
@@ -28,6 +30,30 @@ def split_names(cell_ids: list[str], validation_share: float, test_share: float,
     fraction = np.array([held_out_fraction(c, seed) for c in cell_ids])
     held_out = np.where(fraction < validation_share + test_share, "test", "train")
     return np.where(fraction < validation_share, "validation", held_out)
+
+
+def pair_split(
+    pairs: list[tuple],
+    drugs: list[str],
+    cell_ids: list[str],
+    test_pairs: tuple,
+    validation_pairs: tuple,
+    control_drug: str | None,
+    seed: int = 0,
+) -> np.ndarray:
+    """The split of each cell of a held-out-pairs split: `"test"` and `"validation"` for the cells of those pairs
+    (at every dose), `"train"` for the others, except a hash half of the control cells (`control_drug`, compared by
+    drug key), which is `"test"` too: the evaluation control of the perturbation metrics, never trained on and
+    never seen by a predictor (the other half is the reference control a predictor may use). The hash is salted
+    apart from the barcode split's, so within every (line, plate) about half the controls are evaluation ones."""
+    splits = np.full(len(pairs), "train", dtype=object)
+    for split, held in (("validation", set(validation_pairs)), ("test", set(test_pairs))):
+        splits[[pair in held for pair in pairs]] = split
+    if control_drug is not None:
+        evaluation = np.array([held_out_fraction(c, f"control-{seed}") < EVALUATION_CONTROL_SHARE for c in cell_ids])
+        is_control = np.array([drug == control_drug for drug in drugs], dtype=bool)
+        splits[is_control & evaluation] = "test"
+    return splits.astype(str)
 
 
 SPLIT_NAMES = ("train", "validation", "test")

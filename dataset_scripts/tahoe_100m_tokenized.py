@@ -63,7 +63,7 @@ from modeling import CellTokenizer
 from modeling.conditions import condition_value
 
 from .schema import CELL_ID_COLUMN, METADATA_COLUMNS, missing_columns
-from .splits import TEST_SHARE, VALIDATION_SHARE, split_names
+from .splits import TEST_SHARE, VALIDATION_SHARE, pair_split, split_names
 from .tokenization import SKIP_REASONS, TokenizedBatch, tokenize_arrow_batch
 
 logger = logging.getLogger(__name__)
@@ -104,6 +104,8 @@ class Tahoe100MTokenizedConfig(datasets.BuilderConfig):
             held out (e.g. `("cell_line_id", "drug")`; drugs compared by [`drug_key`]).
         validation_pairs, test_pairs (`tuple[tuple[str, str], ...]`): pairs held out with `split_by="pair"`: every
             cell of such a pair goes to that split; all other cells train.
+        control_drug (`str`, *optional*): with `split_by="pair"`, the control drug: a hash half of its cells are test
+            cells, the perturbation metrics' evaluation control ([`~dataset_scripts.splits.pair_split`]).
         keep_columns (`tuple[str, ...]`): metadata columns carried to the output.
         interleave_files (`int`, defaults to 16): files (or row groups) a shard reads side by side.
         window_rows (`int`, defaults to 1024): rows shuffled together, taken in equal parts from the files a shard
@@ -135,6 +137,7 @@ class Tahoe100MTokenizedConfig(datasets.BuilderConfig):
     pair_columns: tuple[str, ...] = ()
     validation_pairs: tuple[tuple[str, ...], ...] = ()
     test_pairs: tuple[tuple[str, ...], ...] = ()
+    control_drug: str | None = None
     keep_columns: tuple[str, ...] = METADATA_COLUMNS
     interleave_files: int = 16
     window_rows: int = 1024
@@ -360,11 +363,9 @@ class Tahoe100MTokenized(datasets.ArrowBasedBuilder):
         if config.split_by == "pair":
             columns = [table.column(c).to_pylist() for c in config.pair_columns]
             pairs = [tuple(condition_value(c, v) for c, v in zip(config.pair_columns, pair)) for pair in zip(*columns)]
-            splits = np.full(table.num_rows, "train", dtype=object)
-            for split in ("validation", "test"):
-                held = set(config.held_out(split))
-                splits[[pair in held for pair in pairs]] = split
-            return splits.astype(str)
+            drugs = [condition_value("drug", d) for d in table.column("drug").to_pylist()] if config.control_drug else []
+            return pair_split(pairs, drugs, table.column(CELL_ID_COLUMN).to_pylist(), config.test_pairs,
+                              config.validation_pairs, config.control_drug, config.split_seed)  # fmt: skip
         if config.split_by == "plate":
             plates = np.array(table.column("plate").to_pylist(), dtype=object)
             splits = np.full(table.num_rows, "train", dtype=object)
@@ -417,7 +418,8 @@ class Tahoe100MTokenized(datasets.ArrowBasedBuilder):
     @property
     def split_columns(self) -> list[str]:
         """The columns the split of a row is read from."""
-        return [CELL_ID_COLUMN, "plate", *self.config.pair_columns]
+        control = ["drug"] if self.config.control_drug and "drug" not in self.config.pair_columns else []
+        return [CELL_ID_COLUMN, "plate", *self.config.pair_columns, *control]
 
     def distinct(self, columns: list[str]) -> pa.Table:
         """The distinct combinations of metadata `columns` over every file (only those columns are read; a

@@ -1,15 +1,19 @@
-"""Perturbation prediction: the mean-shift baselines B0-B3, fitted on training cells only, and the set metrics.
+"""Perturbation prediction: the mean-shift baselines B0-B4, fitted on training cells only, and the set metrics.
 
 A perturbation is a (cell line, drug, dose) and its cells; every baseline predicts the *shift* of the line's
-control (DMSO) mean that the perturbation causes, and its predicted cells are the line's control cells plus that
-shift (what "a mean model's cells" can be). The shifts are fitted in any cell x gene space (log-normalised
-expression, or rank tokens), on training perturbations only:
+control (DMSO) mean that the perturbation causes, and its predicted cells are the line's reference control cells
+plus that shift (what "a mean model's cells" can be). The shifts are fitted in any cell x gene space (here
+log-normalised expression), on training perturbations only, each against the control cells of its own line and
+plates (plates carry offsets of their own):
 
 - B0 no change: shift 0 (the line's control cells);
-- B1 the line's mean over its perturbed training cells, minus its control mean;
+- B1 the line's mean over its perturbed training cells, minus their controls;
 - B2 PerturbMean (STATE): the drug-and-dose's mean shift over the other lines;
 - B3 an additive ridge model, line effect + drug-dose effect, plus a low-rank line x drug-dose interaction
-  (fitted with the additive part, the unobserved pairs filled in as it goes) when validation says it helps.
+  (fitted with the additive part, the unobserved pairs filled in as it goes) when validation says it helps;
+- B4 the nearest drug: the shift, in the same line (else over the other lines) and at the same dose, of the
+  training drug most similar by structure (Tanimoto similarity of Morgan fingerprints, [`drug_similarity`]), for
+  drugs never seen in training.
 """
 
 from __future__ import annotations
@@ -36,20 +40,21 @@ class MeanShiftBaselines:
         matrix (`np.ndarray`, `(n_cells, n_genes)`): the training cells.
         keys (`list[Key]`): each cell's (line, drug, dose).
         control (`str`): the control drug.
+        plates (`list[str]`, *optional*): each cell's plate: a perturbed cell is then compared with the control
+            cells of its line on its plate (on every plate where its plate has none).
     """
 
-    def __init__(self, matrix: np.ndarray, keys: list[Key], control: str):
+    def __init__(self, matrix: np.ndarray, keys: list[Key], control: str, plates: list[str] | None = None):
         self.control = control
-        means = group_means(matrix, keys)
-        self.control_mean = {line: mean for (line, drug, _), mean in means.items() if drug == control}
-        self.shifts = {
-            key: mean - self.control_mean[key[0]]
-            for key, mean in means.items()
-            if key[1] != control and key[0] in self.control_mean
-        }
-        perturbed = [i for i, key in enumerate(keys) if key[1] != control and key[0] in self.control_mean]
-        line_means = group_means(matrix[perturbed], [keys[i][0] for i in perturbed])
-        self.line_shift = {line: mean - self.control_mean[line] for line, mean in line_means.items()}
+        plates = plates if plates is not None else [""] * len(keys)
+        is_control = np.array([key[1] == control for key in keys])
+        self.control_mean = group_means(matrix[is_control], [k[0] for k, c in zip(keys, is_control) if c])
+        plate_means = group_means(matrix[is_control], [(k[0], p) for k, p, c in zip(keys, plates, is_control) if c])
+        perturbed = [i for i, key in enumerate(keys) if not is_control[i] and key[0] in self.control_mean]
+        matched = [plate_means.get((keys[i][0], plates[i]), self.control_mean[keys[i][0]]) for i in perturbed]
+        differences = matrix[perturbed] - np.reshape(matched, (len(perturbed), matrix.shape[1]))
+        self.shifts = group_means(differences, [keys[i] for i in perturbed])
+        self.line_shift = group_means(differences, [keys[i][0] for i in perturbed])
         self.lines = sorted(self.control_mean)
         self.treatments = sorted({key[1:] for key in self.shifts})
         self.n_genes = matrix.shape[1]
@@ -107,6 +112,30 @@ class MeanShiftBaselines:
         l_, t_ = self.lines.index(line), self.treatments.index(treatment)
         return self._ridge[l_] + self._ridge[len(self.lines) + t_] + self._interaction[l_, t_]
 
+    def b4(self, key: Key, similarity: dict[tuple[str, str], float]) -> np.ndarray:
+        """The shift of the most similar other drug at the same dose (`similarity[(drug, other)]`), in the same
+        line where it was seen there, else its mean over the lines that saw it; B2 when no drug is comparable."""
+        line, drug, dose = key
+        candidates = {d for (_, d, z) in self.shifts if z == dose and d != drug and (drug, d) in similarity}
+        if not candidates:
+            return self.b2(key)
+        nearest = max(sorted(candidates), key=lambda d: similarity[(drug, d)])
+        if (line, nearest, dose) in self.shifts:
+            return self.shifts[(line, nearest, dose)]
+        return np.mean([shift for (_, d, z), shift in self.shifts.items() if d == nearest and z == dose], axis=0)
+
+
+def drug_similarity(smiles: dict[str, str]) -> dict[tuple[str, str], float]:
+    """Tanimoto similarity of the Morgan fingerprints (radius 2, 2,048 bits) of every two drugs (name -> SMILES;
+    drugs whose SMILES RDKit cannot read are left out)."""
+    from rdkit import Chem, DataStructs
+    from rdkit.Chem import rdFingerprintGenerator
+
+    generator = rdFingerprintGenerator.GetMorganGenerator(radius=2, fpSize=2048)
+    molecules = {name: Chem.MolFromSmiles(text) for name, text in smiles.items() if text}
+    prints = {name: generator.GetFingerprint(m) for name, m in molecules.items() if m is not None}
+    return {(a, b): DataStructs.TanimotoSimilarity(prints[a], prints[b]) for a in prints for b in prints if a != b}
+
 
 def pearson_delta(predicted: np.ndarray, real: np.ndarray, top: int | None = None) -> float:
     """Pearson correlation of a predicted and a real shift (mean minus control mean), over all genes or over the
@@ -119,8 +148,34 @@ def pearson_delta(predicted: np.ndarray, real: np.ndarray, top: int | None = Non
     return float(np.corrcoef(predicted, real)[0, 1])
 
 
+def mae_delta(predicted: np.ndarray, real: np.ndarray) -> float:
+    """Mean absolute error of a predicted shift against the real one, over genes."""
+    return float(np.abs(predicted - real).mean())
+
+
 def energy_distance(x: np.ndarray, y: np.ndarray) -> float:
-    """The energy distance between two sets of points: 2 E|X - Y| - E|X - X'| - E|Y - Y'| (0 iff equal laws)."""
+    """The energy distance between two sets of points as an unbiased U-statistic:
+    2 E|X - Y| - E|X - X'| - E|Y - Y'|, the within-set means over distinct pairs (0 in expectation iff equal laws;
+    a V-statistic's zero diagonal would favour small sets). Each set needs two points."""
+    from scipy.spatial.distance import cdist, pdist
+
+    if min(len(x), len(y)) < 2:
+        raise ValueError("the energy distance's U-statistic needs at least two points in each set")
+    return float(2 * cdist(x, y).mean() - pdist(x).mean() - pdist(y).mean())
+
+
+def mmd(x: np.ndarray, y: np.ndarray, bandwidth: float) -> float:
+    """The squared maximum mean discrepancy of two sets with a Gaussian kernel `exp(-|a - b|^2 / (2 bandwidth^2))`,
+    as an unbiased U-statistic (within-set means over distinct pairs)."""
     from scipy.spatial.distance import cdist
 
-    return float(2 * cdist(x, y).mean() - cdist(x, x).mean() - cdist(y, y).mean())
+    def kernel(a, b):
+        return np.exp(-cdist(a, b, "sqeuclidean") / (2 * bandwidth**2))
+
+    def within(a):
+        k = kernel(a, a)
+        return (k.sum() - np.trace(k)) / (len(a) * (len(a) - 1))
+
+    if min(len(x), len(y)) < 2:
+        raise ValueError("the MMD's U-statistic needs at least two points in each set")
+    return float(within(x) + within(y) - 2 * kernel(x, y).mean())

@@ -117,6 +117,13 @@ def highly_variable_genes(reference: ReferenceCells, size: int, min_cells: int =
     return np.sort(seen[adata.var["highly_variable"].to_numpy()])
 
 
+def most_detected_genes(detection: np.ndarray, size: int) -> np.ndarray:
+    """The training panel's rule: the `size` genes detected most often (ties by gene id), sorted; `detection` is
+    per gene id (a count or a rate)."""
+    seen = np.flatnonzero(detection > 0)
+    return np.sort(np.argsort(-detection, kind="stable")[: min(size, len(seen))])
+
+
 def choose_panels(
     reference: ReferenceCells, size: int, *, min_detection: float = 0.05, seed: int = 0
 ) -> dict[str, np.ndarray]:
@@ -127,12 +134,10 @@ def choose_panels(
     - `"random detected genes"`: a seeded random draw among genes detected in at least `min_detection` of cells.
     """
     detection = reference.detection_rate
-    seen = np.flatnonzero(detection > 0)
-    training = np.argsort(-detection, kind="stable")[: min(size, len(seen))]
     detected = np.flatnonzero(detection >= min_detection)
     random = np.random.default_rng(seed).choice(detected, size=min(size, len(detected)), replace=False)
     return {
-        TRAINING_PANEL: np.sort(training),
+        TRAINING_PANEL: most_detected_genes(detection, size),
         HVG_PANEL: highly_variable_genes(reference, size),
         RANDOM_PANEL: np.sort(random),
     }
@@ -304,7 +309,7 @@ def open_data(
     setup = condition_setup(first, data_args) if data_args.conditions else None
     if setup is not None and setup.pair_columns:
         config.update(split_by="pair", pair_columns=setup.pair_columns, test_pairs=setup.test_pairs,
-                      validation_pairs=setup.validation_pairs)  # fmt: skip
+                      validation_pairs=setup.validation_pairs, control_drug=setup.control_drug)  # fmt: skip
     wanted = (CELL_ID_COLUMN, "plate", *(setup.columns if setup is not None else ()))
     keep_columns = tuple(name for name in dict.fromkeys(wanted) if name in names)
     builder = tahoe_builder(data_args.data, keep_columns=keep_columns, **config)
