@@ -18,17 +18,10 @@ counts are 1 (Tahoe: 1,000-1,500 genes, most counts 1): the embedded sample's ce
 Tahoe's, which bounds how many a resampled cell can have.
 Drug names carry Tahoe's quirks: a trailing space and a "(DMSO_TF solvate)" variant.
 
-With `responses=True` the corpus is a drug screen with a known answer. Each line is its own kind of cell (a block
-of the real cells along their first principal axis, so lines differ at baseline), and each (drug, dose, line) shifts
-the expression of its drug's program (60 genes detected in >= 30% of cells) by a known log-fold change: a
-dose-response curve (Hill, EC50 per drug) times a line x drug sensitivity s = sigmoid(line axes . drug axes) with
-structure shared across lines and drugs (rank 2), and only a share s of a condition's cells respond (responders and
-non-responders within a condition). So the mean shift is neither additive in line and drug (it scales with s^2)
-nor the same across lines (PerturbMean's assumption), and a population is a mixture, not a shifted mean.
-The ground truth, per drug, dose and line, is written to `metadata/simulated_effects.parquet` (`drug`, `dose_um`,
-`cell_line_id`, `responder_share`, `genes`, `log_fold_changes`).
+With `--responses` it writes a drug screen with a known answer instead: `dataset_scripts/tahoe_screen.py`.
 
-    python -m dataset_scripts.tahoe_standin /tmp/tahoe_standin --files 64 --cells_per_file 1600 --responses
+    python -m dataset_scripts.tahoe_standin /tmp/tahoe_standin --files 64 --cells_per_file 1600
+    python -m dataset_scripts.tahoe_standin /tmp/screen --responses
 """
 
 from __future__ import annotations
@@ -40,8 +33,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from modeling.conditions import drug_key
 
 from .expression_data import EMBEDDED_SAMPLE, GENE_METADATA_PATH, cell_counts, load_expression_data
 from .schema import CLS_TOKEN_ID, CLS_VALUE, EXPRESSION_SCHEMA
@@ -68,31 +59,7 @@ def real_cells(data_dir: str | Path = EMBEDDED_SAMPLE) -> list[tuple[np.ndarray,
     return [cell_counts(row) for row in load_expression_data(data_dir).rows]
 
 
-def hill(dose_um: float, ec50_um: float, slope: float = 1.5) -> float:
-    """The share of a drug's full effect at a dose: a Hill curve."""
-    return dose_um**slope / (dose_um**slope + ec50_um**slope) if dose_um > 0 else 0.0
-
-
-class ResponseModel:
-    """Known drug responses: per drug a program of genes and their full log-fold changes, per drug an EC50, and a
-    line x drug sensitivity of rank 2 (lines and drugs share response axes) with a share of responder cells."""
-
-    def __init__(self, genes: np.ndarray, drugs: list[str], lines: list[str], rng: np.random.Generator):
-        self.drugs, self.lines = drugs, lines
-        self.programs = {d: np.sort(rng.choice(genes, 60, replace=False)) for d in drugs}
-        self.full_effects = {d: rng.normal(0.0, 1.0, 60) for d in drugs}
-        self.ec50 = {d: float(10 ** rng.uniform(-1.5, 0.5)) for d in drugs}
-        line_axes, drug_axes = rng.normal(size=(len(lines), 2)), rng.normal(size=(len(drugs), 2))
-        self.sensitivity = 1.0 / (1.0 + np.exp(-(line_axes @ drug_axes.T)))  # (lines, drugs) in (0, 1)
-
-    def effect(self, drug: str, dose_um: float, line: str) -> tuple[np.ndarray, np.ndarray, float]:
-        """(genes, log-fold changes of a responder cell, share of responders) of a line treated with a drug."""
-        d, l_ = self.drugs.index(drug), self.lines.index(line)
-        strength = hill(dose_um, self.ec50[drug]) * self.sensitivity[l_, d]
-        return self.programs[drug], strength * 3.0 * self.full_effects[drug], float(self.sensitivity[l_, d])
-
-
-def _first_axis(cells: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+def first_principal_axis(cells: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
     """Each cell's coordinate on the first principal axis of the cells' library-size-normalised log counts."""
     from scipy import sparse
     from sklearn.utils.extmath import randomized_svd
@@ -106,12 +73,9 @@ def _first_axis(cells: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
     return u[:, 0] * s[0]
 
 
-def _resample(genes, counts, library_size, rng, shift=None):
-    """A cell of `library_size` UMIs drawn from a real cell's expression profile (optionally shifted)."""
+def _resample(genes, counts, library_size, rng):
+    """A cell of `library_size` UMIs drawn from a real cell's expression profile."""
     profile = counts / counts.sum()
-    if shift is not None:
-        profile = profile * np.exp(shift)
-        profile /= profile.sum()
     drawn = rng.multinomial(library_size, profile)
     keep = drawn > 0
     return genes[keep], drawn[keep].astype(np.float32)
@@ -126,7 +90,6 @@ def write_standin_corpus(
     wells_per_file: int = 4,
     num_lines: int = 50,
     median_library_size: int = 1900,
-    responses: bool = False,
     source: str | Path = EMBEDDED_SAMPLE,
     seed: int = 0,
 ) -> Path:
@@ -142,68 +105,41 @@ def write_standin_corpus(
     lines = [f"CVCL_{1000 + 37 * i:04d}" for i in range(num_lines)]
     pools = [list(range(i, len(cells), num_lines)) or [i % len(cells)] for i in range(num_lines)]  # cells per line
     drugs = [name for name, *_ in DRUGS]
-    model = None
-    if responses:
-        # A screen: each line its own kind of cell (a block of the cells ordered along their first principal axis),
-        # each drug's program among the genes detected in at least 30% of the cells (so its effect can be seen).
-        order = np.argsort(_first_axis(cells), kind="stable")
-        pools = [block.tolist() for block in np.array_split(order, num_lines)]
-        genes, detected = np.unique(np.concatenate([g for g, _ in cells]), return_counts=True)
-        common = genes[detected >= 0.3 * len(cells)]
-        model = ResponseModel(common, [drug_key(d) for d in drugs if d != CONTROL], lines, rng)
-    layout = [(CONTROL, 0.0)] + [(drug, dose) for drug in drugs if drug != CONTROL for dose in DOSES_UM]
     plate_of_file = np.repeat(np.arange(num_plates), -(-num_files // num_plates))[:num_files]
-    wells = _Wells(cells, lines, pools, model, median_library_size, rng)
+    wells = _Wells(cells, lines, pools, median_library_size, rng)
     samples = []
     for file_index in range(num_files):
         plate = f"plate{plate_of_file[file_index] + 1}"
         rows = {name: [] for name in EXPRESSION_SCHEMA.names}
         for well in range(wells_per_file):
-            well_index = file_index * wells_per_file + well
-            sample = f"smp_{well_index:05d}"
-            if model is not None:  # a screen's layout: every (drug, dose) and the control in turn, equally often
-                if well_index % len(layout) == 0:
-                    rng.shuffle(layout)
-                drug, dose = layout[well_index % len(layout)]
-            else:
-                drug = drugs[rng.integers(len(drugs))]
-                dose = 0.0 if drug == CONTROL else float(rng.choice(DOSES_UM))
+            sample = f"smp_{file_index * wells_per_file + well:05d}"
+            drug = drugs[rng.integers(len(drugs))]
+            dose = 0.0 if drug == CONTROL else float(rng.choice(DOSES_UM))
             samples.append((sample, plate, drug, f"[('{drug}', {dose}, 'uM')]"))
             for _ in range(cells_per_file // wells_per_file):
-                wells.add_cell(rows, plate, sample, drug, dose)
+                wells.add_cell(rows, plate, sample, drug)
         path = root / "data" / f"train-{file_index:05d}-of-{num_files:05d}.parquet"
         pq.write_table(pa.table(rows, schema=EXPRESSION_SCHEMA), path)
-    _write_metadata(root, samples, wells.obs, lines, rng)
-    if model is not None:
-        _write_effects(root, wells.effects)
+    write_metadata(root, samples, wells.obs, lines, rng)
     return root
 
 
 class _Wells:
-    """Draws the cells of a well: a real cell of the line, resampled to a library size, shifted by the drug's effect
-    in a responding cell (a screen), with its row columns and QC record."""
+    """Draws the cells of a well: a real cell of a random line, resampled to a library size, with its row columns
+    and QC record."""
 
-    def __init__(self, cells, lines, pools, model, median_library_size, rng):
-        self.cells, self.lines, self.pools, self.model = cells, lines, pools, model
+    def __init__(self, cells, lines, pools, median_library_size, rng):
+        self.cells, self.lines, self.pools = cells, lines, pools
         self.median_library_size, self.rng = median_library_size, rng
-        self.obs, self.effects = [], {}
+        self.obs = []
 
-    def add_cell(self, rows: dict, plate: str, sample: str, drug: str, dose: float) -> None:
+    def add_cell(self, rows: dict, plate: str, sample: str, drug: str) -> None:
         rng = self.rng
         line_index = int(rng.integers(len(self.lines)))
         line, pool = self.lines[line_index], self.pools[line_index]
         genes, counts = self.cells[pool[rng.integers(len(pool))]]
         library_size = max(200, int(rng.lognormal(np.log(self.median_library_size), 0.5)))
-        shift = None
-        if self.model is not None and drug != CONTROL:
-            program, lfc, responders = self.model.effect(drug_key(drug), dose, line)
-            self.effects[(drug_key(drug), dose, line)] = (program, lfc, responders)
-            if rng.random() < responders:
-                shift = np.zeros(len(genes))
-                where = np.searchsorted(program, genes).clip(max=len(program) - 1)
-                hit = program[where] == genes
-                shift[hit] = lfc[where[hit]]
-        cell_genes, cell_counts_ = _resample(genes, counts, library_size, rng, shift)
+        cell_genes, cell_counts_ = _resample(genes, counts, library_size, rng)
         barcode = f"{plate}_{sample}_{rng.integers(2**62):016x}"
         name, smiles, cid, _, _, moa = DRUGS[[d for d, *_ in DRUGS].index(drug)]
         rows["genes"].append([CLS_TOKEN_ID, *cell_genes.tolist()])
@@ -215,23 +151,9 @@ class _Wells:
         self.obs.append((barcode, sample, plate, line, len(cell_genes), int(cell_counts_.sum())))
 
 
-def _write_effects(root: Path, effects: dict) -> None:
-    """The simulated ground truth of a screen: each (drug, dose, line)'s program, log-fold changes and responders."""
-    keys = sorted(effects)
-    table = pa.table(
-        {
-            "drug": [k[0] for k in keys],
-            "dose_um": [k[1] for k in keys],
-            "cell_line_id": [k[2] for k in keys],
-            "responder_share": [effects[k][2] for k in keys],
-            "genes": [effects[k][0].tolist() for k in keys],
-            "log_fold_changes": [effects[k][1].tolist() for k in keys],
-        }
-    )
-    pq.write_table(table, root / "metadata" / "simulated_effects.parquet")
-
-
-def _write_metadata(root: Path, samples, obs, lines, rng) -> None:
+def write_metadata(root: Path, samples, obs, lines, rng, drugs=DRUGS) -> None:
+    """The metadata tables of a corpus: wells `samples` (sample, plate, drug, drugname_drugconc) with their cells'
+    mean QC counts, the `drugs` table, one row per line and driver, and the cells' `obs` records."""
     qc = {}
     for _, sample, _, _, gene_count, tscp_count in obs:
         qc.setdefault(sample, []).append((gene_count, tscp_count))
@@ -250,7 +172,7 @@ def _write_metadata(root: Path, samples, obs, lines, rng) -> None:
     )
     columns = ("drug", "canonical_smiles", "pubchem_cid", "targets", "moa-broad", "moa-fine")
     pq.write_table(
-        pa.table({c: [d[i] for d in DRUGS] for i, c in enumerate(columns)}),
+        pa.table({c: [d[i] for d in drugs] for i, c in enumerate(columns)}),
         root / "metadata" / "drug_metadata.parquet",
     )
     line_rows = []  # one row per line and driver mutation, as the real table
@@ -262,6 +184,12 @@ def _write_metadata(root: Path, samples, obs, lines, rng) -> None:
         pa.table({n: [r[i] for r in line_rows] for i, n in enumerate(names)}),
         root / "metadata" / "cell_line_metadata.parquet",
     )
+    write_obs_metadata(root, obs, rng)
+
+
+def write_obs_metadata(root: Path, obs, rng) -> None:
+    """`metadata/obs_metadata.parquet`: one row per cell (barcode, sample, plate, line, gene and UMI counts), all
+    passing the filter, with a drawn cell-cycle phase."""
     names = ("BARCODE_SUB_LIB_ID", "sample", "plate", "cell_line", "gene_count", "tscp_count")
     table = {n: [o[i] for o in obs] for i, n in enumerate(names)}
     table["pass_filter"] = ["full"] * len(obs)
@@ -269,21 +197,37 @@ def _write_metadata(root: Path, samples, obs, lines, rng) -> None:
     pq.write_table(pa.table(table), root / "metadata" / "obs_metadata.parquet")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """The command line: a plain corpus, or with `--responses` a drug screen (`tahoe_screen.write_standin_screen`)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("root", type=Path)
-    parser.add_argument("--files", type=int, default=64)
-    parser.add_argument("--cells_per_file", type=int, default=1600)
-    parser.add_argument("--plates", type=int, default=8)
-    parser.add_argument("--lines", type=int, default=50)
+    parser.add_argument("--files", type=int, default=None, help="default 64 (not a screen's)")
+    parser.add_argument("--cells_per_file", type=int, default=None, help="default 1600 (not a screen's)")
+    parser.add_argument("--plates", type=int, default=None, help="default 8 (a screen: 6)")
+    parser.add_argument("--lines", type=int, default=None, help="default 50 (a screen: 6)")
     parser.add_argument("--median_library_size", type=int, default=1900, help="UMIs per cell (Tahoe: about 1,900)")
-    parser.add_argument("--responses", action="store_true", help="simulate drug responses with known ground truth")
+    parser.add_argument("--responses", action="store_true", help="a drug screen with a known answer")
+    parser.add_argument("--drugs", type=int, default=None, help="a screen's drugs (default: all of SCREEN_DRUGS)")
+    parser.add_argument("--cells_per_condition", type=int, default=None, help="a screen's, default 150")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    write_standin_corpus(args.root, num_files=args.files, cells_per_file=args.cells_per_file, num_plates=args.plates,
-                         num_lines=args.lines, median_library_size=args.median_library_size, responses=args.responses,
+    args = parser.parse_args(argv)
+    if args.responses:
+        if args.files is not None or args.cells_per_file is not None:
+            parser.error("a screen's size is --lines, --drugs, --cells_per_condition and --plates, not --files")
+        from .tahoe_screen import write_standin_screen  # the screen builds on this module
+
+        write_standin_screen(args.root, num_lines=args.lines or 6, num_drugs=args.drugs,
+                             cells_per_condition=args.cells_per_condition or 150, num_plates=args.plates or 6,
+                             median_library_size=args.median_library_size, seed=args.seed)  # fmt: skip
+        print(f"wrote a drug screen (and its oracle) to {args.root}")
+        return
+    if args.drugs is not None or args.cells_per_condition is not None:
+        parser.error("--drugs and --cells_per_condition are a screen's (--responses)")
+    files, cells_per_file = args.files or 64, args.cells_per_file or 1600
+    write_standin_corpus(args.root, num_files=files, cells_per_file=cells_per_file, num_plates=args.plates or 8,
+                         num_lines=args.lines or 50, median_library_size=args.median_library_size,
                          seed=args.seed)  # fmt: skip
-    print(f"wrote {args.files} files of {args.cells_per_file} cells to {args.root}")
+    print(f"wrote {files} files of {cells_per_file} cells to {args.root}")
 
 
 if __name__ == "__main__":

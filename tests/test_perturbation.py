@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from dataset_scripts.tahoe_standin import write_standin_corpus
+from dataset_scripts.tahoe_screen import write_standin_screen
 from metrics.perturbation import MeanShiftBaselines, pearson_delta
 from modeling.conditions import ConditionEncoder, drug_key
 
@@ -19,8 +19,8 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def screen(tmp_path_factory):
     root = tmp_path_factory.mktemp("screen") / "tahoe"
-    return write_standin_corpus(root, num_files=8, cells_per_file=192, num_plates=4, wells_per_file=4, num_lines=4,
-                                responses=True)  # fmt: skip
+    return write_standin_screen(root, num_lines=4, num_drugs=5, cells_per_condition=20, control_cells_per_line=80,
+                                num_plates=3)  # fmt: skip
 
 
 def _pairs(root) -> set:
