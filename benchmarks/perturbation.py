@@ -17,7 +17,8 @@ validation pairs): B0 no change, B1 line mean, B2 PerturbMean, B3 additive ridge
 fingerprint (from the screen's `drug_metadata.parquet` SMILES); a mean model's cells are reference control cells
 plus its shift. Two checks of the protocol: a drug-blind predictor (cells of the line's training cells, any drug)
 must score about 0, and the ceiling, a fresh draw of the same wells (`DIR/oracle`, which `tahoe_standin
---responses` writes; else half the real cells predicting the other half, a lower bound), the best anyone can do.
+--responses` writes, its effects the expected ones of a large draw; else half the real cells predicting the
+other half, a lower bound), the best anyone can do.
 With `--checkpoint`, RankDiT generates as many cells as the real ones for each perturbation and control cells for
 each line (its own control), guided with the scale chosen on validation; its tokens become expression by the
 mean expression of each token in the line's reference control cells.
@@ -63,6 +64,7 @@ from metrics.perturbation_protocol import (  # noqa: E402
     metric_directions,
     oracle_prediction,
     paired_bootstrap,
+    read_expected_expression,
     read_screen_cells,
     split_half_prediction,
     split_truth,
@@ -218,11 +220,12 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
-def read_oracle(data: str, pair_columns: tuple[str, ...]) -> ScreenCells | None:
-    """The screen's fresh draw of the same wells (`DIR/oracle`), None where it has none."""
+def read_oracle(data: str, pair_columns: tuple[str, ...]) -> tuple[ScreenCells, dict | None] | None:
+    """The screen's fresh draw of the same wells (`DIR/oracle`) and its expected expression where the simulator
+    wrote one; None where it has no fresh draw."""
     oracle = Path(data) / ORACLE_DIR
     if (oracle / "data").is_dir():
-        return read_screen_cells(oracle, pair_columns)
+        return read_screen_cells(oracle, pair_columns), read_expected_expression(oracle)
     logger.warning("no fresh draw in %s: the ceiling is half the real cells predicting the other half", oracle)
     return None
 
@@ -241,7 +244,7 @@ def evaluate_split(cells: ScreenCells, oracle, setup: dict, panel_size: int, arg
     predictions = {name: mean_model_prediction(truth, shift, rng) for name, shift in shifts_of(base).items()}
     predictions[DRUG_BLIND] = drug_blind_prediction(truth, rng)
     if oracle is not None:
-        predictions[CEILING] = oracle_prediction(truth, oracle, genes, rng)
+        predictions[CEILING] = oracle_prediction(truth, oracle[0], genes, rng, oracle[1])
     else:
         predictions[CEILING] = split_half_prediction(truth, rng)
     if pipe is not None:

@@ -363,7 +363,8 @@ class Tahoe100MTokenized(datasets.ArrowBasedBuilder):
         if config.split_by == "pair":
             columns = [table.column(c).to_pylist() for c in config.pair_columns]
             pairs = [tuple(condition_value(c, v) for c, v in zip(config.pair_columns, pair)) for pair in zip(*columns)]
-            drugs = [condition_value("drug", d) for d in table.column("drug").to_pylist()] if config.control_drug else []
+            drugs = table.column("drug").to_pylist() if config.control_drug else []
+            drugs = [condition_value("drug", d) for d in drugs]
             return pair_split(pairs, drugs, table.column(CELL_ID_COLUMN).to_pylist(), config.test_pairs,
                               config.validation_pairs, config.control_drug, config.split_seed)  # fmt: skip
         if config.split_by == "plate":

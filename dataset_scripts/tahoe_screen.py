@@ -13,6 +13,9 @@ writes the layout and metadata of `tahoe_standin` (`ROOT/data/train-XXXXX-of-NNN
     ROOT/oracle/                                   a Tahoe-layout folder of its own (data/, metadata/): a fresh,
                                                    independent draw of every well (same samples, plates, drugs,
                                                    doses, lines and cells per well and line; new barcodes)
+    ROOT/oracle/expected_expression.parquet        per well (plate, drug, dose_um) and cell_line_id, the mean
+                                                   log-normalised expression of 600 fresh cells on the source's
+                                                   2,048 most-detected genes: the expected profile
 
 The repository's readers of ROOT (`load_expression_data`, `tahoe_builder`) read `ROOT/data/*.parquet` only, never
 `ROOT/oracle/`.
@@ -47,6 +50,7 @@ cells spread over every plate. A plate's wells are written in files of about 8,1
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,6 +152,8 @@ SURVIVAL_FLOOR = 0.6
 PLATE_OFFSET_GENES, PLATE_OFFSET_CANDIDATES, PLATE_OFFSET_SD = 100, 1000, 0.1
 CONTROL_WELLS_PER_PLATE = 2
 CELLS_PER_FILE = 8192
+# The oracle's expected expression: cells drawn per well and line, on the source's most-detected genes.
+EXPECTED_CELLS, EXPECTED_GENES = 600, 2048
 
 
 def hill(dose_um: float, ec50_um: float, slope: float = 1.5) -> float:
@@ -316,7 +322,7 @@ class _CellDrawer:
     condition's depth factor. Vectorised over a well's cells (a loop over cells would take most of the time)."""
 
     def __init__(self, cells, pools, truth: ScreenTruth, offsets: dict, median_library_size: int):
-        self.truth, self.offsets, self.median_library_size = truth, offsets, median_library_size
+        self.cells, self.truth, self.offsets, self.median_library_size = cells, truth, offsets, median_library_size
         self.universe = np.unique(np.concatenate([g for g, _ in cells]))  # every gene of the source
         self.columns = [np.searchsorted(self.universe, g) for g, _ in cells]
         self.profiles = [c / c.sum() for _, c in cells]
@@ -419,13 +425,50 @@ def _write_truth(root: Path, truth: ScreenTruth, offsets: dict, drugs: list[str]
     pq.write_table(pa.table(table), root / "metadata" / "simulated_plate_offsets.parquet")
 
 
-def _write_oracle(root: Path, groups: list[list[Well]], drawer: _CellDrawer, rng: np.random.Generator) -> None:
-    """`ROOT/oracle`: a fresh draw of every well of the screen, with ROOT's gene, sample, drug and line tables."""
+def _write_oracle(root: Path, groups: list[list[Well]], drawer: _CellDrawer, rng: np.random.Generator,
+                  expected_cells: int) -> None:  # fmt: skip
+    """`ROOT/oracle`: a fresh draw of every well of the screen, with ROOT's gene, sample, drug and line tables, and
+    the expected expression of every well and line ([`_write_expected_expression`])."""
     oracle = root / "oracle"
     (oracle / "metadata").mkdir(parents=True, exist_ok=True)
     for name in ("gene", "sample", "drug", "cell_line"):
         shutil.copy(root / "metadata" / f"{name}_metadata.parquet", oracle / "metadata" / f"{name}_metadata.parquet")
     write_obs_metadata(oracle, _write_cells(oracle, groups, drawer, rng), rng)
+    _write_expected_expression(oracle, [well for group in groups for well in group], drawer, rng, expected_cells)
+
+
+def _write_expected_expression(oracle: Path, wells: list[Well], drawer: _CellDrawer, rng: np.random.Generator,
+                               cells_per_line: int) -> None:  # fmt: skip
+    """`oracle/expected_expression.parquet`: per well and line, the mean log-normalised expression
+    (`log1p(1e4 x count / cell total)`) of a large fresh draw (`cells_per_line` cells) on the `EXPECTED_GENES`
+    genes the source detects most, i.e. the expected profile a condition's real cells scatter around. A fresh draw
+    the size of the real one is as noisy as the real one; the ceiling's effect is this mean's."""
+    genes = np.sort(most_detected_genes(drawer.cells, EXPECTED_GENES))
+    rows = []
+    for well in wells:
+        large = dataclasses.replace(well, counts=np.full(len(well.counts), cells_per_line))
+        flat_genes, counts, lengths, lines = drawer.draw(large, rng)
+        owner = np.repeat(np.arange(len(lengths)), lengths)
+        values = np.log1p(1e4 * counts / np.bincount(owner, counts, len(lengths))[owner])
+        where = np.searchsorted(genes, flat_genes).clip(max=len(genes) - 1)
+        on = genes[where] == flat_genes
+        sums = np.zeros((len(well.counts), len(genes)))
+        np.add.at(sums, (lines[owner[on]], where[on]), values[on])
+        key = drug_key(well.drug)
+        rows += [
+            (well.plate, line, key, well.dose_um, total / cells_per_line)
+            for line, total in zip(drawer.truth.lines, sums)
+        ]
+    table = {
+        "plate": [r[0] for r in rows],
+        "cell_line_id": [r[1] for r in rows],
+        "drug": [r[2] for r in rows],
+        "dose_um": [r[3] for r in rows],
+        "cells": [cells_per_line] * len(rows),
+        "genes": [genes.tolist()] * len(rows),
+        "mean_log_normalised": [r[4].astype(np.float32) for r in rows],
+    }
+    pq.write_table(pa.table(table), oracle / "expected_expression.parquet")
 
 
 def write_standin_screen(
@@ -438,6 +481,7 @@ def write_standin_screen(
     num_plates: int = 6,
     median_library_size: int = 1900,
     oracle: bool = True,
+    expected_cells: int = EXPECTED_CELLS,
     source: str | Path = EMBEDDED_SAMPLE,
     seed: int = 0,
 ) -> Path:
@@ -452,7 +496,8 @@ def write_standin_screen(
         control_cells_per_line: DMSO cells of each line, spread over every plate (None: 8 x `cells_per_condition`).
         num_plates: plates, at least 3 (plate p holds dose `DOSES_UM[p % 3]`).
         median_library_size: median UMIs of a control cell.
-        oracle: also write `oracle/`, an independent draw of every well.
+        oracle: also write `oracle/`, an independent draw of every well, and its expected expression.
+        expected_cells: cells per well and line of the large draw the expected expression is the mean of.
         source: the Tahoe-layout folder whose real cells the screen is made of.
         seed: the seed of every draw.
 
@@ -485,7 +530,7 @@ def write_standin_screen(
     write_metadata(root, samples, obs, lines, layout_rng, drugs)
     _write_truth(root, truth, offsets, truth.drugs[: len(drugs) - 1])
     if oracle:
-        _write_oracle(root, groups, drawer, oracle_rng)
+        _write_oracle(root, groups, drawer, oracle_rng, expected_cells)
     return root
 
 

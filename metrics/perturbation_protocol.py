@@ -36,6 +36,7 @@ from .perturbation import Key, energy_distance, mae_delta, mmd, pearson_delta
 
 Context = tuple[str, tuple[str, ...]]  # (line, plates)
 ORACLE_DIR = "oracle"
+EXPECTED_EXPRESSION = "expected_expression.parquet"
 # cell-eval's metrics that the benchmark reports (directions read from cell-eval's registry).
 CELL_EVAL_METRICS = (
     "discrimination_score_l1",
@@ -166,7 +167,14 @@ class Prediction:
     controls: dict[Context, np.ndarray]
     real: dict[Key, np.ndarray] | None = None
     real_controls: dict[Context, np.ndarray] | None = None
+    effects: dict[Key, np.ndarray] | None = None  # stated effects (the ceiling's expected ones), else from cells
     notes: dict = field(default_factory=dict)
+
+    def effect(self, key: Key, context: Context) -> np.ndarray:
+        """The predicted effect of a perturbation: as stated, else its cells' mean minus its own control's."""
+        if self.effects is not None:
+            return self.effects[key]
+        return self.cells[key].mean(axis=0) - self.controls[context].mean(axis=0)
 
 
 def mean_model_prediction(truth: Truth, shift, rng: np.random.Generator) -> Prediction:
@@ -192,9 +200,13 @@ def drug_blind_prediction(truth: Truth, rng: np.random.Generator) -> Prediction:
     return Prediction(cells, dict(truth.reference_controls))
 
 
-def oracle_prediction(truth: Truth, oracle: ScreenCells, genes: np.ndarray, rng: np.random.Generator) -> Prediction:
+def oracle_prediction(
+    truth: Truth, oracle: ScreenCells, genes: np.ndarray, rng: np.random.Generator, expected: dict | None = None
+) -> Prediction:
     """The ceiling from a fresh draw of the same wells (a simulator's `ROOT/oracle`): each perturbation's fresh
-    cells (as many as the real ones where there are enough), against the fresh controls of its context."""
+    cells (as many as the real ones where there are enough), against the fresh controls of its context. With the
+    simulator's `expected` expression ([`read_expected_expression`]) its effects are the expected ones: a draw the
+    size of the real one is as noisy as the real one, so its MAE would not bound anyone's."""
     obs = oracle.obs
     keys = list(zip(obs["line"], obs["drug"], obs["dose"].astype(float)))
     rows_of: dict = {}
@@ -210,7 +222,44 @@ def oracle_prediction(truth: Truth, oracle: ScreenCells, genes: np.ndarray, rng:
         line = (obs["line"] == ctx[0]).to_numpy() & (obs["drug"] == truth.control).to_numpy()
         on_plates = np.flatnonzero(line & obs["plate"].isin(ctx[1]).to_numpy())
         controls[ctx] = oracle.expression(genes, on_plates if len(on_plates) >= 2 else np.flatnonzero(line))
-    return Prediction(cells, controls, notes={"source": "a fresh draw of the same wells (ROOT/oracle)"})
+    prediction = Prediction(cells, controls, notes={"source": "a fresh draw of the same wells (ROOT/oracle)"})
+    if expected is not None:
+        prediction.effects = expected_effects(truth, expected, genes, prediction)
+        prediction.notes["source"] += "; effects from the expected expression of a large draw"
+    return prediction
+
+
+def read_expected_expression(folder: str | Path) -> dict | None:
+    """A simulator's expected expression (`oracle/expected_expression.parquet`): (line, drug key, dose, plate) ->
+    (genes, mean log-normalised expression), wells of one condition and plate averaged; None where absent."""
+    path = Path(folder) / EXPECTED_EXPRESSION
+    if not path.exists():
+        return None
+    frame = pq.read_table(path).to_pandas()
+    expected = {}
+    for key, group in frame.groupby(["cell_line_id", "drug", "dose_um", "plate"]):
+        genes = np.asarray(group["genes"].iloc[0])
+        expected[(key[0], key[1], float(key[2]), key[3])] = (genes, np.mean(np.stack(group["mean_log_normalised"]), 0))
+    return expected
+
+
+def expected_effects(truth: Truth, expected: dict, genes: np.ndarray, fresh: Prediction) -> dict[Key, np.ndarray]:
+    """Each perturbation's expected effect on `genes`: the expected expression of its condition minus its line's
+    control's, averaged over its plates (the fresh draw's effect on genes the table lacks)."""
+    effects = {}
+    for key in truth.keys:
+        line, plates = truth.context[key]
+        pairs = [(expected.get((*key, p)), expected.get((line, truth.control, 0.0, p))) for p in plates]
+        pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+        effect = fresh.effect(key, truth.context[key])
+        if pairs:
+            table_genes = pairs[0][0][0]
+            where = np.searchsorted(table_genes, genes).clip(max=len(table_genes) - 1)
+            known = table_genes[where] == genes
+            mean = np.mean([a[1] - b[1] for a, b in pairs], axis=0)
+            effect = np.where(known, mean[where], effect)
+        effects[key] = effect
+    return effects
 
 
 def split_half_prediction(truth: Truth, rng: np.random.Generator) -> Prediction:
@@ -236,7 +285,7 @@ def delta_scores(prediction: Prediction, truth: Truth) -> dict[str, list[float]]
     scores = {"pearson_delta": [], "mae_delta": []}
     for key in truth.keys:
         ctx = truth.context[key]
-        predicted = prediction.cells[key].mean(axis=0) - prediction.controls[ctx].mean(axis=0)
+        predicted = prediction.effect(key, ctx)
         if prediction.real is None:
             real = truth.real_delta(key)
         else:

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 def screen(tmp_path_factory):
     root = tmp_path_factory.mktemp("screen") / "tahoe"
     return write_standin_screen(root, num_lines=4, num_drugs=5, cells_per_condition=20, control_cells_per_line=80,
-                                num_plates=3)  # fmt: skip
+                                num_plates=3, expected_cells=100)  # fmt: skip
 
 
 def _pairs(root) -> set:
@@ -57,10 +57,17 @@ def test_heldout_pairs_are_test_cells_at_every_dose_and_never_train_or_validate(
     assert len(trained) > 1000 and not set(trained) & pairs
     assert not set(trained) & set(setup.validation_pairs) and not set(pairs_of(data.reference_rows)) & pairs
     test = data.splits["test"]
-    assert set(pairs_of(test)) == pairs  # every test cell is of a held-out pair, and both pairs are there
-    doses = {setup.dose_of_sample[s] for s in test["sample"]}
+    perturbed = [pair for pair in pairs_of(test) if pair[1] != "DMSO_TF"]
+    assert set(perturbed) == pairs  # every perturbed test cell is of a held-out pair, and both pairs are there
+    doses = {setup.dose_of_sample[s] for s, (_, drug) in zip(test["sample"], pairs_of(test)) if drug != "DMSO_TF"}
     assert doses == {0.05, 0.5, 5.0}  # every dose of them
     assert set(pairs_of(data.splits["validation"])) == set(setup.validation_pairs)
+    # The other test cells are the evaluation controls: a hash half of every line's controls, never trained on.
+    evaluation = {row["BARCODE_SUB_LIB_ID"] for row in test if drug_key(row["drug"]) == "DMSO_TF"}
+    trained_controls = {row["BARCODE_SUB_LIB_ID"] for row in data.train_rows if drug_key(row["drug"]) == "DMSO_TF"}
+    assert evaluation and trained_controls and not evaluation & trained_controls
+    lines = {pair[0] for pair in pairs_of(test) if pair[1] == "DMSO_TF"}
+    assert lines == {pair[0] for pair in _pairs(screen)}  # every line's
 
 
 def test_heldout_pairs_files_are_checked(screen, tmp_path):

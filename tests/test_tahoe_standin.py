@@ -22,7 +22,7 @@ from dataset_scripts.tahoe_standin import CONTROL, DOSES_UM, DRUGS, write_standi
 from modeling.conditions import drug_key
 
 REPO = Path(__file__).resolve().parent.parent
-CELLS_PER_CONDITION, CONTROLS_PER_LINE, PLATES, LINES = 12, 96, 6, 3
+CELLS_PER_CONDITION, CONTROLS_PER_LINE, PLATES, LINES, EXPECTED_CELLS = 12, 96, 6, 3, 400
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,8 @@ def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("standin") / "tahoe"
     with mock.patch.object(tahoe_screen, "CELLS_PER_FILE", 300):  # several files per plate at this size
         return write_standin_screen(root, num_lines=LINES, cells_per_condition=CELLS_PER_CONDITION,
-                                    control_cells_per_line=CONTROLS_PER_LINE, num_plates=PLATES)  # fmt: skip
+                                    control_cells_per_line=CONTROLS_PER_LINE, num_plates=PLATES,
+                                    expected_cells=EXPECTED_CELLS)  # fmt: skip
 
 
 def _cells(root: Path, columns=("cell_line_id", "drug", "sample", "plate", "BARCODE_SUB_LIB_ID")) -> dict:
@@ -193,6 +194,34 @@ def test_doses_follow_the_plates(corpus):
         write_standin_screen("/nonexistent", num_plates=2)
     with pytest.raises(ValueError, match=r"num_drugs \(0\) must be between 1 and"):
         write_standin_screen("/nonexistent", num_drugs=0)
+
+
+def test_the_expected_expression_is_the_mean_the_real_cells_scatter_around(corpus):
+    """Per well and line, the oracle's expected log-normalised expression; the mean of the real cells of a plate's
+    controls (two wells) lies within sampling noise of it, a cell's normalisation being its total count."""
+    from metrics.perturbation_protocol import read_expected_expression, read_screen_cells
+
+    expected = read_expected_expression(corpus / "oracle")
+    samples = pq.read_table(corpus / "metadata" / "sample_metadata.parquet").to_pylist()
+    assert len(expected) == len({(s["plate"], drug_key(s["drug"])) for s in samples}) * LINES
+    cells = read_screen_cells(corpus)
+    obs = cells.obs
+    line = obs["line"].iloc[0]
+    genes = expected[(line, CONTROL, 0.0, "plate1")][0]
+    mean = np.mean([expected[(line, CONTROL, 0.0, f"plate{p + 1}")][1] for p in range(PLATES)], axis=0)
+    rows = np.flatnonzero(((obs["line"] == line) & (obs["drug"] == CONTROL)).to_numpy())
+    real = cells.expression(genes, rows).mean(axis=0)
+    assert len(rows) == CONTROLS_PER_LINE and np.corrcoef(real, mean)[0, 1] > 0.97 and abs((real - mean).mean()) < 0.03
+    # A strong condition's expected profile differs from its line's controls where its truth says.
+    effects = pq.read_table(corpus / "metadata" / "simulated_effects.parquet").to_pylist()
+    strongest = max((e for e in effects if e["cell_line_id"] == line and e["dose_um"] == 5.0),
+                    key=lambda e: np.abs(e["log_fold_changes"]).sum())  # fmt: skip
+    plate = next(p for (ln, d, z_, p) in expected if (ln, d, z_) == (line, strongest["drug"], 5.0))
+    shift = expected[(line, strongest["drug"], 5.0, plate)][1] - expected[(line, CONTROL, 0.0, plate)][1]
+    moved = np.isin(genes, strongest["genes"]) & (np.abs(np.interp(genes, *zip(*sorted(zip(
+        strongest["genes"], strongest["log_fold_changes"]))))) > 0.5)  # fmt: skip
+    signs = np.sign(np.interp(genes[moved], *zip(*sorted(zip(strongest["genes"], strongest["log_fold_changes"])))))
+    assert moved.sum() >= 3 and np.mean(np.sign(shift[moved]) == signs) > 0.8
 
 
 def test_the_oracle_is_a_fresh_draw_of_the_same_wells_and_roots_readers_skip_it(corpus):
