@@ -180,7 +180,7 @@ def tanimoto_similarity(smiles: list[str]) -> np.ndarray:
     return np.array([DataStructs.BulkTanimotoSimilarity(f, fingerprints) for f in fingerprints])
 
 
-def most_detected_genes(cells: list[tuple[np.ndarray, np.ndarray]], n: int) -> np.ndarray:
+def genes_by_detection(cells: list[tuple[np.ndarray, np.ndarray]], n: int) -> np.ndarray:
     """The `n` genes expressed in the most cells, most detected first (ties by token id)."""
     genes, detected = np.unique(np.concatenate([g for g, _ in cells]), return_counts=True)
     return genes[np.argsort(-detected, kind="stable")[:n]]
@@ -234,7 +234,7 @@ def draw_truth(cells, lines: list[str], drugs: list[tuple], rng: np.random.Gener
     """A screen's answer for `lines` and `drugs` (rows of `SCREEN_DRUGS`, the control left out), its responsive
     genes drawn among the most-detected genes of `cells` (the source's (genes, counts))."""
     n_lines, n_drugs = len(lines), len(drugs)
-    pool = np.sort(rng.choice(most_detected_genes(cells, CANDIDATE_GENES), POOL_SIZE, replace=False))
+    pool = np.sort(rng.choice(genes_by_detection(cells, CANDIDATE_GENES), POOL_SIZE, replace=False))
     shared = shared_effects(tanimoto_similarity([d[1] for d in drugs]), POOL_SIZE, rng)
     specific = np.zeros((n_lines, n_drugs, POOL_SIZE))
     chosen = rng.random(specific.shape).argsort(axis=-1)[..., :LINE_PROGRAM_SIZE]
@@ -249,7 +249,7 @@ def draw_truth(cells, lines: list[str], drugs: list[tuple], rng: np.random.Gener
 
 def draw_plate_offsets(cells, plates: list[str], rng: np.random.Generator) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per plate, (genes, log offsets): N(0, PLATE_OFFSET_SD) on genes drawn among the most-detected ones."""
-    candidates = most_detected_genes(cells, PLATE_OFFSET_CANDIDATES)
+    candidates = genes_by_detection(cells, PLATE_OFFSET_CANDIDATES)
     return {
         plate: (
             np.sort(rng.choice(candidates, PLATE_OFFSET_GENES, replace=False)),
@@ -443,7 +443,7 @@ def _write_expected_expression(oracle: Path, wells: list[Well], drawer: _CellDra
     (`log1p(1e4 x count / cell total)`) of a large fresh draw (`cells_per_line` cells) on the `EXPECTED_GENES`
     genes the source detects most, i.e. the expected profile a condition's real cells scatter around. A fresh draw
     the size of the real one is as noisy as the real one; the ceiling's effect is this mean's."""
-    genes = np.sort(most_detected_genes(drawer.cells, EXPECTED_GENES))
+    genes = np.sort(genes_by_detection(drawer.cells, EXPECTED_GENES))
     rows = []
     for well in wells:
         large = dataclasses.replace(well, counts=np.full(len(well.counts), cells_per_line))

@@ -126,15 +126,17 @@ class MeanShiftBaselines:
 
 
 def drug_similarity(smiles: dict[str, str]) -> dict[tuple[str, str], float]:
-    """Tanimoto similarity of the Morgan fingerprints (radius 2, 2,048 bits) of every two drugs (name -> SMILES;
-    drugs whose SMILES RDKit cannot read are left out)."""
-    from rdkit import Chem, DataStructs
-    from rdkit.Chem import rdFingerprintGenerator
+    """Tanimoto similarity of the Morgan fingerprints of every two drugs (name -> SMILES), by the stand-in screen's
+    rule ([`~dataset_scripts.tahoe_screen.tanimoto_similarity`]); drugs whose SMILES RDKit cannot read are left
+    out."""
+    from rdkit import Chem, RDLogger
 
-    generator = rdFingerprintGenerator.GetMorganGenerator(radius=2, fpSize=2048)
-    molecules = {name: Chem.MolFromSmiles(text) for name, text in smiles.items() if text}
-    prints = {name: generator.GetFingerprint(m) for name, m in molecules.items() if m is not None}
-    return {(a, b): DataStructs.TanimotoSimilarity(prints[a], prints[b]) for a in prints for b in prints if a != b}
+    from dataset_scripts.tahoe_screen import tanimoto_similarity
+
+    RDLogger.DisableLog("rdApp.*")
+    names = [name for name, text in smiles.items() if text and Chem.MolFromSmiles(text) is not None]
+    similarity = tanimoto_similarity([smiles[name] for name in names])
+    return {(a, b): float(similarity[i, j]) for i, a in enumerate(names) for j, b in enumerate(names) if i != j}
 
 
 def pearson_delta(predicted: np.ndarray, real: np.ndarray, top: int | None = None) -> float:

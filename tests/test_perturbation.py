@@ -209,3 +209,29 @@ def test_pearson_delta_is_zero_for_a_constant_prediction_and_sees_noise_among_to
     predicted = np.r_[np.full(50, 2.0) + rng.normal(0, 0.01, 50), rng.normal(0, 0.1, 100)]
     assert pearson_delta(predicted, real) > 0.95 and pearson_delta(np.zeros(150), real) == 0.0
     assert pearson_delta(predicted, real, top=50) < 0.5  # among the top genes the prediction is noise
+
+
+def test_b4_takes_the_structurally_nearest_drug_in_the_same_line_else_over_the_other_lines():
+    from metrics.perturbation import drug_similarity
+
+    rng = np.random.default_rng(0)
+    keys, rows = [], []
+    for line in ("L0", "L1"):
+        keys += [(line, "DMSO_TF", 0.0)] * 5
+        rows.append(rng.normal(size=(5, 4)))
+        for drug, shift in (("Ibuprofen", 1.0), ("Caffeine", -1.0)):
+            if (line, drug) == ("L1", "Ibuprofen"):
+                continue
+            keys += [(line, drug, 0.5)] * 5
+            rows.append(rows[-1][:5] * 0 + shift + (line == "L1"))
+    base = MeanShiftBaselines(np.vstack(rows), keys, "DMSO_TF")
+    smiles = {"Ibuprofen": "CC(C)CC1=CC=C(C=C1)C(C)C(=O)O", "Caffeine": "CN1C=NC2=C1C(=O)N(C(=O)N2C)C",
+              "Naproxen": "COC1=CC2=C(C=C1)C=C(C=C2)C(C)C(=O)O"}  # fmt: skip
+    similarity = drug_similarity(smiles)
+    assert similarity[("Naproxen", "Ibuprofen")] > similarity[("Naproxen", "Caffeine")]
+    # Naproxen, never seen: its nearest drug is ibuprofen (a propionic acid NSAID), not caffeine.
+    np.testing.assert_allclose(base.b4(("L0", "Naproxen", 0.5), similarity), base.shifts[("L0", "Ibuprofen", 0.5)])
+    # L1 never saw ibuprofen: its shift over the lines that did.
+    np.testing.assert_allclose(base.b4(("L1", "Naproxen", 0.5), similarity), base.shifts[("L0", "Ibuprofen", 0.5)])
+    # Without a comparable drug (no SMILES): B2.
+    np.testing.assert_allclose(base.b4(("L0", "Unknown", 0.5), similarity), base.b2(("L0", "Unknown", 0.5)))

@@ -117,7 +117,7 @@ def test_similar_drugs_act_alike_on_sparse_programs_of_realistic_sizes(corpus):
     assert abs(correlation[pairs][far].mean()) < 0.1
     # programs: tens of genes, all among the source's 300 most-detected genes (so a 512-gene panel holds them)
     assert all(20 <= len(e["genes"]) <= 60 for e in effects)
-    assert set(genes) <= set(tahoe_screen.most_detected_genes(tahoe_standin.real_cells(), 300).tolist())
+    assert set(genes) <= set(tahoe_screen.genes_by_detection(tahoe_standin.real_cells(), 300).tolist())
     sizes = np.abs(np.concatenate([e["log_fold_changes"] for e in effects if e["dose_um"] == max(DOSES_UM)]))
     assert 0.2 < np.median(sizes) < 1.0 and np.quantile(sizes, 0.99) > 1.5 and sizes.max() <= 3.0  # a long tail
     mean = top.mean(axis=0)  # an average over drugs carries little of any one drug's effect
