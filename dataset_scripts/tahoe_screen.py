@@ -63,7 +63,7 @@ from modeling.conditions import drug_key
 
 from .expression_data import EMBEDDED_SAMPLE, GENE_METADATA_PATH
 from .schema import CLS_TOKEN_ID, CLS_VALUE, EXPRESSION_SCHEMA, METADATA_COLUMNS
-from .tahoe_standin import (
+from .standin_tables import (
     CONTROL,
     DOSES_UM,
     DRUGS,
