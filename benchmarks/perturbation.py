@@ -415,8 +415,7 @@ def plot_deltas(truth: Truth, predictions: dict, path: Path, most: int = 4) -> P
     for ax, key in zip(axes[0], keys):
         real = truth.real_delta(key)
         for name, prediction in predictions.items():
-            own = prediction.controls[truth.context[key]].mean(axis=0)
-            ax.scatter(real, prediction.cells[key].mean(axis=0) - own, s=6, alpha=0.6, label=name)
+            ax.scatter(real, prediction.effect(key, truth.context[key]), s=6, alpha=0.6, label=name)
         lim = np.abs(real).max() * 1.1
         ax.plot([-lim, lim], [-lim, lim], color="grey", lw=0.8)
         ax.set(title=f"{key[0]}, {key[1]} {key[2]:g} uM", xlabel="real effect", ylabel="predicted effect")

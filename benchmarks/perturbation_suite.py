@@ -29,6 +29,7 @@ import numpy as np
 from perturbation import BASELINES, evaluate_split, pairs_setup, read_oracle  # the benchmark beside
 
 from metrics.perturbation_protocol import paired_bootstrap, read_screen_cells
+from modeling.conditions import condition_value
 
 logger = logging.getLogger("perturbation_suite")
 QUESTIONS = ("pairs", "unseen drug", "unseen line")
@@ -36,7 +37,7 @@ QUESTIONS = ("pairs", "unseen drug", "unseen line")
 
 def screen_pairs(cells, control: str) -> tuple[list[str], list[str], set]:
     """The lines, the perturbing drugs and the (line, drug) pairs a screen holds."""
-    obs = cells.obs[cells.obs["drug"] != control]
+    obs = cells.obs[cells.obs["drug"] != condition_value("drug", control)]
     pairs = set(zip(obs["line"], obs["drug"]))
     return sorted({p[0] for p in pairs}), sorted({p[1] for p in pairs}), pairs
 
@@ -97,24 +98,39 @@ def run_question(question: str, cells, oracle, args) -> dict:
             report, _, _ = evaluate_split(cells, oracle, setup, args.panel_size, args)
             splits += 1
             best = report["per_perturbation"][report["best_baseline"]]
+            keys = [tuple(key) for key in report["perturbations"]]
             for name, by_metric in report["per_perturbation"].items():
                 for metric, values in by_metric.items():
-                    entry = pooled.setdefault(name, {}).setdefault(metric, {"values": [], "best": []})
+                    entry = pooled.setdefault(name, {}).setdefault(metric, {"values": [], "best": [], "keys": []})
                     entry["values"] += values
                     entry["best"] += best[metric]
+                    entry["keys"] += keys
             logger.info("%s, seed %d: %d held-out pairs, best baseline %s", question, seed, len(held),
                         report["best_baseline"])  # fmt: skip
     return summarise_question(pooled, splits, args.seeds)
+
+
+def per_perturbation(entry: dict) -> tuple[np.ndarray, np.ndarray]:
+    """A method's and the best baselines' scores averaged per perturbation over the seeds that scored it, so the
+    bootstrap resamples perturbations, not a perturbation's repeats (which would narrow the interval)."""
+    keys = sorted(set(entry["keys"]))
+    index = {key: i for i, key in enumerate(keys)}
+    rows = np.array([index[key] for key in entry["keys"]])
+    counts = np.bincount(rows, minlength=len(keys))
+    return (np.bincount(rows, np.asarray(entry["values"], float), len(keys)) / counts,
+            np.bincount(rows, np.asarray(entry["best"], float), len(keys)) / counts)  # fmt: skip
 
 
 def summarise_question(pooled: dict, splits: int, seeds: int) -> dict:
     methods, versus = {}, {}
     for name, by_metric in pooled.items():
         methods[name] = {m: float(np.nanmean(entry["values"])) for m, entry in by_metric.items()}
-        versus[name] = {m: paired_bootstrap(entry["values"], entry["best"]) for m, entry in by_metric.items()
+        versus[name] = {m: paired_bootstrap(*per_perturbation(entry)) for m, entry in by_metric.items()
                         if m in ("pearson_delta", "mae_delta")}  # fmt: skip
-    perturbations = len(next(iter(pooled.values()))["pearson_delta"]["values"])
-    return {"splits": splits, "seeds": seeds, "perturbations": perturbations, "methods": methods,
+    entry = next(iter(pooled.values()))["pearson_delta"]
+    perturbations, distinct = len(entry["values"]), len(set(entry["keys"]))
+    return {"splits": splits, "seeds": seeds, "perturbations": perturbations, "distinct_perturbations": distinct,
+            "methods": methods,
             "versus_best_baseline": versus}  # fmt: skip
 
 

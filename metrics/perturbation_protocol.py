@@ -139,19 +139,22 @@ def split_truth(cells: ScreenCells, roles: np.ndarray, genes: np.ndarray, contro
         rows_of.setdefault(keys[i], []).append(i)
     context = {key: (key[0], tuple(sorted(set(obs["plate"].iloc[rows])))) for key, rows in rows_of.items()}
 
-    def controls(candidates: np.ndarray) -> dict[Context, np.ndarray]:
+    def controls(candidates: np.ndarray, kind: str) -> dict[Context, np.ndarray]:
         found = {}
         for ctx in set(context.values()):
             of_line = candidates[(obs["line"].iloc[candidates] == ctx[0]).to_numpy()]
             on_plates = of_line[obs["plate"].iloc[of_line].isin(ctx[1]).to_numpy()]
+            if len(of_line) < 2:
+                raise ValueError(f"the line {ctx[0]} has {len(of_line)} {kind} control cells ({control}): its effects "
+                                 "cannot be measured; a screen needs control cells of every line")  # fmt: skip
             found[ctx] = cells.expression(genes, on_plates if len(on_plates) >= 2 else of_line)
         return found
 
     return Truth(
         real={key: cells.expression(genes, np.array(rows)) for key, rows in rows_of.items()},
         context=context,
-        evaluation_controls=controls(evaluation),
-        reference_controls=controls(reference),
+        evaluation_controls=controls(evaluation, "evaluation"),
+        reference_controls=controls(reference, "reference"),
         training=cells.expression(genes, train),
         training_obs=obs.iloc[train].reset_index(drop=True),
         control=control,
@@ -195,7 +198,9 @@ def drug_blind_prediction(truth: Truth, rng: np.random.Generator) -> Prediction:
     obs, cells = truth.training_obs, {}
     for key in truth.keys:
         line, plates = truth.context[key]
-        pool = np.flatnonzero((obs["line"] == line).to_numpy() & obs["plate"].isin(plates).to_numpy())
+        of_line = (obs["line"] == line).to_numpy()
+        pool = np.flatnonzero(of_line & obs["plate"].isin(plates).to_numpy())
+        pool = pool if len(pool) else np.flatnonzero(of_line)
         cells[key] = truth.training[rng.choice(pool, len(truth.real[key]))]
     return Prediction(cells, dict(truth.reference_controls))
 
@@ -301,8 +306,13 @@ def distribution_scores(prediction: Prediction, truth: Truth, project, seed: int
     in a seeded order shared by every method)."""
     scores = {"energy_distance": [], "mmd": []}
     for key in truth.keys:
-        real = truth.real[key][np.random.default_rng(seed).permutation(len(truth.real[key]))]
+        real = (prediction.real or truth.real)[key]  # a split-half ceiling is compared with the other half
+        real = real[np.random.default_rng(seed).permutation(len(real))]
         n = min(len(real), len(prediction.cells[key]))
+        if n < 2:  # the U-statistics need two cells a side
+            scores["energy_distance"].append(float("nan"))
+            scores["mmd"].append(float("nan"))
+            continue
         x, y = project(prediction.cells[key][:n]), project(real[:n])
         scores["energy_distance"].append(energy_distance(x, y))
         scores["mmd"].append(mmd(x, y, float(np.median(pdist(y))) or 1.0))
@@ -343,6 +353,8 @@ def cell_eval_scores(prediction: Prediction, truth: Truth, genes: list[str]) -> 
             row = frame.loc[f"{key[1]} {key[2]:g} uM"]
             by_key[key] = {m: float(row[m]) if m in row else float("nan") for m in CELL_EVAL_METRICS}
             by_key[key]["discrimination chance"] = 1 - (len(keys) - 1) / (2 * len(keys))
+            if len(keys) < 2:  # ranked among itself alone: 1 whatever the prediction, so no information
+                by_key[key]["discrimination_score_l1"] = by_key[key]["discrimination chance"] = float("nan")
     names = [*CELL_EVAL_METRICS, "discrimination chance"]
     return {name: [by_key[key][name] for key in truth.keys] for name in names}
 
