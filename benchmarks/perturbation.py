@@ -145,7 +145,7 @@ def pairs_setup(data: str, heldout_pairs: str, split_seed: int, control_drug: st
     return {**setup, "data": str(data), "split_seed": split_seed}
 
 
-def fit_baselines(truth: Truth, validation: Truth, similarity: dict) -> tuple[MeanShiftBaselines, dict]:
+def fit_baselines(truth: Truth, validation: Truth) -> tuple[MeanShiftBaselines, dict]:
     """B0-B4 fitted on the training cells, B3's ridge penalty and interaction rank chosen on the validation pairs
     (mean Pearson delta of its shift against the real effect)."""
     obs = truth.training_obs
@@ -159,14 +159,13 @@ def fit_baselines(truth: Truth, validation: Truth, similarity: dict) -> tuple[Me
             if best is None or score > best[0]:
                 best = (float(score), alpha, rank)
     base.fit_b3(best[1], best[2])
-    base.similarity = similarity
     choices = {"B3": {"alpha": best[1], "rank": best[2], "validation_pearson_delta": best[0]}}
     return base, choices
 
 
-def shifts_of(base: MeanShiftBaselines) -> dict:
-    """Each baseline's shift function."""
-    return dict(zip(BASELINES, (base.b0, base.b1, base.b2, base.b3, lambda key: base.b4(key, base.similarity))))
+def shifts_of(base: MeanShiftBaselines, similarity: dict) -> dict:
+    """Each baseline's shift function (B4 with the drugs' structure `similarity`)."""
+    return dict(zip(BASELINES, (base.b0, base.b1, base.b2, base.b3, lambda key: base.b4(key, similarity))))
 
 
 def screen_similarity(data: str) -> dict:
@@ -239,9 +238,11 @@ def evaluate_split(cells: ScreenCells, oracle, setup: dict, panel_size: int, arg
     validation = split_truth(cells, roles, genes, setup["control_drug"], "validation")
     logger.info("%d test perturbations (%d cells), %d validation perturbations, %d panel genes", len(truth.keys),
                 sum(len(v) for v in truth.real.values()), len(validation.keys), len(genes))  # fmt: skip
-    base, choices = fit_baselines(truth, validation, screen_similarity(setup["data"]))
+    base, choices = fit_baselines(truth, validation)
+    similarity = screen_similarity(setup["data"])
     rng = np.random.default_rng(args.seed)
-    predictions = {name: mean_model_prediction(truth, shift, rng) for name, shift in shifts_of(base).items()}
+    shifts = shifts_of(base, similarity)
+    predictions = {name: mean_model_prediction(truth, shift, rng) for name, shift in shifts.items()}
     predictions[DRUG_BLIND] = drug_blind_prediction(truth, rng)
     if oracle is not None:
         predictions[CEILING] = oracle_prediction(truth, oracle[0], genes, rng, oracle[1])
@@ -251,7 +252,7 @@ def evaluate_split(cells: ScreenCells, oracle, setup: dict, panel_size: int, arg
         predictions[MODEL], choices["guidance_scale"] = model_prediction(pipe, cells, roles, genes, truth,
                                                                          validation, args)  # fmt: skip
     scores = score_all(predictions, truth, genes, not args.no_cell_eval, args.seed)
-    best = best_baseline(base, validation)
+    best = best_baseline(base, similarity, validation)
     means, versus = summarise(scores, best, args.seed)
     report = {
         "data": str(setup["data"]),
@@ -275,9 +276,9 @@ def evaluate_split(cells: ScreenCells, oracle, setup: dict, panel_size: int, arg
     return report, predictions, truth
 
 
-def best_baseline(base: MeanShiftBaselines, validation: Truth) -> str:
+def best_baseline(base: MeanShiftBaselines, similarity: dict, validation: Truth) -> str:
     """The baseline whose shifts have the highest mean Pearson delta on the validation perturbations."""
-    shifts = shifts_of(base)
+    shifts = shifts_of(base, similarity)
     return max(BASELINES, key=lambda name: np.mean([pearson_delta(shifts[name](k), validation.real_delta(k))
                                                       for k in validation.keys]))  # fmt: skip
 
