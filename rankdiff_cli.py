@@ -33,6 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
     impute.add_argument("--cell_batch_size", type=int, default=256, help="cells read and imputed together")
     impute.add_argument("--return_probs", action="store_true", help="also store the requested genes' distributions")
     impute.add_argument("--key_added", default="rankdiff", help="prefix of the new layers")
+    impute.add_argument(
+        "--reference",
+        type=Path,
+        help="an .h5ad of raw counts of your own cells (same --layer and --gene_column) whose nearest cells each cell "
+        "reads, instead of the checkpoint's reference (a sample of its training cells)",
+    )
+    impute.add_argument("--no_reference", action="store_true", help="read no reference cells")
     impute.add_argument("--device", default=None, help="where the model runs (default: cuda when there is one)")
     impute.add_argument("--overwrite", action="store_true", help="replace OUTPUT when it exists")
     return parser
@@ -54,8 +61,14 @@ def impute(args: argparse.Namespace) -> Path:
         if args.mask_layer not in adata.layers:
             raise SystemExit(f"rankdiff impute: no layer {args.mask_layer!r}; the layers are {list(adata.layers)}")
         mask = adata.layers[args.mask_layer]
+    if args.reference is not None and (args.no_reference or not args.reference.is_file()):
+        raise SystemExit(f"rankdiff impute: --reference {args.reference} is not a file (or --no_reference is given)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = DiffusionPipeline.from_pretrained(args.model, trust_remote_code=True).to(device)
+    reference = False if args.no_reference else None
+    if args.reference is not None:
+        cells = anndata.read_h5ad(args.reference)
+        reference = pipe.make_reference(cells, layer=args.layer, gene_column=args.gene_column)
     result = pipe.impute_anndata(
         adata,
         mask=mask,
@@ -68,6 +81,7 @@ def impute(args: argparse.Namespace) -> Path:
         sampler=args.sampler,
         batch_size=args.batch_size,
         generator=torch.Generator().manual_seed(args.seed),
+        reference=reference,
     )
     args.output.parent.mkdir(parents=True, exist_ok=True)
     result.write_h5ad(args.output)

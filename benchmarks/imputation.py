@@ -113,6 +113,11 @@ def main() -> None:
             print_table(rows, title)
     if 0.5 in bench_args.mask_ratios:
         print(f"\nMasked NLL at ratio 0.5, model vs best baseline: {headline(record['results'], 0.5)}")
+    for panel, by_method in record["results"].items():
+        times = {name: by_ratio[str(r)]["seconds_per_cell"] for name, by_ratio in by_method.items()
+                 for r in bench_args.mask_ratios[:1] if "seconds_per_cell" in by_ratio.get(str(r), {})}  # fmt: skip
+        print(f"{panel}, one pass at ratio {bench_args.mask_ratios[0]}, ms per cell: "
+              + ", ".join(f"{name} {1000 * seconds:.1f}" for name, seconds in times.items()))  # fmt: skip
 
     output = Path(bench_args.output)
     output.parent.mkdir(parents=True, exist_ok=True)

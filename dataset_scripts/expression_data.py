@@ -20,6 +20,7 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 from datasets.distributed import split_dataset_by_node
 from transformers import TrainerCallback
 
@@ -205,6 +206,8 @@ class RankDiffusionCollator:
         conditions ([`ConditionEncoder`], *optional*): read each cell's perturbation conditions from its row into
             `condition_ids` / `doses` ([`~ConditionEncoder.encode_rows`]), nulled at `condition_dropout` (drawn by a
             hash of `seed`, the epoch and the cell); `dose_of_sample` gives each Tahoe well's dose.
+        reference_rows (`dict[str, int]`, *optional*): the row of each cell that is a reference cell, given as
+            `reference_self` (-1 for the others), so that no cell reads itself as its own reference.
     """
 
     processor: RankDiTProcessor
@@ -215,12 +218,15 @@ class RankDiffusionCollator:
     dose_of_sample: dict[str, float] | None = None
     condition_dropout: float = 0.0
     seed: int = 0
+    reference_rows: dict[str, int] | None = None
 
     def __call__(self, rows: list[dict] | dict[str, list]) -> CellBatch:
         offsets, genes, tokens, cell_ids = tokenized_cells(rows, self.processor.num_rank_bins)
         selected = self.cell_tokenizer.select_batch(offsets, genes, tokens, cell_ids, epoch=self.epoch, rule=self.rule)
         batch = self.processor.encode(RaggedCells(selected[0], selected[1], ranks=selected[2]))
         batch["labels"] = batch["input_ids"].masked_fill(~batch["attention_mask"], -100)
+        if self.reference_rows is not None:
+            batch["reference_self"] = torch.tensor([self.reference_rows.get(cell, -1) for cell in cell_ids])
         if self.conditions is not None:
             columns = rows if isinstance(rows, dict) else {name: [row.get(name) for row in rows] for name in rows[0]}
             row_of = {cell: i for i, cell in enumerate(columns[CELL_ID_COLUMN])}

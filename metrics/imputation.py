@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import evaluate
 import numpy as np
 import torch
+from torch.nn import functional as F
 
 from modeling import CellBatch
 from pipelines import MaskedRankDiffusionScheduler
@@ -18,6 +20,16 @@ from .rank_imputation.rank_imputation import position_nll
 logger = logging.getLogger(__name__)
 METRIC_PATH = Path(__file__).resolve().parent / "rank_imputation"
 MODEL_METHOD = "RankDiT, one pass"
+# The ablation of a model that reads reference cells: the same model and call without them.
+NO_REFERENCE_METHOD = "RankDiT, one pass, no reference cells"
+
+
+def one_pass_methods(config) -> list[tuple[str, bool | None]]:
+    """`(name, reference=)` of the pipeline's one-pass rows: the model as users call it (with its reference cells
+    when it reads some) and, for such a model, the same call without them."""
+    return [(MODEL_METHOD, None), *([(NO_REFERENCE_METHOD, False)] if config.reference_context else [])]
+
+
 # Strata of a gene's detection rate in training cells, reported apart: (label, lower bound).
 DETECTION_STRATA = (("detected_lt10", 0.0), ("detected_10_50", 0.1), ("detected_50_90", 0.5), ("detected_ge90", 0.9))
 
@@ -122,8 +134,13 @@ def masked_nll(probs: torch.Tensor, truth: torch.Tensor, masked: torch.Tensor) -
 
 
 def strongest_baseline(by_method: dict[str, dict[str, dict]], ratio: str) -> tuple[str, float]:
-    """The baseline with the lowest masked NLL at one mask ratio (`by_method[method][ratio]`), and that NLL."""
-    nll = {m: r[ratio]["nll_all"] for m, r in by_method.items() if m != MODEL_METHOD and "nll_all" in r.get(ratio, {})}
+    """The baseline (not a RankDiT row) with the lowest masked NLL at one mask ratio (`by_method[method][ratio]`),
+    and that NLL."""
+    nll = {
+        m: r[ratio]["nll_all"]
+        for m, r in by_method.items()
+        if not m.startswith("RankDiT") and "nll_all" in r.get(ratio, {})
+    }
     best = min(nll, key=nll.get)
     return best, nll[best]
 
@@ -155,7 +172,8 @@ def compare_on_masks(
     """Score the pipeline's model and each baseline on identical masks of held-out cells, masked positions only.
 
     Args:
-        pipe: a [`MaskedRankDiffusionPipeline`]; its model gives the one-pass distribution ("RankDiT, one pass").
+        pipe: a [`MaskedRankDiffusionPipeline`]; its call with `output_type="probs"` gives the one-pass
+            distribution ("RankDiT, one pass"; with reference cells, also without them), with its time per cell.
         cells: held-out cells on genes chosen without looking at their counts (an evaluation panel).
         baselines: name -> object with `predict(cells, counts)` (see `metrics.baselines`).
         mask_ratios: share of each cell's positions masked; one mask per ratio, drawn from `seed + its index`.
@@ -171,24 +189,31 @@ def compare_on_masks(
     position_strata = strata[gene_ids.numpy()] if strata is not None else None
     metric = load_metric()
     results: dict[str, dict[str, dict]] = {}
+    seconds: dict[str, float] = {}  # each one-pass method's call at the ratio
     for i, ratio in enumerate(mask_ratios):
         generator = torch.Generator().manual_seed(seed + i)
         masked = scheduler.random_mask(real, ratio, generator=generator)
         inputs, counts = cells.masked(masked)
-        predictions = {MODEL_METHOD: pipe.processor.predictive_distribution(model, inputs, batch_size=32)}
+        call = {  # the cells as a user gives them to the pipeline
+            "gene_ids": [g[r].tolist() for g, r in zip(gene_ids, real)],
+            "ranks": [t[r].tolist() for t, r in zip(cells.tokens, real)],
+            "mask": [m[r].tolist() for m, r in zip(masked, real)],
+        }
+        predictions = {}
+        for name, reference in one_pass_methods(model.config):
+            start = time.perf_counter()
+            probs = pipe(**call, output_type="probs", batch_size=32, reference=reference).probs
+            seconds[name] = time.perf_counter() - start
+            predictions[name] = F.pad(torch.from_numpy(probs), (0, 0, 0, real.shape[1] - probs.shape[1]))
         if sample_steps:
-            sampled = pipe(
-                gene_ids=[g[r].tolist() for g, r in zip(gene_ids, real)],
-                ranks=[t[r].tolist() for t, r in zip(cells.tokens, real)],
-                mask=[m[r].tolist() for m, r in zip(masked, real)],
-                num_inference_steps=sample_steps,
-                generator=generator,
-            ).ranks
+            sampled = pipe(**call, num_inference_steps=sample_steps, generator=generator).ranks
             predictions[f"RankDiT, sampled ({sample_steps} steps)"] = one_hot(torch.from_numpy(sampled), num_bins + 1)
         for name, baseline in baselines.items():
             predictions[name] = baseline.predict(inputs, counts)
         for name, probs in predictions.items():
             scores = score_masked(metric, probs, cells.tokens, masked, cells.levels, position_strata)
             results.setdefault(name, {})[str(ratio)] = keep_point_metrics(scores) if "sampled" in name else scores
+        for name, total in seconds.items():  # the one-pass call's time, its retrieval included
+            results[name][str(ratio)]["seconds_per_cell"] = total / len(cells)
         logger.info("mask ratio %g: %d masked positions in %d cells scored", ratio, int(masked.sum()), len(cells))
     return results

@@ -112,6 +112,8 @@ class CellBatch(BatchFeature):
     - `input_ids` `(n_cells, length)`: rank tokens 0..B, `[MASK]` (B + 1) at the positions to predict, 0 at padding;
     - `attention_mask` `(n_cells, length)`: True at the positions the model sees;
     - `condition_ids` `(n_cells, n_conditions)` and `doses` `(n_cells,)`: the cells' conditions, when they have some;
+    - `reference_tokens` `(n_cells, length, k)`: the tokens of each cell's nearest reference cells at its positions,
+      when it has some (`ReferenceCells.context`);
     - `labels` `(n_cells, length)`: a training batch's clean tokens, -100 at padding (what the Trainer counts).
 
     Args:
@@ -174,9 +176,17 @@ class CellBatch(BatchFeature):
         the host: the model then need not look)."""
         attention_mask = self["attention_mask"]
         inputs = {name: self[name].to(device) for name in ("gene_ids", "input_ids") + self.condition_names}
+        if "reference_tokens" in self.data:  # stored small (int16), read as ids
+            inputs["reference_tokens"] = self["reference_tokens"].to(device).long()
         inputs["attention_mask"] = None if bool(attention_mask.all()) else attention_mask.to(device)
         inputs["timesteps"] = None if timesteps is None else timesteps.to(device)
         return inputs
+
+    @property
+    def position_names(self) -> tuple[str, ...]:
+        """The tensors with a value (or several) per position."""
+        names = ("gene_ids", "input_ids", "attention_mask", "reference_tokens")
+        return tuple(name for name in names if name in self.data)
 
     @property
     def condition_names(self) -> tuple[str, ...]:
@@ -187,7 +197,7 @@ class CellBatch(BatchFeature):
         attention_mask = self["attention_mask"][index]
         real = attention_mask.any(dim=0)
         length = int(real.nonzero().max()) + 1 if real.any() else 0
-        data = {name: self[name][index][:, :length] for name in ("gene_ids", "input_ids", "attention_mask")}
+        data = {name: self[name][index][:, :length] for name in self.position_names}
         data.update({name: self[name][index] for name in self.condition_names})
         return CellBatch(data, self.mask_token_id)
 
@@ -223,9 +233,11 @@ class CellBatch(BatchFeature):
         cell = torch.tensor(cells, dtype=torch.long)
 
         def take(values: torch.Tensor) -> torch.Tensor:
-            return values[cell[:, None], index].masked_fill(~window_mask, 0)
+            taken = values[cell[:, None], index]
+            return taken.masked_fill(~window_mask.view(*window_mask.shape, *[1] * (taken.dim() - 2)), 0)
 
-        data = {"gene_ids": take(gene_ids), "input_ids": take(self["input_ids"]), "attention_mask": window_mask}
+        data = {name: take(self[name]) for name in self.position_names if name != "attention_mask"}
+        data["attention_mask"] = window_mask
         data.update({name: self[name][cell] for name in self.condition_names})
         return CellWindows(CellBatch(data, self.mask_token_id), cell, index, gene_ids.shape)
 

@@ -71,6 +71,11 @@ class RankDiTConfig(PreTrainedConfig):
             weighted by learned similarity) and the generated distribution, the weights from one softmax over the
             visible positions and a "generate" slot. A masked gene then takes the tokens the cell uses at similar
             genes. The logits are then log-probabilities.
+        reference_context (`bool`, *optional*, defaults to `False`):
+            Read reference cells beside the cell: the model takes `reference_tokens`, the tokens of the cell's
+            nearest reference cells at each of its genes (in the cell's own token scale, from a
+            `ReferenceCells` index), embeds their distribution at every position and offers it to the copy head
+            as one more slot to draw from. Cells without references (`reference_tokens` None, or -1) work too.
         conditions (`dict[str, list[str]]`, *optional*):
             The categorical perturbation conditions the model is told (Tahoe: `cell_line_id`, `drug`; AnnData: `obs`
             columns) and each one's values, in id order: value i has id i + 1, id 0 is the condition's learned null
@@ -115,6 +120,7 @@ class RankDiTConfig(PreTrainedConfig):
     cell_profile: bool = False
     gene_prior: bool = False
     copy_head: bool = False
+    reference_context: bool = False
     conditions: dict[str, list[str]] | None = None
     dose_condition: bool = False
     attention_dropout: float = 0.0

@@ -4,7 +4,8 @@ The model has no positional encoding (gene order carries no meaning, so it is pe
 bidirectionally with a key-padding mask, and modulates every block with adaLN-Zero from a conditioning vector: a
 learned vector shared by all cells, plus an embedding of the cell's visible token profile (`config.cell_profile`)
 and of the diffusion time (`config.time_conditioning`). The output adds a per-gene prior over the tokens
-(`config.gene_prior`) and mixes in a pointer to the visible positions' tokens (`config.copy_head`).
+(`config.gene_prior`) and mixes in a pointer to the visible positions' tokens (`config.copy_head`). With
+`config.reference_context` it also reads, at every position, the tokens of the cell's nearest reference cells there.
 """
 
 from __future__ import annotations
@@ -189,14 +190,39 @@ class RankDiTConditionEmbedding(nn.Module):
         return vector
 
 
+def reference_distribution(reference_tokens: torch.Tensor, num_rank_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(batch, length, k)` tokens of reference cells (-1: none) -> the share of each token 0..B among them at every
+    position `(batch, length, B + 1)`, and where there is at least one `(batch, length)`."""
+    valid = reference_tokens >= 0
+    counts = torch.zeros(*reference_tokens.shape[:2], num_rank_tokens, device=reference_tokens.device)
+    counts = counts.scatter_add_(-1, reference_tokens.long().clamp(min=0), valid.to(counts.dtype))
+    present = valid.any(dim=-1)
+    return counts / counts.sum(dim=-1, keepdim=True).clamp(min=1), present
+
+
+class RankDiTReferenceEmbedding(nn.Module):
+    """The distribution of the reference cells' tokens at a position, embedded and added to its hidden state
+    (zero where the cell has no references; the output layer starts at zero, so training starts without them)."""
+
+    def __init__(self, config: RankDiTConfig):
+        super().__init__()
+        self.linear_1 = nn.Linear(config.num_rank_tokens, config.hidden_size)
+        self.linear_2 = RankDiTZeroLinear(config.hidden_size, config.hidden_size)
+
+    def forward(self, distribution: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        hidden = self.linear_2(F.silu(self.linear_1(distribution.to(self.linear_1.weight.dtype))))
+        return hidden * present[..., None].to(hidden.dtype)
+
+
 class RankDiTCopyHead(nn.Module):
     """A pointer over the visible positions, mixed with the generated distribution.
 
     Position i puts weight on each visible position j (score q_i . k_j) and on a "generate" slot (score g . h_i),
     all under one softmax; its distribution is the weighted sum of the visible positions' one-hot tokens plus the
     generate weight times the softmax of the head's logits. A masked gene can so take the tokens the cell uses at
-    genes the model finds similar. The query and the generate score start at zero: at initialisation every visible
-    position and the generate slot weigh the same.
+    genes the model finds similar. With reference cells, a "reference" slot (score r . h_i) adds the distribution
+    of their tokens at the position. The query and the slot scores start at zero: at initialisation every visible
+    position and every slot weigh the same.
     """
 
     def __init__(self, config: RankDiTConfig):
@@ -205,34 +231,53 @@ class RankDiTCopyHead(nn.Module):
         self.query = RankDiTZeroLinear(config.hidden_size, config.hidden_size)
         self.key = nn.Linear(config.hidden_size, config.hidden_size)
         self.generate_score = RankDiTZeroLinear(config.hidden_size, 1)
+        self.reference_score = RankDiTZeroLinear(config.hidden_size, 1) if config.reference_context else None
         self.scaling = config.hidden_size**-0.5
 
     def forward(
-        self, hidden_states: torch.Tensor, input_ids: torch.Tensor, visible: torch.Tensor, logits: torch.Tensor
+        self,
+        hidden_states: torch.Tensor,
+        input_ids: torch.Tensor,
+        visible: torch.Tensor,
+        logits: torch.Tensor,
+        reference: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         batch_size, length, hidden_size = hidden_states.shape
+        n_tokens = self.num_rank_tokens
+        # Slots beside the visible positions: each an extra key (a one-hot beyond the hidden size), scored by an
+        # extra query feature, whose value is an extra channel: "generate", and "reference" with references.
+        scores = [self.generate_score(hidden_states)]
+        if reference is not None:
+            scores.append(self.reference_score(hidden_states))
+        n_slots = len(scores)
         # The projections run in the weights' dtype (or autocast's); the mixture is formed in float32.
-        query = torch.cat([self.query(hidden_states), self.generate_score(hidden_states) / self.scaling], -1).float()
-        key = F.pad(self.key(hidden_states).float(), (0, 1))
+        query = torch.cat([self.query(hidden_states), *(score / self.scaling for score in scores)], -1).float()
+        key = F.pad(self.key(hidden_states).float(), (0, n_slots))
         with torch.autocast(device_type=hidden_states.device.type, enabled=False):
-            # One attention call: the generate slot is an extra key, scored by an extra query feature, whose value
-            # is an extra channel; the visible positions' values are their one-hot tokens.
-            generate_key = F.pad(key.new_ones(batch_size, 1, 1), (hidden_size, 0))
+            slot_keys = F.pad(torch.eye(n_slots, device=key.device), (hidden_size, 0)).expand(batch_size, -1, -1)
             # One-hot by scatter: F.one_hot checks its input's range on the host, a sync on an accelerator.
-            tokens = input_ids.clamp(max=self.num_rank_tokens - 1).unsqueeze(-1)
-            value = key.new_zeros(batch_size, length, self.num_rank_tokens + 1).scatter_(-1, tokens, 1.0)
+            tokens = input_ids.clamp(max=n_tokens - 1).unsqueeze(-1)
+            value = key.new_zeros(batch_size, length, n_tokens + n_slots).scatter_(-1, tokens, 1.0)
             value = value * visible[..., None]
-            generate_value = F.pad(value.new_ones(batch_size, 1, 1), (self.num_rank_tokens, 0))
-            keys = F.pad(visible, (0, 1), value=True)[:, None, None, :]
+            slot_values = F.pad(torch.eye(n_slots, device=key.device), (n_tokens, 0)).expand(batch_size, -1, -1)
+            allowed = [visible, visible.new_ones(batch_size, 1)]
+            if reference is not None:  # a cell without references cannot draw from the slot
+                allowed.append(reference[1].any(dim=1, keepdim=True))
+            keys = torch.cat(allowed, dim=1)[:, None, None, :]
             mixture = F.scaled_dot_product_attention(
                 query[:, None],
-                torch.cat([key, generate_key], dim=1)[:, None],
-                torch.cat([value, generate_value], dim=1)[:, None],
+                torch.cat([key, slot_keys], dim=1)[:, None],
+                torch.cat([value, slot_values], dim=1)[:, None],
                 attn_mask=keys,
                 scale=self.scaling,
             )[:, 0]
-            copied, generate_weight = mixture[..., :-1], mixture[..., -1:]
-            probs = copied + generate_weight * F.softmax(logits.float(), dim=-1)
+            probs = mixture[..., :n_tokens] + mixture[..., n_tokens : n_tokens + 1] * F.softmax(logits.float(), -1)
+            if reference is not None:
+                distribution, present = reference
+                # A position without references in a cell with some puts its slot weight on the generated tokens.
+                fallback = F.softmax(logits.float(), dim=-1)
+                drawn = torch.where(present[..., None], distribution.float(), fallback)
+                probs = probs + mixture[..., n_tokens + 1 :] * drawn
             return probs.clamp(min=1e-30).log()
 
 
@@ -366,6 +411,7 @@ class RankDiTModel(RankDiTPreTrainedModel):
             RankDiTGenePrior(config.gene_vocab_size, config.num_rank_tokens) if config.gene_prior else None
         )
         self.copy_head = RankDiTCopyHead(config) if config.copy_head else None
+        self.reference_embedding = RankDiTReferenceEmbedding(config) if config.reference_context else None
         self.post_init()
 
     def _check_conditions(self, condition_ids, doses, batch_size: int) -> None:
@@ -384,6 +430,23 @@ class RankDiTModel(RankDiTPreTrainedModel):
         for column, name in enumerate(names):
             values = condition_ids[:, column : column + 1]
             check_ids(f"condition_ids of {name!r}", values, len(config.conditions[name]))
+
+    def _check_reference(self, reference_tokens, input_ids) -> None:
+        if reference_tokens is None:
+            return
+        if self.reference_embedding is None:
+            raise ValueError("this model reads no reference cells (config.reference_context is False)")
+        if reference_tokens.dim() != 3 or reference_tokens.shape[:2] != input_ids.shape:
+            raise ValueError(
+                f"reference_tokens must be (batch, length, k) with (batch, length) = {tuple(input_ids.shape)}, got "
+                f"{tuple(reference_tokens.shape)}"
+            )
+        check_ids(
+            "reference_tokens",
+            reference_tokens.flatten(1),
+            self.config.num_rank_bins,
+            reference_tokens.flatten(1) >= 0,
+        )
 
     def _check_inputs(self, gene_ids, input_ids, attention_mask, timesteps):
         if gene_ids.dim() != 2 or gene_ids.shape != input_ids.shape:
@@ -409,6 +472,7 @@ class RankDiTModel(RankDiTPreTrainedModel):
         timesteps: torch.Tensor | None = None,
         condition_ids: torch.LongTensor | None = None,
         doses: torch.Tensor | None = None,
+        reference_tokens: torch.LongTensor | None = None,
         return_dict: bool = True,
     ) -> RankDiTOutput | tuple[torch.Tensor, torch.Tensor]:
         r"""
@@ -426,6 +490,10 @@ class RankDiTModel(RankDiTPreTrainedModel):
                 Each cell's id of each condition of `config.conditions` (0: null). None: every condition null.
             doses (`torch.Tensor` of shape `(batch_size,)`, *optional*):
                 Each cell's dose in uM, NaN for null (`config.dose_condition`). None: every dose null.
+            reference_tokens (`torch.LongTensor` of shape `(batch_size, sequence_length, k)`, *optional*):
+                With `config.reference_context`: at each position, the tokens of the cell's k nearest reference
+                cells at its gene, in the cell's own token scale, -1 for none (a `ReferenceCells` index gives them).
+                None: no references.
             return_dict (`bool`, *optional*, defaults to `True`):
                 Return a [`RankDiTOutput`] instead of a tuple.
 
@@ -434,10 +502,16 @@ class RankDiTModel(RankDiTPreTrainedModel):
         """
         self._check_inputs(gene_ids, input_ids, attention_mask, timesteps)
         self._check_conditions(condition_ids, doses, input_ids.shape[0])
+        self._check_reference(reference_tokens, input_ids)
         real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         if attention_mask is not None:  # unattended positions may hold anything (-1: a gene left out): read them as 0
             gene_ids, input_ids = gene_ids.masked_fill(~real, 0), input_ids.masked_fill(~real, 0)
         hidden_states = self.rank_embedding(input_ids) + self.gene_embedding(gene_ids)
+        reference = None
+        if reference_tokens is not None:
+            reference = reference_distribution(reference_tokens.masked_fill(~real[..., None], -1),
+                                               self.config.num_rank_tokens)  # fmt: skip
+            hidden_states = hidden_states + self.reference_embedding(*reference)
         visible = real & (input_ids != self.config.mask_token_id)
         conditioning = self.base_conditioning.weight.expand(input_ids.shape[0], -1)
         if self.cell_profile is not None:
@@ -464,7 +538,7 @@ class RankDiTModel(RankDiTPreTrainedModel):
         if self.gene_prior is not None:
             logits = logits + self.gene_prior(gene_ids).float()
         if self.copy_head is not None:
-            logits = self.copy_head(output_states, input_ids, visible, logits)
+            logits = self.copy_head(output_states, input_ids, visible, logits, reference)
         if not return_dict:
             return logits, hidden_states
         return RankDiTOutput(logits=logits, last_hidden_state=hidden_states)

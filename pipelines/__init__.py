@@ -1,6 +1,7 @@
 """Diffusion scheduler and the diffusers-style pipeline of RankDiff."""
 
 from .pipeline_masked_rank_diffusion import MaskedRankDiffusionPipeline, MaskedRankDiffusionPipelineOutput
+from .reference_cells import ReferenceCells
 from .scheduling_masked_rank_diffusion import (
     NOISE_SCHEDULES,
     SAMPLERS,
@@ -15,4 +16,5 @@ __all__ = [
     "MaskedRankDiffusionPipelineOutput",
     "MaskedRankDiffusionScheduler",
     "MaskedRankDiffusionSchedulerOutput",
+    "ReferenceCells",
 ]

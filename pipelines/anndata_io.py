@@ -169,7 +169,8 @@ def run_imputation(
     outputs = ImputedLayers(adata.shape, table.requested, pipe.processor.num_rank_bins + 1, return_probs)
     if call_kwargs.get("generator") is None:
         call_kwargs["generator"] = torch.Generator().manual_seed(0)
-    scoring = {k: call_kwargs[k] for k in ("batch_size", "guidance_scale") if k in call_kwargs}
+    call_kwargs["reference"] = pipe.resolve_reference(call_kwargs.get("reference"))  # a user's AnnData read once
+    scoring = {k: call_kwargs[k] for k in ("batch_size", "guidance_scale", "reference") if k in call_kwargs}
     bar_config = dict(getattr(pipe, "_progress_bar_config", {}))
     cells_bar = tqdm(total=adata.n_obs, desc="imputing cells", unit="cell", disable=bar_config.get("disable"))
     pipe.set_progress_bar_config(**{**bar_config, "disable": True})  # one bar, over cells
@@ -193,6 +194,50 @@ def run_imputation(
         pipe.set_progress_bar_config(**bar_config)
         cells_bar.close()
     return outputs.into(adata, key_added, table.names)
+
+
+def read_reference(pipe, adata, *, layer: str | None = None, gene_column: str | None = None,
+                   max_cells: int | None = 2048, seed: int = 0, cell_batch_size: int = 256):  # fmt: skip
+    """[`MaskedRankDiffusionPipeline.make_reference`] from an AnnData of raw counts: up to `max_cells` of its cells
+    (a seeded draw), each tokenized whole by the checkpoint's rule, as a [`ReferenceCells`]."""
+    import scipy.sparse as sp
+
+    from .reference_cells import ReferenceCells
+
+    if adata.n_obs < 2 or adata.n_vars == 0:
+        raise ValueError(f"a reference needs at least 2 cells and a gene; the AnnData holds {adata.shape}")
+    if layer is not None and layer not in adata.layers:
+        raise KeyError(f"layer {layer!r} is not in the reference AnnData; its layers: {list(adata.layers)} (None: X)")
+    if gene_column is not None and gene_column not in adata.var:
+        raise KeyError(f"gene_column {gene_column!r} is not in the reference's var; its columns: {list(adata.var)}")
+    names = np.array([str(name) for name in (adata.var[gene_column] if gene_column else adata.var_names)])
+    column_ids = pipe.processor.gene_vocab.columns(names)
+    if not (column_ids >= 0).any():
+        raise ValueError("none of the reference AnnData's genes is in the checkpoint's vocabulary")
+    rows = np.arange(adata.n_obs)
+    if max_cells is not None and adata.n_obs > max_cells:
+        rows = np.sort(np.random.default_rng(seed).choice(adata.n_obs, max_cells, replace=False))
+    matrix = adata.layers[layer] if layer is not None else adata.X
+    blocks = []
+    for start in range(0, len(rows), cell_batch_size):
+        block = matrix[rows[start : start + cell_batch_size]]
+        block = np.asarray(block.toarray() if sp.issparse(block) else block, dtype=np.float64)
+        bad = pipe.processor.invalid_counts(block)
+        if bad.any():
+            i, j = (int(k[0]) for k in np.nonzero(bad))
+            raise ValueError(f"reference cell {adata.obs_names[rows[start + i]]!r}: counts must be non-negative "
+                             f"integers, got {block[i, j]} at gene {str(names[j])!r}")  # fmt: skip
+        cells, _ = pipe.processor.table_cells(block, column_ids)
+        batch = pipe.processor.encode(cells)
+        real = batch["attention_mask"].bool() & (batch["input_ids"] > 0)
+        row, _ = real.nonzero(as_tuple=True)
+        blocks.append(sp.csr_matrix((batch["input_ids"][real].numpy(), (row.numpy(), batch["gene_ids"][real].numpy())),
+                                    shape=(batch.num_cells, pipe.model.config.gene_vocab_size)))  # fmt: skip
+    reference, _ = ReferenceCells.from_tokens(
+        sp.vstack(blocks), pipe.processor.num_rank_bins, max_cells=None, seed=seed,
+        num_neighbours=pipe.reference.config.num_neighbours if pipe.reference is not None else 32,
+    )  # fmt: skip
+    return reference
 
 
 def run_generation(pipe, obs, genes, *, condition_columns=None, **call_kwargs):

@@ -20,7 +20,8 @@ def save_pipeline_folder(pipe, save_directory: str | os.PathLike, push_to_hub: b
     `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`, `AutoModel.from_pretrained(folder,
     subfolder="model", trust_remote_code=True)` and `pipeline(model=folder + "/model", trust_remote_code=True)`.
     The folder holds `model_index.json` and the pipeline's code, `model/` (config, weights, the model's code, the
-    processor and the transformers task beside it), `scheduler/` and `processor/`, each with its code, and the
+    processor and the transformers task beside it), `scheduler/`, `processor/` and, for a model that reads reference
+    cells, `reference/` (the [`ReferenceCells`]), each with its code, and the
     model's code and the processor's config at the root too (transformers 5 looks there even with a `subfolder`).
     With `push_to_hub=True` (and `repo_id=`, `token=`, `private=`, `commit_message=`) the folder is uploaded.
     """
@@ -33,15 +34,20 @@ def save_pipeline_folder(pipe, save_directory: str | os.PathLike, push_to_hub: b
     DiffusionPipeline.save_pretrained(pipe, save_directory, **kwargs)
     folder = Path(save_directory)
     pipe.processor.save_pretrained(folder / "model")  # for the transformers task, which loads it from there
-    for target, obj in ((folder, pipe), (folder / "scheduler", pipe.scheduler)):
+    coded = [(folder, pipe), (folder / "scheduler", pipe.scheduler)]
+    if getattr(pipe, "reference", None) is not None:
+        coded.append((folder / "reference", pipe.reference))
+    for target, obj in coded:
         module_file = Path(inspect.getfile(type(obj)))
         for code_file in [module_file, *map(Path, get_relative_import_files(str(module_file)))]:
             shutil.copy(code_file, target / code_file.name)
     index_path = folder / "model_index.json"
     index = json.loads(index_path.read_text())
     index["_class_name"] = [Path(inspect.getfile(type(pipe))).stem, type(pipe).__name__]
-    for name in ("model", "scheduler", "processor"):
-        component = getattr(pipe, name)
+    for name in ("model", "scheduler", "processor", "reference"):
+        component = getattr(pipe, name, None)
+        if component is None:
+            continue
         index[name] = [Path(inspect.getfile(type(component))).stem, type(component).__name__]
     index_path.write_text(json.dumps(index, indent=2) + "\n")
     # transformers 5 looks at the root for remote code, and the transformers task for the processor's config, even

@@ -1,9 +1,10 @@
 # Copyright 2026 The RankDiff authors. Licensed under the Apache License, Version 2.0.
 """`MaskedRankDiffusionPipeline`: impute, denoise and generate cells' rank tokens with a RankDiT denoiser.
 
-This file holds the sampling; AnnData in and out is `anndata_io.py`'s, the export `export.py`'s. They import only
-torch, numpy, tqdm, huggingface_hub and diffusers (scipy, pandas and anndata on demand), so a saved pipeline folder
-carries them as remote code: `DiffusionPipeline.from_pretrained(path, trust_remote_code=True)`.
+This file holds the sampling; AnnData in and out is `anndata_io.py`'s, the export `export.py`'s, the reference cells
+`reference_cells.py`'s. They import only torch, numpy, tqdm, huggingface_hub and diffusers (scipy, scikit-learn,
+pandas and anndata on demand), so a saved pipeline folder carries them as remote code:
+`DiffusionPipeline.from_pretrained(path, trust_remote_code=True)`.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput, logging, replace_example_docstring
 from torch.nn import functional as F
 
-from .anndata_io import run_generation, run_imputation
+from .anndata_io import read_reference, run_generation, run_imputation
 from .export import save_pipeline_folder
+from .reference_cells import ReferenceCells
 
 logger = logging.get_logger(__name__)
 
@@ -89,16 +91,58 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
         model ([`RankDiTModel`]): the denoiser.
         scheduler ([`MaskedRankDiffusionScheduler`]): the noise schedule and samplers.
         processor ([`RankDiTProcessor`]): gene vocabulary, rank rule, checks, windows, distributions.
+        reference ([`ReferenceCells`], *optional*): the cells a model with `config.reference_context` reads beside
+            each cell (its nearest ones on its visible genes); saved with the pipeline.
     """
 
     model_cpu_offload_seq = "model"
+    _optional_components = ["reference"]
     _callback_tensor_inputs = ["sample", "logits", "cell", "position"]
 
-    def __init__(self, model, scheduler, processor):
+    def __init__(self, model, scheduler, processor, reference=None):
         super().__init__()
         scheduler.check_model_config(model.config)
         processor.check_model_config(model.config)
-        self.register_modules(model=model, scheduler=scheduler, processor=processor)
+        self._check_reference(model.config, reference)
+        self.register_modules(model=model, scheduler=scheduler, processor=processor, reference=reference)
+
+    @staticmethod
+    def _check_reference(config, reference) -> None:
+        if reference is None:
+            return
+        if not config.reference_context:
+            raise ValueError("this model reads no reference cells (config.reference_context is False)")
+        if reference.config.num_rank_bins != config.num_rank_bins:
+            raise ValueError(f"the reference's num_rank_bins ({reference.config.num_rank_bins}) is not the "
+                             f"model's ({config.num_rank_bins})")  # fmt: skip
+        if len(reference.gene_ids) and int(reference.gene_ids.max()) >= config.gene_vocab_size:
+            raise ValueError("the reference's gene ids are outside the model's vocabulary")
+
+    def make_reference(self, adata, *, layer: str | None = None, gene_column: str | None = None,
+                       max_cells: int | None = 2048, seed: int = 0) -> ReferenceCells:  # fmt: skip
+        """A [`ReferenceCells`] of a user's own cells, from an AnnData of raw counts (genes as symbols or Ensembl
+        ids in `var_names` or `var[gene_column]`): up to `max_cells` of them, a seeded draw, each tokenized whole.
+        Pass it (or the AnnData itself) as `reference=` to a call, or set `pipe.reference` to keep it."""
+        if not self.model.config.reference_context:
+            raise ValueError("reference: this model reads no reference cells (config.reference_context is False)")
+        return read_reference(self, adata, layer=layer, gene_column=gene_column, max_cells=max_cells, seed=seed)
+
+    def resolve_reference(self, reference) -> ReferenceCells | None:
+        """The reference a call reads: `None` the pipeline's own, `False` none, an AnnData of raw counts through
+        [`make_reference`], or a [`ReferenceCells`]."""
+        if reference is None:
+            return self.reference if self.model.config.reference_context else None
+        if reference is False:
+            return None
+        if not self.model.config.reference_context:
+            raise ValueError("reference: this model reads no reference cells (config.reference_context is False)")
+        if hasattr(reference, "obs") and hasattr(reference, "var"):
+            reference = self.make_reference(reference)
+        if not isinstance(reference, ReferenceCells):
+            raise TypeError(f"reference must be an AnnData of raw counts, a ReferenceCells, False or None; got "
+                            f"{type(reference).__name__}")  # fmt: skip
+        self._check_reference(self.model.config, reference)
+        return reference.to(self._execution_device)
 
     def check_inputs(
         self,
@@ -154,6 +198,7 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
         unknown_genes: str = "raise",
         conditions: dict | list[dict] | None = None,
         guidance_scale: float = 1.0,
+        reference=None,
         num_inference_steps: int = 64,
         sampler: str | None = None,
         temperature: float = 1.0,
@@ -190,6 +235,11 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
             guidance_scale (`float`, defaults to 1.0): classifier-free guidance on the log-probabilities at every
                 step, `log p(x | null) + w (log p(x | c) - log p(x | null))`: 1 is the conditional model, 0 the
                 unconditional one, above 1 sharpens the conditions' effect (two denoiser passes per step).
+            reference (*optional*): for a model that reads reference cells (`model.config.reference_context`), the
+                cells each cell's nearest ones are found among (on its visible genes, once, before denoising): None
+                the pipeline's own (`pipe.reference`, saved with it: a sample of the training cells), an AnnData
+                of raw counts (a user's own cells, read by [`make_reference`]), a [`ReferenceCells`], or False
+                for none.
             num_inference_steps (`int`, defaults to 64): denoising steps (first-hitting: one per masked token).
             sampler (`str`, *optional*): `"ancestral"`, `"first-hitting"` or `"confidence"`; the scheduler's
                 configured sampler by default.
@@ -228,6 +278,11 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
             gene_ids, ranks=ranks, counts=counts, mask=mask, context_counts=context_counts, unknown_genes=unknown_genes
         )
         cells = self.processor.add_conditions(cells, conditions, self.model.config)
+        reference = self.resolve_reference(reference)
+        if reference is not None:
+            found = reference.context(cells["gene_ids"], cells["input_ids"], cells["attention_mask"],
+                                      mask_token_id=self.processor.mask_token_id)  # fmt: skip
+            cells = cells.replace(reference_tokens=found)
         ranks_out = probs_out = expected_out = None
         if output_type == "ranks":
             ranks_out, calls = self._sample(

@@ -20,14 +20,14 @@ def data():
 def test_splits_are_disjoint_and_everything_is_fitted_on_training_cells(data):
     ids = {name: set(rows["BARCODE_SUB_LIB_ID"]) for name, rows in data.splits.items()}
     assert not (ids["train"] & ids["validation"] or ids["train"] & ids["test"] or ids["validation"] & ids["test"])
-    assert len(data.reference) == data.baseline.num_cells == len(ids["train"])
+    assert len(data.training_cells) == data.baseline.num_cells == len(ids["train"])
     # The gene pool is what the training cells express: a gene seen only in held-out cells is not in it.
-    train_genes = set(data.reference.counts.indices.tolist())
+    train_genes = set(data.training_cells.counts.indices.tolist())
     assert set(data.gene_pool.tolist()) == train_genes
 
 
 def test_three_panels_chosen_on_training_cells_without_looking_at_held_out_counts(data):
-    detection = data.reference.detection_rate
+    detection = data.training_cells.detection_rate
     assert set(data.panels) == {TRAINING_PANEL, HVG_PANEL, RANDOM_PANEL}
     assert all(len(genes) == 256 and np.all(np.diff(genes) > 0) for genes in data.panels.values())
     training = data.panels[TRAINING_PANEL]
@@ -64,7 +64,7 @@ def test_detection_strata_labels():
 
 
 def test_gene_loadings_put_co_varying_genes_close(data):
-    genes, loadings = data.reference.gene_loadings(8)
+    genes, loadings = data.training_cells.gene_loadings(8)
     assert loadings.shape == (len(genes), 8) and np.allclose(loadings.std(axis=0), 1.0)
     assert set(genes.tolist()) == set(data.gene_pool.tolist())
 

@@ -55,7 +55,7 @@ def test_heldout_pairs_are_test_cells_at_every_dose_and_never_train_or_validate(
 
     trained = pairs_of(data.train_rows)
     assert len(trained) > 1000 and not set(trained) & pairs
-    assert not set(trained) & set(setup.validation_pairs) and not set(pairs_of(data.reference_rows)) & pairs
+    assert not set(trained) & set(setup.validation_pairs) and not set(pairs_of(data.training_rows)) & pairs
     test = data.splits["test"]
     perturbed = [pair for pair in pairs_of(test) if pair[1] != "DMSO_TF"]
     assert set(perturbed) == pairs  # every perturbed test cell is of a held-out pair, and both pairs are there

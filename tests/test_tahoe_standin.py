@@ -297,7 +297,7 @@ def test_training_data_is_streamed_and_evaluation_cells_come_from_every_file(cor
     }
     for split in ("validation", "test"):
         assert {file_of[c] for c in data.splits[split]["BARCODE_SUB_LIB_ID"]} == set(file_of.values())
-    assert {file_of[c] for c in data.reference_rows["BARCODE_SUB_LIB_ID"]} == set(file_of.values())
+    assert {file_of[c] for c in data.training_rows["BARCODE_SUB_LIB_ID"]} == set(file_of.values())
     files = len(set(file_of.values()))
     assert isinstance(data.train_rows, datasets.IterableDataset) and data.train_rows.n_shards == -(-files // 4)
     ids = [row["BARCODE_SUB_LIB_ID"] for row in data.train_rows]

@@ -16,7 +16,7 @@ import train_hf
 from dataset_scripts import RankDiffusionCollator, load_expression_data
 from metrics import PerGeneMarginal
 from modeling import CellTokenizer, RankDiTConfig, RankDiTModel, RankDiTProcessor, rank_tokens
-from pipelines import MaskedRankDiffusionPipeline, MaskedRankDiffusionScheduler
+from pipelines import MaskedRankDiffusionPipeline, MaskedRankDiffusionScheduler, ReferenceCells
 from training import RankDiffTrainingArguments, RankDiffusionTrainer, evaluate_masked_diffusion
 from training.data import PANELS
 from training.outputs import MANIFEST
@@ -337,7 +337,10 @@ if len(sys.argv) > 3:
     np.testing.assert_array_equal(first["probs"], second["probs"])
     processor = RankDiTProcessor.from_pretrained(out / "processor")
     scheduler = MaskedRankDiffusionScheduler.from_pretrained(out / "scheduler")
-    pipe = MaskedRankDiffusionPipeline(model=model, scheduler=scheduler, processor=processor)
+    assert (resaved / "reference" / "config.json").exists()  # the reference cells travel with the folder
+    reference = ReferenceCells.from_pretrained(out / "reference")
+    torch.testing.assert_close(reference.tokens, trainer.reference.tokens)
+    pipe = MaskedRankDiffusionPipeline(model=model, scheduler=scheduler, processor=processor, reference=reference)
     sampled = pipe(gene_ids=genes, counts=counts, mask_ratio=0.5, generator=torch.Generator().manual_seed(3)).ranks
     for result in (first, second):
         np.testing.assert_array_equal(result["sampled"].numpy(), sampled)
@@ -494,6 +497,19 @@ def test_rankdiff_impute_round_trips_an_h5ad_of_the_sample_cells(trained_run, tm
         rankdiff_cli.main(argv)
     with pytest.raises(SystemExit, match="no layer 'mask'"):
         rankdiff_cli.main([*argv, "--overwrite", "--mask_layer", "mask"])
+    # A reference of the user's own cells (read with the same rule), or none, as the call does.
+    own = anndata.AnnData(scipy.sparse.csr_matrix(counts), var=adata.var)
+    own.write_h5ad(tmp_path / "own.h5ad")
+    for flags, reference in ((["--reference", str(tmp_path / "own.h5ad")], own), (["--no_reference"], False)):
+        assert rankdiff_cli.main([*argv, "--overwrite", "--num_inference_steps", "4", *flags]) == 0
+        direct = pipe.impute_anndata(adata, num_inference_steps=4, reference=reference,
+                                     generator=torch.Generator().manual_seed(0))  # fmt: skip
+        result = anndata.read_h5ad(tmp_path / "out.h5ad")
+        np.testing.assert_allclose(result.layers["rankdiff_expected"], direct.layers["rankdiff_expected"],
+                                   equal_nan=True, rtol=1e-5)  # fmt: skip
+        assert np.abs(np.nan_to_num(result.layers["rankdiff_expected"] - expected)).max() > 1e-3
+    with pytest.raises(SystemExit, match="--reference .* is not a file"):
+        rankdiff_cli.main([*argv, "--overwrite", "--reference", str(tmp_path / "missing.h5ad")])
 
 
 def test_the_trainer_and_the_benchmark_report_one_masked_nll(tiny_config):

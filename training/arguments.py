@@ -34,6 +34,23 @@ class ModelArguments:
     copy_head: bool = field(
         default=True, metadata={"help": "mix a pointer to the visible positions' tokens into the prediction"}
     )
+    reference_context: bool = field(
+        default=True,
+        metadata={
+            "help": "read each cell's nearest training cells (found on its visible genes) beside it, as MAGIC reads "
+            "neighbouring cells; saved with the pipeline as its reference"
+        },
+    )
+    reference_cells: int = field(
+        default=2048, metadata={"help": "reference cells: a seeded draw of the training cells read for the baselines"}
+    )
+    reference_neighbours: int = field(default=32, metadata={"help": "reference cells read per cell"})
+    reference_components: int = field(
+        default=16, metadata={"help": "principal components of the reference cells the neighbours are found in"}
+    )
+    reference_dropout: float = field(
+        default=0.2, metadata={"help": "share of training cells shown without references, so the model works alone"}
+    )
     gene_embedding_init: str = field(
         default="pca",
         metadata={
@@ -45,6 +62,15 @@ class ModelArguments:
     def __post_init__(self):
         if self.preset not in RANK_DIT_PRESETS:
             raise ValueError(f"preset must be one of {sorted(RANK_DIT_PRESETS)}, got {self.preset!r}")
+        if self.reference_neighbours < 1 or self.reference_cells <= self.reference_neighbours:
+            raise ValueError(
+                f"--reference_neighbours must be at least 1 and below --reference_cells, got "
+                f"{self.reference_neighbours} and {self.reference_cells}"
+            )
+        if self.reference_components < 1:
+            raise ValueError(f"--reference_components must be at least 1, got {self.reference_components}")
+        if not 0.0 <= self.reference_dropout < 1.0:
+            raise ValueError(f"--reference_dropout must be in [0, 1), got {self.reference_dropout}")
         if self.gene_embedding_init not in GENE_EMBEDDING_INITS:
             raise ValueError(
                 f"gene_embedding_init must be one of {GENE_EMBEDDING_INITS}, got {self.gene_embedding_init!r}"
@@ -54,7 +80,7 @@ class ModelArguments:
         """The `RankDiTConfig` fields these arguments set besides the preset."""
         sizes = ("hidden_size", "num_hidden_layers", "num_attention_heads")
         overrides = {name: getattr(self, name) for name in sizes if getattr(self, name) is not None}
-        flags = ("num_rank_bins", "time_conditioning", "cell_profile", "gene_prior", "copy_head")
+        flags = ("num_rank_bins", "time_conditioning", "cell_profile", "gene_prior", "copy_head", "reference_context")
         return {**overrides, **{name: getattr(self, name) for name in flags}}
 
 

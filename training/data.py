@@ -41,12 +41,13 @@ PANELS = (TRAINING_PANEL, HVG_PANEL, RANDOM_PANEL)
 
 
 @dataclass
-class ReferenceCells:
-    """Training cells held in memory for the baselines and the panels: `counts` and rank `tokens`, both
-    `(n_cells, gene_vocab_size)` CSR matrices with an entry per expressed gene."""
+class TrainingCells:
+    """Training cells held in memory for the baselines, the panels and the reference cells: `counts` and rank
+    `tokens`, both `(n_cells, gene_vocab_size)` CSR matrices with an entry per expressed gene, and their `cell_ids`."""
 
     counts: sparse.csr_matrix
     tokens: sparse.csr_matrix
+    cell_ids: list[str]
 
     def __len__(self) -> int:
         return self.counts.shape[0]
@@ -90,27 +91,28 @@ def sample_rows(rows, max_cells: int | None, seed: int = 0):
     return rows.shuffle(seed=seed, buffer_size=10_000).take(max_cells)
 
 
-def reference_cells(table: pa.Table, num_bins: int, gene_vocab_size: int) -> ReferenceCells:
-    """Raw Tahoe-schema rows -> a [`ReferenceCells`], tokens by the batch tokenizer of the stream."""
+def training_cells(table: pa.Table, num_bins: int, gene_vocab_size: int) -> TrainingCells:
+    """Raw Tahoe-schema rows -> a [`TrainingCells`], tokens by the batch tokenizer of the stream."""
     batch = tokenize_arrow_batch(table, num_bins)
     if len(batch.offsets) == 1:
         raise ValueError("no training cells to fit the baselines on")
     shape = (len(batch.offsets) - 1, gene_vocab_size)
     indices, indptr = batch.gene_ids.astype(np.int32), batch.offsets
-    return ReferenceCells(
+    return TrainingCells(
         sparse.csr_matrix((batch.counts.astype(np.float32), indices, indptr), shape=shape),
         sparse.csr_matrix((batch.ranks.astype(np.int16), indices, indptr), shape=shape),
+        [cell for cell, kept in zip(table.column(CELL_ID_COLUMN).to_pylist(), batch.kept) if kept],
     )
 
 
-def highly_variable_genes(reference: ReferenceCells, size: int, min_cells: int = 3) -> np.ndarray:
+def highly_variable_genes(cells: TrainingCells, size: int, min_cells: int = 3) -> np.ndarray:
     """The `size` most variable genes of the training cells by scanpy's `seurat` rule (dispersion of
     library-size-normalised log counts, normalised within bins of mean expression), among genes seen in at least
     `min_cells` cells."""
     import scanpy as sc
 
-    seen = np.flatnonzero(np.bincount(reference.counts.indices, minlength=reference.counts.shape[1]) >= min_cells)
-    adata = anndata.AnnData(reference.counts[:, seen].astype(np.float32))
+    seen = np.flatnonzero(np.bincount(cells.counts.indices, minlength=cells.counts.shape[1]) >= min_cells)
+    adata = anndata.AnnData(cells.counts[:, seen].astype(np.float32))
     sc.pp.normalize_total(adata, target_sum=1e4)
     sc.pp.log1p(adata)
     sc.pp.highly_variable_genes(adata, n_top_genes=min(size, len(seen)), flavor="seurat")
@@ -125,7 +127,7 @@ def most_detected_genes(detection: np.ndarray, size: int) -> np.ndarray:
 
 
 def choose_panels(
-    reference: ReferenceCells, size: int, *, min_detection: float = 0.05, seed: int = 0
+    cells: TrainingCells, size: int, *, min_detection: float = 0.05, seed: int = 0
 ) -> dict[str, np.ndarray]:
     """The three evaluation panels, chosen on training cells only (sorted gene ids, up to `size` genes each):
 
@@ -133,12 +135,12 @@ def choose_panels(
     - `"highly variable genes"`: scanpy's highly variable genes ([`highly_variable_genes`]);
     - `"random detected genes"`: a seeded random draw among genes detected in at least `min_detection` of cells.
     """
-    detection = reference.detection_rate
+    detection = cells.detection_rate
     detected = np.flatnonzero(detection >= min_detection)
     random = np.random.default_rng(seed).choice(detected, size=min(size, len(detected)), replace=False)
     return {
         TRAINING_PANEL: most_detected_genes(detection, size),
-        HVG_PANEL: highly_variable_genes(reference, size),
+        HVG_PANEL: highly_variable_genes(cells, size),
         RANDOM_PANEL: np.sort(random),
     }
 
@@ -165,8 +167,8 @@ class PreparedData:
 
     source: ExpressionSource
     splits: dict[str, datasets.Dataset | datasets.IterableDataset]
-    reference_rows: datasets.Dataset
-    reference: ReferenceCells
+    training_rows: datasets.Dataset
+    training_cells: TrainingCells
     baseline: PerGeneMarginal
     gene_pool: np.ndarray
     panels: dict[str, np.ndarray]
@@ -218,12 +220,12 @@ class PreparedData:
                 for d in (False, True)
             },
         )
-        nearest = NearestCells(self.reference.cells(), cell_aware)
+        nearest = NearestCells(self.training_cells.cells(), cell_aware)
         nearest = choose(
             "nearest cells",
             {f"k={k}, prior_weight={w}": nearest.with_settings(k, w) for k in (5, 15, 50) for w in (1, 5)},
         )
-        magic = MagicImputation(self.reference.counts, cell_aware)
+        magic = MagicImputation(self.training_cells.counts, cell_aware)
         magic = choose(
             "MAGIC",
             {
@@ -328,10 +330,10 @@ def prepare_data(data_args: DataArguments, num_bins: int, seed: int = 0, shard_m
     logger.info("data: %s, %d genes in the vocabulary", source.name, len(source.vocab))
     if samples["train"] is None:
         raise ValueError(f"no training cells in {source.name}")
-    reference = reference_cells(samples["train"], num_bins, source.vocab.size)
-    baseline = PerGeneMarginal(num_bins, source.vocab.size).fit(reference.cells())
+    cells = training_cells(samples["train"], num_bins, source.vocab.size)
+    baseline = PerGeneMarginal(num_bins, source.vocab.size).fit(cells.cells())
     gene_pool = np.flatnonzero(baseline.detection_counts > 0)
-    panels = choose_panels(reference, data_args.panel_size or data_args.max_length, seed=data_args.split_seed)
+    panels = choose_panels(cells, data_args.panel_size or data_args.max_length, seed=data_args.split_seed)
     logger.info(
         "baselines fitted on %d training cells; %d validation, %d test cells; %d genes seen; panels of %s genes",
         baseline.num_cells,
@@ -340,12 +342,12 @@ def prepare_data(data_args: DataArguments, num_bins: int, seed: int = 0, shard_m
         len(gene_pool),
         ", ".join(f"{len(genes)} ({name})" for name, genes in panels.items()),
     )
-    reference_rows = as_dataset(samples["train"], columns)
+    training_rows = as_dataset(samples["train"], columns)
     recipe = DataRecipe(
         dataclasses.asdict(data_args), num_bins, seed, {name: genes.tolist() for name, genes in panels.items()},
         conditions.to_dict() if conditions is not None else None,
     )  # fmt: skip
-    return PreparedData(source, splits, reference_rows, reference, baseline, gene_pool, panels, recipe, conditions)
+    return PreparedData(source, splits, training_rows, cells, baseline, gene_pool, panels, recipe, conditions)
 
 
 def prepare_run_data(folder: str, data: str | None = None) -> PreparedData:

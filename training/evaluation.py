@@ -31,6 +31,7 @@ def evaluate_masked_diffusion(
     seed: int = 0,
     device: torch.device | str = "cpu",
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    reference=None,
 ) -> dict[str, float]:
     """Score held-out batches (from [`RankDiffusionCollator`]) on masked positions only.
 
@@ -44,6 +45,8 @@ def evaluate_masked_diffusion(
     those [`compare_on_masks`] draws for its first ratio with the same seed, so both report the same masked NLL
     ([`position_nll`]). With
     several processes, each scores its own batches and `reduce` sums the totals over processes (before the ratios).
+    A model with `config.reference_context` reads its nearest cells of `reference` (a [`ReferenceCells`]) on the
+    visible positions of every masked input.
     """
     if not 0.0 < mask_ratio < 1.0 - scheduler.config.eps:
         raise ValueError(f"mask_ratio must be in (0, 1 - eps) = (0, {1.0 - scheduler.config.eps}), got {mask_ratio}")
@@ -59,12 +62,20 @@ def evaluate_masked_diffusion(
 
     def logits_for(noisy, batch, t):
         timesteps = torch.full((noisy.shape[0],), t)
+        extra = {}
+        if reference is not None:
+            extra["reference_tokens"] = (
+                reference.context(batch["gene_ids"], noisy, batch["attention_mask"], mask_token_id=mask_id)
+                .to(device)
+                .long()
+            )
         return model(
             gene_ids=batch["gene_ids"].to(device),
             input_ids=noisy.to(device),
             attention_mask=batch["attention_mask"].to(device),
             timesteps=timesteps.to(device),
             **condition_inputs(batch, device),
+            **extra,
         ).logits.cpu()
 
     for batch in batches:
@@ -134,7 +145,7 @@ def imputation_report(
         raise ValueError(f"unknown panels {sorted(unknown)}; choose from {list(data.panels)}")
     validation = data.panel_cells(data.validation_rows, data.panel, pipe.processor)
     baselines, choices = data.imputation_baselines(validation)
-    strata = detection_strata(data.reference.detection_rate)
+    strata = detection_strata(data.training_cells.detection_rate)
     results, scored = {}, 0
     for panel in panels:
         cells = data.panel_cells(data.splits[split], data.panels[panel], pipe.processor)

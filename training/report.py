@@ -84,7 +84,7 @@ def write_model_card(
     (output_dir / IMPUTATION_RESULTS).write_text(json.dumps(report, indent=2) + "\n")
     plots.update(imputation_plots(report["results"][TRAINING_PANEL], mask_ratios, plots_dir))
     plots.update(denoising_gifs(pipe, data, plots_dir, gif_steps, seed))
-    examples = data.panel_cells(data.reference_rows.take(2), data.panel, pipe.processor)
+    examples = data.panel_cells(data.training_rows.take(2), data.panel, pipe.processor)
     example_cells = [(examples.cells["gene_ids"][i].numpy(), examples.tokens[i].numpy()) for i in range(len(examples))]
     widgets = widget_examples(example_cells, pipe.processor.gene_vocab, seed=seed)
     card = model_card(
@@ -109,7 +109,7 @@ def write_model_card(
 
 def data_and_training_plots(data, log_history, metrics, plots_dir: Path, count_cells: int) -> dict[str, Path]:
     """The training data's counts and rank tokens, and the training and validation losses: caption -> path."""
-    counts = data.reference.counts[:count_cells]
+    counts = data.training_cells.counts[:count_cells]
     baseline_key = next((k for k in metrics if k.startswith("eval_baseline_masked_nll_")), None)
     return {
         "Counts of expressed genes in the training data": plot_count_histogram(

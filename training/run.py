@@ -13,7 +13,7 @@ from transformers import set_seed
 
 from dataset_scripts import EpochCallback, RankDiffusionCollator
 from modeling import CellTokenizer, RankDiTConfig, RankDiTModel, RankDiTProcessor
-from pipelines import MaskedRankDiffusionPipeline, MaskedRankDiffusionScheduler
+from pipelines import MaskedRankDiffusionPipeline, MaskedRankDiffusionScheduler, ReferenceCells
 
 from .arguments import DataArguments, DiffusionArguments, ModelArguments, RankDiffTrainingArguments, ema_decay_for
 from .data import PreparedData, prepare_data
@@ -58,6 +58,16 @@ def build_training(
     )
     processor = RankDiTProcessor.from_model_config(model.config, gene_vocab=data.source.vocab)
     collator, eval_collator = build_collators(processor, data_args, data, seed=training_args.seed)
+    reference = None
+    if model.config.reference_context:
+        reference, rows = ReferenceCells.from_tokens(
+            data.training_cells.tokens, model_args.num_rank_bins, max_cells=model_args.reference_cells,
+            num_neighbours=model_args.reference_neighbours, num_components=model_args.reference_components,
+            seed=training_args.seed,
+        )  # fmt: skip
+        collator.reference_rows = {data.training_cells.cell_ids[row]: i for i, row in enumerate(rows)}
+        logger.info("reference: %d training cells, %d genes, %d neighbours read per cell",
+                    *reference.tokens.shape, model_args.reference_neighbours)  # fmt: skip
     trainer = RankDiffusionTrainer(
         model=model,
         args=training_args,
@@ -74,8 +84,10 @@ def build_training(
         ordinal_weight=diffusion_args.ordinal_weight,
         ordinal_time_weighting=diffusion_args.ordinal_time_weighting,
         ema_decay=ema_decay,
+        reference=reference,
+        reference_dropout=model_args.reference_dropout,
     )
-    pipe = MaskedRankDiffusionPipeline(model=model, scheduler=scheduler, processor=processor)
+    pipe = MaskedRankDiffusionPipeline(model=model, scheduler=scheduler, processor=processor, reference=reference)
     return TrainingSetup(data=data, pipe=pipe, trainer=trainer, ema_decay=ema_decay)
 
 
@@ -95,7 +107,7 @@ def build_model(model_args: ModelArguments, data_args: DataArguments, data: Prep
     if config.gene_prior:
         model.init_gene_prior(data.baseline.probabilities())
     if model_args.gene_embedding_init == "pca":
-        model.init_gene_embedding(*data.reference.gene_loadings(config.hidden_size, seed=seed))
+        model.init_gene_embedding(*data.training_cells.gene_loadings(config.hidden_size, seed=seed))
     logger.info("RankDiT %s: %.2fM parameters", model_args.preset, model.num_parameters() / 1e6)
     return model
 

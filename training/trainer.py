@@ -12,7 +12,7 @@ from transformers import Trainer
 
 from dataset_scripts import shard_for_process
 from metrics import PerGeneMarginal
-from pipelines import MaskedRankDiffusionScheduler
+from pipelines import MaskedRankDiffusionScheduler, ReferenceCells
 
 from .arguments import ema_decay_for
 from .checkpoints import CheckpointCompleteCallback, check_resumable, last_complete_checkpoint
@@ -40,6 +40,9 @@ class RankDiffusionTrainer(Trainer):
         ordinal_term, ordinal_weight, ordinal_time_weighting: the ordinal term (`"none"`: plain MDLM).
         ema_decay: keep an EMA of the weights with this decay ([`EMACallback`], saved with every checkpoint and
             restored on resume) and evaluate with it; None or 0: no EMA.
+        reference: the [`ReferenceCells`] a model with `config.reference_context` reads: each cell's nearest
+            reference cells on its visible (unmasked) positions, never itself (`reference_self` of the batch).
+        reference_dropout: share of training cells shown without references (drawn per step, seeded).
         All other arguments go to [`~transformers.Trainer`].
     """
 
@@ -55,9 +58,15 @@ class RankDiffusionTrainer(Trainer):
         ordinal_weight: float = 1.0,
         ordinal_time_weighting: str = "nelbo",
         ema_decay: float | None = None,
+        reference: ReferenceCells | None = None,
+        reference_dropout: float = 0.0,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
+        if bool(self.model.config.reference_context) != (reference is not None):
+            raise ValueError("a model with config.reference_context trains with a reference, and only such a model")
+        self.reference = None if reference is None else reference.to(self.args.device)
+        self.reference_dropout = reference_dropout
         ema_decay = ema_decay_for(ema_decay or 0.0, fsdp=self.is_fsdp_enabled)
         self.ema = EMACallback(ema_decay) if ema_decay else None
         if self.ema is not None:
@@ -88,6 +97,7 @@ class RankDiffusionTrainer(Trainer):
             attention_mask=attention_mask,
             timesteps=timesteps,
             **condition_inputs(inputs, original.device),
+            **self._reference_inputs(inputs, noisy),
         )
         masked = noisy == self.noise_scheduler.config.mask_token_id
         count = num_items_in_batch if num_items_in_batch is not None else real.sum()
@@ -107,6 +117,24 @@ class RankDiffusionTrainer(Trainer):
         self._loss_parts["nelbo"] += nelbo.detach()  # kept on the device: no sync per micro-batch
         self._loss_parts_calls += 1
         return (loss, outputs) if return_outputs else loss
+
+    def _reference_inputs(self, inputs: dict, noisy: torch.Tensor) -> dict:
+        """`reference_tokens` of the training cells as masked (none without a reference): their nearest reference
+        cells on their visible positions, never themselves; `reference_dropout` of the cells get none (a draw
+        seeded by the seed, the step and the micro-batch)."""
+        if self.reference is None:
+            return {}
+        mask_id = self.noise_scheduler.config.mask_token_id
+        tokens = self.reference.context(
+            inputs["gene_ids"], noisy, inputs["attention_mask"], mask_token_id=mask_id,
+            exclude=inputs.get("reference_self"),
+        ).to(noisy.device)  # fmt: skip
+        if self.reference_dropout > 0:
+            key = [self.args.seed, self.state.global_step, self._micro_batch, self.args.process_index]
+            generator = torch.Generator().manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))
+            dropped = torch.rand(len(tokens), generator=generator) < self.reference_dropout
+            tokens = tokens.masked_fill(dropped.to(tokens.device)[:, None, None], -1)
+        return {"reference_tokens": tokens.long()}
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         """[`~transformers.Trainer.train`]; `resume_from_checkpoint=True` takes the last *complete* checkpoint of
@@ -214,6 +242,7 @@ class RankDiffusionTrainer(Trainer):
                 seed=self.args.seed,
                 device=self.args.device,
                 reduce=self._sum_over_processes,
+                reference=self.reference,
             )
         scores["loss"] = scores["nelbo"]  # what `metric_for_best_model="loss"` and plateau schedulers read
         metrics = {f"{metric_key_prefix}_{name}": value for name, value in scores.items()}
