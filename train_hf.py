@@ -114,7 +114,15 @@ def run_output_names() -> set[str]:
     """The names a finished run writes at the top of its folder: the pipeline folder's (with every code file it may
     copy), the card and its plots, the results."""
     code = {p.name for package in (modeling, pipelines) for p in Path(package.__file__).parent.glob("*.py")}
-    fixed = {"model_index.json", "model", "scheduler", "processor", "preprocessor_config.json", "README.md"}
+    fixed = {
+        "model_index.json",
+        "model",
+        "scheduler",
+        "processor",
+        "reference",
+        "preprocessor_config.json",
+        "README.md",
+    }
     return fixed | code | {PLOTS_DIR, EVAL_RESULTS, IMPUTATION_RESULTS, RUN_CONFIG}
 
 

@@ -138,7 +138,8 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
             raise ValueError("reference: this model reads no reference cells (config.reference_context is False)")
         if hasattr(reference, "obs") and hasattr(reference, "var"):
             reference = self.make_reference(reference)
-        if not isinstance(reference, ReferenceCells):
+        # Duck-typed: remote code may load the class twice (the folder's root and `reference/`), as two classes.
+        if not callable(getattr(reference, "context", None)):
             raise TypeError(f"reference must be an AnnData of raw counts, a ReferenceCells, False or None; got "
                             f"{type(reference).__name__}")  # fmt: skip
         self._check_reference(self.model.config, reference)
