@@ -263,6 +263,17 @@ def _shown(values: list, most: int = 12) -> str:
     return ", ".join(f"`{v}`" for v in values[:most]) + (f", ... ({len(values)} in all)" if len(values) > most else "")
 
 
+def _reference_sentence(config) -> str:
+    """What the card says about the reference cells a model reads (nothing when it reads none)."""
+    if not getattr(config, "reference_context", False):
+        return ""
+    return (
+        "\n\nBeside each cell the model reads its nearest training cells (found on its visible genes; the folder's"
+        " `reference/`, used by default; `reference=False` for none, `reference=adata` for your own cells): the"
+        ' tables show it both ways ("no reference cells").'
+    )
+
+
 def conditions_section(run: CardContents) -> str:
     """The card's `## Conditions` section: what the model is told, each vocabulary, guidance and the held-out pairs
     (empty for an unconditional model)."""
@@ -335,7 +346,7 @@ A masked discrete diffusion model over single-cell gene expression, trained with
 (gene, rank token) pairs: rank 0 means the gene is not expressed, ranks 1..{config.num_rank_bins} are quantile bins
 of the cell's own non-zero counts. The model predicts, for any masked gene of a cell and at any masking level, a
 **distribution** over its rank given the visible genes; the pipeline samples from it (imputation, denoising, whole
-cells) or returns it.
+cells) or returns it.{_reference_sentence(config)}
 
 Masked NLL on {run.test_cells} test cells (nats per masked gene, lower is better), model vs the strongest
 baseline on the same masks, per evaluation panel: {headline(run)}.
