@@ -119,9 +119,7 @@ class ConditionEncoder:
                 ids[:, column] = self.ids(name, list(columns[name]))
         doses = np.full(n_cells, np.nan)
         if DOSE in columns:
-            doses = np.asarray([np.nan if d is None else d for d in columns[DOSE]], dtype=np.float64)
-            if (doses < 0).any():
-                raise ValueError(f"doses must be >= 0 uM (NaN: unknown), got {doses[doses < 0][0]}")
+            doses = np.asarray([dose_value(d, cell) for cell, d in enumerate(columns[DOSE])], dtype=np.float64)
         return ids, doses
 
     def encode(
@@ -182,6 +180,28 @@ class ConditionEncoder:
         if self.dose_condition:
             out["doses"] = torch.from_numpy(doses).float()
         return out
+
+
+def dose_value(dose, cell: int) -> float:
+    """A cell's dose as the model takes it: a finite number >= 0 in uM; None or NaN is an unknown dose. A string
+    (`"5 uM"`), a list, a boolean or an infinite dose is an error naming the cell."""
+    number = isinstance(dose, (int, float, np.integer, np.floating)) and not isinstance(dose, (bool, np.bool_))
+    if dose is None or (number and math.isnan(dose)):
+        return float("nan")
+    if not (number and math.isfinite(dose) and dose >= 0):
+        raise ValueError(f"cell {cell}: the dose must be a number >= 0 in uM (None or NaN: unknown), got {dose!r}")
+    return float(dose)
+
+
+def check_guidance_scale(guidance_scale) -> None:
+    """Refuse a guidance scale that is not a finite number >= 0 (NaN or inf would give NaN distributions)."""
+    number = isinstance(guidance_scale, (int, float, np.integer, np.floating)) and not isinstance(
+        guidance_scale, (bool, np.bool_)
+    )
+    if not (number and math.isfinite(guidance_scale) and guidance_scale >= 0):
+        raise ValueError(
+            f"guidance_scale must be a number >= 0 (1: conditional, 0: unconditional), got {guidance_scale!r}"
+        )
 
 
 def guided_logits(model, inputs: dict, guidance_scale: float = 1.0) -> torch.Tensor:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from transformers import Pipeline
 
+from .conditions import check_guidance_scale
 from .configuration_rank_dit import IMPUTATION_TASK
 
 PREPROCESS_PARAMETERS = ("unknown_genes", "conditions")
@@ -47,6 +48,8 @@ class RankDiTImputationPipeline(Pipeline):
             )
         preprocess = {key: kwargs[key] for key in PREPROCESS_PARAMETERS if key in kwargs}
         forward = {key: kwargs[key] for key in FORWARD_PARAMETERS if key in kwargs}
+        if "guidance_scale" in forward:  # checked before any cell is read
+            check_guidance_scale(forward["guidance_scale"])
         return preprocess, forward, {}
 
     def __call__(self, gene_ids=None, ranks=None, counts=None, mask=None, context_counts=None, **kwargs):

@@ -24,7 +24,7 @@ from torch.nn import functional as F
 from transformers.feature_extraction_utils import FeatureExtractionMixin
 
 from .cell_batch import CellBatch, CellWindows, RaggedCells
-from .conditions import ConditionEncoder, guided_logits, table_conditions
+from .conditions import ConditionEncoder, check_guidance_scale, guided_logits, table_conditions
 from .configuration_rank_dit import RankDiTConfig
 from .gene_vocab import FIRST_GENE_ID, SPECIAL_TOKENS, GeneVocab
 from .imputation_task import RankDiTImputationPipeline  # noqa: F401  (its code travels with the processor)
@@ -452,6 +452,7 @@ class RankDiTProcessor(FeatureExtractionMixin):
         return probs * attended[..., None]
 
     logits = staticmethod(guided_logits)  # the denoiser's output under classifier-free guidance, for the pipelines
+    check_guidance_scale = staticmethod(check_guidance_scale)  # its argument's one check, for the pipelines
     table_conditions = staticmethod(table_conditions)  # an AnnData's obs columns as conditions, for the pipelines
 
     @staticmethod

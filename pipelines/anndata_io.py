@@ -43,6 +43,30 @@ def nan_entries(counts):
     return sp.csr_matrix(np.isnan(counts))  # in the data's own dtype: no float64 copy of the table
 
 
+def boolean_mask(mask, shape: tuple[int, int]):
+    """A user's mask as a sparse boolean matrix: booleans, or numbers that are 0 or 1 (a string, NaN, -1 or 0.3 is
+    an error naming its cell and gene, not a truthy True)."""
+    import scipy.sparse as sp
+
+    matrix = sp.csr_matrix(mask) if sp.issparse(mask) else np.asarray(mask)
+    if tuple(matrix.shape) != tuple(shape):
+        raise ValueError(f"mask must have the AnnData's shape {tuple(shape)}, got {tuple(matrix.shape)}")
+    values = matrix.data if sp.issparse(matrix) else matrix.ravel()
+    if values.dtype != bool:
+        if values.dtype.kind not in "iuf":
+            raise TypeError(f"mask must hold booleans (True: impute), got values of dtype {values.dtype}")
+        bad = np.flatnonzero(~np.isin(values, (0, 1)))
+        if len(bad):
+            i = int(bad[0])
+            if sp.issparse(matrix):
+                cell, gene = int(np.searchsorted(matrix.indptr, i, side="right") - 1), int(matrix.indices[i])
+            else:
+                cell, gene = divmod(i, shape[1])
+            value = values[i].item()
+            raise ValueError(f"mask must hold booleans or 0 / 1, got {value!r} at (cell {cell}, gene {gene})")
+    return sp.csr_matrix(matrix, dtype=bool)
+
+
 def _check_call_arguments(method: str, call_kwargs: dict) -> None:
     reserved = sorted(RESERVED_CALL_ARGUMENTS & set(call_kwargs))
     if reserved:
@@ -63,7 +87,6 @@ class CountTable:
 
     @classmethod
     def of(cls, adata, processor, mask, layer: str | None, gene_column: str | None) -> CountTable:
-        import scipy.sparse as sp
 
         if adata.n_obs == 0 or adata.n_vars == 0:
             raise ValueError(f"the AnnData holds {adata.n_obs} cells x {adata.n_vars} genes: nothing to impute")
@@ -72,9 +95,7 @@ class CountTable:
         if gene_column is not None and gene_column not in adata.var:
             raise KeyError(f"gene_column {gene_column!r} is not in adata.var; its columns: {list(adata.var)}")
         counts = adata.layers[layer] if layer is not None else adata.X
-        if mask is not None and tuple(mask.shape) != tuple(adata.shape):
-            raise ValueError(f"mask must have the AnnData's shape {adata.shape}, got {tuple(mask.shape)}")
-        mask = sp.csr_matrix(mask, dtype=bool) if mask is not None else nan_entries(counts)
+        mask = boolean_mask(mask, adata.shape) if mask is not None else nan_entries(counts)
         if processor.gene_vocab is None:
             raise ValueError("impute_anndata needs the checkpoint's gene vocabulary (processor.gene_vocab is None)")
         names = np.array([str(name) for name in (adata.var[gene_column] if gene_column else adata.var_names)])

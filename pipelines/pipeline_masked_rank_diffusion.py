@@ -170,9 +170,7 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not (_is_real(temperature) and math.isfinite(temperature) and temperature > 0):
             raise ValueError(f"temperature must be a positive number, got {temperature!r}")
-        if not (_is_real(guidance_scale) and math.isfinite(guidance_scale) and guidance_scale >= 0):
-            raise ValueError(f"guidance_scale must be a number >= 0 (1: conditional, 0: unconditional), got "
-                             f"{guidance_scale!r}")  # fmt: skip
+        self.processor.check_guidance_scale(guidance_scale)
         if not (_is_real(top_p) and 0.0 < top_p <= 1.0):
             raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
         if generator is not None and not isinstance(generator, torch.Generator):

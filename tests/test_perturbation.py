@@ -70,6 +70,20 @@ def test_heldout_pairs_are_test_cells_at_every_dose_and_never_train_or_validate(
     assert lines == {pair[0] for pair in _pairs(screen)}  # every line's
 
 
+def test_the_control_drug_must_be_a_drug_of_the_data_and_no_validation_share_holds_out_no_pair(screen, heldout):
+    from dataset_scripts import tahoe_builder
+    from training import DataArguments
+    from training.recipe import condition_setup
+
+    builder = tahoe_builder(str(screen))
+    args = DataArguments(data=str(screen), conditions="cell_line_id,drug,dose", control_drug="DMSO")
+    with pytest.raises(ValueError, match=r"--control_drug 'DMSO' is not a drug of the data; did you mean \['DMSO_TF'"):
+        condition_setup(builder, args)
+    args = DataArguments(data=str(screen), conditions="cell_line_id,drug,dose", heldout_pairs=str(heldout[0]),
+                         validation_share=0.0)  # fmt: skip
+    assert condition_setup(builder, args).validation_pairs == ()
+
+
 def test_heldout_pairs_files_are_checked(screen, tmp_path):
     from training import DataArguments
     from training.data import prepare_data

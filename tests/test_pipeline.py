@@ -258,6 +258,30 @@ def test_anndata_errors_name_the_layer_the_cell_and_the_problem(config):
         pipe.impute_anndata(adata, output_type="probs")
 
 
+@pytest.mark.parametrize(
+    ("value", "error", "message"),
+    [
+        ("False", TypeError, "mask must hold booleans \\(True: impute\\), got values of dtype <U5"),
+        (float("nan"), ValueError, "mask must hold booleans or 0 / 1, got nan at \\(cell 0, gene 0\\)"),
+        (-1, ValueError, "got -1.0 at \\(cell 0, gene 0\\)"),
+        (0.3, ValueError, "got 0.3 at \\(cell 0, gene 0\\)"),
+    ],
+)
+def test_a_mask_that_is_not_boolean_is_refused_naming_the_value_and_its_place(config, value, error, message):
+    pipe = _pipe(StubDenoiser(config))
+    adata = _adata()
+    hidden = np.isnan(adata.X)
+    mask = np.where(hidden, "True", "False") if isinstance(value, str) else hidden.astype(float)
+    mask[0, 0] = value
+    masks = [mask] if isinstance(value, str) else [mask, scipy.sparse.csr_matrix(mask)]  # dense and sparse
+    for each in masks:
+        with pytest.raises(error, match=message):
+            pipe.impute_anndata(adata, mask=each)
+    imputed = pipe.impute_anndata(adata, mask=hidden.astype(float), generator=torch.Generator().manual_seed(0))
+    expected = pipe.impute_anndata(adata, generator=torch.Generator().manual_seed(0))  # 0 / 1 numbers: a mask
+    np.testing.assert_array_equal(imputed.layers["rankdiff_ranks"], expected.layers["rankdiff_ranks"])
+
+
 @pytest.fixture
 def saved_pipeline(tmp_path):
     config = RankDiTConfig.from_preset("tiny", num_rank_bins=B, gene_vocab_size=200, max_length=64)
@@ -451,6 +475,9 @@ def test_the_same_seed_gives_the_same_cells_whatever_the_batch_size(config):
         (dict(output_type="numpy"), ValueError, "output_type must be one of"),
         (dict(sampler="greedy"), ValueError, "sampler must be one of"),
         (dict(callback_on_step_end_tensor_inputs=["latents"]), ValueError, "\\['latents'\\] are not among"),
+        (dict(guidance_scale=float("nan")), ValueError, "guidance_scale must be a number >= 0 .*, got nan"),
+        (dict(guidance_scale=-5), ValueError, "guidance_scale must be a number >= 0 .*, got -5"),
+        (dict(reference="cells.h5ad"), ValueError, "reference: this model reads no reference cells"),
     ],
 )
 def test_bad_arguments_get_clear_errors(config, kwargs, error, message):
@@ -495,5 +522,8 @@ def test_transformers_task_refuses_unknown_arguments(saved_pipeline):
     for name in ("count", "mask_ratio", "temperature"):
         with pytest.raises(TypeError, match=f"unknown arguments \\['{name}'\\]"):
             task(gene_ids=["G10", "G11"], ranks=[1, 2], mask=[False, True], **{name: 1})
+    for scale in (float("nan"), float("inf"), -5, True):  # refused before any cell is read, conditions or not
+        with pytest.raises(ValueError, match=f"guidance_scale must be a number >= 0 .*, got {scale!r}"):
+            task(gene_ids=["G10", "G11"], ranks=[1, 2], mask=[False, True], guidance_scale=scale)
     out = task(gene_ids=["G10", "RETIRED"], ranks=[1, 2], mask=[True, False], unknown_genes="ignore")
     assert out["gene_ids"] == [10, -1] and np.isnan(out["expected"][1])

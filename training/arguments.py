@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
@@ -14,6 +15,18 @@ from .loss import ORDINAL_TERMS, ORDINAL_TIME_WEIGHTINGS
 
 GENE_EMBEDDING_INITS = ("random", "pca")
 SPLIT_BY = ("barcode", "plate", "file")
+
+
+def _check_positive_int(name: str, value, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"--{name} must be a positive integer, got {value!r}")
+
+
+def _check_share(name: str, value: float, below_one: bool = False) -> None:
+    if not (math.isfinite(value) and 0 <= value and (value < 1 if below_one else value <= 1)):
+        raise ValueError(f"--{name} must be a share in [0, {'1)' if below_one else '1]'}, got {value}")
 
 
 @dataclass
@@ -60,6 +73,8 @@ class ModelArguments:
     )
 
     def __post_init__(self):
+        for name in ("num_rank_bins", "hidden_size", "num_hidden_layers", "num_attention_heads"):
+            _check_positive_int(name, getattr(self, name), optional=name != "num_rank_bins")
         if self.preset not in RANK_DIT_PRESETS:
             raise ValueError(f"preset must be one of {sorted(RANK_DIT_PRESETS)}, got {self.preset!r}")
         if self.reference_neighbours < 1 or self.reference_cells <= self.reference_neighbours:
@@ -197,6 +212,30 @@ class DataArguments:
     )
 
     def __post_init__(self):
+        for name in (
+            "max_length",
+            "panel_size",
+            "interleave_files",
+            "sample_files",
+            "baseline_cells",
+            "max_eval_cells",
+        ):
+            _check_positive_int(name, getattr(self, name), optional=name == "panel_size")
+        for name in ("zero_share", "panel_share", "random_share"):
+            _check_share(name, getattr(self, name))
+        if self.panel_share + self.random_share > 1:
+            raise ValueError(f"--panel_share + --random_share must be at most 1, got {self.panel_share} + "
+                             f"{self.random_share}")  # fmt: skip
+        for name in ("validation_share", "test_share"):
+            if getattr(self, name) is not None:
+                _check_share(name, getattr(self, name), below_one=True)
+        if self.conditions is not None:
+            names = [name.strip() for name in self.conditions.split(",")]
+            if not all(names):
+                raise ValueError(f"--conditions must name columns, comma-separated, got {self.conditions!r}")
+            repeated = sorted({name for name in names if names.count(name) > 1})
+            if repeated:
+                raise ValueError(f"--conditions names {repeated} more than once: {self.conditions!r}")
         if not 0.0 <= self.condition_dropout < 1.0:
             raise ValueError(f"condition_dropout must be in [0, 1), got {self.condition_dropout}")
         if self.heldout_pairs is not None and not self.conditions:
@@ -270,8 +309,14 @@ class DiffusionArguments:
             raise ValueError(
                 f"ordinal_time_weighting must be one of {ORDINAL_TIME_WEIGHTINGS}, got {self.ordinal_time_weighting!r}"
             )
-        if self.ordinal_weight < 0:
-            raise ValueError(f"ordinal_weight must be >= 0, got {self.ordinal_weight}")
+        if not (math.isfinite(self.ordinal_weight) and self.ordinal_weight >= 0):
+            raise ValueError(f"--ordinal_weight must be a finite number >= 0, got {self.ordinal_weight}")
+        if not (math.isfinite(self.eps) and 0 < self.eps < 1):
+            raise ValueError(f"--eps must be in (0, 1), got {self.eps}")
+        _check_positive_int("eval_time_grid", self.eval_time_grid)
+        if not 0 < self.eval_mask_ratio < 1 - self.eps:
+            raise ValueError(f"--eval_mask_ratio must be in (0, 1 - eps) = (0, {1 - self.eps}), got "
+                             f"{self.eval_mask_ratio}")  # fmt: skip
 
     def loss_description(self) -> str:
         """The loss in words, for the model card."""
@@ -298,6 +343,12 @@ class CardArguments:
             "default: --data when it is a Hub id, else its file or folder name"
         },
     )
+
+    def __post_init__(self):
+        bad = [ratio for ratio in self.card_mask_ratios if not 0 < ratio < 1]
+        if not self.card_mask_ratios or bad:
+            raise ValueError(f"--card_mask_ratios must be shares in (0, 1), got {self.card_mask_ratios}")
+        _check_positive_int("card_gif_steps", self.card_gif_steps)
 
 
 def ema_decay_for(requested: float | None, *, fsdp: bool, preset: str | None = None) -> float:
@@ -346,3 +397,8 @@ class RankDiffTrainingArguments(TrainingArguments):
             "off for the tiny preset, 0.9999 for the others"
         },
     )
+
+    def __post_init__(self):
+        for name in ("max_steps", "per_device_train_batch_size", "per_device_eval_batch_size"):
+            _check_positive_int(name, getattr(self, name))
+        super().__post_init__()

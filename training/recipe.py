@@ -5,6 +5,7 @@ its training cells, and its perturbation conditions (vocabularies, doses, held-o
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import logging
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ import numpy as np
 
 from dataset_scripts import EMBEDDED_SAMPLE
 from dataset_scripts.tahoe_metadata import CONTROL_DRUG, sample_conditions
-from modeling.conditions import DOSE, ConditionEncoder, condition_value
+from modeling.conditions import DOSE, ConditionEncoder, condition_value, dose_value
 
 from .arguments import DataArguments
 
@@ -113,7 +114,7 @@ def condition_setup(builder, data_args: DataArguments) -> ConditionSetup:
         root = builder.input_files()[1]
         root = str(root).rsplit("/metadata/", 1)[0] if root is not None else str(data_args.data or EMBEDDED_SAMPLE)
         dose_of_sample = {sample: amount for sample, (_, amount) in sample_conditions(root).items()}
-    setup = ConditionSetup(values, dose, dose_of_sample, condition_value("drug", data_args.control_drug))
+    setup = ConditionSetup(values, dose, dose_of_sample, control_drug(values, data_args.control_drug))
     if data_args.heldout_pairs is None:
         return setup
     columns, test_pairs = read_heldout_pairs(data_args.heldout_pairs, categorical)
@@ -132,13 +133,25 @@ def condition_setup(builder, data_args: DataArguments) -> ConditionSetup:
         for pair in present - set(test_pairs)
         if None not in pair and not ("drug" in columns and pair[columns.index("drug")] == setup.control_drug)
     )
-    count = min(len(candidates), max(1, round(data_args.validation_share * len(candidates))))
+    share = data_args.validation_share
+    count = min(len(candidates), max(int(share > 0), round(share * len(candidates))))  # --validation_share 0: none
     chosen = np.random.default_rng(data_args.split_seed).choice(len(candidates), count, replace=False)
     setup.pair_columns, setup.test_pairs = columns, tuple(test_pairs)
     setup.validation_pairs = tuple(candidates[i] for i in sorted(chosen))
     logger.info("held out %d pairs for testing (%s) and %d for validation (%s)", len(test_pairs), test_pairs[:3],
                 count, list(setup.validation_pairs)[:3])  # fmt: skip
     return setup
+
+
+def control_drug(values: dict[str, list[str]], name: str) -> str:
+    """`--control_drug` as a condition value, refused when the data's drugs (a `drug` condition) do not hold it."""
+    control = condition_value("drug", name)
+    if "drug" in values and control not in values["drug"]:
+        close = difflib.get_close_matches(control, values["drug"], n=3)
+        raise ValueError(
+            f"--control_drug {name!r} is not a drug of the data" + (f"; did you mean {close}?" if close else "")
+        )
+    return control
 
 
 def anndata_condition_setup(data_args: DataArguments) -> ConditionSetup:
@@ -151,7 +164,10 @@ def anndata_condition_setup(data_args: DataArguments) -> ConditionSetup:
     categorical = [name for name in data_args.condition_names if name != DOSE]
     values = {name: sorted({str(v) for v in obs[name].dropna().unique()}) for name in categorical}
     dose = DOSE in data_args.condition_names
-    return ConditionSetup(values, dose, {} if dose else None, condition_value("drug", data_args.control_drug))
+    if dose:  # refused here, before training, not when a batch first holds a bad dose
+        for cell, value in zip(obs.index, obs[DOSE]):
+            dose_value(value, cell)
+    return ConditionSetup(values, dose, {} if dose else None, control_drug(values, data_args.control_drug))
 
 
 @dataclass
