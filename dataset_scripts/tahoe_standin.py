@@ -118,18 +118,33 @@ class _Wells:
         self.obs.append((barcode, sample, plate, line, len(cell_genes), int(cell_counts_.sum())))
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a count of at least 1 (argparse names the flag and the value otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
     """The command line: a plain corpus, or with `--responses` a drug screen (`tahoe_screen.write_standin_screen`)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("root", type=Path)
-    parser.add_argument("--files", type=int, default=None, help="default 64 (not a screen's)")
-    parser.add_argument("--cells_per_file", type=int, default=None, help="default 1600 (not a screen's)")
-    parser.add_argument("--plates", type=int, default=None, help="default 8 (a screen: 6)")
-    parser.add_argument("--lines", type=int, default=None, help="default 50 (a screen: 6)")
-    parser.add_argument("--median_library_size", type=int, default=1900, help="UMIs per cell (Tahoe: about 1,900)")
+    parser.add_argument("--files", type=positive_int, default=None, help="default 64 (not a screen's)")
+    parser.add_argument("--cells_per_file", type=positive_int, default=None, help="default 1600 (not a screen's)")
+    parser.add_argument("--plates", type=positive_int, default=None, help="default 8 (a screen: 6)")
+    parser.add_argument("--lines", type=positive_int, default=None, help="default 50 (a screen: 6)")
+    parser.add_argument(
+        "--median_library_size", type=positive_int, default=1900, help="UMIs per cell (Tahoe: about 1,900)"
+    )
     parser.add_argument("--responses", action="store_true", help="a drug screen with a known answer")
-    parser.add_argument("--drugs", type=int, default=None, help="a screen's drugs (default: all of SCREEN_DRUGS)")
-    parser.add_argument("--cells_per_condition", type=int, default=None, help="a screen's, default 150")
+    parser.add_argument(
+        "--drugs", type=positive_int, default=None, help="a screen's drugs (default: all of SCREEN_DRUGS)"
+    )
+    parser.add_argument("--cells_per_condition", type=positive_int, default=None, help="a screen's, default 150")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.responses:

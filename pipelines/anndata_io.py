@@ -183,6 +183,12 @@ def run_imputation(
 ):
     """[`MaskedRankDiffusionPipeline.impute_anndata`]: see there."""
     _check_call_arguments("impute_anndata", call_kwargs)
+    if not isinstance(key_added, str) or not key_added:
+        raise ValueError(f"key_added must be a non-empty string (the prefix of the new layers), got {key_added!r}")
+    taken = [key for key in (f"{key_added}_ranks", f"{key_added}_expected") if key in adata.layers]
+    taken += [f"uns[{key_added!r}]"] * (key_added in adata.uns)
+    if taken:
+        raise ValueError(f"key_added={key_added!r} would overwrite {taken} of the AnnData: choose another key_added")
     if not isinstance(cell_batch_size, int) or isinstance(cell_batch_size, bool) or cell_batch_size < 1:
         raise ValueError(f"cell_batch_size must be a positive integer, got {cell_batch_size!r}")
     conditions = pipe.processor.table_conditions(adata.obs, condition_columns)

@@ -271,6 +271,14 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
             mask, mask_ratio, num_inference_steps, temperature, top_p, batch_size, generator, output_type,
             callback_on_step_end_tensor_inputs, guidance_scale,
         )  # fmt: skip
+        if output_type != "ranks":  # one denoiser pass: nothing is drawn
+            given = {"sampler": sampler, "temperature": temperature, "top_p": top_p,
+                     "num_inference_steps": num_inference_steps}  # fmt: skip
+            ignored = [name for name, value in given.items() if value != {"sampler": None, "temperature": 1.0,
+                       "top_p": 1.0, "num_inference_steps": 64}[name]]  # fmt: skip
+            if ignored:
+                logger.warning("output_type=%r is one denoiser pass: %s only shape sampling and are ignored",
+                               output_type, ignored)  # fmt: skip
         if mask_ratio is not None:  # drawn before the tokens are made: masked counts must not shape the bins
             mask = self._random_mask(gene_ids, ranks, counts, mask_ratio, unknown_genes, generator)
         cells = self.processor(

@@ -259,7 +259,7 @@ class MaskedRankDiffusionScheduler(SchedulerMixin, ConfigMixin):
         steps = num_inference_steps
         if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
             raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
-        sampler = sampler or self.config.sampler
+        sampler = self.config.sampler if sampler is None else sampler
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         self.sampler = sampler

@@ -256,6 +256,20 @@ def test_anndata_errors_name_the_layer_the_cell_and_the_problem(config):
         pipe.impute_anndata(adata, mask=np.zeros(adata.shape, dtype=bool))
     with pytest.raises(ValueError, match="sets \\['output_type'\\] itself"):
         pipe.impute_anndata(adata, output_type="probs")
+    with pytest.raises(ValueError, match="key_added must be a non-empty string .*, got ''"):
+        pipe.impute_anndata(adata, key_added="")
+    adata.layers["mine_ranks"] = adata.X.copy()
+    with pytest.raises(ValueError, match="key_added='mine' would overwrite \\['mine_ranks'\\]"):
+        pipe.impute_anndata(adata, key_added="mine")
+
+
+def test_sampling_arguments_given_with_one_pass_outputs_are_named_as_ignored(config, caplog):
+    gene_ids, ranks, mask = _cells(n_cells=2)
+    pipe = _pipe(StubDenoiser(config))
+    pipe(gene_ids, ranks=ranks, mask=mask, output_type="probs")
+    assert "ignored" not in caplog.text
+    pipe(gene_ids, ranks=ranks, mask=mask, output_type="probs", temperature=0.5, sampler="confidence")
+    assert "['sampler', 'temperature'] only shape sampling and are ignored" in caplog.text
 
 
 @pytest.mark.parametrize(
@@ -475,6 +489,7 @@ def test_the_same_seed_gives_the_same_cells_whatever_the_batch_size(config):
         (dict(output_type="numpy"), ValueError, "output_type must be one of"),
         (dict(sampler="greedy"), ValueError, "sampler must be one of"),
         (dict(callback_on_step_end_tensor_inputs=["latents"]), ValueError, "\\['latents'\\] are not among"),
+        (dict(sampler=""), ValueError, "sampler must be one of"),
         (dict(guidance_scale=float("nan")), ValueError, "guidance_scale must be a number >= 0 .*, got nan"),
         (dict(guidance_scale=-5), ValueError, "guidance_scale must be a number >= 0 .*, got -5"),
         (dict(reference="cells.h5ad"), ValueError, "reference: this model reads no reference cells"),

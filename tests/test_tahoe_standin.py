@@ -336,3 +336,13 @@ def test_training_skips_bad_files_and_rows_and_names_them(corpus, tmp_path, capl
     (data / "metadata" / "gene_metadata.parquet").unlink()
     with pytest.raises(FileNotFoundError, match="gene_metadata.parquet"):
         train_hf.main(["--output_dir", str(tmp_path / "run2"), *flags.split()])
+
+
+@pytest.mark.parametrize("flag", ["--lines", "--plates", "--files", "--cells_per_file", "--drugs"])
+def test_the_generator_refuses_a_count_below_one_naming_the_flag(tmp_path, capsys, flag):
+    from dataset_scripts.tahoe_standin import main
+
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "out"), flag, "0"])
+    assert f"{flag}: must be at least 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # nothing written
