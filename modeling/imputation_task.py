@@ -50,6 +50,9 @@ class RankDiTImputationPipeline(Pipeline):
         forward = {key: kwargs[key] for key in FORWARD_PARAMETERS if key in kwargs}
         if "guidance_scale" in forward:  # checked before any cell is read
             check_guidance_scale(forward["guidance_scale"])
+        size = forward.get("window_batch_size", 1)
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"window_batch_size must be a positive integer, got {size!r}")
         return preprocess, forward, {}
 
     def __call__(self, gene_ids=None, ranks=None, counts=None, mask=None, context_counts=None, **kwargs):

@@ -273,12 +273,20 @@ def run_generation(pipe, obs, genes, *, condition_columns=None, **call_kwargs):
     import pandas as pd
 
     _check_call_arguments("generate_anndata", call_kwargs)
+    if not isinstance(obs, pd.DataFrame):
+        raise TypeError(f"obs must be a pandas DataFrame (one row per cell to generate), got {type(obs).__name__}")
     if len(obs) == 0:
         raise ValueError("obs holds no rows: one row per cell to generate")
     if condition_columns is None:
         config = pipe.model.config
         known = [*(config.conditions or {}), *(["dose"] if config.dose_condition else [])]
         condition_columns = [name for name in known if name in obs.columns]
+        names = {"cell_line_id", "drug", "dose", *(name.lower() for name in known)}
+        untold = sorted(str(c) for c in obs.columns if str(c).lower() in names and c not in condition_columns)
+        if untold:  # "Drug" for "drug", or a drug column for a model without conditions
+            logger.warning("generate_anndata: obs columns %s are not conditions of this model (its conditions: %s, "
+                           "matched by exact name; condition_columns= maps others): carried along, not told",
+                           untold, known or "none")  # fmt: skip
     genes = list(genes)
     conditions = pipe.processor.table_conditions(obs, condition_columns)
     out = pipe(gene_ids=[genes] * len(obs), conditions=conditions, **call_kwargs)

@@ -271,6 +271,11 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
             mask, mask_ratio, num_inference_steps, temperature, top_p, batch_size, generator, output_type,
             callback_on_step_end_tensor_inputs, guidance_scale,
         )  # fmt: skip
+        config = self.model.config
+        if guidance_scale != 1.0 and (conditions is None or not (config.conditions or config.dose_condition)):
+            logger.warning(
+                "guidance_scale=%s has no effect without conditions (and a conditioned model)", guidance_scale
+            )
         if output_type != "ranks":  # one denoiser pass: nothing is drawn
             given = {"sampler": sampler, "temperature": temperature, "top_p": top_p,
                      "num_inference_steps": num_inference_steps}  # fmt: skip

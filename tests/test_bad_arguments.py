@@ -43,3 +43,10 @@ def test_a_dose_that_is_not_a_number_in_micromolar_is_refused_naming_the_cell(do
         encoder.encode([{"drug": "X", "dose": 0.5}, {"drug": "X", "dose": dose}], 2)
     _, doses = encoder.encode([{"drug": "X", "dose": None}, {"drug": "X", "dose": np.float32(5)}], 2)
     assert np.isnan(doses[0]) and doses[1] == 5  # None (and NaN): an unknown dose
+
+
+def test_an_output_dir_that_is_a_file_is_refused_before_any_work(tmp_path):
+    (tmp_path / "run").write_text("a user's file")
+    with pytest.raises(NotADirectoryError, match="--output_dir .*run is a file, not a folder"):
+        train_hf.main(["--output_dir", str(tmp_path / "run"), "--max_steps", "1"])
+    assert (tmp_path / "run").read_text() == "a user's file"

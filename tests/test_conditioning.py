@@ -183,6 +183,23 @@ def test_anndata_generation_and_imputation_conditioned_on_obs_columns():
         pipe.impute_anndata(adata, condition_columns={"drug": "treatment"})
 
 
+def test_columns_and_arguments_that_would_be_ignored_are_named(caplog):
+    import pandas as pd
+
+    pipe = _pipe(_model())
+    genes = [f"G{i}" for i in range(10, 20)]
+    with pytest.raises(TypeError, match="obs must be a pandas DataFrame .*, got list"):
+        pipe.generate_anndata([{"drug": "Aspirin"}], genes)
+    obs = pd.DataFrame({"Drug": ["Aspirin"], "well": ["a"]})  # not the model's "drug"
+    pipe.generate_anndata(obs, genes, num_inference_steps=2)
+    assert "obs columns ['Drug'] are not conditions of this model" in caplog.text
+    plain = _pipe(RankDiTModel(RankDiTConfig.from_preset("tiny", gene_vocab_size=300)).eval())
+    plain.generate_anndata(pd.DataFrame({"drug": ["Aspirin"]}), genes, num_inference_steps=2)
+    assert "obs columns ['drug'] are not conditions of this model (its conditions: none" in caplog.text
+    plain(gene_ids=GENES, guidance_scale=2.0, num_inference_steps=2)
+    assert "guidance_scale=2.0 has no effect without conditions" in caplog.text
+
+
 @pytest.mark.slow
 def test_conditions_survive_the_hub_style_folder_and_the_transformers_task(tmp_path):
     from diffusers import DiffusionPipeline

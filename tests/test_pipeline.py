@@ -537,6 +537,8 @@ def test_transformers_task_refuses_unknown_arguments(saved_pipeline):
     for name in ("count", "mask_ratio", "temperature"):
         with pytest.raises(TypeError, match=f"unknown arguments \\['{name}'\\]"):
             task(gene_ids=["G10", "G11"], ranks=[1, 2], mask=[False, True], **{name: 1})
+    with pytest.raises(ValueError, match="window_batch_size must be a positive integer, got 1.5"):
+        task(gene_ids=["G10", "G11"], ranks=[1, 2], mask=[False, True], window_batch_size=1.5)
     for scale in (float("nan"), float("inf"), -5, True):  # refused before any cell is read, conditions or not
         with pytest.raises(ValueError, match=f"guidance_scale must be a number >= 0 .*, got {scale!r}"):
             task(gene_ids=["G10", "G11"], ranks=[1, 2], mask=[False, True], guidance_scale=scale)

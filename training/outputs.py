@@ -43,6 +43,8 @@ class RunOutputs:
     def check_clearable(self) -> None:
         """Raise if the folder holds a pipeline folder without a manifest: which of its files are a run's is unknown,
         so none of them may be replaced (checked before training, not only at its end)."""
+        if self.folder.exists() and not self.folder.is_dir():
+            raise NotADirectoryError(f"--output_dir {self.folder} is a file, not a folder: give another --output_dir")
         if not self.manifest.exists() and self.finished():
             raise FileExistsError(
                 f"{self.folder} holds a pipeline folder without {MANIFEST}: which files are a run's is unknown; "
