@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -47,15 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def impute(args: argparse.Namespace) -> Path:
     """Run `rankdiff impute`; returns the output path."""
-    import anndata
     import torch
     from diffusers import DiffusionPipeline
 
     if not args.input.is_file():
         raise SystemExit(f"rankdiff impute: {args.input} is not a file")
-    if args.output.exists() and not args.overwrite:
-        raise SystemExit(f"rankdiff impute: {args.output} exists; pass --overwrite to replace it")
-    adata = anndata.read_h5ad(args.input)
+    check_writable(args.output, args.overwrite)
+    adata = read_h5ad(args.input, "input")
     mask = None
     if args.mask_layer is not None:
         if args.mask_layer not in adata.layers:
@@ -67,7 +66,7 @@ def impute(args: argparse.Namespace) -> Path:
     pipe = DiffusionPipeline.from_pretrained(args.model, trust_remote_code=True).to(device)
     reference = False if args.no_reference else None
     if args.reference is not None:
-        cells = anndata.read_h5ad(args.reference)
+        cells = read_h5ad(args.reference, "--reference")
         reference = pipe.make_reference(cells, layer=args.layer, gene_column=args.gene_column)
     result = pipe.impute_anndata(
         adata,
@@ -83,9 +82,39 @@ def impute(args: argparse.Namespace) -> Path:
         generator=torch.Generator().manual_seed(args.seed),
         reference=reference,
     )
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    result.write_h5ad(args.output)
+    # Written beside OUTPUT under a temporary name, then moved into place: a failed write leaves no half a file.
+    partial = args.output.with_name(f".{args.output.name}.{os.getpid()}.partial")
+    try:
+        result.write_h5ad(partial)
+        os.replace(partial, args.output)
+    finally:
+        partial.unlink(missing_ok=True)
     return args.output
+
+
+def check_writable(output: Path, overwrite: bool) -> None:
+    """Refuse, before any work, an OUTPUT that exists (without --overwrite), is a folder, or cannot be written (its
+    folder is made when missing)."""
+    if output.is_dir():
+        raise SystemExit(f"rankdiff impute: OUTPUT {output} is a folder; give a file name in it, e.g. out.h5ad")
+    if output.exists() and not overwrite:
+        raise SystemExit(f"rankdiff impute: {output} exists; pass --overwrite to replace it")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SystemExit(f"rankdiff impute: cannot make the folder of OUTPUT {output}: {error}") from None
+    if not os.access(output.parent, os.W_OK | os.X_OK) or (output.exists() and not os.access(output, os.W_OK)):
+        raise SystemExit(f"rankdiff impute: OUTPUT {output} cannot be written (no write permission)")
+
+
+def read_h5ad(path: Path, name: str):
+    """An .h5ad file, or a message naming the file and what it is not."""
+    import anndata
+
+    try:
+        return anndata.read_h5ad(path)
+    except (OSError, KeyError, ValueError, TypeError) as error:  # h5py's "file signature not found", a non-AnnData
+        raise SystemExit(f"rankdiff impute: {name} {path} is not an .h5ad file anndata can read ({error})") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -48,6 +49,7 @@ import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
+from dataset_scripts.tahoe_standin import positive_int  # noqa: E402
 from dataset_scripts.tokenization import TokenizedBatch  # noqa: E402
 from metrics.perturbation import MeanShiftBaselines, drug_similarity, pearson_delta  # noqa: E402
 from metrics.perturbation_protocol import (  # noqa: E402
@@ -77,6 +79,17 @@ BASELINES = ("B0 no change", "B1 line mean", "B2 PerturbMean", "B3 additive ridg
 DRUG_BLIND, CEILING, MODEL = "drug-blind (line's cells)", "ceiling", "RankDiT"
 
 
+def guidance_scales(text: str) -> list[float]:
+    """An argparse type: comma-separated guidance scales, each a finite number >= 0 (argparse names the flag)."""
+    try:
+        scales = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+    if not all(math.isfinite(scale) and scale >= 0 for scale in scales):
+        raise argparse.ArgumentTypeError(f"{text!r}: each scale must be a finite number >= 0")
+    return scales
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", help="a Tahoe-layout screen (default: the checkpoint's run_config.json's)")
@@ -93,9 +106,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="the model's cells per perturbation at most "
         "(default: as many as the real ones; the distribution metrics compare equal numbers)",
     )
-    parser.add_argument("--guidance_scales", default="1,2,4", help="candidates, chosen on the validation pairs")
-    parser.add_argument("--num_inference_steps", type=int, default=32)
-    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--guidance_scales", type=guidance_scales, default=[1.0, 2.0, 4.0],
+                        help="candidates, comma-separated, chosen on validation pairs (default 1,2,4)")  # fmt: skip
+    parser.add_argument("--num_inference_steps", type=positive_int, default=32)
+    parser.add_argument("--batch_size", type=positive_int, default=128)
     parser.add_argument("--seed", type=int, default=0, help="seed of the draws of predicted cells")
     parser.add_argument("--json", default="benchmarks/results/perturbation.json")
     parser.add_argument("--no_card", action="store_true", help="leave the checkpoint folder and its card alone")
@@ -296,7 +310,7 @@ def model_prediction(pipe, cells, roles, genes, truth: Truth, validation: Truth,
     chosen on the validation pairs (mean Pearson delta)."""
     lookup = token_expression(pipe, cells, roles, genes, truth.control)
     guidance = {}
-    for scale in [float(s) for s in args.guidance_scales.split(",")]:
+    for scale in args.guidance_scales:
         prediction = generated_prediction(pipe, validation, genes, lookup, scale, args)
         guidance[scale] = float(np.mean(delta_scores(prediction, validation)["pearson_delta"]))
         logger.info("guidance %g: validation Pearson delta %.3f", scale, guidance[scale])

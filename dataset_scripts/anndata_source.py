@@ -22,6 +22,7 @@ import pandas as pd
 from anndata.io import read_elem, sparse_dataset
 
 from modeling import GeneVocab, RaggedCells
+from modeling.rank_tokenizer import invalid_counts
 
 from .schema import CELL_ID_COLUMN, CONTEXT_COLUMN
 
@@ -74,6 +75,28 @@ def _rows(path, layer, column_ids, obs_columns, blocks):
                 yield row
 
 
+def _check_counts(matrix, path, layer, cell_names, gene_names, block_size: int) -> None:
+    """Refuse, before any training, a matrix that is not raw counts: finite values that are not non-negative
+    integers in its first block of cells (a log-normalised or scaled matrix shows them at once), or no non-zero
+    value at all."""
+    where = f"{path} ({'X' if layer is None else f'layers[{layer!r}]'})"
+    if matrix.shape[0] == 0 or matrix.shape[1] == 0:
+        raise ValueError(f"{where} holds {matrix.shape[0]} cells x {matrix.shape[1]} genes: nothing to train on")
+    for start in range(0, matrix.shape[0], block_size):
+        block = matrix[start : start + block_size]
+        block = np.asarray(block.toarray() if hasattr(block, "toarray") else block, dtype=np.float64)
+        if start == 0:
+            bad = np.isfinite(block) & invalid_counts(block)  # NaN: a missing value, a row skipped later
+            if bad.any():
+                i, j = (int(k[0]) for k in np.nonzero(bad))
+                raise ValueError(f"{where} does not hold raw counts: {block[i, j]:g} at cell {str(cell_names[i])!r}, "
+                                 f"gene {str(gene_names[j])!r} is not a non-negative integer (log-normalised or "
+                                 "scaled values?); give the layer of raw UMI counts with --layer")  # fmt: skip
+        if (block > 0).any():
+            return
+    raise ValueError(f"{where} holds no non-zero count in any of its {matrix.shape[0]} cells: nothing to train on")
+
+
 def load_anndata(
     path: str | os.PathLike,
     vocab: GeneVocab,
@@ -99,7 +122,9 @@ def load_anndata(
     with h5py.File(path, "r") as handle:
         var = read_elem(handle["var"])
         obs = read_elem(handle["obs"])
-        n_cells = _matrix(handle, layer).shape[0]
+        matrix = _matrix(handle, layer)
+        n_cells = matrix.shape[0]
+        _check_counts(matrix, path, layer, obs.index, var.index, block_size)
     missing = [c for c in obs_columns if c not in obs.columns]
     if missing:
         raise KeyError(f"obs columns {missing} not in {path}; obs has {list(obs.columns)}")

@@ -28,6 +28,24 @@ ORGANS = ("Lung", "Skin", "Bowel", "Breast", "Pancreas", "Kidney", "Ovary", "Liv
 DRIVERS = ("KRAS", "BRAF", "TP53", "EGFR", "PIK3CA", "NRAS")
 
 
+def prepare_root(root: str | Path, overwrite: bool = False) -> Path:
+    """`root`, ready for a new corpus: a folder that holds none (`data/`, `metadata/` and `oracle/` hold no parquet
+    file). With `overwrite`, an earlier corpus's parquet files there are deleted first (nothing else is), so no file
+    of it is left beside the new one; without it, an earlier corpus is an error."""
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(f"{root} is a file, not a folder: give another root")
+    earlier = sorted(path for folder in ("data", "metadata", "oracle/data", "oracle/metadata", "oracle")
+                     for path in (root / folder).glob("*.parquet"))  # fmt: skip
+    if earlier and not overwrite:
+        raise FileExistsError(f"{root} holds an earlier corpus ({len(earlier)} parquet files, e.g. "
+                              f"{earlier[0].relative_to(root)}): pass --overwrite (overwrite=True) to replace it, or "
+                              "give another root")  # fmt: skip
+    for path in earlier:
+        path.unlink()
+    return root
+
+
 def real_cells(data_dir: str | Path = EMBEDDED_SAMPLE) -> list[tuple[np.ndarray, np.ndarray]]:
     """(gene ids, counts) of every cell of a Tahoe-layout folder (by default the embedded real sample)."""
     return [cell_counts(row) for row in load_expression_data(data_dir).rows]

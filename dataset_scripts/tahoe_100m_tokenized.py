@@ -157,6 +157,13 @@ class Tahoe100MTokenizedConfig(datasets.BuilderConfig):
             raise ValueError(f"keep_columns must come from {METADATA_COLUMNS}, got {sorted(unknown)}")
         if min(self.interleave_files, self.window_rows, self.shard_multiple) < 1:
             raise ValueError("interleave_files, window_rows and shard_multiple must be >= 1")
+        for name in ("num_rank_bins", "max_length"):
+            value = getattr(self, name)
+            if (value is not None or name == "num_rank_bins") and not _is_positive_int(value):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("zero_share", "panel_share", "random_share"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be a share in [0, 1], got {getattr(self, name)!r}")
         if self.split_by == "pair":
             if len(self.pair_columns) != 2 or not set(self.pair_columns) <= set(METADATA_COLUMNS):
                 raise ValueError(f"split_by='pair' needs two pair_columns from {METADATA_COLUMNS}, got "
@@ -568,3 +575,7 @@ def _report_skipped(piece: Piece, split: str, skipped: Counter) -> None:
         file, row_group = piece
         where = file if row_group is None else f"{file} (row group {row_group})"
         logger.warning("%s, %s split: skipped %d cells: %s", where, split, sum(skipped.values()), dict(skipped))
+
+
+def _is_positive_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1

@@ -68,6 +68,7 @@ from .standin_tables import (
     DOSES_UM,
     DRUGS,
     first_principal_axis,
+    prepare_root,
     real_cells,
     write_metadata,
     write_obs_metadata,
@@ -484,6 +485,7 @@ def write_standin_screen(
     expected_cells: int = EXPECTED_CELLS,
     source: str | Path = EMBEDDED_SAMPLE,
     seed: int = 0,
+    overwrite: bool = False,
 ) -> Path:
     """Write a stand-in drug screen with its known answer (see the module docstring) and return its root.
 
@@ -500,6 +502,7 @@ def write_standin_screen(
         expected_cells: cells per well and line of the large draw the expected expression is the mean of.
         source: the Tahoe-layout folder whose real cells the screen is made of.
         seed: the seed of every draw.
+        overwrite: replace an earlier corpus in `root` ([`prepare_root`]); without it, one is an error.
 
     Raises:
         ValueError: an argument out of range (named).
@@ -514,7 +517,7 @@ def write_standin_screen(
     cells = real_cells(source)
     if not 1 <= num_lines <= len(cells):
         raise ValueError(f"num_lines ({num_lines}) must be between 1 and the source's {len(cells)} cells")
-    root = Path(root)
+    root = prepare_root(root, overwrite)
     (root / "metadata").mkdir(parents=True, exist_ok=True)
     shutil.copy(Path(source) / GENE_METADATA_PATH, root / "metadata" / "gene_metadata.parquet")
     truth_rng, layout_rng, cell_rng, oracle_rng = np.random.default_rng(seed).spawn(4)

@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 
 from .expression_data import EMBEDDED_SAMPLE, GENE_METADATA_PATH
 from .schema import CLS_TOKEN_ID, CLS_VALUE, EXPRESSION_SCHEMA
-from .standin_tables import CONTROL, DOSES_UM, DRUGS, real_cells, write_metadata
+from .standin_tables import CONTROL, DOSES_UM, DRUGS, prepare_root, real_cells, write_metadata
 from .tahoe_screen import write_standin_screen
 
 
@@ -59,11 +59,15 @@ def write_standin_corpus(
     median_library_size: int = 1900,
     source: str | Path = EMBEDDED_SAMPLE,
     seed: int = 0,
+    overwrite: bool = False,
 ) -> Path:
-    """Write a stand-in corpus (see the module docstring) and return its root."""
+    """Write a stand-in corpus (see the module docstring) and return its root; `overwrite` replaces an earlier
+    corpus there ([`prepare_root`])."""
     if num_files < num_plates:
         raise ValueError(f"num_files ({num_files}) must be at least num_plates ({num_plates}): files hold one plate")
-    root = Path(root)
+    if min(num_files, cells_per_file, num_plates, wells_per_file, num_lines) < 1:
+        raise ValueError("num_files, cells_per_file, num_plates, wells_per_file and num_lines must be at least 1")
+    root = prepare_root(root, overwrite)
     (root / "data").mkdir(parents=True, exist_ok=True)
     (root / "metadata").mkdir(parents=True, exist_ok=True)
     shutil.copy(Path(source) / GENE_METADATA_PATH, root / "metadata" / "gene_metadata.parquet")
@@ -78,12 +82,15 @@ def write_standin_corpus(
     for file_index in range(num_files):
         plate = f"plate{plate_of_file[file_index] + 1}"
         rows = {name: [] for name in EXPRESSION_SCHEMA.names}
-        for well in range(wells_per_file):
+        # The file's cells over its wells, as evenly as they go (fewer cells than wells: fewer wells).
+        for well, size in enumerate(np.diff(np.linspace(0, cells_per_file, wells_per_file + 1).round()).astype(int)):
+            if size == 0:
+                continue
             sample = f"smp_{file_index * wells_per_file + well:05d}"
             drug = drugs[rng.integers(len(drugs))]
             dose = 0.0 if drug == CONTROL else float(rng.choice(DOSES_UM))
             samples.append((sample, plate, drug, f"[('{drug}', {dose}, 'uM')]"))
-            for _ in range(cells_per_file // wells_per_file):
+            for _ in range(size):
                 wells.add_cell(rows, plate, sample, drug)
         path = root / "data" / f"train-{file_index:05d}-of-{num_files:05d}.parquet"
         pq.write_table(pa.table(rows, schema=EXPRESSION_SCHEMA), path)
@@ -146,13 +153,20 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--cells_per_condition", type=positive_int, default=None, help="a screen's, default 150")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier corpus in ROOT")
     args = parser.parse_args(argv)
+    try:
+        prepare_root(args.root, overwrite=False)
+    except (FileExistsError, NotADirectoryError) as error:
+        if not args.overwrite or isinstance(error, NotADirectoryError):
+            parser.error(str(error))
     if args.responses:
         if args.files is not None or args.cells_per_file is not None:
             parser.error("a screen's size is --lines, --drugs, --cells_per_condition and --plates, not --files")
         write_standin_screen(args.root, num_lines=args.lines or 6, num_drugs=args.drugs,
                              cells_per_condition=args.cells_per_condition or 150, num_plates=args.plates or 6,
-                             median_library_size=args.median_library_size, seed=args.seed)  # fmt: skip
+                             median_library_size=args.median_library_size, seed=args.seed,
+                             overwrite=args.overwrite)  # fmt: skip
         print(f"wrote a drug screen (and its oracle) to {args.root}")
         return
     if args.drugs is not None or args.cells_per_condition is not None:
@@ -160,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     files, cells_per_file = args.files or 64, args.cells_per_file or 1600
     write_standin_corpus(args.root, num_files=files, cells_per_file=cells_per_file, num_plates=args.plates or 8,
                          num_lines=args.lines or 50, median_library_size=args.median_library_size,
-                         seed=args.seed)  # fmt: skip
+                         seed=args.seed, overwrite=args.overwrite)  # fmt: skip
     print(f"wrote {files} files of {cells_per_file} cells to {args.root}")
 
 

@@ -16,7 +16,7 @@ import pyarrow as pa
 from modeling import RaggedCells
 from modeling.rank_tokenizer import invalid_counts, rank_tokens, repeated_genes, segment_ids
 
-from .schema import CONTEXT_COLUMN, marker_positions
+from .schema import CONTEXT_COLUMN, FIRST_GENE_TOKEN_ID, marker_positions
 
 SKIP_REASONS = ("length_mismatch", "bad_counts", "unknown_genes", "repeated_genes", "no_expressed_genes")
 
@@ -64,6 +64,8 @@ def _flat(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
         column = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
     array = column
     offsets = array.offsets.to_numpy()
+    if pa.types.is_null(array.values.type):  # lists that are all empty: no type was inferred
+        return offsets - offsets[0], np.zeros(0)
     values = array.values.to_numpy(zero_copy_only=False)
     return offsets - offsets[0], values[offsets[0] : offsets[-1]]
 
@@ -81,8 +83,8 @@ def tokenize_arrow_batch(
     """Strip the `<cls>` marker, check every cell, and rank-tokenize the expressed genes of the good ones.
 
     Rows are skipped (and counted by reason) when `genes` and `expressions` differ in length, a count (or a context
-    count) is negative, NaN or not an integer, a gene id is not in `known_genes` (unchecked when None), a gene id
-    repeats, or no gene is expressed.
+    count) is negative, NaN or not an integer, a gene id is not in `known_genes` (when None: is a special token's
+    id), a gene id repeats, or no gene is expressed.
     """
     gene_offsets, genes = _flat(table.column("genes"))
     count_offsets, counts = _flat(table.column("expressions"))
@@ -100,10 +102,13 @@ def tokenize_arrow_batch(
     bad["bad_counts"] = _rows_with(np.flatnonzero(invalid), gene_offsets)
     context_offsets, context = _context(table, len(gene_offsets) - 1)
     bad["bad_counts"] |= _rows_with(np.flatnonzero(invalid_counts(context)), context_offsets)
-    if known_genes is not None and len(genes):
-        is_known = np.zeros(max(int(known_genes.max()), int(genes.max())) + 1, dtype=bool)
-        is_known[known_genes] = True
-        known = is_known[genes] if genes.min() >= 0 else (genes >= 0) & is_known[genes.clip(min=0)]
+    if len(genes):
+        if known_genes is None:  # no vocabulary to check against: at least no special token (<pad>, <eoc>) is a gene
+            known = genes >= FIRST_GENE_TOKEN_ID
+        else:
+            is_known = np.zeros(max(int(known_genes.max()), int(genes.max())) + 1, dtype=bool)
+            is_known[known_genes] = True
+            known = is_known[genes] if genes.min() >= 0 else (genes >= 0) & is_known[genes.clip(min=0)]
         known[marker] = True
         bad["unknown_genes"] = _rows_with(np.flatnonzero(~known), gene_offsets)
     # Tahoe-100M lists each cell's genes in increasing order: only a non-increase inside a cell needs a closer look.

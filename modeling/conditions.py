@@ -70,16 +70,19 @@ class ConditionEncoder:
     Args:
         conditions (`dict[str, list[str]]`, *optional*): each condition's values in id order (`config.conditions`).
         dose_condition (`bool`, defaults to `False`): whether the dose (uM) is a condition.
+        control_drug (`str`, *optional*): the control (vehicle) drug, which a caller may not tell with a dose > 0.
     """
 
-    def __init__(self, conditions: Mapping[str, Sequence[str]] | None = None, dose_condition: bool = False):
+    def __init__(self, conditions: Mapping[str, Sequence[str]] | None = None, dose_condition: bool = False,
+                 control_drug: str | None = None):  # fmt: skip
         self.values = {name: [str(v) for v in values] for name, values in (conditions or {}).items()}
         self._ids = {name: {v: i + 1 for i, v in enumerate(values)} for name, values in self.values.items()}
         self.dose_condition = dose_condition
+        self.control_drug = condition_value("drug", control_drug)
 
     @classmethod
     def from_config(cls, config) -> ConditionEncoder:
-        return cls(config.conditions, config.dose_condition)
+        return cls(config.conditions, config.dose_condition, getattr(config, "control_drug", None))
 
     @property
     def names(self) -> list[str]:
@@ -141,6 +144,12 @@ class ConditionEncoder:
             raise ValueError(f"conditions must be one dict or a list of {n_cells} dicts (one per cell)")
         names = list(dict.fromkeys(name for row in rows for name in row))
         ids, doses = self.encode_columns({name: [row.get(name) for row in rows] for name in names}, n_cells)
+        control_id = self._ids.get("drug", {}).get(self.control_drug)
+        if control_id is not None and DOSE in names:
+            dosed = np.flatnonzero((ids[:, list(self.values).index("drug")] == control_id) & (doses > 0))
+            if len(dosed):
+                raise ValueError(f"cell {dosed[0]}: {self.control_drug} is the control (the vehicle, no drug): its "
+                                 f"dose is 0 or unknown, got {rows[dosed[0]][DOSE]!r}")  # fmt: skip
         return torch.from_numpy(ids), torch.from_numpy(doses).float()
 
     def encode_rows(
@@ -214,7 +223,7 @@ def guided_logits(model, inputs: dict, guidance_scale: float = 1.0) -> torch.Ten
     """
     conditioned = inputs.get("condition_ids") is not None or inputs.get("doses") is not None
     if guidance_scale == 1.0 or not conditioned:
-        return model(**inputs).logits.float()
+        return _finite(model(**inputs).logits.float())
     batch = next(v for v in inputs.values() if isinstance(v, torch.Tensor)).shape[0]
     ids, doses = inputs.get("condition_ids"), inputs.get("doses")
     null_ids = None if ids is None else torch.cat([ids, torch.zeros_like(ids)])
@@ -223,4 +232,16 @@ def guided_logits(model, inputs: dict, guidance_scale: float = 1.0) -> torch.Ten
     doubled.update(condition_ids=null_ids, doses=null_doses)
     log_probs = torch.log_softmax(model(**doubled).logits.float(), dim=-1)
     conditional, unconditional = log_probs[:batch], log_probs[batch:]
-    return unconditional + guidance_scale * (conditional - unconditional)
+    return _finite(unconditional + guidance_scale * (conditional - unconditional))
+
+
+def _finite(logits: torch.Tensor) -> torch.Tensor:
+    """`logits`, refused if any is NaN or infinite (a draw from them would be a silent, arbitrary token). On an
+    accelerator the check is a device-side assertion, so the host does not wait for the device."""
+    if logits.device.type != "cpu" or torch.compiler.is_compiling():
+        torch._assert_async(torch.isfinite(logits).all(), "the denoiser returned NaN or infinite logits")
+    elif not torch.isfinite(logits).all():
+        row, position, _ = (int(i) for i in (~torch.isfinite(logits)).nonzero()[0])
+        raise ValueError(f"the denoiser returned NaN or infinite logits (first at window {row}, position {position}): "
+                         "its weights or its inputs hold NaN or infinite values")  # fmt: skip
+    return logits

@@ -84,6 +84,9 @@ class RankDiTConfig(PreTrainedConfig):
         dose_condition (`bool`, *optional*, defaults to `False`):
             Also tell the model the dose (uM) through a smooth function of log dose, with a learned null vector for an
             unknown dose (NaN).
+        control_drug (`str`, *optional*):
+            With a `drug` condition and `dose_condition`, the control (vehicle) drug of the screen (Tahoe: `DMSO_TF`):
+            told with a dose above 0, a cell is refused (a control has none).
         attention_dropout (`float`, *optional*, defaults to 0.0):
             Dropout on attention probabilities.
         hidden_dropout (`float`, *optional*, defaults to 0.0):
@@ -123,6 +126,7 @@ class RankDiTConfig(PreTrainedConfig):
     reference_context: bool = False
     conditions: dict[str, list[str]] | None = None
     dose_condition: bool = False
+    control_drug: str | None = None
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
     norm_eps: float = 1e-6

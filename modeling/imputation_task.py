@@ -69,6 +69,7 @@ class RankDiTImputationPipeline(Pipeline):
 
     def preprocess(self, inputs, unknown_genes: str = "raise", conditions=None):
         cells = self.feature_extractor(**inputs, unknown_genes=unknown_genes)
+        self.feature_extractor.check_something_to_impute(inputs["ranks"], inputs["counts"], inputs["mask"])
         return {"cells": self.feature_extractor.add_conditions(cells, conditions, self.model.config)}
 
     def _forward(self, model_inputs, window_batch_size: int = 64, guidance_scale: float = 1.0):

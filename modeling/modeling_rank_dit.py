@@ -454,6 +454,10 @@ class RankDiTModel(RankDiTPreTrainedModel):
                 f"gene_ids and input_ids must both be (batch, length); got {tuple(gene_ids.shape)} and "
                 f"{tuple(input_ids.shape)}"
             )
+        if gene_ids.numel() == 0:
+            raise ValueError(f"gene_ids must hold at least one cell of at least one gene, got {tuple(gene_ids.shape)}")
+        if timesteps is not None and tuple(timesteps.shape) != (gene_ids.shape[0],):
+            raise ValueError(f"timesteps must be (batch,) = ({gene_ids.shape[0]},), got {tuple(timesteps.shape)}")
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise ValueError(
                 f"attention_mask must match input_ids {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}"

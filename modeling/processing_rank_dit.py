@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+from collections import Counter
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -342,6 +343,12 @@ class RankDiTProcessor(FeatureExtractionMixin):
                 shown = ", ".join(f"{genes[i][j]!r} (position {j})" for j in missing[:10])
                 raise KeyError(f"cell {i}: {len(missing)} of {len(ids[i])} genes are not in the checkpoint's "
                                f"vocabulary: {shown}; pass unknown_genes='ignore' to leave them out")  # fmt: skip
+            for i, cell_ids in enumerate(ids):  # a repeat of a known gene is refused later; of an unknown one, here
+                counted = Counter(str(genes[i][j]) for j in np.flatnonzero(cell_ids < 0))
+                repeated = sorted(name for name, count in counted.items() if count > 1)
+                if repeated:
+                    raise ValueError(f"cell {i}: genes are repeated: {repeated[:10]} (outside the vocabulary; each "
+                                     "gene's count would shape the cell's bins twice)")  # fmt: skip
             logger.warning("%d genes outside the checkpoint's vocabulary were left out (gene id -1 in the output)",
                            int(unknown.sum()))  # fmt: skip
         cells = RaggedCells(np.concatenate([[0], np.cumsum([len(i) for i in ids])]), np.concatenate(ids))
@@ -358,6 +365,14 @@ class RankDiTProcessor(FeatureExtractionMixin):
         return cells
 
     invalid_counts = staticmethod(invalid_counts)  # the one count check, for readers that name cells their own way
+
+    @staticmethod
+    def check_something_to_impute(ranks, counts, mask, mask_ratio=None) -> None:
+        """Refuse values given without a mask: nothing would be imputed, and the input would come back as given."""
+        if mask is None and mask_ratio is None and (ranks is not None or counts is not None):
+            given = "ranks" if ranks is not None else "counts"
+            raise ValueError(f"{given} without mask or mask_ratio: nothing to impute (mask: True at the positions to "
+                             "impute; mask_ratio: a share of each cell's genes, masked at random)")  # fmt: skip
 
     @staticmethod
     def table_cells(counts, column_ids, hidden=None, requested=None) -> tuple[RaggedCells, np.ndarray]:

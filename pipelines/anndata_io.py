@@ -26,10 +26,14 @@ RESERVED_CALL_ARGUMENTS = frozenset(
 )
 
 
-def nan_entries(counts):
-    """A sparse boolean matrix of the NaN entries of a dense or sparse count matrix."""
+def nan_entries(counts, block_size: int = 4096):
+    """A sparse boolean matrix of the NaN entries of a dense or sparse count matrix, in memory or backed (on disk,
+    read `block_size` cells at a time)."""
     import scipy.sparse as sp
 
+    if not (sp.issparse(counts) or isinstance(counts, np.ndarray)):  # h5py or anndata's backed sparse datasets
+        blocks = [nan_entries(counts[start : start + block_size]) for start in range(0, counts.shape[0], block_size)]
+        return sp.vstack(blocks, format="csr")
     if sp.issparse(counts):
         counts = sp.csr_matrix(counts)
         # Copies of the index arrays: eliminate_zeros rewrites them in place, and they are the user's matrix's.
@@ -67,10 +71,35 @@ def boolean_mask(mask, shape: tuple[int, int]):
     return sp.csr_matrix(matrix, dtype=bool)
 
 
+def default_condition_columns(config, obs, method: str) -> list[str]:
+    """The `obs` columns named exactly like the model's conditions; a warning names the columns that look like
+    conditions but are not the model's ("Drug" for "drug", or a drug column for a model without conditions)."""
+    known = [*(config.conditions or {}), *(["dose"] if config.dose_condition else [])]
+    columns = [name for name in known if name in obs.columns]
+    names = {"cell_line_id", "drug", "dose", *(name.lower() for name in known)}
+    untold = sorted(str(c) for c in obs.columns if str(c).lower() in names and c not in columns)
+    if untold:
+        logger.warning("%s: obs columns %s are not conditions of this model (its conditions: %s, matched by exact "
+                       "name; condition_columns= maps others): carried along, not told", method, untold,
+                       known or "none")  # fmt: skip
+    return columns
+
+
+def check_anndata(adata, name: str) -> None:
+    """Refuse anything but an AnnData (an array or a path would fail later, naming an attribute)."""
+    if not all(hasattr(adata, attribute) for attribute in ("obs", "var", "layers", "n_obs")):
+        hint = (
+            " (read it with anndata.read_h5ad)"
+            if isinstance(adata, (str, bytes)) or hasattr(adata, "__fspath__")
+            else ""
+        )
+        raise TypeError(f"{name} must be an anndata.AnnData, got {type(adata).__name__}{hint}")
+
+
 def _check_call_arguments(method: str, call_kwargs: dict) -> None:
     reserved = sorted(RESERVED_CALL_ARGUMENTS & set(call_kwargs))
     if reserved:
-        raise ValueError(f"{method} sets {reserved} itself")
+        raise ValueError(f"{method} sets {reserved} itself: not arguments it passes on to the pipeline call")
 
 
 @dataclass
@@ -159,7 +188,7 @@ class ImputedLayers:
                 self.probs[row, np.searchsorted(self.requested, cols[hidden])] = scored.probs[k, :n][hidden]
 
     def into(self, adata, key_added: str, names: np.ndarray):
-        result = adata.copy()
+        result = adata.to_memory() if adata.isbacked else adata.copy()  # a backed AnnData is read, never written
         result.layers[f"{key_added}_ranks"] = self.ranks
         result.layers[f"{key_added}_expected"] = self.expected
         result.uns[key_added] = {"genes": names[self.requested].tolist()}
@@ -183,6 +212,9 @@ def run_imputation(
 ):
     """[`MaskedRankDiffusionPipeline.impute_anndata`]: see there."""
     _check_call_arguments("impute_anndata", call_kwargs)
+    check_anndata(adata, "adata")
+    if not isinstance(return_probs, (bool, np.bool_)):
+        raise TypeError(f"return_probs must be True or False, got {return_probs!r}")
     if not isinstance(key_added, str) or not key_added:
         raise ValueError(f"key_added must be a non-empty string (the prefix of the new layers), got {key_added!r}")
     taken = [key for key in (f"{key_added}_ranks", f"{key_added}_expected") if key in adata.layers]
@@ -191,6 +223,8 @@ def run_imputation(
         raise ValueError(f"key_added={key_added!r} would overwrite {taken} of the AnnData: choose another key_added")
     if not isinstance(cell_batch_size, int) or isinstance(cell_batch_size, bool) or cell_batch_size < 1:
         raise ValueError(f"cell_batch_size must be a positive integer, got {cell_batch_size!r}")
+    if condition_columns is None:
+        condition_columns = default_condition_columns(pipe.model.config, adata.obs, "impute_anndata")
     conditions = pipe.processor.table_conditions(adata.obs, condition_columns)
     table = CountTable.of(adata, pipe.processor, mask, layer, gene_column)
     outputs = ImputedLayers(adata.shape, table.requested, pipe.processor.num_rank_bins + 1, return_probs)
@@ -231,6 +265,7 @@ def read_reference(pipe, adata, *, layer: str | None = None, gene_column: str | 
 
     from .reference_cells import ReferenceCells
 
+    check_anndata(adata, "reference")
     if adata.n_obs < 2 or adata.n_vars == 0:
         raise ValueError(f"a reference needs at least 2 cells and a gene; the AnnData holds {adata.shape}")
     if layer is not None and layer not in adata.layers:
@@ -278,15 +313,7 @@ def run_generation(pipe, obs, genes, *, condition_columns=None, **call_kwargs):
     if len(obs) == 0:
         raise ValueError("obs holds no rows: one row per cell to generate")
     if condition_columns is None:
-        config = pipe.model.config
-        known = [*(config.conditions or {}), *(["dose"] if config.dose_condition else [])]
-        condition_columns = [name for name in known if name in obs.columns]
-        names = {"cell_line_id", "drug", "dose", *(name.lower() for name in known)}
-        untold = sorted(str(c) for c in obs.columns if str(c).lower() in names and c not in condition_columns)
-        if untold:  # "Drug" for "drug", or a drug column for a model without conditions
-            logger.warning("generate_anndata: obs columns %s are not conditions of this model (its conditions: %s, "
-                           "matched by exact name; condition_columns= maps others): carried along, not told",
-                           untold, known or "none")  # fmt: skip
+        condition_columns = default_condition_columns(pipe.model.config, obs, "generate_anndata")
     genes = list(genes)
     conditions = pipe.processor.table_conditions(obs, condition_columns)
     out = pipe(gene_ids=[genes] * len(obs), conditions=conditions, **call_kwargs)

@@ -10,7 +10,6 @@ pandas and anndata on demand), so a saved pipeline folder carries them as remote
 from __future__ import annotations
 
 import math
-import numbers
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from torch.nn import functional as F
 from .anndata_io import read_reference, run_generation, run_imputation
 from .export import save_pipeline_folder
 from .reference_cells import ReferenceCells
+from .scheduling_masked_rank_diffusion import is_positive_int, is_real_number
 
 logger = logging.get_logger(__name__)
 
@@ -157,21 +157,26 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
         output_type,
         callback_on_step_end_tensor_inputs,
         guidance_scale=1.0,
+        use_cache=True,
+        return_dict=True,
     ) -> None:
         """Raise a clear error for any argument the call cannot use (the cells are checked by the processor)."""
+        for name, value in (("use_cache", use_cache), ("return_dict", return_dict)):
+            if not isinstance(value, (bool, np.bool_)):
+                raise TypeError(f"{name} must be True or False, got {value!r}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if mask_ratio is not None and mask is not None:
             raise ValueError("give mask or mask_ratio, not both")
-        if mask_ratio is not None and not (_is_real(mask_ratio) and 0.0 < mask_ratio <= 1.0):
+        if mask_ratio is not None and not (is_real_number(mask_ratio) and 0.0 < mask_ratio <= 1.0):
             raise ValueError(f"mask_ratio must be a number in (0, 1], got {mask_ratio!r}")
         for name, value in (("num_inference_steps", num_inference_steps), ("batch_size", batch_size)):
-            if not _is_positive_int(value):
+            if not is_positive_int(value):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not (_is_real(temperature) and math.isfinite(temperature) and temperature > 0):
+        if not (is_real_number(temperature) and math.isfinite(temperature) and temperature > 0):
             raise ValueError(f"temperature must be a positive number, got {temperature!r}")
         self.processor.check_guidance_scale(guidance_scale)
-        if not (_is_real(top_p) and 0.0 < top_p <= 1.0):
+        if not (is_real_number(top_p) and 0.0 < top_p <= 1.0):
             raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(
@@ -269,7 +274,7 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
         """
         self.check_inputs(
             mask, mask_ratio, num_inference_steps, temperature, top_p, batch_size, generator, output_type,
-            callback_on_step_end_tensor_inputs, guidance_scale,
+            callback_on_step_end_tensor_inputs, guidance_scale, use_cache, return_dict,
         )  # fmt: skip
         config = self.model.config
         if guidance_scale != 1.0 and (conditions is None or not (config.conditions or config.dose_condition)):
@@ -289,6 +294,9 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
         cells = self.processor(
             gene_ids, ranks=ranks, counts=counts, mask=mask, context_counts=context_counts, unknown_genes=unknown_genes
         )
+        self.processor.check_something_to_impute(ranks, counts, mask, mask_ratio)
+        if not cells.mask.any():
+            logger.warning("no known gene is masked: the cells come back as given, without a denoiser call")
         cells = self.processor.add_conditions(cells, conditions, self.model.config)
         reference = self.resolve_reference(reference)
         if reference is not None:
@@ -391,11 +399,27 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
                 if callback is not None:  # the sample it returns is the next step's (the other tensors are read-only)
                     tensors = {"sample": out.prev_sample, "logits": logits, **where}
                     callback_outputs = callback(self, step, timestep, {k: tensors[k] for k in callback_inputs})
-                    out.prev_sample = (callback_outputs or {}).get("sample", out.prev_sample)
+                    out.prev_sample = self._checked_callback_sample(callback_outputs, out.prev_sample, step)
                 changed = (out.prev_sample != sample).any(dim=1)
                 sample = out.prev_sample
                 progress_bar.update()
         return sample, calls
+
+    def _checked_callback_sample(self, callback_outputs, sample: torch.Tensor, step: int) -> torch.Tensor:
+        """The sample a callback returned (or `sample`), refused unless it is a tensor of `sample`'s shape holding
+        tokens 0..B or [MASK] (one host sync per step, only with a callback)."""
+        returned = (callback_outputs or {}).get("sample", sample)
+        mask_id = self.scheduler.config.mask_token_id
+        where = f"callback_on_step_end at step {step}: 'sample'"
+        if not isinstance(returned, torch.Tensor) or returned.shape != sample.shape:
+            got = getattr(returned, "shape", type(returned).__name__)
+            raise ValueError(f"{where} must be a tensor of shape {tuple(sample.shape)}, got {got}")
+        bad = (returned < 0) | (returned > mask_id)
+        if bad.any():
+            row, position = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"{where} holds token {int(returned[row, position])} at (window {row}, position "
+                             f"{position}); tokens are 0..{mask_id - 1}, or {mask_id} for [MASK]")  # fmt: skip
+        return returned.to(sample.dtype)
 
     def _logits(
         self, inputs: dict, sample: torch.Tensor, rows: torch.Tensor | None, timesteps, guidance_scale: float
@@ -420,7 +444,8 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
         condition_columns: Sequence[str] | dict[str, str] | None = None,
         **call_kwargs,
     ):
-        """Impute the masked (or missing) values of an AnnData of raw counts; returns an annotated copy.
+        """Impute the masked (or missing) values of an AnnData of raw counts; returns an annotated copy (in memory,
+        for a backed AnnData too).
 
         Cells are read `cell_batch_size` at a time (a sparse matrix is never densified whole; each block is, in
         memory `cell_batch_size x n_vars`) and only the *requested* genes, those
@@ -442,8 +467,9 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
             return_probs (`bool`, defaults to `False`): also store the requested genes' distributions.
             key_added (`str`, defaults to `"rankdiff"`): prefix of the new layers and keys.
             cell_batch_size (`int`, defaults to 256): cells read and imputed together.
-            condition_columns (`list[str]` or `dict[str, str]`, *optional*): condition the imputation on `obs`
-                columns: their names, or condition -> column (`{"drug": "treatment"}`); see `conditions` of the call.
+            condition_columns (`list[str]` or `dict[str, str]`, *optional*): the `obs` columns that condition the
+                imputation: their names, or condition -> column (`{"drug": "treatment"}`), see `conditions` of the
+                call; by default every column named exactly like a condition of the model (`[]`: none).
             call_kwargs: passed to the pipeline call (`num_inference_steps`, `sampler`, `guidance_scale`,
                 `generator`, ...).
         """
@@ -474,11 +500,3 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
         ([`save_pipeline_folder`]); with `push_to_hub=True` (and `repo_id=`, `token=`, `private=`,
         `commit_message=`) the folder is uploaded."""
         save_pipeline_folder(self, save_directory, push_to_hub=push_to_hub, **kwargs)
-
-
-def _is_positive_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)) and value >= 1
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))

@@ -20,6 +20,16 @@ _GOLDEN, _MIX_1, _MIX_2 = (c - 2**64 for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE
 _REVEAL, _VALUE, _HITTING = range(3)
 
 
+def is_real_number(value) -> bool:
+    """A Python or numpy real number, not a bool (`np.float32(0.5)` is one, `True` is not)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def is_positive_int(value) -> bool:
+    """A Python or numpy integer >= 1, not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+
+
 def splitmix64(x: torch.LongTensor) -> torch.LongTensor:
     """The splitmix64 mix of int64 keys (Steele et al., 2014), elementwise and on any device."""
     x = x + _GOLDEN
@@ -257,7 +267,7 @@ class MaskedRankDiffusionScheduler(SchedulerMixin, ConfigMixin):
             sampler (`str`, *optional*): one of `SAMPLERS` for this run; the configured `sampler` when None.
         """
         steps = num_inference_steps
-        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+        if not is_positive_int(steps):
             raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
         sampler = self.config.sampler if sampler is None else sampler
         if sampler not in SAMPLERS:
@@ -325,9 +335,9 @@ class MaskedRankDiffusionScheduler(SchedulerMixin, ConfigMixin):
 
         Float64 so that rare values are drawn as often as they should be (float32 draws under-sample them).
         """
-        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        if not (is_real_number(temperature) and math.isfinite(temperature) and temperature > 0):
             raise ValueError(f"temperature must be a positive number, got {temperature!r}")
-        if not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
+        if not (is_real_number(top_p) and 0.0 < top_p <= 1.0):
             raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
         probs = torch.softmax(model_output.double() / temperature, dim=-1)
         if top_p < 1.0:

@@ -91,6 +91,18 @@ def test_bad_choices_are_named(tmp_path):
         load_expression_data(tmp_path / "missing.h5ad")
 
 
+def test_a_matrix_that_is_not_raw_counts_is_refused_before_training(tmp_path):
+    _write_h5ad(tmp_path / "x.h5ad", _cells(5), counts_in_layer=True)  # X: normalised, layers["counts"]: counts
+    with pytest.raises(ValueError, match=r"x.h5ad \(X\) does not hold raw counts: [0-9.]+ at cell .* --layer"):
+        load_anndata(tmp_path / "x.h5ad", VOCAB)
+    load_anndata(tmp_path / "x.h5ad", VOCAB, layer="counts")
+    adata = anndata.read_h5ad(tmp_path / "x.h5ad")
+    adata.layers["counts"] = sp.csr_matrix(adata.shape, dtype=np.float32)
+    adata.write_h5ad(tmp_path / "zero.h5ad")
+    with pytest.raises(ValueError, match=r"\(layers\['counts'\]\) holds no non-zero count in any of its 5 cells"):
+        load_anndata(tmp_path / "zero.h5ad", VOCAB, layer="counts", block_size=2)
+
+
 @pytest.mark.slow
 def test_train_hf_on_an_h5ad_file(tmp_path):
     _write_h5ad(tmp_path / "cells.h5ad", _cells(60), counts_in_layer=True)

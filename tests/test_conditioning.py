@@ -177,13 +177,16 @@ def test_anndata_generation_and_imputation_conditioned_on_obs_columns():
     adata = anndata.AnnData(counts, obs=obs.set_index("well"))
     adata.var_names = genes
     told = pipe.impute_anndata(adata, condition_columns=["cell_line_id", "drug", "dose"])
-    plain = pipe.impute_anndata(adata)
+    plain = pipe.impute_anndata(adata, condition_columns=[])
     assert not np.allclose(told.layers["rankdiff_expected"][:, :5], plain.layers["rankdiff_expected"][:, :5])
+    by_default = pipe.impute_anndata(adata)  # the obs columns named like the model's conditions
+    np.testing.assert_array_equal(by_default.layers["rankdiff_expected"], told.layers["rankdiff_expected"])
     with pytest.raises(KeyError, match=r"condition columns \['treatment'\] are not in obs"):
         pipe.impute_anndata(adata, condition_columns={"drug": "treatment"})
 
 
 def test_columns_and_arguments_that_would_be_ignored_are_named(caplog):
+    import anndata
     import pandas as pd
 
     pipe = _pipe(_model())
@@ -196,6 +199,11 @@ def test_columns_and_arguments_that_would_be_ignored_are_named(caplog):
     plain = _pipe(RankDiTModel(RankDiTConfig.from_preset("tiny", gene_vocab_size=300)).eval())
     plain.generate_anndata(pd.DataFrame({"drug": ["Aspirin"]}), genes, num_inference_steps=2)
     assert "obs columns ['drug'] are not conditions of this model (its conditions: none" in caplog.text
+    caplog.clear()
+    counts = np.where(np.eye(2, 10, dtype=bool), np.nan, 1.0)
+    plain.impute_anndata(anndata.AnnData(counts, obs=pd.DataFrame({"Dose": [1.0, 2.0]}, index=["a", "b"]),
+                                         var=pd.DataFrame(index=genes)), num_inference_steps=2)  # fmt: skip
+    assert "impute_anndata: obs columns ['Dose'] are not conditions of this model" in caplog.text
     plain(gene_ids=GENES, guidance_scale=2.0, num_inference_steps=2)
     assert "guidance_scale=2.0 has no effect without conditions" in caplog.text
 

@@ -1,3 +1,4 @@
+import re
 import sys
 
 import pytest
@@ -246,6 +247,14 @@ def test_shape_mismatches_are_named(tiny_model, tiny_config):
         tiny_model(gene_ids=gene_ids[:, :5], input_ids=input_ids)
     with pytest.raises(ValueError, match="attention_mask"):
         tiny_model(gene_ids=gene_ids, input_ids=input_ids, attention_mask=torch.ones(2, 3))
+    for rows, length in ((0, 5), (2, 0)):
+        with pytest.raises(ValueError, match=f"at least one cell of at least one gene, got \\({rows}, {length}\\)"):
+            tiny_model(gene_ids=gene_ids[:rows, :length], input_ids=input_ids[:rows, :length])
+    for timesteps in (torch.zeros(3), torch.zeros(2, 8), torch.tensor(0.5)):
+        with pytest.raises(
+            ValueError, match=re.escape(f"timesteps must be (batch,) = (2,), got {tuple(timesteps.shape)}")
+        ):
+            tiny_model(gene_ids=gene_ids, input_ids=input_ids, timesteps=timesteps)
 
 
 def test_config_validation():

@@ -143,7 +143,7 @@ def test_the_cli_contract_trains_a_conditioned_model_and_the_benchmark_scores_it
     config = trainer.model.config
     assert config.dose_condition and set(config.conditions) == {"cell_line_id", "drug"}
     recorded = json.loads((out / "run_config.json").read_text())["conditions"]
-    assert recorded["conditions"] == config.conditions and recorded["control_drug"] == "DMSO_TF"
+    assert recorded["conditions"] == config.conditions and recorded["control_drug"] == config.control_drug == "DMSO_TF"
     assert {tuple(p) for p in recorded["test_pairs"]} == heldout[1]
     report = tmp_path / "perturbation.json"
     command = [sys.executable, str(REPO / "benchmarks" / "perturbation.py"), "--checkpoint", str(out), "--data",

@@ -118,12 +118,16 @@ def test_cache_gives_the_same_samples_with_fewer_model_calls(config):
     assert results[True][2].sum() == results[True][1]
 
 
-def test_all_visible_input_comes_back_unchanged_without_model_calls(config):
-    gene_ids, ranks, _ = _cells()
+def test_all_visible_input_comes_back_unchanged_without_model_calls_and_with_a_word(config, caplog):
+    gene_ids, ranks, mask = _cells()
     model = StubDenoiser(config)
-    out = _pipe(model)(gene_ids, ranks=ranks)
+    out = _pipe(model)(gene_ids, ranks=ranks, mask=np.zeros_like(mask))
     np.testing.assert_array_equal(out.ranks, ranks)
     assert model.rows_seen == 0 and not out.model_calls.any()
+    assert "no known gene is masked: the cells come back as given" in caplog.text
+    for values in ("ranks", "counts"):  # no mask at all is a mistake, not a request for the input back
+        with pytest.raises(ValueError, match=f"{values} without mask or mask_ratio: nothing to impute"):
+            _pipe(model)(gene_ids, **{values: ranks})
 
 
 def test_probs_are_one_hot_where_visible_and_the_model_where_masked(config):
@@ -225,7 +229,7 @@ def test_anndata_cells_reach_the_model_with_the_tokens_of_all_their_visible_coun
             assert token == (MASK if np.isnan(cell[gene - 10]) else expected[gene]), (gene, token)
 
 
-def test_sparse_and_dense_anndata_impute_alike_and_stay_as_they_were(config):
+def test_sparse_dense_and_backed_anndata_impute_alike_and_stay_as_they_were(config, tmp_path):
     # A model that reads the whole cell (a stub that ignores context would not see a corrupted table).
     torch.manual_seed(0)
     pipe = _pipe(randomize_zero_init(RankDiTModel(config).eval()))
@@ -233,7 +237,11 @@ def test_sparse_and_dense_anndata_impute_alike_and_stay_as_they_were(config):
     sparse = dense.copy()
     sparse.X = scipy.sparse.csr_matrix(dense.X)  # NaN entries stored, zeros not
     before = sparse.X.copy()
-    results = [pipe.impute_anndata(a, generator=torch.Generator().manual_seed(0)) for a in (dense, sparse)]
+    sparse.write_h5ad(tmp_path / "cells.h5ad")
+    backed = anndata.read_h5ad(tmp_path / "cells.h5ad", backed="r")  # read from disk; the result is in memory
+    results = [pipe.impute_anndata(a, generator=torch.Generator().manual_seed(0)) for a in (dense, sparse, backed)]
+    assert backed.isbacked and not results[2].isbacked
+    np.testing.assert_array_equal(results[2].layers["rankdiff_ranks"], results[1].layers["rankdiff_ranks"])
     for layer in ("rankdiff_ranks", "rankdiff_expected"):
         np.testing.assert_allclose(results[0].layers[layer], results[1].layers[layer], rtol=1e-6, equal_nan=True)
     for name in ("data", "indices", "indptr"):  # the user's matrix is read, never rewritten
@@ -261,6 +269,12 @@ def test_anndata_errors_name_the_layer_the_cell_and_the_problem(config):
     adata.layers["mine_ranks"] = adata.X.copy()
     with pytest.raises(ValueError, match="key_added='mine' would overwrite \\['mine_ranks'\\]"):
         pipe.impute_anndata(adata, key_added="mine")
+    with pytest.raises(TypeError, match="return_probs must be True or False, got 'yes'"):
+        pipe.impute_anndata(adata, return_probs="yes")
+    with pytest.raises(TypeError, match="adata must be an anndata.AnnData, got str \\(read it with anndata.read_h5ad"):
+        pipe.impute_anndata("cells.h5ad")
+    with pytest.raises(TypeError, match="adata must be an anndata.AnnData, got ndarray"):
+        pipe.impute_anndata(adata.X)
 
 
 def test_sampling_arguments_given_with_one_pass_outputs_are_named_as_ignored(config, caplog):
@@ -493,12 +507,35 @@ def test_the_same_seed_gives_the_same_cells_whatever_the_batch_size(config):
         (dict(guidance_scale=float("nan")), ValueError, "guidance_scale must be a number >= 0 .*, got nan"),
         (dict(guidance_scale=-5), ValueError, "guidance_scale must be a number >= 0 .*, got -5"),
         (dict(reference="cells.h5ad"), ValueError, "reference: this model reads no reference cells"),
+        (dict(use_cache="no"), TypeError, "use_cache must be True or False, got 'no'"),
+        (dict(return_dict=0), TypeError, "return_dict must be True or False, got 0"),
     ],
 )
 def test_bad_arguments_get_clear_errors(config, kwargs, error, message):
     gene_ids, ranks, mask = _cells(n_cells=2)
     with pytest.raises(error, match=message):
         _pipe(StubDenoiser(config))(gene_ids, ranks=ranks, **{"mask": mask, **kwargs})
+
+
+def test_what_the_pipeline_would_output_as_ranks_must_be_ranks(config):
+    gene_ids, ranks, mask = _cells(n_cells=2)
+
+    def token_99(pipe, step, timestep, callback_kwargs):
+        return {"sample": torch.full_like(callback_kwargs["sample"], 99)}
+
+    with pytest.raises(ValueError, match="callback_on_step_end at step 0: 'sample' holds token 99 at \\(window 0"):
+        _pipe(StubDenoiser(config))(gene_ids, ranks=ranks, mask=mask, callback_on_step_end=token_99)
+    broken = StubDenoiser(config)
+    gene = np.setdiff1d(np.arange(3, 200), gene_ids)[0]  # a gene of cell 1 only
+    broken.log_table[gene, 3] = float("nan")  # its distribution: NaN weights, as a diverged checkpoint has
+    gene_ids[1, 7] = gene
+    for output_type in ("ranks", "probs"):
+        with pytest.raises(ValueError, match="the denoiser returned NaN or infinite logits \\(first at window 1, "):
+            _pipe(broken)(gene_ids, ranks=ranks, mask=mask, output_type=output_type)
+    out = _pipe(StubDenoiser(config))(
+        gene_ids, ranks=ranks, mask=mask, temperature=np.float32(0.5), top_p=np.float64(0.9)
+    )
+    assert out.ranks[mask].max() <= B  # numpy numbers are numbers
 
 
 def test_callback_outputs_replace_the_sample(config):
@@ -525,6 +562,9 @@ def test_unknown_genes_are_refused_or_left_out_and_marked(config):
     out = pipe(**call, unknown_genes="ignore", generator=torch.Generator().manual_seed(0))
     assert out.gene_ids.tolist() == [[10, -1, 12, 13]] and out.ranks[0, 1] == -1
     assert out.attention_mask.tolist() == [[True, False, True, True]] and out.ranks[0, 2:].min() >= 0
+    with pytest.raises(ValueError, match="cell 0: genes are repeated: \\['RETIRED'\\] \\(outside the vocabulary"):
+        pipe(gene_ids=[["G10", "RETIRED", "RETIRED"]], counts=[[3, 2, 2]], mask=[[True, False, False]],
+             unknown_genes="ignore")  # fmt: skip
     drawn = pipe(**{**call, "mask": None}, mask_ratio=0.5, unknown_genes="ignore")
     assert drawn.mask.tolist()[0][1] is False and drawn.mask.sum() == 2  # half of the three known genes, rounded
 
@@ -542,5 +582,7 @@ def test_transformers_task_refuses_unknown_arguments(saved_pipeline):
     for scale in (float("nan"), float("inf"), -5, True):  # refused before any cell is read, conditions or not
         with pytest.raises(ValueError, match=f"guidance_scale must be a number >= 0 .*, got {scale!r}"):
             task(gene_ids=["G10", "G11"], ranks=[1, 2], mask=[False, True], guidance_scale=scale)
+    with pytest.raises(ValueError, match="ranks without mask or mask_ratio: nothing to impute"):
+        task(gene_ids=["G10", "G11"], ranks=[1, 2])
     out = task(gene_ids=["G10", "RETIRED"], ranks=[1, 2], mask=[True, False], unknown_genes="ignore")
     assert out["gene_ids"] == [10, -1] and np.isnan(out["expected"][1])

@@ -103,6 +103,22 @@ def test_only_a_whole_checkpoint_is_resumed(tmp_path):
     assert train_hf.resume_argument("false") is None and train_hf.resume_argument("True") is True
 
 
+def test_a_checkpoint_of_another_model_or_past_max_steps_is_not_resumed(tmp_path):
+    from modeling import RankDiTConfig
+
+    config = RankDiTConfig.from_preset("tiny", max_length=64)
+    folder = _checkpoint(tmp_path / "checkpoint-2")
+    config.save_pretrained(folder)
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": 2}))
+    check_resumable(folder, config, max_steps=3)
+    longer = RankDiTConfig.from_preset("tiny", max_length=128)
+    with pytest.raises(ValueError, match=r"another model than this run.s flags build \(max_length=64 there, 128 now"):
+        check_resumable(folder, longer, max_steps=3)
+    for steps in (1, 2):
+        with pytest.raises(ValueError, match=f"--max_steps {steps} is not beyond checkpoint-2's step 2: nothing"):
+            check_resumable(folder, config, max_steps=steps)
+
+
 def test_wrong_files_and_mistyped_paths_are_named(tmp_path, monkeypatch):
     write_tahoe_fixture(tmp_path / "tahoe", num_shards=2, cells_per_shard=4, num_genes=200, expressed_range=(5, 50))
     table = pa.table({"genes": [[3, 4]], "expressions": [[1.0, 2.0]], "cell": ["a"]})

@@ -233,3 +233,31 @@ def test_the_stream_and_the_samples_do_not_depend_on_where_the_data_lies(fixture
         assert (
             samples[0][split]["BARCODE_SUB_LIB_ID"].to_pylist() == samples[1][split]["BARCODE_SUB_LIB_ID"].to_pylist()
         )
+
+
+def test_without_gene_metadata_special_token_ids_are_not_taken_as_genes(tmp_path, caplog):
+    root = tmp_path / "tahoe"
+    write_tahoe_fixture(root, num_shards=1, cells_per_shard=6, num_genes=3000)
+    (root / "metadata" / "gene_metadata.parquet").unlink()
+    path = next((root / "data").glob("*.parquet"))
+    table = pq.read_table(path).to_pylist()
+    table[0]["genes"][1], table[1]["genes"][1] = 0, 2  # <pad> and a special token where a gene should be
+    pq.write_table(pq.read_table(path).from_pylist(table, schema=pq.read_schema(path)), path)
+    builder = _builder(root, tmp_path, zero_share=0.0, validation_share=0.0, test_share=0.0)
+    with caplog.at_level(logging.WARNING):
+        rows = list(builder.as_streaming_dataset(split="train"))
+    assert len(rows) == 4 and "'unknown_genes': 2" in caplog.text
+    assert min(min(row["gene_ids"]) for row in rows) >= 3
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(num_rank_bins=0), "num_rank_bins must be a positive integer, got 0"),
+        (dict(max_length=0), "max_length must be a positive integer, got 0"),
+        (dict(zero_share=1.5), "zero_share must be a share in \\[0, 1\\], got 1.5"),
+    ],
+)
+def test_a_bad_builder_config_is_refused_naming_the_field(fixture_dir, tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        _builder(fixture_dir, tmp_path, **kwargs)

@@ -346,3 +346,22 @@ def test_the_generator_refuses_a_count_below_one_naming_the_flag(tmp_path, capsy
         main([str(tmp_path / "out"), flag, "0"])
     assert f"{flag}: must be at least 1, got 0" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_a_corpus_is_written_whole_and_never_beside_an_earlier_one(tmp_path, capsys):
+    root = tmp_path / "corpus"
+    small = ["--plates", "2", "--lines", "3"]
+    tahoe_standin.main([str(root), "--files", "4", "--cells_per_file", "3", *small])  # fewer cells than wells
+
+    def rows():
+        return sum(pq.read_metadata(path).num_rows for path in (root / "data").glob("*.parquet"))
+
+    assert rows() == 4 * 3
+    with pytest.raises(SystemExit):
+        tahoe_standin.main([str(root), "--files", "2", "--cells_per_file", "5", *small])
+    assert "holds an earlier corpus (9 parquet files" in capsys.readouterr().err
+    tahoe_standin.main([str(root), "--files", "2", "--cells_per_file", "5", "--overwrite", *small])
+    assert sorted(p.name for p in (root / "data").iterdir()) == [f"train-0000{i}-of-00002.parquet" for i in (0, 1)]
+    assert rows() == 2 * 5
+    with pytest.raises(FileExistsError, match="holds an earlier corpus"):
+        write_standin_screen(root, num_lines=2, num_drugs=2, cells_per_condition=2, num_plates=3)

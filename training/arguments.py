@@ -399,6 +399,15 @@ class RankDiffTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self):
-        for name in ("max_steps", "per_device_train_batch_size", "per_device_eval_batch_size"):
+        for name in ("max_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
+                     "gradient_accumulation_steps"):  # fmt: skip
             _check_positive_int(name, getattr(self, name))
+        for name in ("learning_rate", "weight_decay", "max_grad_norm", "warmup_ratio", "warmup_steps", "seed"):
+            value = getattr(self, name, 0)  # warmup_ratio: older transformers
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"--{name} must be a finite number >= 0, got {value!r}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"--learning_rate must be above 0, got {self.learning_rate!r}")
+        if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
+            raise ValueError(f"--ema_decay must be in [0, 1) (0: off), got {self.ema_decay!r}")
         super().__post_init__()

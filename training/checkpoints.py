@@ -10,6 +10,7 @@ that have the marker. With `save_on_each_node` on disks that are not shared, onl
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -35,10 +36,15 @@ class CheckpointCompleteCallback(TrainerCallback):
         PartialState().wait_for_everyone()
 
 
-def check_resumable(folder: str | os.PathLike) -> None:
+# Config entries that record where or how a model was saved, not what it is.
+_PROVENANCE = frozenset({"transformers_version", "_name_or_path", "architectures", "auto_map", "torch_dtype", "dtype"})
+
+
+def check_resumable(folder: str | os.PathLike, model_config=None, max_steps: int = -1) -> None:
     """Raise, naming what is wrong, unless `folder` is a complete checkpoint a run can resume from exactly: it
     exists, is marked complete, holds the optimizer and learning-rate schedule (else training would silently restart
-    them), and its weights file reads."""
+    them), its weights file reads, its model config is `model_config` (the run's flags built the same model) and
+    its step is below `max_steps` (else nothing would be trained)."""
     from safetensors import safe_open
 
     folder = Path(folder)
@@ -61,6 +67,20 @@ def check_resumable(folder: str | os.PathLike) -> None:
                     reader.get_slice(key)
         except Exception as error:  # safetensors raises its own error types, naming no file
             raise ValueError(f"{weights} cannot be read ({error}): the checkpoint is damaged") from error
+    if model_config is not None and (folder / "config.json").is_file():
+        saved = json.loads((folder / "config.json").read_text())
+        ours = model_config.to_dict()
+        differ = sorted(k for k in saved.keys() & ours.keys() if k not in _PROVENANCE and saved[k] != ours[k])
+        if differ:
+            shown = ", ".join(f"{k}={saved[k]!r} there, {ours[k]!r} now" for k in differ[:5])
+            raise ValueError(f"{folder} holds another model than this run's flags build ({shown}): resume with the "
+                             "flags it was trained with, or start a new run in another --output_dir")  # fmt: skip
+    state = folder / "trainer_state.json"
+    if max_steps > 0 and state.is_file():
+        step = json.loads(state.read_text()).get("global_step", 0)
+        if step >= max_steps:
+            raise ValueError(f"--max_steps {max_steps} is not beyond {folder.name}'s step {step}: nothing would be "
+                             f"trained; give --max_steps above {step}")  # fmt: skip
 
 
 def is_complete_checkpoint(folder: str | os.PathLike) -> bool:

@@ -101,6 +101,7 @@ def build_model(model_args: ModelArguments, data_args: DataArguments, data: Prep
         max_length=data_args.max_length,
         conditions=(conditions.values or None) if conditions is not None else None,
         dose_condition=conditions is not None and conditions.dose,
+        control_drug=conditions.control_drug if conditions is not None and "drug" in conditions.values else None,
         **model_args.config_overrides(),
     )
     model = RankDiTModel(config)

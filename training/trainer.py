@@ -145,7 +145,7 @@ class RankDiffusionTrainer(Trainer):
             if resume_from_checkpoint is None:
                 raise ValueError(f"no complete checkpoint to resume from in {self.args.output_dir}")
         if resume_from_checkpoint:
-            check_resumable(resume_from_checkpoint)
+            check_resumable(resume_from_checkpoint, self.model.config, self.args.max_steps)
         if resume_from_checkpoint and self.ema is not None:
             self.ema.load(resume_from_checkpoint, self.model)
         return super().train(resume_from_checkpoint=resume_from_checkpoint or None, **kwargs)
