@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -76,15 +78,19 @@ def finalize(
     repo_id: str | None,
 ) -> None:
     """On the main process: write the pipeline folder, `eval_results.json`, the data recipe (`run_config.json`) and
-    the model card, recording each file in the folder's manifest; then push those files."""
+    the model card, recording each file in the folder's manifest; then push those files.
+
+    Everything is written to a staging folder inside `output_dir` first and moved into place at the end: a run that
+    fails while writing (the card scores test cells and draws plots) leaves the earlier outputs as they were and no
+    half-written folder."""
     output_dir = Path(run.trainer.args.output_dir)
     outputs = RunOutputs(output_dir)
-    outputs.clear()  # a resumed run's earlier outputs, if any: nothing of two runs mixes
-    with outputs.recording():
-        run.pipe.save_pretrained(output_dir)
-        (output_dir / EVAL_RESULTS).write_text(json.dumps(metrics, indent=2) + "\n")
-        run.data.recipe.save(output_dir)
-        logger.info("pipeline folder written to %s", output_dir)
+    staging = output_dir / f".partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        run.pipe.save_pretrained(staging)
+        (staging / EVAL_RESULTS).write_text(json.dumps(metrics, indent=2) + "\n")
+        run.data.recipe.save(staging)
         if card_args.model_card:
             run.pipe.set_progress_bar_config(disable=True)
             source = run.data.source.name
@@ -100,8 +106,15 @@ def finalize(
                 metrics=metrics,
                 repo_id=repo_id or str(output_dir),
             )
-            write_model_card(output_dir, pipe=run.pipe, data=run.data, trainer=run.trainer, summary=summary,
+            write_model_card(staging, pipe=run.pipe, data=run.data, trainer=run.trainer, summary=summary,
                              mask_ratios=card_args.card_mask_ratios, gif_steps=card_args.card_gif_steps)  # fmt: skip
+        outputs.clear()  # a resumed run's earlier outputs, if any: nothing of two runs mixes
+        with outputs.recording():
+            for entry in sorted(staging.iterdir()):
+                os.replace(entry, output_dir / entry.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    logger.info("pipeline folder written to %s", output_dir)
     if repo_id is not None:  # the run's files: card, plots, model, scheduler, processor, code (not a user's own)
         HfApi(token=run.trainer.args.hub_token).upload_folder(
             repo_id=repo_id, folder_path=output_dir, allow_patterns=[*outputs.paths, MANIFEST],

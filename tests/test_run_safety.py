@@ -165,3 +165,41 @@ def test_held_out_plates_and_files_must_be_in_the_data(tmp_path):
     with pytest.raises(ValueError, match="the model card scores test cells"):
         train_hf.main([*common, "--split_by", "plate", "--validation_plates", "plate1"])
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_that_fails_while_writing_its_outputs_leaves_the_earlier_ones_whole(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "model_index.json").write_text("earlier")
+    (out / MANIFEST).write_text(json.dumps({"files": ["model_index.json"]}))
+
+    def save(folder):
+        (folder / "model").mkdir(parents=True)
+        (folder / "model" / "config.json").write_text("{}")
+        (folder / "model_index.json").write_text("new")
+
+    def card_that_fails(folder, **kwargs):
+        (folder / "README.md").write_text("half a card")
+        raise RuntimeError("the card's scoring failed")
+
+    recipe = SimpleNamespace(save=lambda folder: (folder / "run_config.json").write_text("{}"))
+    run = SimpleNamespace(
+        trainer=SimpleNamespace(args=SimpleNamespace(output_dir=str(out), hub_token=None)),
+        pipe=SimpleNamespace(save_pretrained=save, set_progress_bar_config=lambda **kwargs: None),
+        data=SimpleNamespace(recipe=recipe, source=SimpleNamespace(name="data")),
+        ema_decay=None,
+    )
+    monkeypatch.setattr(train_hf, "write_model_card", card_that_fails)
+    monkeypatch.setattr(train_hf.TrainingSummary, "of", lambda *args, **kwargs: None)
+    diffusion = SimpleNamespace(loss_description=lambda: "", noise_schedule="linear")
+    card = SimpleNamespace(model_card=True, dataset_name=None, card_mask_ratios=[0.5], card_gif_steps=2)
+    with pytest.raises(RuntimeError, match="the card's scoring failed"):
+        train_hf.finalize(run, {}, SimpleNamespace(preset="tiny"), diffusion, card, None)
+    assert sorted(p.name for p in out.iterdir()) == ["model_index.json", MANIFEST]  # no staging folder left
+    assert (out / "model_index.json").read_text() == "earlier"
+    card.model_card = False
+    train_hf.finalize(run, {}, SimpleNamespace(preset="tiny"), diffusion, card, None)
+    assert (out / "model_index.json").read_text() == "new"
+    assert RunOutputs(out).paths == ["eval_results.json", "model/config.json", "model_index.json", "run_config.json"]
