@@ -103,7 +103,7 @@ def write_model_card(
         )
     )
     card.save(output_dir / "README.md")
-    logger.info("model card with %d plots written to %s", len(plots), output_dir / "README.md")
+    logger.info("model card with %d plots written", len(plots))
     return card
 
 
