@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 
 from transformers import PreTrainedConfig
 
@@ -77,9 +76,6 @@ class RankDiTConfig(PreTrainedConfig):
             nearest reference cells at each of its genes (in the cell's own token scale, from a
             `ReferenceCells` index), embeds their distribution at every position and offers it to the copy head
             as one more slot to draw from. Cells without references (`reference_tokens` None, or -1) work too.
-        reference_scale (`float`, *optional*):
-            With `reference_context`, how the reference cells count: the r-th nearest (r = 0 for the nearest) weighs
-            `exp(-(r / reference_scale) ** 2)`, so near cells count most and far ones still smooth; None: alike.
         conditions (`dict[str, list[str]]`, *optional*):
             The categorical perturbation conditions the model is told (Tahoe: `cell_line_id`, `drug`; AnnData: `obs`
             columns) and each one's values, in id order: value i has id i + 1, id 0 is the condition's learned null
@@ -128,7 +124,6 @@ class RankDiTConfig(PreTrainedConfig):
     gene_prior: bool = False
     copy_head: bool = False
     reference_context: bool = False
-    reference_scale: float | None = None
     conditions: dict[str, list[str]] | None = None
     dose_condition: bool = False
     control_drug: str | None = None
@@ -156,8 +151,6 @@ class RankDiTConfig(PreTrainedConfig):
                 f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
                 f"({self.num_attention_heads})"
             )
-        if self.reference_scale is not None and not (math.isfinite(self.reference_scale) and self.reference_scale > 0):
-            raise ValueError(f"reference_scale must be a positive number (or None), got {self.reference_scale!r}")
         if self.intermediate_size is None:
             self.intermediate_size = 4 * self.hidden_size
         for name, values in (self.conditions or {}).items():

@@ -190,21 +190,14 @@ class RankDiTConditionEmbedding(nn.Module):
         return vector
 
 
-def reference_distribution(
-    reference_tokens: torch.Tensor, num_rank_tokens: int, scale: float | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(batch, length, k)` tokens of reference cells, nearest first (-1: none) -> the weighted share of each token
-    0..B among them at every position `(batch, length, B + 1)`, and where there is at least one `(batch, length)`.
-    The r-th nearest cell weighs `exp(-(r / scale) ** 2)` (r = 0 for the nearest); all alike when `scale` is None."""
+def reference_distribution(reference_tokens: torch.Tensor, num_rank_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(batch, length, k)` tokens of reference cells (-1: none) -> the share of each token 0..B among them at every
+    position `(batch, length, B + 1)`, and where there is at least one `(batch, length)`."""
     valid = reference_tokens >= 0
-    weights = valid.float()
-    if scale is not None:
-        rank = torch.arange(reference_tokens.shape[-1], device=reference_tokens.device, dtype=weights.dtype)
-        weights = weights * torch.exp(-((rank / scale) ** 2))
     counts = torch.zeros(*reference_tokens.shape[:2], num_rank_tokens, device=reference_tokens.device)
-    counts = counts.scatter_add_(-1, reference_tokens.long().clamp(min=0), weights)
+    counts = counts.scatter_add_(-1, reference_tokens.long().clamp(min=0), valid.to(counts.dtype))
     present = valid.any(dim=-1)
-    return counts / counts.sum(dim=-1, keepdim=True).clamp(min=1e-12), present
+    return counts / counts.sum(dim=-1, keepdim=True).clamp(min=1), present
 
 
 class RankDiTReferenceEmbedding(nn.Module):
@@ -521,7 +514,7 @@ class RankDiTModel(RankDiTPreTrainedModel):
         reference = None
         if reference_tokens is not None:
             reference = reference_distribution(reference_tokens.masked_fill(~real[..., None], -1),
-                                               self.config.num_rank_tokens, self.config.reference_scale)  # fmt: skip
+                                               self.config.num_rank_tokens)  # fmt: skip
             hidden_states = hidden_states + self.reference_embedding(*reference)
         visible = real & (input_ids != self.config.mask_token_id)
         conditioning = self.base_conditioning.weight.expand(input_ids.shape[0], -1)

@@ -109,17 +109,6 @@ def test_the_reference_slot_of_the_copy_head_gives_the_references_distribution(r
     torch.testing.assert_close(probs, expected, atol=1e-4, rtol=0)
 
 
-def test_nearer_reference_cells_weigh_more_with_a_scale():
-    references = torch.tensor([[[2, 5, 5, -1], [-1, -1, -1, -1]]])
-    uniform, present = reference_distribution(references, B + 1)
-    assert uniform[0, 0, 2] == pytest.approx(1 / 3) and uniform[0, 0, 5] == pytest.approx(2 / 3)
-    weighted, _ = reference_distribution(references, B + 1, scale=2.0)
-    w = torch.exp(-((torch.arange(3.0) / 2.0) ** 2))  # by rank among the k, nearest first
-    assert weighted[0, 0, 2] == pytest.approx(float(w[0] / w.sum()))
-    assert weighted[0, 0, 5] == pytest.approx(float((w[1] + w[2]) / w.sum()))
-    assert present.tolist() == [[True, False]] and weighted[0, 1].sum() == 0
-
-
 def test_windows_carry_each_positions_reference_tokens():
     from modeling import CellBatch
 

@@ -58,10 +58,6 @@ class ModelArguments:
         default=2048, metadata={"help": "reference cells: a seeded draw of the training cells read for the baselines"}
     )
     reference_neighbours: int = field(default=32, metadata={"help": "reference cells read per cell"})
-    reference_scale: float | None = field(
-        default=None,
-        metadata={"help": "the r-th nearest reference cell weighs exp(-(r / scale)^2) (default: all alike)"},
-    )
     reference_components: int = field(
         default=16, metadata={"help": "principal components of the reference cells the neighbours are found in"}
     )
@@ -86,8 +82,6 @@ class ModelArguments:
                 f"--reference_neighbours must be at least 1 and below --reference_cells, got "
                 f"{self.reference_neighbours} and {self.reference_cells}"
             )
-        if self.reference_scale is not None and not (math.isfinite(self.reference_scale) and self.reference_scale > 0):
-            raise ValueError(f"--reference_scale must be a positive number, got {self.reference_scale}")
         if self.reference_components < 1:
             raise ValueError(f"--reference_components must be at least 1, got {self.reference_components}")
         if not 0.0 <= self.reference_dropout < 1.0:
@@ -101,8 +95,7 @@ class ModelArguments:
         """The `RankDiTConfig` fields these arguments set besides the preset."""
         sizes = ("hidden_size", "num_hidden_layers", "num_attention_heads")
         overrides = {name: getattr(self, name) for name in sizes if getattr(self, name) is not None}
-        flags = ("num_rank_bins", "time_conditioning", "cell_profile", "gene_prior", "copy_head", "reference_context",
-                 "reference_scale")  # fmt: skip
+        flags = ("num_rank_bins", "time_conditioning", "cell_profile", "gene_prior", "copy_head", "reference_context")
         return {**overrides, **{name: getattr(self, name) for name in flags}}
 
 
