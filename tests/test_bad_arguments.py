@@ -103,3 +103,13 @@ def test_the_perturbation_benchmark_refuses_bad_guidance_scales_naming_the_flag(
         benchmark.parse_args(["--baselines_only", "--data", "d", "--heldout_pairs", "p", "--guidance_scales", scales])
     assert f"argument --guidance_scales: {scales!r}" in capsys.readouterr().err
     assert benchmark.parse_args(["--checkpoint", "c", "--guidance_scales", "1,2.5"]).guidance_scales == [1.0, 2.5]
+
+
+def test_a_heldout_pairs_file_is_read_when_the_flags_are_parsed(tmp_path):
+    (tmp_path / "bad.csv").write_text("a;b\n")
+    parse = train_hf.build_parser().parse_args_into_dataclasses
+    flags = ["--output_dir", "unused", "--conditions", "cell_line_id,drug", "--heldout_pairs"]
+    with pytest.raises(FileNotFoundError, match="--heldout_pairs .*missing.csv: no such file"):
+        parse(args=[*flags, str(tmp_path / "missing.csv")])
+    with pytest.raises(ValueError, match="bad.csv: the header must name two conditions"):
+        parse(args=[*flags, str(tmp_path / "bad.csv")])

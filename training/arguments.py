@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
@@ -242,6 +243,12 @@ class DataArguments:
             raise ValueError("--heldout_pairs needs --conditions (the pair's columns among them)")
         if self.heldout_pairs is not None and self.split_by != "barcode":
             raise ValueError(f"--heldout_pairs is its own split: leave --split_by at barcode, not {self.split_by!r}")
+        if self.heldout_pairs is not None:  # its form is checked now; its pairs against the data when it is opened
+            from .recipe import read_heldout_pairs  # the recipe module imports this one
+
+            if not os.path.isfile(self.heldout_pairs):
+                raise FileNotFoundError(f"--heldout_pairs {self.heldout_pairs}: no such file")
+            read_heldout_pairs(self.heldout_pairs, [name.strip() for name in self.conditions.split(",")])
         self._check_split()
 
     def _check_split(self) -> None:
