@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     impute.add_argument("--gene_column", help="the var column naming the genes (default: var_names)")
     impute.add_argument("--num_inference_steps", type=int, default=64, help="denoising steps")
     impute.add_argument("--sampler", choices=("ancestral", "first-hitting", "confidence"), help="the sampler")
-    impute.add_argument("--seed", type=int, default=0, help="seed of every draw")
+    impute.add_argument("--seed", type=seed, default=0, help="seed of every draw (0 .. 2**63 - 1)")
     impute.add_argument("--batch_size", type=int, default=64, help="windows denoised together")
     impute.add_argument("--cell_batch_size", type=int, default=256, help="cells read and imputed together")
     impute.add_argument("--return_probs", action="store_true", help="also store the requested genes' distributions")
@@ -46,6 +46,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def seed(text: str) -> int:
+    """An argparse type: a seed torch takes (argparse names the flag and the value otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must be in 0 .. 2**63 - 1, got {value}")
+    return value
+
+
+def check_device(device: str | None) -> str:
+    """The device the model runs on: a torch device that exists here (cuda when there is one, by default)."""
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError) as error:
+        raise SystemExit(f"rankdiff impute: --device {device!r} is not a torch device ({error})") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"rankdiff impute: --device {device!r}: this machine has no CUDA GPU (use cpu)")
+    return device
+
+
 def impute(args: argparse.Namespace) -> Path:
     """Run `rankdiff impute`; returns the output path."""
     import torch
@@ -54,6 +80,7 @@ def impute(args: argparse.Namespace) -> Path:
     if not args.input.is_file():
         raise SystemExit(f"rankdiff impute: {args.input} is not a file")
     check_writable(args.output, args.overwrite)
+    device = check_device(args.device)
     adata = read_h5ad(args.input, "input")
     mask = None
     if args.mask_layer is not None:
@@ -62,7 +89,6 @@ def impute(args: argparse.Namespace) -> Path:
         mask = adata.layers[args.mask_layer]
     if args.reference is not None and (args.no_reference or not args.reference.is_file()):
         raise SystemExit(f"rankdiff impute: --reference {args.reference} is not a file (or --no_reference is given)")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = DiffusionPipeline.from_pretrained(args.model, trust_remote_code=True).to(device)
     reference = False if args.no_reference else None
     if args.reference is not None:
@@ -97,6 +123,8 @@ def check_writable(output: Path, overwrite: bool) -> None:
     folder is made when missing)."""
     if output.is_dir():
         raise SystemExit(f"rankdiff impute: OUTPUT {output} is a folder; give a file name in it, e.g. out.h5ad")
+    if output.suffix != ".h5ad":
+        raise SystemExit(f"rankdiff impute: OUTPUT {output} must end in .h5ad (an AnnData file is written)")
     if output.exists() and not overwrite:
         raise SystemExit(f"rankdiff impute: {output} exists; pass --overwrite to replace it")
     try:

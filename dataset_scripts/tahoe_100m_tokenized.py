@@ -62,7 +62,7 @@ from tqdm.auto import tqdm
 from modeling import CellTokenizer
 from modeling.conditions import condition_value
 
-from .schema import CELL_ID_COLUMN, METADATA_COLUMNS, missing_columns
+from .schema import CELL_ID_COLUMN, FIRST_GENE_TOKEN_ID, METADATA_COLUMNS, missing_columns
 from .splits import TEST_SHARE, VALIDATION_SHARE, pair_split, split_names
 from .tokenization import SKIP_REASONS, TokenizedBatch, tokenize_arrow_batch
 
@@ -152,15 +152,33 @@ class Tahoe100MTokenizedConfig(datasets.BuilderConfig):
         if self.on_bad_files not in ("error", "skip"):
             raise ValueError(f"on_bad_files must be 'error' or 'skip', got {self.on_bad_files!r}")
         split_names([], self.validation_share, self.test_share)  # checks the shares
+        if isinstance(self.keep_columns, (str, bytes)):
+            raise TypeError(f"keep_columns must be a tuple of column names, got the string {self.keep_columns!r}")
         unknown = set(self.keep_columns) - set(METADATA_COLUMNS)
         if unknown:
             raise ValueError(f"keep_columns must come from {METADATA_COLUMNS}, got {sorted(unknown)}")
-        if min(self.interleave_files, self.window_rows, self.shard_multiple) < 1:
-            raise ValueError("interleave_files, window_rows and shard_multiple must be >= 1")
-        for name in ("num_rank_bins", "max_length"):
+        for name in ("num_rank_bins", "max_length", "interleave_files", "window_rows", "shard_multiple", "min_shards"):
             value = getattr(self, name)
-            if (value is not None or name == "num_rank_bins") and not _is_positive_int(value):
+            if (value is not None or name != "max_length") and not _is_positive_int(value):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("seed", "split_seed"):
+            if not (_is_positive_int(getattr(self, name)) or getattr(self, name) == 0):
+                raise ValueError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
+        for split in ("validation", "test"):
+            for kind in ("plates", "files", "pairs"):
+                named = getattr(self, f"{split}_{kind}")
+                if isinstance(named, (str, bytes)):
+                    raise TypeError(f"{split}_{kind} must be a tuple of names, got the string {named!r}")
+                used = {"plates": "plate", "files": "file", "pairs": "pair"}[kind]
+                if named and self.split_by != used:
+                    raise ValueError(f"{split}_{kind} holds out {kind}: give split_by={used!r}, not {self.split_by!r}")
+        if self.panel is not None:
+            panel = list(self.panel)
+            bad = [g for g in panel if not _is_positive_int(g) or g < FIRST_GENE_TOKEN_ID]
+            repeated = sorted(g for g in set(panel) if panel.count(g) > 1) if len(set(panel)) != len(panel) else []
+            if bad or repeated:
+                raise ValueError(f"panel must list distinct gene ids >= {FIRST_GENE_TOKEN_ID} (special tokens below), "
+                                 f"got {bad[:5] or repeated[:5]}")  # fmt: skip
         for name in ("zero_share", "panel_share", "random_share"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be a share in [0, 1], got {getattr(self, name)!r}")
@@ -326,7 +344,12 @@ class Tahoe100MTokenized(datasets.ArrowBasedBuilder):
             return np.sort(pq.read_table(f, columns=["token_id"])["token_id"].to_numpy())
 
     def _split_generators(self, dl_manager):
+        self.check_held_out()
         known_genes = self.known_genes()
+        panel = np.asarray(self.config.panel or [], dtype=np.int64)
+        if known_genes is not None and not np.isin(panel, known_genes).all():
+            raise ValueError(f"panel: gene ids {panel[~np.isin(panel, known_genes)][:10].tolist()} are not genes of "
+                             "gene_metadata")  # fmt: skip
         return [
             datasets.SplitGenerator(
                 name=split,

@@ -136,10 +136,28 @@ def positive_int(text: str) -> int:
     return value
 
 
+def seed_value(text: str) -> int:
+    """An argparse type: a seed numpy takes (an integer >= 0)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
+def folder(text: str) -> Path:
+    """An argparse type: a folder's path, not empty (an empty one would be the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path; name the corpus's folder")
+    return Path(text)
+
+
 def main(argv: list[str] | None = None) -> None:
     """The command line: a plain corpus, or with `--responses` a drug screen (`tahoe_screen.write_standin_screen`)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("root", type=Path)
+    parser.add_argument("root", type=folder)
     parser.add_argument("--files", type=positive_int, default=None, help="default 64 (not a screen's)")
     parser.add_argument("--cells_per_file", type=positive_int, default=None, help="default 1600 (not a screen's)")
     parser.add_argument("--plates", type=positive_int, default=None, help="default 8 (a screen: 6)")
@@ -152,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
         "--drugs", type=positive_int, default=None, help="a screen's drugs (default: all of SCREEN_DRUGS)"
     )
     parser.add_argument("--cells_per_condition", type=positive_int, default=None, help="a screen's, default 150")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_value, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier corpus in ROOT")
     args = parser.parse_args(argv)
     try:

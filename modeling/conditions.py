@@ -52,6 +52,8 @@ def dropped_cells(cell_ids: Sequence[str], rate: float, seed: int = 0, epoch: in
 def table_conditions(obs, condition_columns) -> list[dict] | None:
     """One conditions dict per row of a table (an AnnData's `obs`) from `condition_columns` (names, or condition ->
     column); None without columns. Missing values (NaN) are the condition's null."""
+    if isinstance(condition_columns, (str, bytes)):
+        raise TypeError(f"condition_columns must be a list of obs column names (or a dict), got {condition_columns!r}")
     if not condition_columns:
         return None
     columns = dict(condition_columns) if isinstance(condition_columns, dict) else {c: c for c in condition_columns}

@@ -79,14 +79,24 @@ def check_ids(name: str, ids: torch.Tensor, high: int, attended: torch.Tensor | 
     """Refuse ids outside 0..`high` at the attended positions, on every device. On the host the error names the first
     (row, position) and value; on an accelerator the check is a device-side assertion, so the host does not wait for
     the device (it fails at the next synchronisation, as an out-of-range embedding lookup would)."""
+    if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        got = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise TypeError(f"{name} must be an integer tensor, got {got}")
     bad = (ids < 0) | (ids > high)
     if attended is not None:
         bad = bad & attended
-    if ids.device.type != "cpu" or torch.compiler.is_compiling():
-        torch._assert_async(~bad.any(), f"{name} must be in 0..{high} at every attended position")
+    _refuse(bad, ids, f"{name} must be in 0..{high}")
+
+
+def _refuse(bad: torch.Tensor, values: torch.Tensor, rule: str) -> None:
+    """Raise naming the first `bad` entry of `values` and its place on the host; a device-side assertion elsewhere."""
+    if values.device.type != "cpu" or torch.compiler.is_compiling():
+        torch._assert_async(~bad.any(), f"{rule} at every attended position")
     elif bad.any():
-        row, col = (int(i) for i in bad.nonzero()[0])
-        raise ValueError(f"{name} must be in 0..{high}; got {int(ids[row, col])} at (row {row}, position {col})")
+        where = [int(i) for i in bad.nonzero()[0]]
+        place = f"(row {where[0]}, position {where[1]})" if len(where) == 2 else f"row {where[0]}"
+        value = values[tuple(where)].item()
+        raise ValueError(f"{rule}; got {value} at {place}")
 
 
 def modulate(hidden_states: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -422,6 +432,8 @@ class RankDiTModel(RankDiTPreTrainedModel):
             return
         if doses is not None and (not config.dose_condition or tuple(doses.shape) != (batch_size,)):
             raise ValueError(f"doses must be (batch,) = ({batch_size},) for a dose-conditioned model")
+        if doses is not None:  # NaN: an unknown dose
+            _refuse(doses.isinf() | (doses < 0), doses, "doses must be numbers >= 0 in uM (NaN: unknown)")
         if condition_ids is None:
             return
         names = list(config.conditions or {})
@@ -449,6 +461,9 @@ class RankDiTModel(RankDiTPreTrainedModel):
         )
 
     def _check_inputs(self, gene_ids, input_ids, attention_mask, timesteps):
+        for name, ids in (("gene_ids", gene_ids), ("input_ids", input_ids)):
+            if not isinstance(ids, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.LongTensor (batch, length), got {type(ids).__name__}")
         if gene_ids.dim() != 2 or gene_ids.shape != input_ids.shape:
             raise ValueError(
                 f"gene_ids and input_ids must both be (batch, length); got {tuple(gene_ids.shape)} and "
@@ -456,8 +471,11 @@ class RankDiTModel(RankDiTPreTrainedModel):
             )
         if gene_ids.numel() == 0:
             raise ValueError(f"gene_ids must hold at least one cell of at least one gene, got {tuple(gene_ids.shape)}")
-        if timesteps is not None and tuple(timesteps.shape) != (gene_ids.shape[0],):
-            raise ValueError(f"timesteps must be (batch,) = ({gene_ids.shape[0]},), got {tuple(timesteps.shape)}")
+        if timesteps is not None:
+            shape = tuple(timesteps.shape) if isinstance(timesteps, torch.Tensor) else type(timesteps).__name__
+            if shape != (gene_ids.shape[0],):
+                raise ValueError(f"timesteps must be a tensor of shape (batch,) = ({gene_ids.shape[0]},), got {shape}")
+            _refuse(~((timesteps >= 0) & (timesteps <= 1)), timesteps, "timesteps must be times in [0, 1]")
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise ValueError(
                 f"attention_mask must match input_ids {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}"

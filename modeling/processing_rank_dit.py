@@ -39,6 +39,8 @@ UNKNOWN_GENE_POLICIES = ("raise", "ignore")
 def _listed(values, name: str) -> list:
     """A user's sequence (list, tuple, array, tensor, pandas Index or Series) as a list; a clear error otherwise."""
     if isinstance(values, torch.Tensor):
+        if values.is_meta:
+            raise TypeError(f"{name} is a tensor on the meta device: it holds no values")
         values = values.detach().cpu().numpy()
     if hasattr(values, "to_numpy") and not isinstance(values, np.ndarray):  # pandas Index, Series
         values = values.to_numpy()
@@ -66,7 +68,11 @@ def as_cells(values, name: str) -> list[np.ndarray] | None:
     items = _listed(values, name)
     nested = [_is_cell(item) for item in items]
     if len(items) and all(nested):
-        return [_cell_array(_listed(item, f"{name}[{i}]")) for i, item in enumerate(items)]
+        cells = [_listed(item, f"{name}[{i}]") for i, item in enumerate(items)]
+        for i, cell in enumerate(cells):
+            if (isinstance(cell, np.ndarray) and cell.ndim != 1) or any(_is_cell(value) for value in cell):
+                raise ValueError(f"{name}[{i}] must be a flat sequence of one cell's values, not of sequences")
+        return [_cell_array(cell) for cell in cells]
     if any(nested):
         raise ValueError(f"{name} mixes cells (sequences) and single values: give one cell or a list of cells")
     return [_cell_array(items)]
@@ -75,13 +81,19 @@ def as_cells(values, name: str) -> list[np.ndarray] | None:
 def _cell_array(items: list | np.ndarray) -> np.ndarray:
     """One cell's values as an array: of their numeric (or bool) type when they all share it, else of objects, so
     that a bool among numbers or a number among names is still seen for what it is."""
+    int64_max = np.iinfo(np.int64).max
     if isinstance(items, np.ndarray) and items.ndim == 1 and items.dtype.kind in "iufb":  # as it is, no Python loop
-        return items.astype({"i": np.int64, "u": np.int64, "f": np.float64, "b": bool}[items.dtype.kind], copy=False)
+        if items.dtype.kind != "u" or not len(items) or items.max() <= int64_max:
+            return items.astype({"i": np.int64, "u": np.int64, "f": np.float64, "b": bool}[items.dtype.kind],
+                                copy=False)  # fmt: skip
     kinds = set(map(type, items))
     for dtype, allowed in ((np.int64, (int, np.int64, np.int32)), (np.float64, (float, np.float64, np.float32)),
                            (bool, (bool, np.bool_))):  # fmt: skip
         if len(items) and kinds <= set(allowed):
-            return np.array(items, dtype=dtype)
+            try:
+                return np.array(items, dtype=dtype)
+            except OverflowError:  # an integer beyond int64: kept as it is, refused by name where it is read
+                break
     return np.array(items, dtype=object)
 
 
@@ -124,7 +136,9 @@ def _numbers(values: np.ndarray, what: str, where: str) -> np.ndarray:
     is not a number (a string, a bool)."""
     if values.dtype.kind in "iuf":
         return values.astype(np.float64)
-    bad = np.array([isinstance(v, (str, bytes, bool, np.bool_)) for v in values], dtype=bool)
+    bad = np.array(
+        [isinstance(v, (str, bytes, bool, np.bool_, complex, np.complexfloating)) for v in values], dtype=bool
+    )
     if bad.any():
         j = _first_bad(bad)
         raise TypeError(f"{where}: {what} must be numbers, got {_shown(values[j])} at position {j}")
@@ -252,8 +266,13 @@ class RankDiTProcessor(FeatureExtractionMixin):
             raise TypeError(f"{where}: gene ids must be integer token ids or gene names (Ensembl ids or symbols), "
                             f"got {_shown(genes[j])} at position {j}")  # fmt: skip
         if numbered.any():
-            numbers = genes[numbered].astype(np.int64)
             positions = np.flatnonzero(numbered)
+            fits = genes.dtype == np.int64 or (genes.dtype.kind == "u" and genes.max() < 2**63)
+            huge = [] if fits else [j for j in positions if not -(2**63) <= int(genes[j]) < 2**63]
+            if huge:
+                raise ValueError(f"{where}: gene id {int(genes[huge[0]])} at position {huge[0]} is no token id "
+                                 "(far beyond the vocabulary)")  # fmt: skip
+            numbers = genes[numbered].astype(np.int64)
             special = numbers < FIRST_GENE_ID
             if special.any():
                 j = _first_bad(special)
@@ -365,6 +384,12 @@ class RankDiTProcessor(FeatureExtractionMixin):
         return cells
 
     invalid_counts = staticmethod(invalid_counts)  # the one count check, for readers that name cells their own way
+    as_cells = staticmethod(as_cells)  # a user's cells as 1-D arrays, for the pipelines
+
+    @staticmethod
+    def condition_encoder(config: RankDiTConfig) -> ConditionEncoder:
+        """The conditions' encoder of a model (its vocabularies, dose, control drug), for the pipelines."""
+        return ConditionEncoder.from_config(config)
 
     @staticmethod
     def check_something_to_impute(ranks, counts, mask, mask_ratio=None) -> None:
@@ -475,7 +500,7 @@ class RankDiTProcessor(FeatureExtractionMixin):
         """`cells` told their perturbation conditions: `conditions` is one dict for every cell (`{"drug":
         "Bortezomib", "dose": 0.5}`), a list of one dict per cell, or None (unconditional); see
         [`ConditionEncoder.encode`] for the errors."""
-        ids, doses = ConditionEncoder.from_config(config).encode(conditions, cells.num_cells)
+        ids, doses = RankDiTProcessor.condition_encoder(config).encode(conditions, cells.num_cells)
         return cells.replace(condition_ids=ids, doses=doses)
 
     @torch.no_grad()

@@ -38,14 +38,18 @@ def interpolate_edges(low_values: np.ndarray, high_values: np.ndarray, remainder
     return low_values + ((high_values - low_values) * remainder) / divisor
 
 
+# No cell holds a billion UMIs of one gene: a larger value is a unit or a parsing error, not a count.
+MAX_COUNT = 1e9
+
+
 def invalid_counts(values) -> np.ndarray:
-    """True where a value is not a raw count (a non-negative integer): NaN, infinite, negative or fractional. The
-    one count check of every reader: Tahoe rows, AnnData, the processor."""
+    """True where a value is not a raw count (a non-negative integer up to `MAX_COUNT`): NaN, infinite, negative,
+    fractional or absurdly large. The one count check of every reader: Tahoe rows, AnnData, the processor."""
     values = np.asarray(values)
     if values.dtype.kind in "iu":
-        return values < 0
+        return (values < 0) | (values > MAX_COUNT)
     with np.errstate(invalid="ignore"):
-        return ~(np.isfinite(values) & (values >= 0) & (values == np.rint(values)))
+        return ~(np.isfinite(values) & (values >= 0) & (values <= MAX_COUNT) & (values == np.rint(values)))
 
 
 def check_counts(counts, where: str, genes: np.ndarray | None = None, positions: np.ndarray | None = None) -> None:
@@ -57,8 +61,8 @@ def check_counts(counts, where: str, genes: np.ndarray | None = None, positions:
         gene = f" (gene {genes[i]})" if genes is not None else ""
         position = int(positions[i]) if positions is not None else i
         raise ValueError(
-            f"{where}: counts must be non-negative integers (raw UMI counts), got {float(counts[i])} at position "
-            f"{position}{gene}; {int(bad.sum())} bad values in all"
+            f"{where}: counts must be non-negative integers up to 1e9 (raw UMI counts), got {float(counts[i])} at "
+            f"position {position}{gene}; {int(bad.sum())} bad values in all"
         )
 
 

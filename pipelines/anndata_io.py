@@ -85,6 +85,34 @@ def default_condition_columns(config, obs, method: str) -> list[str]:
     return columns
 
 
+def check_count_matrix(counts, layer: str | None) -> None:
+    """Refuse a missing matrix or one that holds no numbers (strings would be parsed as counts)."""
+    source = "X" if layer is None else f"layers[{layer!r}]"
+    if counts is None:
+        raise ValueError(f"the AnnData has no {source}: put the raw counts there, or name their layer with layer=")
+    dtype = getattr(counts, "dtype", None)
+    if dtype is None or np.dtype(dtype).kind not in "iufb":
+        raise TypeError(f"{source} must hold numbers (raw counts), got dtype {dtype}")
+
+
+def check_conditions(pipe, conditions: list[dict] | None, obs_names) -> None:
+    """Encode every cell's conditions once, before any cell is imputed: an error names the first bad cell by its obs
+    name (the encoder names its place in a batch)."""
+    if not conditions:
+        return
+    encoder = pipe.processor.condition_encoder(pipe.model.config)
+    try:
+        encoder.encode(conditions, len(conditions))
+    except (KeyError, ValueError) as error:
+        for i, row in enumerate(conditions):
+            try:
+                encoder.encode([row], 1)
+            except (KeyError, ValueError) as first:
+                message = str(first.args[0] if first.args else first).removeprefix("cell 0: ")
+                raise type(first)(f"cell {str(obs_names[i])!r} (obs): {message}") from None
+        raise error
+
+
 def check_anndata(adata, name: str) -> None:
     """Refuse anything but an AnnData (an array or a path would fail later, naming an attribute)."""
     if not all(hasattr(adata, attribute) for attribute in ("obs", "var", "layers", "n_obs")):
@@ -124,6 +152,7 @@ class CountTable:
         if gene_column is not None and gene_column not in adata.var:
             raise KeyError(f"gene_column {gene_column!r} is not in adata.var; its columns: {list(adata.var)}")
         counts = adata.layers[layer] if layer is not None else adata.X
+        check_count_matrix(counts, layer)
         mask = boolean_mask(mask, adata.shape) if mask is not None else nan_entries(counts)
         if processor.gene_vocab is None:
             raise ValueError("impute_anndata needs the checkpoint's gene vocabulary (processor.gene_vocab is None)")
@@ -221,11 +250,12 @@ def run_imputation(
     taken += [f"uns[{key_added!r}]"] * (key_added in adata.uns)
     if taken:
         raise ValueError(f"key_added={key_added!r} would overwrite {taken} of the AnnData: choose another key_added")
-    if not isinstance(cell_batch_size, int) or isinstance(cell_batch_size, bool) or cell_batch_size < 1:
+    if not isinstance(cell_batch_size, (int, np.integer)) or isinstance(cell_batch_size, bool) or cell_batch_size < 1:
         raise ValueError(f"cell_batch_size must be a positive integer, got {cell_batch_size!r}")
     if condition_columns is None:
         condition_columns = default_condition_columns(pipe.model.config, adata.obs, "impute_anndata")
     conditions = pipe.processor.table_conditions(adata.obs, condition_columns)
+    check_conditions(pipe, conditions, adata.obs_names)
     table = CountTable.of(adata, pipe.processor, mask, layer, gene_column)
     outputs = ImputedLayers(adata.shape, table.requested, pipe.processor.num_rank_bins + 1, return_probs)
     if call_kwargs.get("generator") is None:
@@ -266,6 +296,11 @@ def read_reference(pipe, adata, *, layer: str | None = None, gene_column: str | 
     from .reference_cells import ReferenceCells
 
     check_anndata(adata, "reference")
+    if max_cells is not None and not (isinstance(max_cells, (int, np.integer)) and not isinstance(max_cells, bool)
+                                      and max_cells >= 2):  # fmt: skip
+        raise ValueError(f"max_cells must be an integer >= 2 (or None: every cell), got {max_cells!r}")
+    if not (isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) and seed >= 0):
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     if adata.n_obs < 2 or adata.n_vars == 0:
         raise ValueError(f"a reference needs at least 2 cells and a gene; the AnnData holds {adata.shape}")
     if layer is not None and layer not in adata.layers:
@@ -280,6 +315,7 @@ def read_reference(pipe, adata, *, layer: str | None = None, gene_column: str | 
     if max_cells is not None and adata.n_obs > max_cells:
         rows = np.sort(np.random.default_rng(seed).choice(adata.n_obs, max_cells, replace=False))
     matrix = adata.layers[layer] if layer is not None else adata.X
+    check_count_matrix(matrix, layer)
     blocks = []
     for start in range(0, len(rows), cell_batch_size):
         block = matrix[rows[start : start + cell_batch_size]]
@@ -295,8 +331,11 @@ def read_reference(pipe, adata, *, layer: str | None = None, gene_column: str | 
         row, _ = real.nonzero(as_tuple=True)
         blocks.append(sp.csr_matrix((batch["input_ids"][real].numpy(), (row.numpy(), batch["gene_ids"][real].numpy())),
                                     shape=(batch.num_cells, pipe.model.config.gene_vocab_size)))  # fmt: skip
+    tokens = sp.vstack(blocks)
+    if tokens.nnz == 0:
+        raise ValueError("the reference AnnData holds no count above 0 at the checkpoint's genes: no cells to read")
     reference, _ = ReferenceCells.from_tokens(
-        sp.vstack(blocks), pipe.processor.num_rank_bins, max_cells=None, seed=seed,
+        tokens, pipe.processor.num_rank_bins, max_cells=None, seed=seed,
         num_neighbours=pipe.reference.config.num_neighbours if pipe.reference is not None else 32,
     )  # fmt: skip
     return reference
@@ -314,11 +353,17 @@ def run_generation(pipe, obs, genes, *, condition_columns=None, **call_kwargs):
         raise ValueError("obs holds no rows: one row per cell to generate")
     if condition_columns is None:
         condition_columns = default_condition_columns(pipe.model.config, obs, "generate_anndata")
-    genes = list(genes)
+    if "unknown_genes" in call_kwargs:
+        raise ValueError("generate_anndata generates known genes only: unknown_genes is not an argument of it")
+    if genes is None or isinstance(genes, (str, bytes)):
+        raise TypeError(f"genes must be a list of genes (ids, Ensembl ids or symbols), got {genes!r}")
+    (genes,) = pipe.processor.as_cells([genes], "genes")
+    unknown = [str(genes[j]) for j in np.flatnonzero(pipe.processor.gene_token_ids(genes) < 0)]
+    if unknown:  # before any cell is generated
+        raise KeyError(f"genes outside the checkpoint's vocabulary: {unknown[:10]}; generate on known genes only")
     conditions = pipe.processor.table_conditions(obs, condition_columns)
+    check_conditions(pipe, conditions, obs.index)
     out = pipe(gene_ids=[genes] * len(obs), conditions=conditions, **call_kwargs)
-    if (out.ranks < 0).any():
-        raise ValueError("some genes are outside the checkpoint's vocabulary: generate on known genes only")
     obs = obs.copy()
     obs.index = obs.index.astype(str)
     var = pd.DataFrame(index=pd.Index([str(g) for g in genes]))

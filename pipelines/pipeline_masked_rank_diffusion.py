@@ -159,6 +159,7 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
         guidance_scale=1.0,
         use_cache=True,
         return_dict=True,
+        callback_on_step_end=None,
     ) -> None:
         """Raise a clear error for any argument the call cannot use (the cells are checked by the processor)."""
         for name, value in (("use_cache", use_cache), ("return_dict", return_dict)):
@@ -183,6 +184,11 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
                 f"generator must be a torch.Generator (e.g. torch.Generator().manual_seed(0)), got "
                 f"{type(generator).__name__}"
             )
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise TypeError(f"callback_on_step_end must be callable, got {type(callback_on_step_end).__name__}")
+        inputs = callback_on_step_end_tensor_inputs
+        if not isinstance(inputs, (list, tuple)) or not all(isinstance(name, str) for name in inputs):
+            raise TypeError(f"callback_on_step_end_tensor_inputs must be a list of names, got {inputs!r}")
         unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
         if unknown:
             raise ValueError(
@@ -274,7 +280,7 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
         """
         self.check_inputs(
             mask, mask_ratio, num_inference_steps, temperature, top_p, batch_size, generator, output_type,
-            callback_on_step_end_tensor_inputs, guidance_scale, use_cache, return_dict,
+            callback_on_step_end_tensor_inputs, guidance_scale, use_cache, return_dict, callback_on_step_end,
         )  # fmt: skip
         config = self.model.config
         if guidance_scale != 1.0 and (conditions is None or not (config.conditions or config.dose_condition)):

@@ -9,7 +9,13 @@ import pytest
 import train_hf
 
 CASES = [
-    (["--ordinal_weight", "nan"], "--ordinal_weight must be a finite number >= 0, got nan"),
+    (["--ordinal_weight", "nan"], r"--ordinal_weight must be a number in \[0, 1e6\] .*, got nan"),
+    (["--ordinal_weight", "1e308"], r"--ordinal_weight must be a number in \[0, 1e6\] .*, got 1e\+308"),
+    (["--split_seed", "-1"], "--split_seed must be an integer >= 0, got -1"),
+    (["--noise_schedule", "cosine-typo"], "--noise_schedule must be one of .*, got 'cosine-typo'"),
+    (["--num_attention_heads", "3"], r"--hidden_size \(64\) must be divisible by --num_attention_heads \(3\)"),
+    (["--num_rank_bins", "300"], "--num_rank_bins must be at most 255 with --reference_context"),
+    (["--gene_vocab", "vocab.parquet"], "--gene_vocab is the vocabulary of an .h5ad --data"),
     (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be a positive integer, got 0"),
     (["--max_steps", "0"], "--max_steps must be a positive integer, got 0"),
     (["--panel_size", "0"], "--panel_size must be a positive integer, got 0"),
@@ -81,6 +87,8 @@ def test_rankdiff_impute_refuses_bad_paths_before_reading_the_model(tmp_path):
         ([good, tmp_path / "out"], "OUTPUT .*out is a folder"),
         ([good, tmp_path / "a_file" / "out.h5ad"], "cannot make the folder of OUTPUT .*a_file.out.h5ad"),
         ([tmp_path / "cells.csv", tmp_path / "new.h5ad"], "input .*cells.csv is not an .h5ad file anndata can read"),
+        ([good, tmp_path / "new.csv"], "OUTPUT .*new.csv must end in .h5ad"),
+        ([good, tmp_path / "new.h5ad", "--device", "nonsense"], "--device 'nonsense' is not a torch device"),
     ]
     for paths, message in cases:
         with pytest.raises(SystemExit, match=message):

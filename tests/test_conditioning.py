@@ -183,6 +183,24 @@ def test_anndata_generation_and_imputation_conditioned_on_obs_columns():
     np.testing.assert_array_equal(by_default.layers["rankdiff_expected"], told.layers["rankdiff_expected"])
     with pytest.raises(KeyError, match=r"condition columns \['treatment'\] are not in obs"):
         pipe.impute_anndata(adata, condition_columns={"drug": "treatment"})
+    with pytest.raises(TypeError, match="condition_columns must be a list of obs column names .*, got 'drug'"):
+        pipe.impute_anndata(adata, condition_columns="drug")
+    calls = []
+    pipe.model.register_forward_hook(lambda *args: calls.append(1))
+    for column, value, error, message in (("dose", -1.0, ValueError, "the dose must be a number >= 0"),
+                                          ("drug", "Aspirine", KeyError, "unknown drug 'Aspirine'")):  # fmt: skip
+        bad = adata.copy()
+        bad.obs[column] = bad.obs[column].astype(object)
+        bad.obs.loc["c", column] = value  # the last cell of a later batch: refused before the first is imputed
+        with pytest.raises(error, match=f"cell 'c' \\(obs\\): {message}"):
+            pipe.impute_anndata(bad, cell_batch_size=2)
+    assert not calls
+    unknown = "genes outside the checkpoint's vocabulary: \\['NOPE'\\]"
+    for genes, error, message in (("G10", TypeError, "genes must be a list of genes"),
+                                  (["G10", "NOPE"], KeyError, unknown)):  # fmt: skip
+        with pytest.raises(error, match=message):
+            pipe.generate_anndata(obs, genes)
+    assert not calls
 
 
 def test_columns_and_arguments_that_would_be_ignored_are_named(caplog):

@@ -247,12 +247,21 @@ def test_shape_mismatches_are_named(tiny_model, tiny_config):
         tiny_model(gene_ids=gene_ids[:, :5], input_ids=input_ids)
     with pytest.raises(ValueError, match="attention_mask"):
         tiny_model(gene_ids=gene_ids, input_ids=input_ids, attention_mask=torch.ones(2, 3))
+    for name, bad, message in (
+        ("timesteps", torch.tensor([0.5, float("nan")]), "timesteps must be times in [0, 1]; got nan at row 1"),
+        ("timesteps", torch.tensor([0.5, 5.0]), "timesteps must be times in [0, 1]; got 5.0 at row 1"),
+        ("gene_ids", gene_ids.tolist(), "gene_ids must be a torch.LongTensor (batch, length), got list"),
+        ("input_ids", input_ids.float(), "input_ids must be an integer tensor, got torch.float32"),
+    ):
+        with pytest.raises((ValueError, TypeError), match=re.escape(message)):
+            tiny_model(**{"gene_ids": gene_ids, "input_ids": input_ids, name: bad})
     for rows, length in ((0, 5), (2, 0)):
         with pytest.raises(ValueError, match=f"at least one cell of at least one gene, got \\({rows}, {length}\\)"):
             tiny_model(gene_ids=gene_ids[:rows, :length], input_ids=input_ids[:rows, :length])
     for timesteps in (torch.zeros(3), torch.zeros(2, 8), torch.tensor(0.5)):
         with pytest.raises(
-            ValueError, match=re.escape(f"timesteps must be (batch,) = (2,), got {tuple(timesteps.shape)}")
+            ValueError,
+            match=re.escape(f"timesteps must be a tensor of shape (batch,) = (2,), got {tuple(timesteps.shape)}"),
         ):
             tiny_model(gene_ids=gene_ids, input_ids=input_ids, timesteps=timesteps)
 

@@ -508,6 +508,8 @@ def test_the_same_seed_gives_the_same_cells_whatever_the_batch_size(config):
         (dict(guidance_scale=-5), ValueError, "guidance_scale must be a number >= 0 .*, got -5"),
         (dict(reference="cells.h5ad"), ValueError, "reference: this model reads no reference cells"),
         (dict(use_cache="no"), TypeError, "use_cache must be True or False, got 'no'"),
+        (dict(callback_on_step_end=5), TypeError, "callback_on_step_end must be callable, got int"),
+        (dict(callback_on_step_end_tensor_inputs="sample"), TypeError, "must be a list of names, got 'sample'"),
         (dict(return_dict=0), TypeError, "return_dict must be True or False, got 0"),
     ],
 )
@@ -586,3 +588,24 @@ def test_transformers_task_refuses_unknown_arguments(saved_pipeline):
         task(gene_ids=["G10", "G11"], ranks=[1, 2])
     out = task(gene_ids=["G10", "RETIRED"], ranks=[1, 2], mask=[True, False], unknown_genes="ignore")
     assert out["gene_ids"] == [10, -1] and np.isnan(out["expected"][1])
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (
+            dict(gene_ids=[[10, 2**70]], ranks=[[1, 2]]),
+            ValueError,
+            "gene id 1180591620717411303424 at position 1 is no",
+        ),
+        (dict(gene_ids=np.array([[10, 2**63 + 5]], dtype=np.uint64), ranks=[[1, 2]]), ValueError, "is no token id"),
+        (dict(gene_ids=[[10, 11]], ranks=[[[1], [2]]]), ValueError, "ranks\\[0\\] must be a flat sequence"),
+        (dict(gene_ids=[[10, 11]], counts=[[1, 2 + 1j]]), TypeError, "counts must be numbers, got \\(2\\+1j\\)"),
+        (dict(gene_ids=[[10, 11]], counts=[[1e308, 2]]), ValueError, "non-negative integers up to 1e9 .*got 1e\\+308"),
+        (dict(gene_ids=torch.zeros(1, 2, dtype=torch.long, device="meta"), ranks=[[1, 2]]), TypeError, "meta device"),
+    ],
+    ids=["huge id", "uint64 id", "3-deep", "complex", "1e308", "meta"],
+)
+def test_values_that_are_no_genes_ranks_or_counts_are_named(config, call, error, message):
+    with pytest.raises(error, match=message):
+        _pipe(StubDenoiser(config))(**call, mask=[[False, True]])

@@ -158,5 +158,13 @@ def test_a_users_anndata_reference_reads_its_cells_by_the_checkpoints_rule(refer
     assert np.abs(pipe(**call, reference=False).probs - with_own).max() > 1e-4
     pipe.reference = None
     np.testing.assert_allclose(pipe(**call).probs, pipe(**call, reference=False).probs)
+    for kwargs, message in ((dict(max_cells=0), "max_cells must be an integer >= 2 .*, got 0"),
+                            (dict(seed=-1), "seed must be an integer >= 0, got -1")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            pipe.make_reference(adata, **kwargs)
+    with pytest.raises(ValueError, match="the reference AnnData holds no count above 0"):
+        pipe.make_reference(anndata.AnnData(np.zeros((5, 37), np.float32), var=adata.var))
+    with pytest.raises(TypeError, match="reference must be an anndata.AnnData, got ndarray"):
+        pipe.make_reference(counts)
     with pytest.raises(TypeError, match="reference must be an AnnData"):
         pipe(**call, reference="cells.h5ad")

@@ -203,3 +203,15 @@ def test_a_run_that_fails_while_writing_its_outputs_leaves_the_earlier_ones_whol
     train_hf.finalize(run, {}, SimpleNamespace(preset="tiny"), diffusion, card, None)
     assert (out / "model_index.json").read_text() == "new"
     assert RunOutputs(out).paths == ["eval_results.json", "model/config.json", "model_index.json", "run_config.json"]
+
+
+def test_a_diverged_run_stops_naming_the_step():
+    from types import SimpleNamespace
+
+    from training.trainer import DivergenceCallback
+
+    state = SimpleNamespace(global_step=25)
+    DivergenceCallback().on_log(None, state, None, logs={"loss": 1.2, "learning_rate": 1e-3})
+    for logs in ({"loss": float("nan")}, {"eval_loss": float("inf")}):
+        with pytest.raises(RuntimeError, match="training diverged at step 25: .*lower --learning_rate"):
+            DivergenceCallback().on_log(None, state, None, logs=logs)

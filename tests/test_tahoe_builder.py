@@ -256,8 +256,17 @@ def test_without_gene_metadata_special_token_ids_are_not_taken_as_genes(tmp_path
         (dict(num_rank_bins=0), "num_rank_bins must be a positive integer, got 0"),
         (dict(max_length=0), "max_length must be a positive integer, got 0"),
         (dict(zero_share=1.5), "zero_share must be a share in \\[0, 1\\], got 1.5"),
+        (dict(seed=-1), "seed must be an integer >= 0, got -1"),
+        (dict(interleave_files=1.5), "interleave_files must be a positive integer, got 1.5"),
+        (
+            dict(split_by="plate", validation_plates="plate2"),
+            "validation_plates must be a tuple of names, got the str",
+        ),
+        (dict(test_files=("a.parquet",)), "test_files holds out files: give split_by='file', not 'barcode'"),
+        (dict(panel=(0, 5, 5)), "panel must list distinct gene ids >= 3 .*, got \\[0\\]"),
+        (dict(keep_columns="plate"), "keep_columns must be a tuple of column names, got the string 'plate'"),
     ],
 )
 def test_a_bad_builder_config_is_refused_naming_the_field(fixture_dir, tmp_path, kwargs, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises((ValueError, TypeError), match=message):
         _builder(fixture_dir, tmp_path, **kwargs)

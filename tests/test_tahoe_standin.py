@@ -365,3 +365,10 @@ def test_a_corpus_is_written_whole_and_never_beside_an_earlier_one(tmp_path, cap
     assert rows() == 2 * 5
     with pytest.raises(FileExistsError, match="holds an earlier corpus"):
         write_standin_screen(root, num_lines=2, num_drugs=2, cells_per_condition=2, num_plates=3)
+    bad = [(["", "--files", "2"], "argument root: an empty path"),
+           ([str(tmp_path / "new"), "--seed", "-1"], "argument --seed: must be at least 0, got -1")]  # fmt: skip
+    for argv, message in bad:
+        with pytest.raises(SystemExit):
+            tahoe_standin.main(argv)
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()

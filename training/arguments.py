@@ -78,6 +78,13 @@ class ModelArguments:
             _check_positive_int(name, getattr(self, name), optional=name != "num_rank_bins")
         if self.preset not in RANK_DIT_PRESETS:
             raise ValueError(f"preset must be one of {sorted(RANK_DIT_PRESETS)}, got {self.preset!r}")
+        sizes = {**RANK_DIT_PRESETS[self.preset], **self.config_overrides()}
+        if sizes["hidden_size"] % sizes["num_attention_heads"]:
+            raise ValueError(f"--hidden_size ({sizes['hidden_size']}) must be divisible by --num_attention_heads "
+                             f"({sizes['num_attention_heads']})")  # fmt: skip
+        if self.reference_context and self.num_rank_bins > 255:
+            raise ValueError(f"--num_rank_bins must be at most 255 with --reference_context (reference tokens are "
+                             f"bytes), got {self.num_rank_bins}")  # fmt: skip
         if self.reference_neighbours < 1 or self.reference_cells <= self.reference_neighbours:
             raise ValueError(
                 f"--reference_neighbours must be at least 1 and below --reference_cells, got "
@@ -239,10 +246,19 @@ class DataArguments:
                 raise ValueError(f"--conditions names {repeated} more than once: {self.conditions!r}")
         if not 0.0 <= self.condition_dropout < 1.0:
             raise ValueError(f"condition_dropout must be in [0, 1), got {self.condition_dropout}")
+        if not (isinstance(self.split_seed, int) and self.split_seed >= 0):
+            raise ValueError(f"--split_seed must be an integer >= 0, got {self.split_seed}")
         if self.heldout_pairs is not None and not self.conditions:
             raise ValueError("--heldout_pairs needs --conditions (the pair's columns among them)")
         if self.heldout_pairs is not None and self.split_by != "barcode":
             raise ValueError(f"--heldout_pairs is its own split: leave --split_by at barcode, not {self.split_by!r}")
+        if self.gene_vocab is not None:
+            if not str(self.data or "").endswith(".h5ad"):
+                raise ValueError(f"--gene_vocab is the vocabulary of an .h5ad --data; --data {self.data} brings its "
+                                 "own (metadata/gene_metadata.parquet)")  # fmt: skip
+            if not os.path.isfile(self.gene_vocab):
+                raise FileNotFoundError(f"--gene_vocab {self.gene_vocab}: no such file (a gene_metadata parquet or a "
+                                        "preprocessor_config.json)")  # fmt: skip
         if self.heldout_pairs is not None:  # its form is checked now; its pairs against the data when it is opened
             from .recipe import read_heldout_pairs  # the recipe module imports this one
 
@@ -310,14 +326,17 @@ class DiffusionArguments:
     )
 
     def __post_init__(self):
+        if self.noise_schedule not in NOISE_SCHEDULES:
+            raise ValueError(f"--noise_schedule must be one of {NOISE_SCHEDULES}, got {self.noise_schedule!r}")
         if self.ordinal_term not in ORDINAL_TERMS:
             raise ValueError(f"ordinal_term must be one of {ORDINAL_TERMS}, got {self.ordinal_term!r}")
         if self.ordinal_time_weighting not in ORDINAL_TIME_WEIGHTINGS:
             raise ValueError(
                 f"ordinal_time_weighting must be one of {ORDINAL_TIME_WEIGHTINGS}, got {self.ordinal_time_weighting!r}"
             )
-        if not (math.isfinite(self.ordinal_weight) and self.ordinal_weight >= 0):
-            raise ValueError(f"--ordinal_weight must be a finite number >= 0, got {self.ordinal_weight}")
+        if not (math.isfinite(self.ordinal_weight) and 0 <= self.ordinal_weight <= 1e6):
+            raise ValueError(f"--ordinal_weight must be a number in [0, 1e6] (larger ones overflow the loss), got "
+                             f"{self.ordinal_weight}")  # fmt: skip
         if not (math.isfinite(self.eps) and 0 < self.eps < 1):
             raise ValueError(f"--eps must be in (0, 1), got {self.eps}")
         _check_positive_int("eval_time_grid", self.eval_time_grid)

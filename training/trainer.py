@@ -8,7 +8,7 @@ import datasets
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from dataset_scripts import shard_for_process
 from metrics import PerGeneMarginal
@@ -19,6 +19,17 @@ from .checkpoints import CheckpointCompleteCallback, check_resumable, last_compl
 from .ema import EMACallback
 from .evaluation import condition_inputs, evaluate_masked_diffusion
 from .loss import masked_nelbo, masked_ordinal
+
+
+class DivergenceCallback(TrainerCallback):
+    """Stops a run whose logged loss is NaN or infinite (its weights are then NaN too): an error naming the step,
+    instead of a pipeline folder of NaN weights at the end."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        bad = {k: v for k, v in (logs or {}).items() if k in ("loss", "eval_loss") and not np.isfinite(v)}
+        if bad:
+            raise RuntimeError(f"training diverged at step {state.global_step}: {bad}; lower --learning_rate or the "
+                               "loss weights (--ordinal_weight)")  # fmt: skip
 
 
 class RankDiffusionTrainer(Trainer):
@@ -71,6 +82,7 @@ class RankDiffusionTrainer(Trainer):
         self.ema = EMACallback(ema_decay) if ema_decay else None
         if self.ema is not None:
             self.add_callback(self.ema)
+        self.add_callback(DivergenceCallback())
         self.add_callback(CheckpointCompleteCallback())  # last: after every file of a checkpoint is written
         noise_scheduler.check_model_config(self.model.config)
         self.noise_scheduler = noise_scheduler
