@@ -125,26 +125,23 @@ class _Wells:
         self.obs.append((barcode, sample, plate, line, len(cell_genes), int(cell_counts_.sum())))
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: a count of at least 1 (argparse names the flag and the value otherwise)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def int_at_least(minimum: int):
+    """An argparse type: an integer of at least `minimum` (argparse names the flag and the value otherwise)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
 
 
-def seed_value(text: str) -> int:
-    """An argparse type: a seed numpy takes (an integer >= 0)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
-    return value
+positive_int = int_at_least(1)  # a count
+seed_value = int_at_least(0)  # a seed numpy takes
 
 
 def folder(text: str) -> Path:
