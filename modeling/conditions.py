@@ -11,12 +11,15 @@ extrapolate from the one to the other ([`guided_logits`]).
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import re
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
+
+logger = logging.getLogger(__name__)
 
 DOSE = "dose"
 _SOLVATE = re.compile(r"\s*\([^()]*\bsolvate\)\s*$", flags=re.IGNORECASE)
@@ -202,6 +205,12 @@ def dose_value(dose, cell: int) -> float:
     if not (number and math.isfinite(dose) and dose >= 0):
         raise ValueError(f"cell {cell}: the dose must be a number >= 0 in uM (None or NaN: unknown), got {dose!r}")
     return float(dose)
+
+
+def warn_if_guidance_unused(guidance_scale: float, conditions, config) -> None:
+    """Say so when a guidance scale other than 1 can have no effect: no conditions given, or a model without any."""
+    if guidance_scale != 1.0 and (conditions is None or not (config.conditions or config.dose_condition)):
+        logger.warning("guidance_scale=%s has no effect without conditions (and a conditioned model)", guidance_scale)
 
 
 def check_guidance_scale(guidance_scale) -> None:

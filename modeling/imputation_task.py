@@ -12,12 +12,9 @@ import numbers
 
 import torch
 from transformers import Pipeline
-from transformers.utils import logging
 
-from .conditions import check_guidance_scale
+from .conditions import check_guidance_scale, warn_if_guidance_unused
 from .configuration_rank_dit import IMPUTATION_TASK
-
-logger = logging.get_logger(__name__)
 
 PREPROCESS_PARAMETERS = ("unknown_genes", "conditions")
 FORWARD_PARAMETERS = ("window_batch_size", "guidance_scale")
@@ -55,11 +52,7 @@ class RankDiTImputationPipeline(Pipeline):
         forward = {key: kwargs[key] for key in FORWARD_PARAMETERS if key in kwargs}
         if "guidance_scale" in forward:  # checked before any cell is read
             check_guidance_scale(forward["guidance_scale"])
-            config = self.model.config
-            told = preprocess.get("conditions") is not None and (config.conditions or config.dose_condition)
-            if forward["guidance_scale"] != 1.0 and not told:
-                logger.warning("guidance_scale=%s has no effect without conditions (and a conditioned model)",
-                               forward["guidance_scale"])  # fmt: skip
+            warn_if_guidance_unused(forward["guidance_scale"], preprocess.get("conditions"), self.model.config)
         size = forward.get("window_batch_size", 1)
         if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
             raise ValueError(f"window_batch_size must be a positive integer, got {size!r}")

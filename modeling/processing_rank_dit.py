@@ -25,7 +25,13 @@ from torch.nn import functional as F
 from transformers.feature_extraction_utils import FeatureExtractionMixin
 
 from .cell_batch import CellBatch, CellWindows, RaggedCells
-from .conditions import ConditionEncoder, check_guidance_scale, guided_logits, table_conditions
+from .conditions import (
+    ConditionEncoder,
+    check_guidance_scale,
+    guided_logits,
+    table_conditions,
+    warn_if_guidance_unused,
+)
 from .configuration_rank_dit import RankDiTConfig
 from .gene_vocab import FIRST_GENE_ID, SPECIAL_TOKENS, GeneVocab
 from .imputation_task import RankDiTImputationPipeline  # noqa: F401  (its code travels with the processor)
@@ -68,11 +74,11 @@ def as_cells(values, name: str) -> list[np.ndarray] | None:
     items = _listed(values, name)
     nested = [_is_cell(item) for item in items]
     if len(items) and all(nested):
-        cells = [_listed(item, f"{name}[{i}]") for i, item in enumerate(items)]
-        for i, cell in enumerate(cells):
-            if (isinstance(cell, np.ndarray) and cell.ndim != 1) or any(_is_cell(value) for value in cell):
+        cells = [_cell_array(_listed(item, f"{name}[{i}]")) for i, item in enumerate(items)]
+        for i, cell in enumerate(cells):  # only an array of objects can hold sequences: numbers are not looked at
+            if cell.ndim != 1 or (cell.dtype == object and any(_is_cell(value) for value in cell)):
                 raise ValueError(f"{name}[{i}] must be a flat sequence of one cell's values, not of sequences")
-        return [_cell_array(cell) for cell in cells]
+        return cells
     if any(nested):
         raise ValueError(f"{name} mixes cells (sequences) and single values: give one cell or a list of cells")
     return [_cell_array(items)]
@@ -493,6 +499,7 @@ class RankDiTProcessor(FeatureExtractionMixin):
 
     logits = staticmethod(guided_logits)  # the denoiser's output under classifier-free guidance, for the pipelines
     check_guidance_scale = staticmethod(check_guidance_scale)  # its argument's one check, for the pipelines
+    warn_if_guidance_unused = staticmethod(warn_if_guidance_unused)  # and the one warning that it does nothing
     table_conditions = staticmethod(table_conditions)  # an AnnData's obs columns as conditions, for the pipelines
 
     @staticmethod

@@ -282,11 +282,7 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
             mask, mask_ratio, num_inference_steps, temperature, top_p, batch_size, generator, output_type,
             callback_on_step_end_tensor_inputs, guidance_scale, use_cache, return_dict, callback_on_step_end,
         )  # fmt: skip
-        config = self.model.config
-        if guidance_scale != 1.0 and (conditions is None or not (config.conditions or config.dose_condition)):
-            logger.warning(
-                "guidance_scale=%s has no effect without conditions (and a conditioned model)", guidance_scale
-            )
+        self.processor.warn_if_guidance_unused(guidance_scale, conditions, self.model.config)
         if output_type != "ranks":  # one denoiser pass: nothing is drawn
             given = {"sampler": sampler, "temperature": temperature, "top_p": top_p,
                      "num_inference_steps": num_inference_steps}  # fmt: skip
