@@ -21,7 +21,9 @@ must score about 0, and the ceiling, a fresh draw of the same wells (`DIR/oracle
 other half, a lower bound), the best anyone can do.
 With `--checkpoint`, RankDiT generates as many cells as the real ones for each perturbation and control cells for
 each line (its own control), guided with the scale chosen on validation; its tokens become expression by the
-mean expression of each token in the line's reference control cells.
+mean expression of each token in the line's reference control cells. A model that reads reference cells
+translates control cells, as a user does (`pipe(gene_ids=..., control_counts=..., conditions=...)`): training
+control cells of the line (whole cells, drawn at random), under the perturbation and under the control alike.
 
 Metrics, mean over test perturbations: `pearson_delta` and `mae_delta` of the effects; cell-eval's
 `discrimination_score_l1` (higher is better, with its chance level), `overlap_at_N`, `precision_at_N`,
@@ -113,7 +115,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the draws of predicted cells")
     parser.add_argument("--json", default="benchmarks/results/perturbation.json")
     parser.add_argument("--no_card", action="store_true", help="leave the checkpoint folder and its card alone")
+    parser.add_argument("--validation_only", action="store_true",
+                        help="score every method on the validation pairs instead of the test pairs (to choose "
+                        "settings; the test pairs are not read)")  # fmt: skip
     args = parser.parse_args(argv)
+    args.no_card = args.no_card or args.validation_only  # the card reports test pairs only
     if args.checkpoint is None and not args.baselines_only:
         parser.error("give --checkpoint (to score the model) or --baselines_only")
     if args.checkpoint is None and (args.data is None or args.heldout_pairs is None):
@@ -248,8 +254,8 @@ def evaluate_split(cells: ScreenCells, oracle, setup: dict, panel_size: int, arg
     roles = cell_roles(cells, setup["pair_columns"], map(tuple, setup["test_pairs"]),
                        map(tuple, setup["validation_pairs"]), setup["control_drug"], setup["split_seed"])  # fmt: skip
     genes = most_detected_genes(cells.detection(np.flatnonzero(roles == "train")), panel_size)
-    truth = split_truth(cells, roles, genes, setup["control_drug"], "test")
     validation = split_truth(cells, roles, genes, setup["control_drug"], "validation")
+    truth = validation if args.validation_only else split_truth(cells, roles, genes, setup["control_drug"], "test")
     logger.info("%d test perturbations (%d cells), %d validation perturbations, %d panel genes", len(truth.keys),
                 sum(len(v) for v in truth.real.values()), len(validation.keys), len(genes))  # fmt: skip
     base, choices = fit_baselines(truth, validation)
@@ -273,6 +279,7 @@ def evaluate_split(cells: ScreenCells, oracle, setup: dict, panel_size: int, arg
         "test_pairs": [list(p) for p in setup["test_pairs"]],
         "validation_pairs": [list(p) for p in setup["validation_pairs"]],
         "split_seed": setup["split_seed"],
+        "scored_on": "validation pairs" if args.validation_only else "test pairs",
         "test_perturbations": len(truth.keys),
         "test_cells": int(sum(len(v) for v in truth.real.values())),
         "evaluation_controls": int(sum(len(v) for v in truth.evaluation_controls.values())),
@@ -309,13 +316,20 @@ def model_prediction(pipe, cells, roles, genes, truth: Truth, validation: Truth,
     """RankDiT's cells for the test perturbations and its own control cells for each line, with the guidance scale
     chosen on the validation pairs (mean Pearson delta)."""
     lookup = token_expression(pipe, cells, roles, genes, truth.control)
-    guidance = {}
+    controls = None
+    if pipe.model.config.reference_context:
+        control = np.flatnonzero((roles == "train") & (cells.obs["drug"] == truth.control).to_numpy())
+        lines = cells.obs["line"].to_numpy()[control]
+        controls = (cells, {line: control[lines == line] for line in np.unique(lines)})
+    guidance, predictions = {}, {}
     for scale in args.guidance_scales:
-        prediction = generated_prediction(pipe, validation, genes, lookup, scale, args)
-        guidance[scale] = float(np.mean(delta_scores(prediction, validation)["pearson_delta"]))
+        predictions[scale] = generated_prediction(pipe, validation, genes, lookup, scale, args, controls=controls)
+        guidance[scale] = float(np.mean(delta_scores(predictions[scale], validation)["pearson_delta"]))
         logger.info("guidance %g: validation Pearson delta %.3f", scale, guidance[scale])
     chosen = max(guidance, key=guidance.get)
-    prediction = generated_prediction(pipe, truth, genes, lookup, chosen, args, seed_offset=1)
+    if truth is validation:  # --validation_only: the chosen scale's validation cells
+        return predictions[chosen], {"chosen": chosen, "validation_pearson_delta": guidance}
+    prediction = generated_prediction(pipe, truth, genes, lookup, chosen, args, seed_offset=1, controls=controls)
     return prediction, {"chosen": chosen, "validation_pearson_delta": guidance}
 
 
@@ -345,16 +359,25 @@ def token_expression(pipe, cells: ScreenCells, roles: np.ndarray, genes: np.ndar
     return lookup
 
 
-def generated_prediction(pipe, truth: Truth, genes, lookup: dict, scale: float, args, seed_offset: int = 0):
+def generated_prediction(pipe, truth: Truth, genes, lookup: dict, scale: float, args, seed_offset: int = 0,
+                         controls: tuple | None = None):  # fmt: skip
     """RankDiT's cells on the panel, as many as the real ones for each perturbation (at most `--cells_per_condition`),
     and its own control: control cells it generates for each line (as many as the line's largest evaluation
-    control, at most 256 and at most the cap)."""
+    control, at most 256 and at most the cap). With `controls` (the screen's cells and the training control rows of
+    each line), it translates control cells of the line drawn at random instead of generating from nothing."""
     cap = args.cells_per_condition or max(len(cells) for cells in truth.real.values())
     requests = [((key[0], key[1], key[2]), min(len(truth.real[key]), cap)) for key in truth.keys]
     for line in sorted({key[0] for key in truth.keys}):
         size = max(len(c) for ctx, c in truth.evaluation_controls.items() if ctx[0] == line)
         requests.append(((line, truth.control, 0.0), min(size, 256, max(cap, 2))))
     conditions = [{"cell_line_id": k[0], "drug": k[1], "dose": k[2]} for k, n in requests for _ in range(n)]
+    translation = {}
+    if controls is not None:
+        cells, rows_of_line = controls
+        rng = np.random.default_rng(args.seed + seed_offset)
+        rows = np.concatenate([rng.choice(rows_of_line[k[0]], n, replace=n > len(rows_of_line[k[0]]))
+                               for k, n in requests])  # fmt: skip
+        translation = whole_cells_on(cells.counts[rows], genes)
     ranks = pipe(
         gene_ids=[genes.tolist()] * len(conditions),
         conditions=conditions,
@@ -362,6 +385,7 @@ def generated_prediction(pipe, truth: Truth, genes, lookup: dict, scale: float, 
         num_inference_steps=args.num_inference_steps,
         batch_size=args.batch_size,
         generator=torch.Generator().manual_seed(args.seed + seed_offset),
+        **translation,
     ).ranks
     generated, start = {}, 0
     for key, n in requests:
@@ -369,6 +393,16 @@ def generated_prediction(pipe, truth: Truth, genes, lookup: dict, scale: float, 
         start += n
     controls = {ctx: generated[(ctx[0], truth.control, 0.0)] for ctx in truth.evaluation_controls}
     return Prediction({key: generated[key] for key in truth.keys}, controls)
+
+
+def whole_cells_on(counts, genes: np.ndarray) -> dict:
+    """Cells' raw counts (a CSR matrix over gene ids) as the pipeline takes whole cells shown on `genes`:
+    `control_counts` on the genes and `context_counts`, each cell's other non-zero counts."""
+    other = counts.copy()
+    other.data[np.isin(other.indices, genes)] = 0
+    other.eliminate_zeros()
+    context = [other.data[other.indptr[i] : other.indptr[i + 1]] for i in range(other.shape[0])]
+    return {"control_counts": counts[:, genes].toarray(), "context_counts": context}
 
 
 def markdown_table(report: dict) -> str:

@@ -205,9 +205,12 @@ class RankDiffusionCollator:
         epoch: the training epoch, kept current by [`EpochCallback`] so each epoch draws new subsamples.
         conditions ([`ConditionEncoder`], *optional*): read each cell's perturbation conditions from its row into
             `condition_ids` / `doses` ([`~ConditionEncoder.encode_rows`]), nulled at `condition_dropout` (drawn by a
-            hash of `seed`, the epoch and the cell); `dose_of_sample` gives each Tahoe well's dose.
+            hash of `seed`, the epoch and the cell), the drug and dose alone at `perturbation_dropout`;
+            `dose_of_sample` gives each Tahoe well's dose.
         reference_rows (`dict[str, int]`, *optional*): the row of each cell that is a reference cell, given as
             `reference_self` (-1 for the others), so that no cell reads itself as its own reference.
+        reference_group (`str`, *optional*): the condition that groups a grouped reference (its control cells by
+            line): each cell's id of it, never dropped, given as `reference_group`.
     """
 
     processor: RankDiTProcessor
@@ -217,8 +220,10 @@ class RankDiffusionCollator:
     conditions: ConditionEncoder | None = None
     dose_of_sample: dict[str, float] | None = None
     condition_dropout: float = 0.0
+    perturbation_dropout: float = 0.0
     seed: int = 0
     reference_rows: dict[str, int] | None = None
+    reference_group: str | None = None
 
     def __call__(self, rows: list[dict] | dict[str, list]) -> CellBatch:
         offsets, genes, tokens, cell_ids = tokenized_cells(rows, self.processor.num_rank_bins)
@@ -234,10 +239,13 @@ class RankDiffusionCollator:
             wanted = (*self.conditions.values, "sample", DOSE)
             picked = {name: [columns[name][i] for i in kept] for name in wanted if name in columns}
             encoded = self.conditions.encode_rows(
-                picked, cell_ids, dose_of_sample=self.dose_of_sample, dropout=self.condition_dropout, seed=self.seed,
-                epoch=self.epoch,
+                picked, cell_ids, dose_of_sample=self.dose_of_sample, dropout=self.condition_dropout,
+                perturbation_dropout=self.perturbation_dropout, seed=self.seed, epoch=self.epoch,
             )  # fmt: skip
             batch.update(encoded)
+            if self.reference_group is not None:
+                group = self.reference_group
+                batch["reference_group"] = torch.from_numpy(self.conditions.ids(group, picked[group]))
         return batch
 
 

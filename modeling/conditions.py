@@ -22,6 +22,9 @@ import torch
 logger = logging.getLogger(__name__)
 
 DOSE = "dose"
+# The perturbation of a cell, as opposed to its context (the cell line, the plate): what factorised condition
+# dropout removes alone and what factorised guidance contrasts.
+PERTURBATION = ("drug", DOSE)
 _SOLVATE = re.compile(r"\s*\([^()]*\bsolvate\)\s*$", flags=re.IGNORECASE)
 
 
@@ -42,12 +45,15 @@ def _is_null(value) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
-def dropped_cells(cell_ids: Sequence[str], rate: float, seed: int = 0, epoch: int = 0) -> np.ndarray:
-    """Which cells have all their conditions replaced by the nulls (condition dropout): each with probability `rate`,
-    by a hash of (seed, epoch, cell id), so a resumed run drops the same cells and each epoch drops others."""
+def dropped_cells(
+    cell_ids: Sequence[str], rate: float, seed: int = 0, epoch: int = 0, what: str = "conditions"
+) -> np.ndarray:
+    """Which cells have `what` (all their conditions, or the perturbation) replaced by the nulls (condition
+    dropout): each with probability `rate`, by a hash of (what, seed, epoch, cell id), so a resumed run drops the
+    same cells, each epoch drops others and the two kinds of dropout are drawn apart."""
     if rate <= 0:
         return np.zeros(len(cell_ids), dtype=bool)
-    keys = (f"conditions:{seed}:{epoch}:{cell}".encode() for cell in cell_ids)
+    keys = (f"{what}:{seed}:{epoch}:{cell}".encode() for cell in cell_ids)
     draws = [int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") / 2**64 for key in keys]
     return np.array(draws) < rate
 
@@ -96,6 +102,11 @@ class ConditionEncoder:
 
     def __bool__(self) -> bool:
         return bool(self.names)
+
+    @property
+    def perturbation_columns(self) -> list[int]:
+        """The columns of `condition_ids` that hold the perturbation ([`PERTURBATION`]: the drug)."""
+        return [i for i, name in enumerate(self.values) if name in PERTURBATION]
 
     def ids(self, name: str, values: Sequence) -> np.ndarray:
         """Ids of one condition's `values` (None or NaN: the null id 0); drugs are compared by [`drug_key`].
@@ -164,12 +175,14 @@ class ConditionEncoder:
         *,
         dose_of_sample: Mapping[str, float] | None = None,
         dropout: float = 0.0,
+        perturbation_dropout: float = 0.0,
         seed: int = 0,
         epoch: int = 0,
     ) -> dict[str, torch.Tensor]:
         """The conditions of training rows (`columns`: per-cell lists) as the model's keyword arguments, with
-        condition dropout ([`dropped_cells`]). The dose comes from a `dose` column or, for rows that name their
-        well (`sample`, Tahoe), from `dose_of_sample` (a well without one: an unknown dose).
+        condition dropout ([`dropped_cells`]): every condition of `dropout` of the cells, and the perturbation alone
+        (drug and dose, the line kept) of `perturbation_dropout` of them. The dose comes from a `dose` column or,
+        for rows that name their well (`sample`, Tahoe), from `dose_of_sample` (a well without one: an unknown dose).
 
         Raises:
             KeyError: a condition's column is missing (named with the columns there are).
@@ -190,6 +203,8 @@ class ConditionEncoder:
         ids, doses = self.encode_columns(values, len(cell_ids))
         dropped = dropped_cells(cell_ids, dropout, seed, epoch)
         ids[dropped], doses[dropped] = 0, np.nan
+        perturbation = dropped_cells(cell_ids, perturbation_dropout, seed, epoch, what="perturbation")
+        ids[np.ix_(perturbation, self.perturbation_columns)], doses[perturbation] = 0, np.nan
         out = {"condition_ids": torch.from_numpy(ids)} if self.values else {}
         if self.dose_condition:
             out["doses"] = torch.from_numpy(doses).float()
@@ -229,15 +244,24 @@ def guided_logits(model, inputs: dict, guidance_scale: float = 1.0) -> torch.Ten
 
     With a guidance scale w other than 1 and conditions given, the result is the log-probabilities
     `log p(x | null) + w * (log p(x | c) - log p(x | null))` (softmax renormalises them): w = 1 is the conditional
-    model, w = 0 the unconditional one (every condition null), w > 1 pushes away from the unconditional. Both are
-    evaluated in one pass of twice the batch.
+    model, w = 0 the null one, w > 1 pushes away from it. The null is every condition null, or, for a model trained
+    with factorised dropout (`config.factorized_guidance`), the perturbation alone (drug and dose null, the line
+    kept): `log p(x | line) + w (log p(x | line, drug, dose) - log p(x | line))`. Both are evaluated in one pass of
+    twice the batch.
     """
     conditioned = inputs.get("condition_ids") is not None or inputs.get("doses") is not None
     if guidance_scale == 1.0 or not conditioned:
         return _finite(model(**inputs).logits.float())
     batch = next(v for v in inputs.values() if isinstance(v, torch.Tensor)).shape[0]
     ids, doses = inputs.get("condition_ids"), inputs.get("doses")
-    null_ids = None if ids is None else torch.cat([ids, torch.zeros_like(ids)])
+    null_ids = None
+    if ids is not None:
+        nulled = torch.zeros_like(ids)
+        if getattr(model.config, "factorized_guidance", False):
+            perturbation = ConditionEncoder.from_config(model.config).perturbation_columns
+            nulled = ids.clone()
+            nulled[:, perturbation] = 0
+        null_ids = torch.cat([ids, nulled])
     null_doses = None if doses is None else torch.cat([doses, torch.full_like(doses, float("nan"))])
     doubled = {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     doubled.update(condition_ids=null_ids, doses=null_doses)

@@ -87,6 +87,15 @@ class RankDiTConfig(PreTrainedConfig):
         control_drug (`str`, *optional*):
             With a `drug` condition and `dose_condition`, the control (vehicle) drug of the screen (Tahoe: `DMSO_TF`):
             told with a dose above 0, a cell is refused (a control has none).
+        gene_condition (`str`, *optional*):
+            With conditions, also let them reach single genes: each position adds a projection of its gene's
+            embedding times the cell's condition vector (a gene x condition FiLM), so a drug can move its own genes
+            rather than the whole cell through the shared conditioning vector: `"hidden"` adds it to the input
+            hidden states, `"logits"` to the output log-probabilities (after the copy head). None: neither.
+        factorized_guidance (`bool`, *optional*, defaults to `False`):
+            The model was trained dropping the perturbation (`drug`, dose) apart from the context (the other
+            conditions, e.g. the cell line), so classifier-free guidance contrasts `p(x | line, drug, dose)` with
+            `p(x | line)` and pushes along the drug's effect, not along the line's identity.
         attention_dropout (`float`, *optional*, defaults to 0.0):
             Dropout on attention probabilities.
         hidden_dropout (`float`, *optional*, defaults to 0.0):
@@ -127,6 +136,8 @@ class RankDiTConfig(PreTrainedConfig):
     conditions: dict[str, list[str]] | None = None
     dose_condition: bool = False
     control_drug: str | None = None
+    gene_condition: str | None = None
+    factorized_guidance: bool = False
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
     norm_eps: float = 1e-6
@@ -153,6 +164,8 @@ class RankDiTConfig(PreTrainedConfig):
             )
         if self.intermediate_size is None:
             self.intermediate_size = 4 * self.hidden_size
+        if self.gene_condition not in (None, "hidden", "logits"):
+            raise ValueError(f"gene_condition must be None, 'hidden' or 'logits', got {self.gene_condition!r}")
         for name, values in (self.conditions or {}).items():
             if name == "dose" or not values or len(set(values)) != len(values):
                 raise ValueError(

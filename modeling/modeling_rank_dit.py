@@ -200,6 +200,24 @@ class RankDiTConditionEmbedding(nn.Module):
         return vector
 
 
+class RankDiTGeneCondition(nn.Module):
+    """Conditions that reach single genes (a gene x condition FiLM): position i gets `W (gene_i * U c)`, its gene's
+    embedding gating the cell's condition vector c, so a drug can move its own genes and not only the whole cell
+    through the shared conditioning. Added to the hidden state (`"hidden"`) or to the output log-probabilities
+    (`"logits"`, after the copy head: a shift of the gene's tokens the copied distributions cannot hide). The
+    output layer starts at zero."""
+
+    def __init__(self, config: RankDiTConfig):
+        super().__init__()
+        width = config.hidden_size if config.gene_condition == "hidden" else config.num_rank_tokens
+        self.condition = nn.Linear(config.hidden_size, config.hidden_size)
+        self.out = RankDiTZeroLinear(config.hidden_size, width)
+
+    def forward(self, genes: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
+        """`genes` `(batch, length, hidden)` gene embeddings, `conditions` `(batch, hidden)` condition vectors."""
+        return self.out(genes * self.condition(conditions)[:, None, :])
+
+
 def reference_distribution(reference_tokens: torch.Tensor, num_rank_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`(batch, length, k)` tokens of reference cells (-1: none) -> the share of each token 0..B among them at every
     position `(batch, length, B + 1)`, and where there is at least one `(batch, length)`."""
@@ -413,6 +431,7 @@ class RankDiTModel(RankDiTPreTrainedModel):
         self.cell_profile = RankDiTCellProfile(config) if config.cell_profile else None
         conditioned = bool(config.conditions) or config.dose_condition
         self.condition_embedding = RankDiTConditionEmbedding(config) if conditioned else None
+        self.gene_condition = RankDiTGeneCondition(config) if conditioned and config.gene_condition else None
         self.blocks = nn.ModuleList(RankDiTBlock(config) for _ in range(config.num_hidden_layers))
         self.norm_out = nn.LayerNorm(config.hidden_size, eps=config.norm_eps, elementwise_affine=False)
         self.adaLN_out = RankDiTZeroLinear(config.hidden_size, 2 * config.hidden_size)
@@ -528,7 +547,8 @@ class RankDiTModel(RankDiTPreTrainedModel):
         real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         if attention_mask is not None:  # unattended positions may hold anything (-1: a gene left out): read them as 0
             gene_ids, input_ids = gene_ids.masked_fill(~real, 0), input_ids.masked_fill(~real, 0)
-        hidden_states = self.rank_embedding(input_ids) + self.gene_embedding(gene_ids)
+        genes = self.gene_embedding(gene_ids)
+        hidden_states = self.rank_embedding(input_ids) + genes
         reference = None
         if reference_tokens is not None:
             reference = reference_distribution(reference_tokens.masked_fill(~real[..., None], -1),
@@ -536,10 +556,14 @@ class RankDiTModel(RankDiTPreTrainedModel):
             hidden_states = hidden_states + self.reference_embedding(*reference)
         visible = real & (input_ids != self.config.mask_token_id)
         conditioning = self.base_conditioning.weight.expand(input_ids.shape[0], -1)
+        condition_vector = None
         if self.cell_profile is not None:
             conditioning = conditioning + self.cell_profile(input_ids, visible, real)
         if self.condition_embedding is not None:
-            conditioning = conditioning + self.condition_embedding(condition_ids, doses, conditioning)
+            condition_vector = self.condition_embedding(condition_ids, doses, conditioning)
+            conditioning = conditioning + condition_vector
+            if self.gene_condition is not None and self.config.gene_condition == "hidden":
+                hidden_states = hidden_states + self.gene_condition(genes, condition_vector)
         if self.time_embedding is not None:
             conditioning = conditioning + self.time_embedding(
                 timesteps.to(hidden_states.device).expand(input_ids.shape[0])
@@ -561,6 +585,8 @@ class RankDiTModel(RankDiTPreTrainedModel):
             logits = logits + self.gene_prior(gene_ids).float()
         if self.copy_head is not None:
             logits = self.copy_head(output_states, input_ids, visible, logits, reference)
+        if self.gene_condition is not None and self.config.gene_condition == "logits":
+            logits = logits + self.gene_condition(genes, condition_vector).float()
         if not return_dict:
             return logits, hidden_states
         return RankDiTOutput(logits=logits, last_hidden_state=hidden_states)

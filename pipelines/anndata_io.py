@@ -22,8 +22,9 @@ logger = logging.get_logger(__name__)
 
 # Arguments the AnnData methods set themselves, which a caller may not pass through to the pipeline call.
 RESERVED_CALL_ARGUMENTS = frozenset(
-    {"gene_ids", "ranks", "counts", "context_counts", "mask", "mask_ratio", "output_type", "conditions", "return_dict"}
-)
+    {"gene_ids", "ranks", "counts", "context_counts", "control_counts", "mask", "mask_ratio", "output_type",
+     "conditions", "return_dict"}
+)  # fmt: skip
 
 
 def nan_entries(counts, block_size: int = 4096):
@@ -341,7 +342,36 @@ def read_reference(pipe, adata, *, layer: str | None = None, gene_column: str | 
     return reference
 
 
-def run_generation(pipe, obs, genes, *, condition_columns=None, **call_kwargs):
+def control_inputs(control, genes: np.ndarray, n_cells: int, layer: str | None, gene_column: str | None) -> dict:
+    """The pipeline's `control_counts` and `context_counts` from an AnnData of control cells (raw counts, one per
+    cell to generate): their counts at `genes` (0 where the AnnData lacks a gene) and their other genes' counts."""
+    import scipy.sparse as sp
+
+    check_anndata(control, "control")
+    if control.n_obs != n_cells:
+        raise ValueError(f"control holds {control.n_obs} cells; give one control cell per row of obs ({n_cells})")
+    if layer is not None and layer not in control.layers:
+        raise KeyError(f"layer {layer!r} is not in the control AnnData; its layers: {list(control.layers)} (None: X)")
+    if gene_column is not None and gene_column not in control.var:
+        raise KeyError(f"gene_column {gene_column!r} is not in the control's var; its columns: {list(control.var)}")
+    matrix = control.layers[layer] if layer is not None else control.X
+    check_count_matrix(matrix, layer)
+    matrix = sp.csr_matrix(matrix.to_memory() if hasattr(matrix, "to_memory") else matrix, dtype=np.float64)
+    names = [str(name) for name in (control.var[gene_column] if gene_column else control.var_names)]
+    column_of = {name: j for j, name in enumerate(names)}
+    columns = np.array([column_of.get(str(gene), -1) for gene in genes])
+    if not (columns >= 0).any():
+        raise ValueError("none of genes is a gene of the control AnnData (var_names, or var[gene_column])")
+    shown = matrix[:, columns.clip(min=0)].toarray() * (columns >= 0)
+    other = matrix.copy()
+    other.data[np.isin(other.indices, columns[columns >= 0])] = 0
+    other.eliminate_zeros()
+    context = [other.data[other.indptr[i] : other.indptr[i + 1]] for i in range(n_cells)]
+    return {"control_counts": shown, "context_counts": context}
+
+
+def run_generation(pipe, obs, genes, *, condition_columns=None, control=None, layer=None, gene_column=None,
+                   **call_kwargs):  # fmt: skip
     """[`MaskedRankDiffusionPipeline.generate_anndata`]: see there."""
     import anndata
     import pandas as pd
@@ -363,6 +393,8 @@ def run_generation(pipe, obs, genes, *, condition_columns=None, **call_kwargs):
         raise KeyError(f"genes outside the checkpoint's vocabulary: {unknown[:10]}; generate on known genes only")
     conditions = pipe.processor.table_conditions(obs, condition_columns)
     check_conditions(pipe, conditions, obs.index)
+    if control is not None:
+        call_kwargs.update(control_inputs(control, genes, len(obs), layer, gene_column))
     out = pipe(gene_ids=[genes] * len(obs), conditions=conditions, **call_kwargs)
     obs = obs.copy()
     obs.index = obs.index.astype(str)

@@ -205,6 +205,7 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
         mask_ratio: float | None = None,
         counts: CellValues | None = None,
         context_counts: CellValues | None = None,
+        control_counts: CellValues | None = None,
         unknown_genes: str = "raise",
         conditions: dict | list[dict] | None = None,
         guidance_scale: float = 1.0,
@@ -233,8 +234,14 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
             counts: raw counts instead of `ranks`, tokenized with the checkpoint's own rule over each cell's visible
                 counts (masked ones never shape the visible tokens). Give whole cells: any number of genes, shown
                 to the model in windows of random genes when a cell is longer than the model's length.
-            context_counts: with `counts` of part of a cell, the counts of its other genes, so its quantile bins
-                are those of the whole cell, as in training (a warning says when a cell looks like a part).
+            context_counts: with `counts` (or `control_counts`) of part of a cell, the counts of its other genes, so
+                its quantile bins are those of the whole cell, as in training (a warning says when a cell looks like
+                a part).
+            control_counts: translate control cells: the raw counts of one control (vehicle) cell per output cell
+                at `gene_ids` (whole cells, or part with `context_counts`), for a model that reads reference cells.
+                Every position is generated under `conditions`, each cell reading its control cell and that cell's
+                nearest ones among those given (as a perturbed cell reads its line's control cells in training):
+                the output cells are those cells under the conditions. Not with `ranks` / `counts` / `mask`.
             unknown_genes (`str`, defaults to `"raise"`): `"ignore"` leaves genes outside the vocabulary out of
                 the model's input (gene id -1 in the output) instead of refusing the cell.
             conditions (`dict` or `list[dict]`, *optional*): for a perturbation-conditioned checkpoint
@@ -247,9 +254,9 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
                 unconditional one, above 1 sharpens the conditions' effect (two denoiser passes per step).
             reference (*optional*): for a model that reads reference cells (`model.config.reference_context`), the
                 cells each cell's nearest ones are found among (on its visible genes, once, before denoising): None
-                the pipeline's own (`pipe.reference`, saved with it: a sample of the training cells), an AnnData
-                of raw counts (a user's own cells, read by [`make_reference`]), a [`ReferenceCells`], or False
-                for none.
+                the pipeline's own (`pipe.reference`, saved with it: a sample of the training cells, or a screen's
+                control cells by line, of which a cell reads its line's), an AnnData of raw counts (a user's own
+                cells, read by [`make_reference`]), a [`ReferenceCells`], or False for none.
             num_inference_steps (`int`, defaults to 64): denoising steps (first-hitting: one per masked token).
             sampler (`str`, *optional*): `"ancestral"`, `"first-hitting"` or `"confidence"`; the scheduler's
                 configured sampler by default.
@@ -291,20 +298,20 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
             if ignored:
                 logger.warning("output_type=%r is one denoiser pass: %s only shape sampling and are ignored",
                                output_type, ignored)  # fmt: skip
-        if mask_ratio is not None:  # drawn before the tokens are made: masked counts must not shape the bins
-            mask = self._random_mask(gene_ids, ranks, counts, mask_ratio, unknown_genes, generator)
-        cells = self.processor(
-            gene_ids, ranks=ranks, counts=counts, mask=mask, context_counts=context_counts, unknown_genes=unknown_genes
-        )
-        self.processor.check_something_to_impute(ranks, counts, mask, mask_ratio)
-        if not cells.mask.any():
-            logger.warning("no known gene is masked: the cells come back as given, without a denoiser call")
-        cells = self.processor.add_conditions(cells, conditions, self.model.config)
-        reference = self.resolve_reference(reference)
-        if reference is not None:
-            found = reference.context(cells["gene_ids"], cells["input_ids"], cells["attention_mask"],
-                                      mask_token_id=self.processor.mask_token_id)  # fmt: skip
-            cells = cells.replace(reference_tokens=found)
+        if control_counts is not None:
+            cells = self._translation_cells(gene_ids, control_counts, context_counts, ranks, counts, mask, mask_ratio,
+                                            reference, unknown_genes)  # fmt: skip
+            cells = self.processor.add_conditions(cells, conditions, self.model.config)
+        else:
+            if mask_ratio is not None:  # drawn before the tokens are made: masked counts must not shape the bins
+                mask = self._random_mask(gene_ids, ranks, counts, mask_ratio, unknown_genes, generator)
+            cells = self.processor(gene_ids, ranks=ranks, counts=counts, mask=mask, context_counts=context_counts,
+                                   unknown_genes=unknown_genes)  # fmt: skip
+            self.processor.check_something_to_impute(ranks, counts, mask, mask_ratio)
+            if not cells.mask.any():
+                logger.warning("no known gene is masked: the cells come back as given, without a denoiser call")
+            cells = self.processor.add_conditions(cells, conditions, self.model.config)
+            cells = self._add_reference(cells, self.resolve_reference(reference), generator)
         ranks_out = probs_out = expected_out = None
         if output_type == "ranks":
             ranks_out, calls = self._sample(
@@ -328,6 +335,47 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
         )
         self.maybe_free_model_hooks()
         return output if return_dict else output.to_tuple()
+
+    def _add_reference(self, cells, reference, generator):
+        """`cells` with the tokens of their nearest reference cells (none without a reference). A grouped
+        reference (a screen's control cells by line) gives each cell its group's, by the group condition told."""
+        if reference is None:
+            return cells
+        groups = draws = None
+        group, names = reference.config.group_condition, list(self.model.config.conditions or {})
+        if group in names and "condition_ids" in cells:
+            groups = cells["condition_ids"][:, names.index(group)]
+            seed = torch.randint(0, 2**62, (1,), generator=generator, device=generator.device if generator else "cpu")
+            draws = torch.Generator().manual_seed(int(seed))
+        found = reference.context(cells["gene_ids"], cells["input_ids"], cells["attention_mask"],
+                                  mask_token_id=self.processor.mask_token_id, groups=groups,
+                                  generator=draws)  # fmt: skip
+        return cells.replace(reference_tokens=found)
+
+    def _translation_cells(self, gene_ids, control_counts, context_counts, ranks, counts, mask, mask_ratio,
+                           reference, unknown_genes):  # fmt: skip
+        """Cells to generate whole at `gene_ids`, each reading its control cell (from `control_counts`) and that
+        cell's nearest ones among those given ([`ReferenceCells.translation_context`])."""
+        given = {"ranks": ranks, "counts": counts, "mask": mask, "mask_ratio": mask_ratio, "reference": reference}
+        clashing = [name for name, value in given.items() if value is not None]
+        if clashing:
+            raise ValueError(f"control_counts generates every position from control cells; {clashing} cannot go "
+                             "with it (impute a cell with counts= and mask=)")  # fmt: skip
+        if not self.model.config.reference_context:
+            raise ValueError("control_counts: this model reads no reference cells (config.reference_context is "
+                             "False); train it with --reference_context to translate control cells")  # fmt: skip
+        try:
+            controls = self.processor(gene_ids, counts=control_counts, context_counts=context_counts,
+                                      unknown_genes=unknown_genes)  # fmt: skip
+        except (ValueError, TypeError, KeyError) as error:
+            raise type(error)(f"control_counts: {error}") from error
+        k = self.reference.config.num_neighbours if self.reference is not None else 32
+        found = ReferenceCells.translation_context(
+            controls["gene_ids"], controls["input_ids"], controls["attention_mask"], self.model.config.num_rank_bins,
+            num_neighbours=k,
+        )  # fmt: skip
+        cells = self.processor(gene_ids, unknown_genes=unknown_genes)
+        return cells.replace(reference_tokens=found)
 
     def _random_mask(self, gene_ids, ranks, counts, mask_ratio, unknown_genes, generator) -> list[torch.Tensor]:
         """`mask_ratio` of each cell's known genes, drawn from the genes alone (before any count is binned)."""
@@ -480,8 +528,10 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
             key_added=key_added, cell_batch_size=cell_batch_size, condition_columns=condition_columns, **call_kwargs,
         )  # fmt: skip
 
-    def generate_anndata(self, obs, genes: CellValues, *, condition_columns=None, **call_kwargs):
-        """Generate one whole cell per row of `obs` (a pandas DataFrame), told the conditions in its columns.
+    def generate_anndata(self, obs, genes: CellValues, *, condition_columns=None, control=None,
+                         layer: str | None = None, gene_column: str | None = None, **call_kwargs):  # fmt: skip
+        """Generate one whole cell per row of `obs` (a pandas DataFrame), told the conditions in its columns; with
+        `control`, translate control cells instead: row i is control cell i under row i's conditions.
 
         Args:
             obs (`pandas.DataFrame`): one row per cell to generate; the columns named like the model's conditions
@@ -489,13 +539,17 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
             genes: the gene list every cell is generated on (token ids, Ensembl ids or symbols).
             condition_columns (`list[str]` or `dict[str, str]`, *optional*): the columns that condition (names, or
                 condition -> column); by default every column named like a condition of the model.
+            control (`anndata.AnnData`, *optional*): control cells of raw counts, one per row of `obs` (whole
+                cells: their genes outside `genes` shape their bins), in `X` or `layers[layer]`, genes in
+                `var_names` or `var[gene_column]`; see `control_counts` of the call.
             call_kwargs: passed to the pipeline call (`guidance_scale`, `num_inference_steps`, `generator`, ...).
 
         Returns:
             `anndata.AnnData`: `X` the sampled rank tokens 0..B (int16, cells x genes), `obs` as given, the genes as
             `var_names`.
         """
-        return run_generation(self, obs, genes, condition_columns=condition_columns, **call_kwargs)
+        return run_generation(self, obs, genes, condition_columns=condition_columns, control=control, layer=layer,
+                              gene_column=gene_column, **call_kwargs)  # fmt: skip
 
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
         """Write the complete pipeline folder, the one export of a RankDiff model, so that it loads every way

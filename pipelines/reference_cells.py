@@ -7,6 +7,10 @@ its count among the cell's distinct counts, so count 1 is level 1 in every cell)
 projected from its visible ones (least squares on their loadings), and scikit-learn's `NearestNeighbors` searches.
 Their tokens at the cell's genes are read in the cell's own token scale (a neighbour's level j becomes the token at
 which the cell shows its level j), the distribution the denoiser embeds and may copy from.
+
+A grouped reference (`group_condition`, e.g. a screen's control cells grouped by `cell_line_id`) finds a cell's
+neighbours among the reference cells of its own group only, and a cell that shows nothing reads k cells of its group
+drawn at random: a perturbed cell reads the control cells of its line it looks most like.
 """
 
 from __future__ import annotations
@@ -52,6 +56,8 @@ class ReferenceCells(ModelMixin, ConfigMixin):
         num_rank_bins (`int`, defaults to 50): B, as the model's.
         num_components (`int`, defaults to 32): principal components of the embedding.
         num_neighbours (`int`, defaults to 16): neighbours read per cell by default.
+        group_condition (`str`, *optional*): the condition whose ids group the cells (`groups`, 0: none): a cell
+            reads only reference cells of its own group.
     """
 
     config_name = "config.json"
@@ -59,25 +65,28 @@ class ReferenceCells(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(
         self, num_cells: int, num_genes: int, num_rank_bins: int = 50, num_components: int = 32,
-        num_neighbours: int = 16,
+        num_neighbours: int = 16, group_condition: str | None = None,
     ):  # fmt: skip
         super().__init__()
+        if group_condition is not None:
+            self.register_buffer("groups", torch.zeros(num_cells, dtype=torch.long))
         self.register_buffer("gene_ids", torch.zeros(num_genes, dtype=torch.long))
         self.register_buffer("tokens", torch.zeros(num_cells, num_genes, dtype=torch.uint8))
         self.register_buffer("levels", torch.zeros(num_cells, num_rank_bins + 1, dtype=torch.int16))  # of each token
         self.register_buffer("mean", torch.zeros(num_genes))
         self.register_buffer("components", torch.zeros(num_components, num_genes))
         self.register_buffer("embeddings", torch.zeros(num_cells, num_components))
-        self._search = None
+        self._search = {}
 
     @classmethod
     def from_tokens(
         cls, tokens, num_rank_bins: int, *, max_cells: int | None = 2048, num_components: int = 32,
-        num_neighbours: int = 16, seed: int = 0,
+        num_neighbours: int = 16, seed: int = 0, groups=None, group_condition: str | None = None,
     ) -> tuple[ReferenceCells, np.ndarray]:  # fmt: skip
         """Build from cells' rank tokens, `(n_cells, gene_vocab_size)` (a scipy sparse matrix with an entry per
         expressed gene, or dense): up to `max_cells` of them (a seeded draw, kept in order), their principal
-        components fitted with scikit-learn. Returns the reference and the rows of `tokens` it holds."""
+        components fitted with scikit-learn; with `group_condition`, `groups` `(n_cells,)` are their group ids
+        (ids >= 1 of that condition). Returns the reference and the rows of `tokens` it holds."""
         from scipy import sparse
         from sklearn.decomposition import PCA
 
@@ -88,6 +97,12 @@ class ReferenceCells(ModelMixin, ConfigMixin):
             raise ValueError(f"a reference needs at least 2 cells, got {tokens.shape[0]}")
         if tokens.nnz and (tokens.data.min() < 0 or tokens.data.max() > num_rank_bins):
             raise ValueError(f"reference tokens must be in 0..{num_rank_bins}")
+        if (groups is None) != (group_condition is None):
+            raise ValueError("give groups and group_condition together (a grouped reference), or neither")
+        if groups is not None:
+            groups = np.asarray(groups)
+            if groups.shape != (tokens.shape[0],) or not np.issubdtype(groups.dtype, np.integer) or groups.min() < 1:
+                raise ValueError(f"groups must be {tokens.shape[0]} integer ids >= 1, one per cell")
         rows = np.arange(tokens.shape[0])
         if max_cells is not None and tokens.shape[0] > max_cells:
             rows = np.sort(np.random.default_rng(seed).choice(tokens.shape[0], max_cells, replace=False))
@@ -96,7 +111,7 @@ class ReferenceCells(ModelMixin, ConfigMixin):
         genes = np.unique(tokens.indices)
         dense = torch.from_numpy(tokens[:, genes].toarray().astype(np.uint8))
         num_components = max(1, min(num_components, len(rows) - 1, len(genes)))
-        reference = cls(len(rows), len(genes), num_rank_bins, num_components, num_neighbours)
+        reference = cls(len(rows), len(genes), num_rank_bins, num_components, num_neighbours, group_condition)
         features = reference._features(dense, torch.ones_like(dense, dtype=torch.bool)).numpy()
         pca = PCA(n_components=num_components, random_state=seed).fit(features)
         reference.gene_ids.copy_(torch.from_numpy(genes))
@@ -105,7 +120,35 @@ class ReferenceCells(ModelMixin, ConfigMixin):
         reference.mean.copy_(torch.from_numpy(pca.mean_).float())
         reference.components.copy_(torch.from_numpy(pca.components_).float())
         reference.embeddings.copy_(torch.from_numpy(pca.transform(features)).float())
+        if groups is not None:
+            reference.groups.copy_(torch.from_numpy(groups[rows].astype(np.int64)))
         return reference, rows
+
+    @classmethod
+    def translation_context(
+        cls, gene_ids: torch.Tensor, tokens: torch.Tensor, attention_mask: torch.Tensor, num_rank_bins: int, *,
+        num_neighbours: int = 32, num_components: int = 16,
+    ) -> torch.Tensor:  # fmt: skip
+        """`reference_tokens` `(n, length, k)` for translating control cells: each cell reads the control cell at
+        its row and that cell's nearest ones among the distinct cells given (itself first; all of them when there
+        are fewer than `num_neighbours`), as a perturbed cell in training reads the control cells of its line it
+        looks most like. `tokens` are the control cells' rank tokens at `gene_ids`, every position visible."""
+        real = attention_mask.bool() & (gene_ids > 0)
+        rows, columns = real.nonzero(as_tuple=True)
+        from scipy import sparse
+
+        matrix = sparse.csr_matrix(
+            (tokens[rows, columns].numpy(), (rows.numpy(), gene_ids[rows, columns].numpy())),
+            shape=(len(gene_ids), int(gene_ids.max()) + 1),
+        )
+        cells = torch.cat([gene_ids.masked_fill(~real, 0), tokens.masked_fill(~real, 0)], dim=1).numpy()
+        distinct = np.unique(cells, axis=0, return_index=True)[1]
+        if len(distinct) < 2:  # one control cell: it is the whole context
+            return tokens.masked_fill(~real, -1)[..., None].to(torch.int16)
+        reference, _ = cls.from_tokens(matrix[np.sort(distinct)], num_rank_bins, max_cells=None,
+                                       num_components=num_components, num_neighbours=num_neighbours)  # fmt: skip
+        shown = tokens.masked_fill(~real, num_rank_bins + 1)
+        return reference.context(gene_ids.masked_fill(~real, 0), shown, real, mask_token_id=num_rank_bins + 1)
 
     @property
     def num_rank_tokens(self) -> int:
@@ -137,36 +180,76 @@ class ReferenceCells(ModelMixin, ConfigMixin):
         gram = gram + ridge[:, None, None] * torch.eye(gram.shape[-1], device=gram.device)
         return torch.linalg.solve(gram, (loadings.transpose(1, 2) @ features[..., None]))[..., 0]
 
-    def neighbours(self, embeddings: torch.Tensor, k: int, exclude: torch.Tensor | None = None) -> torch.Tensor:
+    def neighbours(
+        self, embeddings: torch.Tensor, k: int, exclude: torch.Tensor | None = None, group: int | None = None
+    ) -> torch.Tensor:
         """`(n, k)` rows of the `k` nearest reference cells, nearest first; `exclude` `(n,)` a row each cell must
-        not get (itself, in training; -1: none)."""
-        if self._search is None:
+        not get (itself, in training; -1: none); `group`: among the cells of that group only."""
+        candidates = self.group_rows(group)
+        if group not in self._search:
             from sklearn.neighbors import NearestNeighbors
 
-            self._search = NearestNeighbors().fit(self.embeddings.cpu().numpy())
-        n_cells = len(self.embeddings)
-        if not 1 <= k <= n_cells - (exclude is not None):
-            raise ValueError(f"k must be in 1..{n_cells - (exclude is not None)} for {n_cells} reference cells")
+            self._search[group] = NearestNeighbors().fit(self.embeddings[candidates].cpu().numpy())
         extra = int(exclude is not None)
-        _, rows = self._search.kneighbors(embeddings.detach().float().cpu().numpy(), n_neighbors=k + extra)
-        rows = torch.from_numpy(rows)
+        if not 1 <= k <= len(candidates) - extra:
+            raise ValueError(f"k must be in 1..{len(candidates) - extra} for {len(candidates)} reference cells")
+        _, found = self._search[group].kneighbors(embeddings.detach().float().cpu().numpy(), n_neighbors=k + extra)
+        rows = candidates.cpu()[torch.from_numpy(found)]
         if exclude is not None:  # drop the excluded row, else the farthest
             keep = rows != exclude.cpu()[:, None]
             keep[keep.all(dim=1), -1] = False
             rows = rows[keep].view(len(rows), k)
         return rows.to(self.tokens.device)
 
+    def group_rows(self, group: int | None) -> torch.Tensor:
+        """The rows of a group's reference cells (every row for None, or for an ungrouped reference)."""
+        if group is None or self.config.group_condition is None:
+            return torch.arange(len(self.embeddings), device=self.tokens.device)
+        rows = (self.groups == group).nonzero().squeeze(1)
+        if not len(rows):
+            raise ValueError(f"no reference cell of {self.config.group_condition} id {group}")
+        return rows
+
+    def _found_rows(self, embeddings, visible, k, exclude, groups, generator) -> torch.Tensor:
+        """Each cell's `k` reference rows: nearest on its visible genes (within its group for a grouped reference;
+        a cell of a grouped reference that shows nothing gets k of its group drawn at random)."""
+        if self.config.group_condition is None or groups is None:
+            return self.neighbours(embeddings, k, exclude)
+        rows = torch.zeros(len(embeddings), k, dtype=torch.long, device=self.tokens.device)
+        blind = ~visible.any(dim=1).cpu()
+        for value in groups.unique().tolist():
+            members = (groups == value).nonzero().squeeze(1)
+            group = value if value > 0 else None
+            candidates = self.group_rows(group)
+            seen, unseen = members[~blind[members]], members[blind[members]]
+            if len(seen):
+                rows[seen] = self.neighbours(embeddings[seen], k, None if exclude is None else exclude[seen], group)
+            for cell in unseen.tolist():
+                order = torch.randperm(len(candidates), generator=generator)
+                drawn = candidates.cpu()[order]
+                if exclude is not None:
+                    drawn = drawn[drawn != int(exclude[cell])]
+                rows[cell] = drawn[:k].to(rows.device)
+        return rows
+
     @torch.no_grad()
     def context(
         self, gene_ids: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
         mask_token_id: int, k: int | None = None, exclude: torch.Tensor | None = None,
+        groups: torch.Tensor | None = None, generator: torch.Generator | None = None,
     ) -> torch.Tensor:  # fmt: skip
         """The model's `reference_tokens` for cells: `(n, length, k)` int16, at each position the tokens of the
         cell's `k` nearest reference cells (found on its visible positions; all of them when there are fewer) at
         its gene, in the cell's own scale; -1 at padding. `exclude` `(n,)`: a reference row each cell must not
-        read (-1: none)."""
+        read (-1: none). A grouped reference reads `groups` `(n,)`, each cell's group id (0: any group), and
+        `generator` draws the cells of those that show nothing."""
         k = self.config.num_neighbours if k is None else k
-        k = min(k, len(self.embeddings) - (exclude is not None))  # a small reference: all its cells
+        if groups is not None and self.config.group_condition is not None:
+            groups = groups.cpu().long()
+            smallest = min(len(self.group_rows(g if g > 0 else None)) for g in groups.unique().tolist())
+        else:
+            groups, smallest = None, len(self.embeddings)
+        k = min(k, smallest - (exclude is not None))  # a small reference (or group): all its cells
         out = []
         for start in range(0, len(gene_ids), _CHUNK):
             part = slice(start, start + _CHUNK)
@@ -174,7 +257,9 @@ class ReferenceCells(ModelMixin, ConfigMixin):
             real = attention_mask[part].to(self.tokens.device).bool()
             visible = real & (tokens != mask_token_id)
             excluded = None if exclude is None else exclude[part]
-            rows = self.neighbours(self.embed(genes, tokens.masked_fill(~visible, 0), visible), k, excluded)
+            embeddings = self.embed(genes, tokens.masked_fill(~visible, 0), visible)
+            grouped = None if groups is None else groups[part]
+            rows = self._found_rows(embeddings, visible, k, excluded, grouped, generator)
             column = self.columns(genes.masked_fill(~real, 0))
             theirs = self.tokens[rows[:, :, None], column.clamp(min=0)[:, None, :]].long()  # (n, k, length)
             theirs = theirs * (column >= 0)[:, None, :]

@@ -43,12 +43,12 @@ def tiny_model(tiny_config) -> RankDiTModel:
 
 
 def randomize_zero_init(model: RankDiTModel) -> RankDiTModel:
-    """Give the zero-initialised modulations, head, copy query, gene prior and reference embedding random weights, so
-    outputs depend on the inputs."""
+    """Give the zero-initialised modulations, head, copy query, gene prior, reference embedding and gene condition
+    random weights, so outputs depend on the inputs."""
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
-            zero_init = ("adaLN", "proj_out", "copy_head", "gene_prior", "reference_embedding")
+            zero_init = ("adaLN", "proj_out", "copy_head", "gene_prior", "reference_embedding", "gene_condition.out")
             if any(part in name for part in zero_init):
                 parameter.copy_(0.3 * torch.randn(parameter.shape, generator=generator))
     return model

@@ -55,6 +55,13 @@ class ModelArguments:
             "neighbouring cells; saved with the pipeline as its reference"
         },
     )
+    gene_condition: str = field(
+        default="hidden",
+        metadata={
+            "help": "with --conditions, let the conditions reach single genes (a gene x condition FiLM) in the "
+            "hidden states (hidden), the output log-probabilities (logits), or not at all (none)"
+        },
+    )
     reference_cells: int = field(
         default=2048, metadata={"help": "reference cells: a seeded draw of the training cells read for the baselines"}
     )
@@ -82,6 +89,8 @@ class ModelArguments:
         if sizes["hidden_size"] % sizes["num_attention_heads"]:
             raise ValueError(f"--hidden_size ({sizes['hidden_size']}) must be divisible by --num_attention_heads "
                              f"({sizes['num_attention_heads']})")  # fmt: skip
+        if self.gene_condition not in ("hidden", "logits", "none"):
+            raise ValueError(f"--gene_condition must be hidden, logits or none, got {self.gene_condition!r}")
         if self.reference_context and self.num_rank_bins > 255:
             raise ValueError(f"--num_rank_bins must be at most 255 with --reference_context (reference tokens are "
                              f"bytes), got {self.num_rank_bins}")  # fmt: skip
@@ -104,7 +113,8 @@ class ModelArguments:
         sizes = ("hidden_size", "num_hidden_layers", "num_attention_heads")
         overrides = {name: getattr(self, name) for name in sizes if getattr(self, name) is not None}
         flags = ("num_rank_bins", "time_conditioning", "cell_profile", "gene_prior", "copy_head", "reference_context")
-        return {**overrides, **{name: getattr(self, name) for name in flags}}
+        gene_condition = None if self.gene_condition == "none" else self.gene_condition
+        return {**overrides, **{name: getattr(self, name) for name in flags}, "gene_condition": gene_condition}
 
 
 @dataclass
@@ -215,6 +225,13 @@ class DataArguments:
         default=0.1,
         metadata={"help": "share of training cells shown with every condition null (classifier-free guidance)"},
     )
+    perturbation_dropout: float = field(
+        default=0.1,
+        metadata={
+            "help": "share of training cells shown with their drug and dose null and their line kept, so guidance "
+            "contrasts p(x | line, drug, dose) with p(x | line) (with a drug and another condition)"
+        },
+    )
     control_drug: str = field(
         default="DMSO_TF", metadata={"help": "the vehicle control's drug name (dose 0; never a validation pair)"}
     )
@@ -244,8 +261,12 @@ class DataArguments:
             repeated = sorted({name for name in names if names.count(name) > 1})
             if repeated:
                 raise ValueError(f"--conditions names {repeated} more than once: {self.conditions!r}")
-        if not 0.0 <= self.condition_dropout < 1.0:
-            raise ValueError(f"condition_dropout must be in [0, 1), got {self.condition_dropout}")
+        for name in ("condition_dropout", "perturbation_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.condition_dropout + self.perturbation_dropout >= 1.0:
+            raise ValueError(f"--condition_dropout + --perturbation_dropout must be below 1 (some cells keep their "
+                             f"conditions), got {self.condition_dropout} + {self.perturbation_dropout}")  # fmt: skip
         if not (isinstance(self.split_seed, int) and self.split_seed >= 0):
             raise ValueError(f"--split_seed must be an integer >= 0, got {self.split_seed}")
         if self.heldout_pairs is not None and not self.conditions:

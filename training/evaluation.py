@@ -46,7 +46,7 @@ def evaluate_masked_diffusion(
     ([`position_nll`]). With
     several processes, each scores its own batches and `reduce` sums the totals over processes (before the ratios).
     A model with `config.reference_context` reads its nearest cells of `reference` (a [`ReferenceCells`]) on the
-    visible positions of every masked input.
+    visible positions of every masked input (of its group, `reference_group`, for a grouped reference).
     """
     if not 0.0 < mask_ratio < 1.0 - scheduler.config.eps:
         raise ValueError(f"mask_ratio must be in (0, 1 - eps) = (0, {1.0 - scheduler.config.eps}), got {mask_ratio}")
@@ -54,6 +54,7 @@ def evaluate_masked_diffusion(
     model.eval()
     generator = torch.Generator().manual_seed(seed)
     mask_generator = torch.Generator().manual_seed(seed)
+    reference_generator = torch.Generator().manual_seed(seed)
     eps = scheduler.config.eps
     grid = [eps + (1.0 - eps) * (k + 0.5) / time_grid for k in range(time_grid)]
     mask_id = scheduler.config.mask_token_id
@@ -64,11 +65,9 @@ def evaluate_masked_diffusion(
         timesteps = torch.full((noisy.shape[0],), t)
         extra = {}
         if reference is not None:
-            extra["reference_tokens"] = (
-                reference.context(batch["gene_ids"], noisy, batch["attention_mask"], mask_token_id=mask_id)
-                .to(device)
-                .long()
-            )
+            found = reference.context(batch["gene_ids"], noisy, batch["attention_mask"], mask_token_id=mask_id,
+                                      groups=batch.get("reference_group"), generator=reference_generator)  # fmt: skip
+            extra["reference_tokens"] = found.to(device).long()
         return model(
             gene_ids=batch["gene_ids"].to(device),
             input_ids=noisy.to(device),

@@ -294,14 +294,31 @@ def conditions_section(run: CardContents) -> str:
             f"trained on ({_shown([' / '.join(p) for p in setup['test_pairs']], 8)}); validation pairs "
             f"({_shown([' / '.join(p) for p in setup['validation_pairs']], 8)}) choose the guidance scale."
         )
+    config = run.config
+    genes = ""
+    if config.gene_condition:
+        genes = f" and, per gene, a projection of its gene's embedding times them (into the {config.gene_condition})"
+    guidance = "0 the unconditional one"
+    if config.factorized_guidance:
+        guidance = ("0 the model told the line alone (drug and dose were also dropped alone in training, so guidance "
+                    "pushes along the drug's effect)")  # fmt: skip
+    translate = ""
+    if config.reference_context and "drug" in setup["conditions"]:
+        translate = f"""
+Each cell reads control cells of its line (`reference/`: training control cells by line). To translate your own
+control cells (raw counts at `genes`, one per output cell), pass them:
+
+```python
+out = pipe(gene_ids=[genes] * 100, control_counts=dmso_counts, conditions={example!r}, guidance_scale=2.0)
+```
+"""
     return f"""## Conditions
 
 The model is told each cell's perturbation conditions: one learned embedding per value (id 0 is each condition's
-learned null), summed into the adaLN conditioning of every block. During training all of a cell's conditions are
-replaced by the nulls at a rate (condition dropout), so the same model is also unconditional, and sampling uses
+learned null), summed into the adaLN conditioning of every block{genes}. During training all of a cell's conditions
+are replaced by the nulls at a rate (condition dropout), so the same model is also unconditional, and sampling uses
 classifier-free guidance on the log-probabilities at every step: `guidance_scale` 1 is the conditional model,
-0 the unconditional one, above 1 strengthens the conditions' effect. An unknown value is an error naming the
-known ones.
+{guidance}, above 1 strengthens the conditions' effect. An unknown value is an error naming the known ones.
 
 | condition | values | vocabulary (id order from 1) |
 | --- | --- | --- |
@@ -310,7 +327,7 @@ known ones.
 ```python
 out = pipe(gene_ids=[genes] * 100, conditions={example!r}, guidance_scale=2.0)
 ```
-"""
+{translate}"""
 
 
 def _model_table(run: CardContents) -> str:

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from transformers import set_seed
 
 from dataset_scripts import EpochCallback, RankDiffusionCollator
+from dataset_scripts.schema import CELL_ID_COLUMN
 from modeling import CellTokenizer, RankDiTConfig, RankDiTModel, RankDiTProcessor
+from modeling.conditions import PERTURBATION, condition_value
 from pipelines import MaskedRankDiffusionPipeline, MaskedRankDiffusionScheduler, ReferenceCells
 
 from .arguments import DataArguments, DiffusionArguments, ModelArguments, RankDiffTrainingArguments, ema_decay_for
@@ -58,16 +60,16 @@ def build_training(
     )
     processor = RankDiTProcessor.from_model_config(model.config, gene_vocab=data.source.vocab)
     collator, eval_collator = build_collators(processor, data_args, data, seed=training_args.seed)
-    reference = None
-    if model.config.reference_context:
-        reference, rows = ReferenceCells.from_tokens(
-            data.training_cells.tokens, model_args.num_rank_bins, max_cells=model_args.reference_cells,
-            num_neighbours=model_args.reference_neighbours, num_components=model_args.reference_components,
-            seed=training_args.seed,
-        )  # fmt: skip
+    reference = build_reference(model_args, data, seed=training_args.seed) if model.config.reference_context else None
+    if reference is not None:
+        reference, rows = reference
         collator.reference_rows = {data.training_cells.cell_ids[row]: i for i, row in enumerate(rows)}
-        logger.info("reference: %d training cells, %d genes, %d neighbours read per cell",
-                    *reference.tokens.shape, model_args.reference_neighbours)  # fmt: skip
+        group = reference.config.group_condition
+        for each in (collator, eval_collator):
+            each.reference_group = group
+        logger.info("reference: %d training cells%s, %d genes, %d neighbours read per cell",
+                    reference.tokens.shape[0], f" (control cells, by {group})" if group else "",
+                    reference.tokens.shape[1], model_args.reference_neighbours)  # fmt: skip
     trainer = RankDiffusionTrainer(
         model=model,
         args=training_args,
@@ -91,10 +93,51 @@ def build_training(
     return TrainingSetup(data=data, pipe=pipe, trainer=trainer, ema_decay=ema_decay)
 
 
+def control_groups(data: PreparedData) -> tuple[str, list[int], list[int]] | None:
+    """For a screen (a drug condition with its control, and a context condition such as the line): the context
+    condition, and the rows of the training cells that are control cells with their ids of it. None otherwise."""
+    setup = data.conditions
+    if setup is None or "drug" not in setup.values:
+        return None
+    context = [name for name in setup.values if name not in PERTURBATION]
+    if not context or setup.control_drug not in setup.values["drug"]:
+        return None
+    group = context[0]
+    columns = data.training_rows.select_columns([CELL_ID_COLUMN, "drug", group]).to_dict()
+    row_of = {cell: i for i, cell in enumerate(columns[CELL_ID_COLUMN])}
+    found = [row_of[cell] for cell in data.training_cells.cell_ids]
+    control = condition_value("drug", setup.control_drug)
+    rows = [i for i, row in enumerate(found) if condition_value("drug", columns["drug"][row]) == control]
+    ids = setup.encoder.ids(group, [columns[group][found[i]] for i in rows])
+    return group, rows, ids.tolist()
+
+
+def build_reference(model_args: ModelArguments, data: PreparedData, seed: int) -> tuple[ReferenceCells, list[int]]:
+    """The reference cells a model reads and the rows of the training cells they are: on a screen (see
+    [`control_groups`]), its control cells grouped by line, so a perturbed cell reads the control cells of its line
+    it looks most like and the pipeline translates control cells; otherwise a seeded draw of the training cells."""
+    tokens, groups, group = data.training_cells.tokens, None, None
+    controls = control_groups(data)
+    if controls is not None and len(controls[1]) >= 2:
+        group, control_rows, groups = controls
+        tokens = tokens[control_rows]
+    reference, rows = ReferenceCells.from_tokens(
+        tokens, model_args.num_rank_bins, max_cells=model_args.reference_cells,
+        num_neighbours=model_args.reference_neighbours, num_components=model_args.reference_components, seed=seed,
+        groups=groups, group_condition=group,
+    )  # fmt: skip
+    if group is not None:
+        rows = [control_rows[row] for row in rows]
+    return reference, rows
+
+
 def build_model(model_args: ModelArguments, data_args: DataArguments, data: PreparedData, seed: int) -> RankDiTModel:
     """The RankDiT of the preset, for the data's genes and conditions, its gene prior started at the training cells'
     per-gene marginal and its gene embeddings at their principal axes (as the arguments ask)."""
     conditions = data.conditions
+    overrides = model_args.config_overrides()
+    if conditions is None:  # nothing for conditions to reach
+        overrides["gene_condition"] = None
     config = RankDiTConfig.from_preset(
         model_args.preset,
         gene_vocab_size=data.source.vocab.size,
@@ -102,7 +145,8 @@ def build_model(model_args: ModelArguments, data_args: DataArguments, data: Prep
         conditions=(conditions.values or None) if conditions is not None else None,
         dose_condition=conditions is not None and conditions.dose,
         control_drug=conditions.control_drug if conditions is not None and "drug" in conditions.values else None,
-        **model_args.config_overrides(),
+        factorized_guidance=data_args.perturbation_dropout > 0 and control_groups(data) is not None,
+        **overrides,
     )
     model = RankDiTModel(config)
     if config.gene_prior:
@@ -135,6 +179,7 @@ def build_collators(
         for each in (collator, eval_collator):
             each.conditions, each.dose_of_sample, each.seed = conditions.encoder, conditions.dose_of_sample, seed
         collator.condition_dropout = data_args.condition_dropout
+        collator.perturbation_dropout = data_args.perturbation_dropout
         logger.info("conditioned on %s (condition dropout %g)", ", ".join(
             [*(f"{name} ({len(values)} values)" for name, values in conditions.values.items()),
              *(["dose"] if conditions.dose else [])]), data_args.condition_dropout)  # fmt: skip

@@ -132,18 +132,19 @@ class RankDiffusionTrainer(Trainer):
 
     def _reference_inputs(self, inputs: dict, noisy: torch.Tensor) -> dict:
         """`reference_tokens` of the training cells as masked (none without a reference): their nearest reference
-        cells on their visible positions, never themselves; `reference_dropout` of the cells get none (a draw
-        seeded by the seed, the step and the micro-batch)."""
+        cells on their visible positions (of their group, `reference_group`, for a grouped reference), never
+        themselves; `reference_dropout` of the cells get none (draws seeded by the seed, the step and the
+        micro-batch)."""
         if self.reference is None:
             return {}
         mask_id = self.noise_scheduler.config.mask_token_id
+        key = [self.args.seed, self.state.global_step, self._micro_batch, self.args.process_index]
+        generator = torch.Generator().manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))
         tokens = self.reference.context(
             inputs["gene_ids"], noisy, inputs["attention_mask"], mask_token_id=mask_id,
-            exclude=inputs.get("reference_self"),
+            exclude=inputs.get("reference_self"), groups=inputs.get("reference_group"), generator=generator,
         ).to(noisy.device)  # fmt: skip
         if self.reference_dropout > 0:
-            key = [self.args.seed, self.state.global_step, self._micro_batch, self.args.process_index]
-            generator = torch.Generator().manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))
             dropped = torch.rand(len(tokens), generator=generator) < self.reference_dropout
             tokens = tokens.masked_fill(dropped.to(tokens.device)[:, None, None], -1)
         return {"reference_tokens": tokens.long()}

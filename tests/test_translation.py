@@ -1,0 +1,203 @@
+"""Translating control cells: a grouped reference (a screen's control cells by line), the context of given control
+cells, factorised condition dropout and guidance, and conditions that reach single genes."""
+
+import numpy as np
+import pytest
+import scipy.sparse
+import torch
+from conftest import randomize_zero_init
+from test_conditioning import _cells, _model, _pipe
+
+from modeling.conditions import ConditionEncoder
+from pipelines import ReferenceCells
+
+B = 50
+MASK = B + 1
+
+
+def _grouped_reference(k: int = 3) -> ReferenceCells:
+    """12 cells over genes 3..22: group 1 expresses genes 3..12 (token 1..10), group 2 genes 13..22; 6 cells each."""
+    rng = np.random.default_rng(0)
+    dense = np.zeros((12, 30), dtype=np.int64)
+    for cell in range(12):
+        genes = np.arange(3, 13) if cell < 6 else np.arange(13, 23)
+        dense[cell, genes] = rng.integers(1, B + 1, size=10)
+    groups = np.array([1] * 6 + [2] * 6)
+    reference, rows = ReferenceCells.from_tokens(scipy.sparse.csr_matrix(dense), B, num_neighbours=k, groups=groups,
+                                                 group_condition="cell_line_id", num_components=4)  # fmt: skip
+    assert rows.tolist() == list(range(12)) and reference.groups.tolist() == groups.tolist()
+    return reference
+
+
+def test_a_grouped_reference_gives_each_cell_its_own_groups_cells_and_random_ones_to_a_cell_showing_nothing():
+    reference = _grouped_reference()
+    genes = torch.arange(3, 23)[None].expand(4, -1)
+    tokens = torch.full((4, 20), MASK)
+    tokens[:2, :10] = 5  # cells 0 and 1 look like group 1 (genes 3..12 expressed); cells 2 and 3 show nothing
+    real = torch.ones_like(tokens, dtype=torch.bool)
+    groups = torch.tensor([2, 1, 2, 1])
+    found = reference.context(genes, tokens, real, mask_token_id=MASK, groups=groups,
+                              generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert found.shape == (4, 20, 3)
+    # Whatever it looks like, a cell reads cells of its own group only: group 2 expresses genes 13..22 alone.
+    for cell, group in enumerate(groups.tolist()):
+        expressed = (found[cell] > 0).any(dim=1)
+        assert expressed[:10].any() == (group == 1) and expressed[10:].any() == (group == 2)
+    # A cell showing nothing reads k distinct cells of its group drawn by the generator, another draw others.
+    again = reference.context(genes, tokens, real, mask_token_id=MASK, groups=groups,
+                              generator=torch.Generator().manual_seed(0))  # fmt: skip
+    torch.testing.assert_close(found, again)
+    draws = {
+        tuple(reference.context(genes, tokens, real, mask_token_id=MASK, groups=groups,
+                                generator=torch.Generator().manual_seed(seed))[3, :10].flatten().tolist())
+        for seed in range(6)
+    }  # fmt: skip
+    assert len(draws) > 1
+    # Never itself (a training cell): reference row 0 is excluded from cell 1's group-1 neighbours.
+    excluded = reference.context(genes, tokens, real, mask_token_id=MASK, groups=groups, k=5,
+                                 exclude=torch.tensor([-1, 0, -1, -1]))  # fmt: skip
+    rows = reference._found_rows(reference.embed(genes[1:2], tokens[1:2].masked_fill(tokens[1:2] == MASK, 0),
+                                                 tokens[1:2] != MASK), tokens[1:2] != MASK, 5, torch.tensor([0]),
+                                 torch.tensor([1]), None)  # fmt: skip
+    assert 0 not in rows.tolist()[0] and set(rows.tolist()[0]) <= set(range(6)) and excluded.shape[-1] == 5
+    # Group id 0 (the line not told) reads any cell; an ungrouped reference ignores groups.
+    anyone = reference.context(genes, tokens, real, mask_token_id=MASK, groups=torch.tensor([0, 0, 0, 0]))
+    assert anyone.shape == (4, 20, 3)
+    with pytest.raises(ValueError, match="no reference cell of cell_line_id id 7"):
+        reference.context(genes, tokens, real, mask_token_id=MASK, groups=torch.tensor([7, 1, 1, 1]))
+    with pytest.raises(ValueError, match="groups and group_condition together"):
+        ReferenceCells.from_tokens(scipy.sparse.csr_matrix(np.ones((3, 5), dtype=np.int64)), B, groups=[1, 1, 2])
+
+
+def test_given_control_cells_read_themselves_first_and_their_nearest_ones():
+    rng = np.random.default_rng(1)
+    genes = torch.arange(3, 43)[None].expand(8, -1).clone()
+    tokens = torch.from_numpy(rng.integers(0, B + 1, size=(8, 40)))
+    tokens[4:, :20] = 0  # two kinds of control cells: 0-3 express every gene, 4-7 only genes 23..42
+    real = torch.ones_like(tokens, dtype=torch.bool)
+    found = ReferenceCells.translation_context(genes, tokens, real, B, num_neighbours=3, num_components=4)
+    assert found.shape == (8, 40, 3)
+    torch.testing.assert_close(found[:, :, 0].long(), tokens)  # nearest first: the cell itself, as given
+    assert (found[4:, :20] == 0).all() and (found[:4, :20] > 0).any()  # its nearest are of its kind
+    # One distinct control cell (repeated): it alone is the context; padding reads -1.
+    one = ReferenceCells.translation_context(genes[:3], tokens[[0, 0, 0]], real[:3] & (torch.arange(40) < 30), B)
+    assert one.shape == (3, 40, 1) and (one[:, :30, 0].long() == tokens[0, :30]).all() and (one[:, 30:] == -1).all()
+
+
+def test_perturbation_dropout_nulls_the_drug_and_dose_and_keeps_the_line_drawn_apart_from_full_dropout():
+    encoder = ConditionEncoder({"cell_line_id": ["L1", "L2"], "drug": ["A", "DMSO_TF"]}, dose_condition=True)
+    cells = [f"c{i}" for i in range(2000)]
+    columns = {"cell_line_id": ["L2"] * 2000, "drug": ["A"] * 2000, "dose": [1.0] * 2000}
+    out = encoder.encode_rows(columns, cells, dropout=0.1, perturbation_dropout=0.2, seed=3)
+    ids, doses = out["condition_ids"].numpy(), out["doses"].numpy()
+    everything = (ids == 0).all(axis=1)
+    perturbation = (ids[:, 0] == 2) & (ids[:, 1] == 0)
+    assert 0.07 < everything.mean() < 0.13 and 0.15 < perturbation.mean() < 0.25
+    assert np.isnan(doses[everything | perturbation]).all() and (doses[~(everything | perturbation)] == 1.0).all()
+    assert ((ids[:, 1] == 0) == (everything | perturbation)).all()  # the line is never dropped alone
+    # A resumed run draws the same cells; another epoch others.
+    again = encoder.encode_rows(columns, cells, dropout=0.1, perturbation_dropout=0.2, seed=3)
+    torch.testing.assert_close(again, out, equal_nan=True)
+    later = encoder.encode_rows(columns, cells, dropout=0.1, perturbation_dropout=0.2, seed=3, epoch=1)
+    assert not torch.equal(later["condition_ids"], out["condition_ids"])
+
+
+def test_factorised_guidance_contrasts_the_perturbation_with_the_line_alone():
+    model = _model(factorized_guidance=True)
+    pipe = _pipe(model)
+    genes = [[f"G{i}" for i in range(10, 40)]] * 2
+    ranks, mask = [[1] * 30] * 2, [[i % 3 == 0 for i in range(30)]] * 2
+
+    def probs(conditions, scale=1.0):
+        return pipe(gene_ids=genes, ranks=ranks, mask=mask, output_type="probs", conditions=conditions,
+                    guidance_scale=scale).probs  # fmt: skip
+
+    told = {"cell_line_id": "CVCL_0480", "drug": "Aspirin", "dose": 0.5}
+    conditional, line_only = probs(told), probs({"cell_line_id": "CVCL_0480"})
+    masked = pipe.processor(genes, ranks=ranks, mask=mask).mask.numpy()
+    guided = probs(told, 3.0)[masked]
+    expected = np.log(line_only[masked]) + 3.0 * (np.log(conditional[masked]) - np.log(line_only[masked]))
+    expected = np.exp(expected - expected.max(-1, keepdims=True))
+    np.testing.assert_allclose(guided, expected / expected.sum(-1, keepdims=True), atol=1e-4)
+    np.testing.assert_allclose(probs(told, 0.0), line_only, atol=1e-5)  # w = 0: the line alone, not the null
+    assert not np.allclose(line_only, probs(None), atol=1e-4)
+
+
+def test_conditions_reach_single_genes_through_the_gene_condition():
+    model, cells = _model(gene_condition="hidden"), _cells(batch=2)
+    told = {"condition_ids": torch.tensor([[1, 1], [2, 2]]), "doses": torch.tensor([0.5, 0.5])}
+    assert _model().gene_condition is None  # only when asked for
+    for where in ("hidden", "logits"):  # in the hidden states, or on the output log-probabilities
+        placed = _model(gene_condition=where)
+        with torch.no_grad():
+            before = placed(**cells, **told).logits
+            placed.gene_condition.out.weight.zero_()
+            placed.gene_condition.out.bias.zero_()
+            assert not torch.allclose(placed(**cells, **told).logits, before, atol=1e-5)
+    with torch.no_grad():
+        logits = model(**cells, **told).logits
+        genes = model.gene_embedding(cells["gene_ids"])
+        vector = model.condition_embedding(told["condition_ids"], told["doses"], genes[:, 0])
+        torch.testing.assert_close(
+            model.gene_condition(genes, vector),
+            model.gene_condition.out(genes * model.gene_condition.condition(vector)[:, None]),
+        )
+        model.gene_condition.out.weight.zero_()
+        model.gene_condition.out.bias.zero_()
+        assert not torch.allclose(model(**cells, **told).logits, logits, atol=1e-5)  # it reaches the output
+    # Zero at initialisation: a new model starts as one without it.
+    fresh = type(model)(model.config).eval()
+    torch.testing.assert_close(fresh.gene_condition(torch.randn(2, 5, fresh.config.hidden_size),
+                                                    torch.randn(2, fresh.config.hidden_size)),
+                               torch.zeros(2, 5, fresh.config.hidden_size))  # fmt: skip
+
+
+def test_the_pipeline_translates_control_cells_and_names_what_cannot_go_with_them():
+    model = randomize_zero_init(type(_model())(_model(reference_context=True).config)).eval()
+    pipe = _pipe(model)
+    genes = [f"G{i}" for i in range(10, 40)]
+    rng = np.random.default_rng(0)
+    controls = rng.poisson(3.0, size=(6, 30))
+    told = {"cell_line_id": "CVCL_0480", "drug": "Aspirin", "dose": 0.5}
+
+    def translate(control_counts, seed=0, **kwargs):
+        return pipe(gene_ids=[genes] * len(control_counts), control_counts=control_counts, conditions=told,
+                    context_counts=[[]] * len(control_counts), num_inference_steps=4,
+                    generator=torch.Generator().manual_seed(seed), **kwargs)  # fmt: skip
+
+    out = translate(controls)
+    assert out.ranks.shape == (6, 30) and out.mask.all() and (out.ranks >= 0).all() and (out.ranks <= B).all()
+    np.testing.assert_array_equal(translate(controls).ranks, out.ranks)  # seeded
+    probs = translate(controls, output_type="probs").probs
+    silent = translate(np.zeros_like(controls) + np.arange(30) % 2, output_type="probs").probs
+    assert not np.allclose(probs, silent, atol=1e-4)  # the control cells are read
+    with pytest.raises(ValueError, match=r"\['counts', 'mask'\] cannot go with it"):
+        translate(controls, counts=controls, mask=[[True] * 30] * 6)
+    with pytest.raises(ValueError, match="control_counts: counts must hold one cell per cell of gene_ids"):
+        pipe(gene_ids=[genes] * 2, control_counts=controls[:3], conditions=told)
+    plain = _pipe(_model())
+    with pytest.raises(ValueError, match="this model reads no reference cells"):
+        plain(gene_ids=[genes], control_counts=controls[:1], conditions=told)
+
+
+def test_generate_anndata_translates_an_anndata_of_control_cells_row_by_row():
+    import anndata
+    import pandas as pd
+
+    model = randomize_zero_init(type(_model())(_model(reference_context=True).config)).eval()
+    pipe = _pipe(model)
+    genes = [f"G{i}" for i in range(10, 40)]
+    rng = np.random.default_rng(0)
+    counts = rng.poisson(3.0, size=(4, 60)).astype(np.float32)  # whole cells: 30 more genes than generated
+    control = anndata.AnnData(scipy.sparse.csr_matrix(counts), var=pd.DataFrame(index=[f"G{i}" for i in range(60)]))
+    obs = pd.DataFrame({"cell_line_id": ["CVCL_0480"] * 4, "drug": ["Aspirin", "Aspirin", "DMSO_TF", "DMSO_TF"],
+                        "dose": [0.5, 0.5, 0.0, 0.0]}, index=[f"c{i}" for i in range(4)])  # fmt: skip
+    seeded = {"num_inference_steps": 4, "generator": torch.Generator().manual_seed(0)}
+    out = pipe.generate_anndata(obs, genes, control=control, **seeded)
+    direct = pipe(gene_ids=[genes] * 4, control_counts=counts[:, 10:40], conditions=obs.to_dict("records"),
+                  context_counts=[np.delete(row, range(10, 40)) for row in counts], num_inference_steps=4,
+                  generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert out.shape == (4, 30) and list(out.var_names) == genes
+    np.testing.assert_array_equal(out.X, direct.ranks)  # the same call as control_counts with context_counts
+    with pytest.raises(ValueError, match="control holds 3 cells; give one control cell per row of obs"):
+        pipe.generate_anndata(obs, genes, control=control[:3], **seeded)
