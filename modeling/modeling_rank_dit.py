@@ -211,11 +211,14 @@ class RankDiTGeneCondition(nn.Module):
         super().__init__()
         width = config.hidden_size if config.gene_condition == "hidden" else config.num_rank_tokens
         self.condition = nn.Linear(config.hidden_size, config.hidden_size)
+        # Both factors normalised: embeddings start at std 0.02, and the product of two such would leave the
+        # zero-initialised output layer with features of ~1e-4 to learn from.
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps, elementwise_affine=False)
         self.out = RankDiTZeroLinear(config.hidden_size, width)
 
     def forward(self, genes: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
         """`genes` `(batch, length, hidden)` gene embeddings, `conditions` `(batch, hidden)` condition vectors."""
-        return self.out(genes * self.condition(conditions)[:, None, :])
+        return self.out(self.norm(genes) * self.norm(self.condition(conditions))[:, None, :])
 
 
 def reference_distribution(reference_tokens: torch.Tensor, num_rank_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -160,6 +160,25 @@ def test_the_cli_contract_trains_a_conditioned_model_and_the_benchmark_scores_it
     wanted = {"pearson_delta", "mae_delta", "discrimination_score_l1", "overlap_at_N", "energy_distance", "mmd"}
     assert all(wanted <= set(scores) for scores in methods.values())
     assert results["ceiling_source"].startswith("a fresh draw")
+    assert results["scored_on"] == "test pairs" and config.factorized_guidance
+    # The model translates the line's control cells (it reads control cells by line); the same on validation
+    # pairs only, and the expected effects read without sampling.
+    command = [sys.executable, str(REPO / "benchmarks" / "perturbation.py"), "--checkpoint", str(out),
+               "--guidance_scales", "1", "--num_inference_steps", "2", "--no_cell_eval", "--validation_only",
+               "--json", str(tmp_path / "validation.json")]  # fmt: skip
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    validation = json.loads((tmp_path / "validation.json").read_text())
+    assert validation["scored_on"] == "validation pairs" and "RankDiT" in validation["methods"]
+    scored = {tuple(key) for key in validation["perturbations"]}
+    assert scored and not scored & {tuple(key) for key in results["perturbations"]}  # never a test pair
+    command = [sys.executable, str(REPO / "benchmarks" / "perturbation_effects.py"), "--checkpoint", str(out),
+               "--cells", "4", "--guidance_scales", "1,2", "--json", str(tmp_path / "effects.json")]  # fmt: skip
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    effects = json.loads((tmp_path / "effects.json").read_text())
+    assert set(effects["by_guidance_scale"]) == {"1.0", "2.0"} and effects["pairs"] == "validation"
+    assert all(-1 <= row["pearson_delta"] <= 1 for row in effects["by_guidance_scale"].values())
     # The contract's other form: the baselines and the ceiling of a screen, without a checkpoint.
     command = [sys.executable, str(REPO / "benchmarks" / "perturbation.py"), "--data", str(screen), "--heldout_pairs",
                str(path), "--baselines_only", "--json", str(tmp_path / "baselines.json"), "--no_cell_eval",

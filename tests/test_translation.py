@@ -138,9 +138,9 @@ def test_conditions_reach_single_genes_through_the_gene_condition():
         logits = model(**cells, **told).logits
         genes = model.gene_embedding(cells["gene_ids"])
         vector = model.condition_embedding(told["condition_ids"], told["doses"], genes[:, 0])
+        film = model.gene_condition
         torch.testing.assert_close(
-            model.gene_condition(genes, vector),
-            model.gene_condition.out(genes * model.gene_condition.condition(vector)[:, None]),
+            film(genes, vector), film.out(film.norm(genes) * film.norm(film.condition(vector))[:, None])
         )
         model.gene_condition.out.weight.zero_()
         model.gene_condition.out.bias.zero_()
