@@ -125,6 +125,18 @@ def check_anndata(adata, name: str) -> None:
         raise TypeError(f"{name} must be an anndata.AnnData, got {type(adata).__name__}{hint}")
 
 
+def counts_and_genes(adata, layer: str | None, gene_column: str | None, what: str = "AnnData"):
+    """An AnnData's count matrix (`X` or `layers[layer]`, checked to be counts) and its gene names (`var_names` or
+    `var[gene_column]`), the layer and the column named in an error when missing."""
+    if layer is not None and layer not in adata.layers:
+        raise KeyError(f"layer {layer!r} is not in the {what}; its layers: {list(adata.layers)} (None: X)")
+    if gene_column is not None and gene_column not in adata.var:
+        raise KeyError(f"gene_column {gene_column!r} is not in the {what}'s var; its columns: {list(adata.var)}")
+    counts = adata.layers[layer] if layer is not None else adata.X
+    check_count_matrix(counts, layer)
+    return counts, np.array([str(name) for name in (adata.var[gene_column] if gene_column else adata.var_names)])
+
+
 def _check_call_arguments(method: str, call_kwargs: dict) -> None:
     reserved = sorted(RESERVED_CALL_ARGUMENTS & set(call_kwargs))
     if reserved:
@@ -148,16 +160,10 @@ class CountTable:
 
         if adata.n_obs == 0 or adata.n_vars == 0:
             raise ValueError(f"the AnnData holds {adata.n_obs} cells x {adata.n_vars} genes: nothing to impute")
-        if layer is not None and layer not in adata.layers:
-            raise KeyError(f"layer {layer!r} is not in the AnnData; its layers: {list(adata.layers)} (None: X)")
-        if gene_column is not None and gene_column not in adata.var:
-            raise KeyError(f"gene_column {gene_column!r} is not in adata.var; its columns: {list(adata.var)}")
-        counts = adata.layers[layer] if layer is not None else adata.X
-        check_count_matrix(counts, layer)
+        counts, names = counts_and_genes(adata, layer, gene_column)
         mask = boolean_mask(mask, adata.shape) if mask is not None else nan_entries(counts)
         if processor.gene_vocab is None:
             raise ValueError("impute_anndata needs the checkpoint's gene vocabulary (processor.gene_vocab is None)")
-        names = np.array([str(name) for name in (adata.var[gene_column] if gene_column else adata.var_names)])
         column_ids = processor.gene_vocab.columns(names)
         if not (column_ids >= 0).any():
             raise ValueError("none of the AnnData's genes is in the checkpoint's vocabulary")
@@ -304,19 +310,13 @@ def read_reference(pipe, adata, *, layer: str | None = None, gene_column: str | 
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     if adata.n_obs < 2 or adata.n_vars == 0:
         raise ValueError(f"a reference needs at least 2 cells and a gene; the AnnData holds {adata.shape}")
-    if layer is not None and layer not in adata.layers:
-        raise KeyError(f"layer {layer!r} is not in the reference AnnData; its layers: {list(adata.layers)} (None: X)")
-    if gene_column is not None and gene_column not in adata.var:
-        raise KeyError(f"gene_column {gene_column!r} is not in the reference's var; its columns: {list(adata.var)}")
-    names = np.array([str(name) for name in (adata.var[gene_column] if gene_column else adata.var_names)])
+    matrix, names = counts_and_genes(adata, layer, gene_column, "reference AnnData")
     column_ids = pipe.processor.gene_vocab.columns(names)
     if not (column_ids >= 0).any():
         raise ValueError("none of the reference AnnData's genes is in the checkpoint's vocabulary")
     rows = np.arange(adata.n_obs)
     if max_cells is not None and adata.n_obs > max_cells:
         rows = np.sort(np.random.default_rng(seed).choice(adata.n_obs, max_cells, replace=False))
-    matrix = adata.layers[layer] if layer is not None else adata.X
-    check_count_matrix(matrix, layer)
     blocks = []
     for start in range(0, len(rows), cell_batch_size):
         block = matrix[rows[start : start + cell_batch_size]]
@@ -350,14 +350,8 @@ def control_inputs(control, genes: np.ndarray, n_cells: int, layer: str | None, 
     check_anndata(control, "control")
     if control.n_obs != n_cells:
         raise ValueError(f"control holds {control.n_obs} cells; give one control cell per row of obs ({n_cells})")
-    if layer is not None and layer not in control.layers:
-        raise KeyError(f"layer {layer!r} is not in the control AnnData; its layers: {list(control.layers)} (None: X)")
-    if gene_column is not None and gene_column not in control.var:
-        raise KeyError(f"gene_column {gene_column!r} is not in the control's var; its columns: {list(control.var)}")
-    matrix = control.layers[layer] if layer is not None else control.X
-    check_count_matrix(matrix, layer)
+    matrix, names = counts_and_genes(control, layer, gene_column, "control AnnData")
     matrix = sp.csr_matrix(matrix.to_memory() if hasattr(matrix, "to_memory") else matrix, dtype=np.float64)
-    names = [str(name) for name in (control.var[gene_column] if gene_column else control.var_names)]
     column_of = {name: j for j, name in enumerate(names)}
     columns = np.array([column_of.get(str(gene), -1) for gene in genes])
     if not (columns >= 0).any():
