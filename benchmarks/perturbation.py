@@ -391,8 +391,8 @@ def generated_prediction(pipe, truth: Truth, genes, lookup: dict, scale: float, 
     for key, n in requests:
         generated[key] = lookup[key[0]][np.asarray(ranks[start : start + n])]
         start += n
-    controls = {ctx: generated[(ctx[0], truth.control, 0.0)] for ctx in truth.evaluation_controls}
-    return Prediction({key: generated[key] for key in truth.keys}, controls)
+    own_controls = {ctx: generated[(ctx[0], truth.control, 0.0)] for ctx in truth.evaluation_controls}
+    return Prediction({key: generated[key] for key in truth.keys}, own_controls)
 
 
 def whole_cells_on(counts, genes: np.ndarray) -> dict:

@@ -105,7 +105,8 @@ class ConditionEncoder:
 
     @property
     def perturbation_columns(self) -> list[int]:
-        """The columns of `condition_ids` that hold the perturbation ([`PERTURBATION`]: the drug)."""
+        """The columns of `condition_ids` that hold the perturbation (the drug; the dose, the other half of
+        [`PERTURBATION`], is `doses`)."""
         return [i for i, name in enumerate(self.values) if name in PERTURBATION]
 
     def ids(self, name: str, values: Sequence) -> np.ndarray:

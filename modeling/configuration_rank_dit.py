@@ -164,6 +164,8 @@ class RankDiTConfig(PreTrainedConfig):
             )
         if self.intermediate_size is None:
             self.intermediate_size = 4 * self.hidden_size
+        if isinstance(self.gene_condition, bool):  # a config written while it was a flag: on meant "hidden"
+            self.gene_condition = "hidden" if self.gene_condition else None
         if self.gene_condition not in (None, "hidden", "logits"):
             raise ValueError(f"gene_condition must be None, 'hidden' or 'logits', got {self.gene_condition!r}")
         for name, values in (self.conditions or {}).items():

@@ -201,11 +201,11 @@ class RankDiTConditionEmbedding(nn.Module):
 
 
 class RankDiTGeneCondition(nn.Module):
-    """Conditions that reach single genes (a gene x condition FiLM): position i gets `W (gene_i * U c)`, its gene's
-    embedding gating the cell's condition vector c, so a drug can move its own genes and not only the whole cell
-    through the shared conditioning. Added to the hidden state (`"hidden"`) or to the output log-probabilities
-    (`"logits"`, after the copy head: a shift of the gene's tokens the copied distributions cannot hide). The
-    output layer starts at zero."""
+    """Conditions that reach single genes (a gene x condition FiLM): position i gets `W (norm(gene_i) * norm(U c))`,
+    its gene's embedding gating the cell's condition vector c, so a drug can move its own genes and not only the
+    whole cell through the shared conditioning. Added to the hidden state (`"hidden"`) or to the output
+    log-probabilities (`"logits"`, after the copy head: a shift of the gene's tokens the copied distributions cannot
+    hide). The output layer starts at zero."""
 
     def __init__(self, config: RankDiTConfig):
         super().__init__()

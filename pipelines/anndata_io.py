@@ -342,9 +342,11 @@ def read_reference(pipe, adata, *, layer: str | None = None, gene_column: str | 
     return reference
 
 
-def control_inputs(control, genes: np.ndarray, n_cells: int, layer: str | None, gene_column: str | None) -> dict:
+def control_inputs(processor, control, genes: np.ndarray, n_cells: int, layer: str | None,
+                   gene_column: str | None) -> dict:  # fmt: skip
     """The pipeline's `control_counts` and `context_counts` from an AnnData of control cells (raw counts, one per
-    cell to generate): their counts at `genes` (0 where the AnnData lacks a gene) and their other genes' counts."""
+    cell to generate): their counts at `genes` (matched through the vocabulary, so ids, Ensembl ids and symbols
+    meet; 0 where the AnnData lacks a gene, with a warning) and their other genes' counts."""
     import scipy.sparse as sp
 
     check_anndata(control, "control")
@@ -352,10 +354,13 @@ def control_inputs(control, genes: np.ndarray, n_cells: int, layer: str | None, 
         raise ValueError(f"control holds {control.n_obs} cells; give one control cell per row of obs ({n_cells})")
     matrix, names = counts_and_genes(control, layer, gene_column, "control AnnData")
     matrix = sp.csr_matrix(matrix.to_memory() if hasattr(matrix, "to_memory") else matrix, dtype=np.float64)
-    column_of = {name: j for j, name in enumerate(names)}
-    columns = np.array([column_of.get(str(gene), -1) for gene in genes])
+    column_of = {int(token): j for j, token in enumerate(processor.gene_vocab.columns(names)) if token >= 0}
+    columns = np.array([column_of.get(int(token), -1) for token in processor.gene_token_ids(genes)])
     if not (columns >= 0).any():
         raise ValueError("none of genes is a gene of the control AnnData (var_names, or var[gene_column])")
+    if (columns < 0).any():
+        logger.warning("%d of the genes are not in the control AnnData: read as count 0 in every control cell",
+                       int((columns < 0).sum()))  # fmt: skip
     shown = matrix[:, columns.clip(min=0)].toarray() * (columns >= 0)
     other = matrix.copy()
     other.data[np.isin(other.indices, columns[columns >= 0])] = 0
@@ -388,7 +393,9 @@ def run_generation(pipe, obs, genes, *, condition_columns=None, control=None, la
     conditions = pipe.processor.table_conditions(obs, condition_columns)
     check_conditions(pipe, conditions, obs.index)
     if control is not None:
-        call_kwargs.update(control_inputs(control, genes, len(obs), layer, gene_column))
+        call_kwargs.update(control_inputs(pipe.processor, control, genes, len(obs), layer, gene_column))
+    elif layer is not None or gene_column is not None:
+        raise ValueError("layer and gene_column name the control AnnData's counts and genes: pass control= too")
     out = pipe(gene_ids=[genes] * len(obs), conditions=conditions, **call_kwargs)
     obs = obs.copy()
     obs.index = obs.index.astype(str)

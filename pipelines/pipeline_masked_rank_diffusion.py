@@ -299,9 +299,8 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
                 logger.warning("output_type=%r is one denoiser pass: %s only shape sampling and are ignored",
                                output_type, ignored)  # fmt: skip
         if control_counts is not None:
-            cells = self._translation_cells(gene_ids, control_counts, context_counts, ranks, counts, mask, mask_ratio,
-                                            reference, unknown_genes)  # fmt: skip
-            cells = self.processor.add_conditions(cells, conditions, self.model.config)
+            cells = self._translation_cells(gene_ids, control_counts, context_counts, conditions, ranks, counts, mask,
+                                            mask_ratio, reference, unknown_genes)  # fmt: skip
         else:
             if mask_ratio is not None:  # drawn before the tokens are made: masked counts must not shape the bins
                 mask = self._random_mask(gene_ids, ranks, counts, mask_ratio, unknown_genes, generator)
@@ -341,21 +340,27 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
         reference (a screen's control cells by line) gives each cell its group's, by the group condition told."""
         if reference is None:
             return cells
-        groups = draws = None
-        group, names = reference.config.group_condition, list(self.model.config.conditions or {})
-        if group in names and "condition_ids" in cells:
-            groups = cells["condition_ids"][:, names.index(group)]
+        extra = {}
+        groups = self._group_ids(cells, getattr(reference.config, "group_condition", None))
+        if groups is not None:  # a grouped reference: its draws for cells showing nothing come from the generator
             seed = torch.randint(0, 2**62, (1,), generator=generator, device=generator.device if generator else "cpu")
-            draws = torch.Generator().manual_seed(int(seed))
+            extra = {"groups": groups, "generator": torch.Generator().manual_seed(int(seed))}
         found = reference.context(cells["gene_ids"], cells["input_ids"], cells["attention_mask"],
-                                  mask_token_id=self.processor.mask_token_id, groups=groups,
-                                  generator=draws)  # fmt: skip
+                                  mask_token_id=self.processor.mask_token_id, **extra)  # fmt: skip
         return cells.replace(reference_tokens=found)
 
-    def _translation_cells(self, gene_ids, control_counts, context_counts, ranks, counts, mask, mask_ratio,
-                           reference, unknown_genes):  # fmt: skip
-        """Cells to generate whole at `gene_ids`, each reading its control cell (from `control_counts`) and that
-        cell's nearest ones among those given ([`ReferenceCells.translation_context`])."""
+    def _group_ids(self, cells, group_condition: str | None) -> torch.Tensor | None:
+        """Each cell's id of the condition that groups reference cells (its line), None when there is none."""
+        names = list(self.model.config.conditions or {})
+        if group_condition not in names or "condition_ids" not in cells:
+            return None
+        return cells["condition_ids"][:, names.index(group_condition)]
+
+    def _translation_cells(self, gene_ids, control_counts, context_counts, conditions, ranks, counts, mask,
+                           mask_ratio, reference, unknown_genes):  # fmt: skip
+        """Cells to generate whole at `gene_ids` under `conditions`, each reading its control cell (from
+        `control_counts`) and that cell's nearest ones among those given of its line
+        ([`ReferenceCells.translation_context`])."""
         given = {"ranks": ranks, "counts": counts, "mask": mask, "mask_ratio": mask_ratio, "reference": reference}
         clashing = [name for name, value in given.items() if value is not None]
         if clashing:
@@ -364,17 +369,21 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
         if not self.model.config.reference_context:
             raise ValueError("control_counts: this model reads no reference cells (config.reference_context is "
                              "False); train it with --reference_context to translate control cells")  # fmt: skip
+        if conditions is None:
+            raise ValueError("control_counts translates control cells under conditions: pass conditions= too")
         try:
             controls = self.processor(gene_ids, counts=control_counts, context_counts=context_counts,
                                       unknown_genes=unknown_genes)  # fmt: skip
-        except (ValueError, TypeError, KeyError) as error:
+        except (ValueError, TypeError) as error:
             raise type(error)(f"control_counts: {error}") from error
-        k = self.reference.config.num_neighbours if self.reference is not None else 32
+        cells = self.processor.add_conditions(self.processor(gene_ids, unknown_genes=unknown_genes), conditions,
+                                              self.model.config)  # fmt: skip
+        group = getattr(self.reference.config, "group_condition", None) if self.reference is not None else None
         found = ReferenceCells.translation_context(
             controls["gene_ids"], controls["input_ids"], controls["attention_mask"], self.model.config.num_rank_bins,
-            num_neighbours=k,
+            groups=self._group_ids(cells, group),
+            num_neighbours=self.reference.config.num_neighbours if self.reference is not None else 32,
         )  # fmt: skip
-        cells = self.processor(gene_ids, unknown_genes=unknown_genes)
         return cells.replace(reference_tokens=found)
 
     def _random_mask(self, gene_ids, ranks, counts, mask_ratio, unknown_genes, generator) -> list[torch.Tensor]:

@@ -19,6 +19,9 @@ import numpy as np
 import torch
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
+from diffusers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 # Cells projected and matched at a time (the projection reads a `(cells, length, components)` block).
 _CHUNK = 64
@@ -127,24 +130,38 @@ class ReferenceCells(ModelMixin, ConfigMixin):
     @classmethod
     def translation_context(
         cls, gene_ids: torch.Tensor, tokens: torch.Tensor, attention_mask: torch.Tensor, num_rank_bins: int, *,
-        num_neighbours: int = 32, num_components: int = 16,
+        groups: torch.Tensor | None = None, num_neighbours: int = 32, num_components: int = 16,
     ) -> torch.Tensor:  # fmt: skip
         """`reference_tokens` `(n, length, k)` for translating control cells: each cell reads the control cell at
-        its row and that cell's nearest ones among the distinct cells given (itself first; all of them when there
-        are fewer than `num_neighbours`), as a perturbed cell in training reads the control cells of its line it
-        looks most like. `tokens` are the control cells' rank tokens at `gene_ids`, every position visible."""
-        real = attention_mask.bool() & (gene_ids > 0)
-        rows, columns = real.nonzero(as_tuple=True)
+        its row and that cell's nearest ones among the distinct cells given (of its group, `groups` `(n,)`, e.g.
+        its line; all of them when there are fewer than `num_neighbours`), as a perturbed cell in training reads
+        the control cells of its line it looks most like. `tokens` are the control cells' rank tokens at
+        `gene_ids`, every position visible."""
+        groups = torch.zeros(len(gene_ids), dtype=torch.long) if groups is None else groups.cpu().long()
+        k = min(num_neighbours, int(torch.bincount(groups).max()))
+        found = torch.full((*gene_ids.shape, k), -1, dtype=torch.int16)
+        for group in groups.unique().tolist():
+            rows = (groups == group).nonzero().squeeze(1)
+            part = cls._group_translation(gene_ids[rows], tokens[rows], attention_mask[rows], num_rank_bins,
+                                          num_neighbours, num_components)  # fmt: skip
+            found[rows, :, : part.shape[-1]] = part
+        return found
+
+    @classmethod
+    def _group_translation(cls, gene_ids, tokens, attention_mask, num_rank_bins, num_neighbours, num_components):
+        """[`translation_context`] within one group of control cells."""
         from scipy import sparse
 
+        real = attention_mask.bool() & (gene_ids > 0)
+        cells = torch.cat([gene_ids.masked_fill(~real, 0), tokens.masked_fill(~real, 0)], dim=1).numpy()
+        distinct = np.unique(cells, axis=0, return_index=True)[1]
+        if len(distinct) < 2 or not (tokens.masked_fill(~real, 0) > 0).any():  # one cell, or none expressing
+            return tokens.masked_fill(~real, -1)[..., None].to(torch.int16)
+        rows, columns = real.nonzero(as_tuple=True)
         matrix = sparse.csr_matrix(
             (tokens[rows, columns].numpy(), (rows.numpy(), gene_ids[rows, columns].numpy())),
             shape=(len(gene_ids), int(gene_ids.max()) + 1),
         )
-        cells = torch.cat([gene_ids.masked_fill(~real, 0), tokens.masked_fill(~real, 0)], dim=1).numpy()
-        distinct = np.unique(cells, axis=0, return_index=True)[1]
-        if len(distinct) < 2:  # one control cell: it is the whole context
-            return tokens.masked_fill(~real, -1)[..., None].to(torch.int16)
         reference, _ = cls.from_tokens(matrix[np.sort(distinct)], num_rank_bins, max_cells=None,
                                        num_components=num_components, num_neighbours=num_neighbours)  # fmt: skip
         shown = tokens.masked_fill(~real, num_rank_bins + 1)
@@ -205,12 +222,23 @@ class ReferenceCells(ModelMixin, ConfigMixin):
         """The rows of a group's reference cells (every row for None, or for an ungrouped reference)."""
         if group is None or self.config.group_condition is None:
             return torch.arange(len(self.embeddings), device=self.tokens.device)
-        rows = (self.groups == group).nonzero().squeeze(1)
-        if not len(rows):
-            raise ValueError(f"no reference cell of {self.config.group_condition} id {group}")
-        return rows
+        return (self.groups == group).nonzero().squeeze(1)
 
-    def _found_rows(self, embeddings, visible, k, exclude, groups, generator) -> torch.Tensor:
+    def usable_groups(self, groups: torch.Tensor, needed: int) -> torch.Tensor:
+        """Cells' group ids, 0 (any reference cell, with a warning) for a group with fewer than `needed` reference
+        cells, so every cell reads as many as the others and a cell's context does not depend on its batch."""
+        sizes = torch.bincount(self.groups.cpu(), minlength=int(groups.max()) + 1)
+        small = (groups > 0) & (sizes[groups] < needed)
+        if small.any():
+            shown = sorted(set(groups[small].tolist()))[:5]
+            logger.warning("%s ids %s have fewer than %d reference cells: those cells read any reference cell",
+                           self.config.group_condition, shown, needed)  # fmt: skip
+        return groups.masked_fill(small, 0)
+
+    def _found_rows(
+        self, embeddings: torch.Tensor, visible: torch.Tensor, k: int, exclude: torch.Tensor | None,
+        groups: torch.Tensor | None, generator: torch.Generator | None,
+    ) -> torch.Tensor:  # fmt: skip
         """Each cell's `k` reference rows: nearest on its visible genes (within its group for a grouped reference;
         a cell of a grouped reference that shows nothing gets k of its group drawn at random)."""
         if self.config.group_condition is None or groups is None:
@@ -244,12 +272,11 @@ class ReferenceCells(ModelMixin, ConfigMixin):
         read (-1: none). A grouped reference reads `groups` `(n,)`, each cell's group id (0: any group), and
         `generator` draws the cells of those that show nothing."""
         k = self.config.num_neighbours if k is None else k
+        k = min(k, len(self.embeddings) - (exclude is not None))  # a small reference: all its cells
         if groups is not None and self.config.group_condition is not None:
-            groups = groups.cpu().long()
-            smallest = min(len(self.group_rows(g if g > 0 else None)) for g in groups.unique().tolist())
+            groups = self.usable_groups(groups.cpu().long(), k + (exclude is not None))
         else:
-            groups, smallest = None, len(self.embeddings)
-        k = min(k, smallest - (exclude is not None))  # a small reference (or group): all its cells
+            groups = None
         out = []
         for start in range(0, len(gene_ids), _CHUNK):
             part = slice(start, start + _CHUNK)

@@ -63,8 +63,10 @@ def test_a_grouped_reference_gives_each_cell_its_own_groups_cells_and_random_one
     # Group id 0 (the line not told) reads any cell; an ungrouped reference ignores groups.
     anyone = reference.context(genes, tokens, real, mask_token_id=MASK, groups=torch.tensor([0, 0, 0, 0]))
     assert anyone.shape == (4, 20, 3)
-    with pytest.raises(ValueError, match="no reference cell of cell_line_id id 7"):
-        reference.context(genes, tokens, real, mask_token_id=MASK, groups=torch.tensor([7, 1, 1, 1]))
+    # A group with too few reference cells (or none) reads any cell, so every cell reads k of them.
+    unknown = reference.context(genes, tokens, real, mask_token_id=MASK, groups=torch.tensor([7, 1, 1, 1]), k=6)
+    assert unknown.shape == (4, 20, 6) and (unknown[1:, 10:] == 0).all()
+    assert (unknown[0] > 0).any(dim=1)[10:].any()  # cell 0 (group 7, unknown) reads group 2's cells too
     with pytest.raises(ValueError, match="groups and group_condition together"):
         ReferenceCells.from_tokens(scipy.sparse.csr_matrix(np.ones((3, 5), dtype=np.int64)), B, groups=[1, 1, 2])
 
@@ -81,7 +83,15 @@ def test_given_control_cells_read_themselves_first_and_their_nearest_ones():
     assert (found[4:, :20] == 0).all() and (found[:4, :20] > 0).any()  # its nearest are of its kind
     # One distinct control cell (repeated): it alone is the context; padding reads -1.
     one = ReferenceCells.translation_context(genes[:3], tokens[[0, 0, 0]], real[:3] & (torch.arange(40) < 30), B)
-    assert one.shape == (3, 40, 1) and (one[:, :30, 0].long() == tokens[0, :30]).all() and (one[:, 30:] == -1).all()
+    assert (one[:, :30, 0].long() == tokens[0, :30]).all() and (one[:, 30:] == -1).all() and (one[..., 1:] == -1).all()
+    # Cells of two lines read control cells of their own line only: each line holds cells of both kinds, so a cell
+    # of the second kind reads the first kind's cells of its line, which without lines it would not.
+    lines = torch.tensor([1, 1, 2, 2, 1, 1, 2, 2])
+    by_line = ReferenceCells.translation_context(genes, tokens, real, B, groups=lines, num_neighbours=4,
+                                                 num_components=2)  # fmt: skip
+    alone = ReferenceCells.translation_context(genes, tokens, real, B, num_neighbours=4, num_components=2)
+    assert by_line.shape == alone.shape == (8, 40, 4)
+    assert (by_line[4, :20] > 0).any() and (alone[4, :20] == 0).all()
 
 
 def test_perturbation_dropout_nulls_the_drug_and_dose_and_keeps_the_line_drawn_apart_from_full_dropout():
@@ -175,6 +185,8 @@ def test_the_pipeline_translates_control_cells_and_names_what_cannot_go_with_the
         translate(controls, counts=controls, mask=[[True] * 30] * 6)
     with pytest.raises(ValueError, match="control_counts: counts must hold one cell per cell of gene_ids"):
         pipe(gene_ids=[genes] * 2, control_counts=controls[:3], conditions=told)
+    with pytest.raises(ValueError, match="translates control cells under conditions: pass conditions="):
+        pipe(gene_ids=[genes], control_counts=controls[:1])
     plain = _pipe(_model())
     with pytest.raises(ValueError, match="this model reads no reference cells"):
         plain(gene_ids=[genes], control_counts=controls[:1], conditions=told)
@@ -201,3 +213,11 @@ def test_generate_anndata_translates_an_anndata_of_control_cells_row_by_row():
     np.testing.assert_array_equal(out.X, direct.ranks)  # the same call as control_counts with context_counts
     with pytest.raises(ValueError, match="control holds 3 cells; give one control cell per row of obs"):
         pipe.generate_anndata(obs, genes, control=control[:3], **seeded)
+    with pytest.raises(ValueError, match="pass control= too"):
+        pipe.generate_anndata(obs, genes, layer="counts", **seeded)
+    # Genes meet through the vocabulary: the control's Ensembl ids, the symbols asked for.
+    ensembl = control.copy()
+    ensembl.var_names = [f"ENSG{i:011d}" for i in range(60)]
+    again = pipe.generate_anndata(obs, genes, control=ensembl, num_inference_steps=4,
+                                  generator=torch.Generator().manual_seed(0))  # fmt: skip
+    np.testing.assert_array_equal(again.X, out.X)

@@ -60,7 +60,9 @@ def build_training(
     )
     processor = RankDiTProcessor.from_model_config(model.config, gene_vocab=data.source.vocab)
     collator, eval_collator = build_collators(processor, data_args, data, seed=training_args.seed)
-    reference = build_reference(model_args, data, seed=training_args.seed) if model.config.reference_context else None
+    reference = None
+    if model.config.reference_context:
+        reference = build_reference(model_args, data, control_groups(data), seed=training_args.seed)
     if reference is not None:
         reference, rows = reference
         collator.reference_rows = {data.training_cells.cell_ids[row]: i for i, row in enumerate(rows)}
@@ -93,6 +95,11 @@ def build_training(
     return TrainingSetup(data=data, pipe=pipe, trainer=trainer, ema_decay=ema_decay)
 
 
+def has_context(setup) -> bool:
+    """Whether conditions hold a drug and something else (the line): a perturbation to drop apart from its context."""
+    return setup is not None and "drug" in setup.values and any(name not in PERTURBATION for name in setup.values)
+
+
 def control_groups(data: PreparedData) -> tuple[str, list[int], list[int]] | None:
     """For a screen (a drug condition with its control, and a context condition such as the line): the context
     condition, and the rows of the training cells that are control cells with their ids of it. None otherwise."""
@@ -102,22 +109,24 @@ def control_groups(data: PreparedData) -> tuple[str, list[int], list[int]] | Non
     context = [name for name in setup.values if name not in PERTURBATION]
     if not context or setup.control_drug not in setup.values["drug"]:
         return None
-    group = context[0]
+    group = "cell_line_id" if "cell_line_id" in context else context[0]
     columns = data.training_rows.select_columns([CELL_ID_COLUMN, "drug", group]).to_dict()
     row_of = {cell: i for i, cell in enumerate(columns[CELL_ID_COLUMN])}
     found = [row_of[cell] for cell in data.training_cells.cell_ids]
     control = condition_value("drug", setup.control_drug)
     rows = [i for i, row in enumerate(found) if condition_value("drug", columns["drug"][row]) == control]
     ids = setup.encoder.ids(group, [columns[group][found[i]] for i in rows])
-    return group, rows, ids.tolist()
+    told = ids > 0  # a control cell whose line is not known reads as no line's
+    return group, [row for row, kept in zip(rows, told) if kept], ids[told].tolist()
 
 
-def build_reference(model_args: ModelArguments, data: PreparedData, seed: int) -> tuple[ReferenceCells, list[int]]:
-    """The reference cells a model reads and the rows of the training cells they are: on a screen (see
+def build_reference(
+    model_args: ModelArguments, data: PreparedData, controls: tuple | None, seed: int
+) -> tuple[ReferenceCells, list[int]]:
+    """The reference cells a model reads and the rows of the training cells they are: on a screen (`controls`, see
     [`control_groups`]), its control cells grouped by line, so a perturbed cell reads the control cells of its line
     it looks most like and the pipeline translates control cells; otherwise a seeded draw of the training cells."""
     tokens, groups, group = data.training_cells.tokens, None, None
-    controls = control_groups(data)
     if controls is not None and len(controls[1]) >= 2:
         group, control_rows, groups = controls
         tokens = tokens[control_rows]
@@ -145,7 +154,7 @@ def build_model(model_args: ModelArguments, data_args: DataArguments, data: Prep
         conditions=(conditions.values or None) if conditions is not None else None,
         dose_condition=conditions is not None and conditions.dose,
         control_drug=conditions.control_drug if conditions is not None and "drug" in conditions.values else None,
-        factorized_guidance=data_args.perturbation_dropout > 0 and control_groups(data) is not None,
+        factorized_guidance=data_args.perturbation_dropout > 0 and has_context(conditions),
         **overrides,
     )
     model = RankDiTModel(config)
@@ -179,7 +188,7 @@ def build_collators(
         for each in (collator, eval_collator):
             each.conditions, each.dose_of_sample, each.seed = conditions.encoder, conditions.dose_of_sample, seed
         collator.condition_dropout = data_args.condition_dropout
-        collator.perturbation_dropout = data_args.perturbation_dropout
+        collator.perturbation_dropout = data_args.perturbation_dropout if has_context(conditions) else 0.0
         logger.info("conditioned on %s (condition dropout %g)", ", ".join(
             [*(f"{name} ({len(values)} values)" for name, values in conditions.values.items()),
              *(["dose"] if conditions.dose else [])]), data_args.condition_dropout)  # fmt: skip

@@ -139,13 +139,15 @@ class RankDiffusionTrainer(Trainer):
             return {}
         mask_id = self.noise_scheduler.config.mask_token_id
         key = [self.args.seed, self.state.global_step, self._micro_batch, self.args.process_index]
-        generator = torch.Generator().manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))
+        # Two streams: the reference dropout's (as before grouped references), and a grouped reference's draws.
+        dropout, draws = (torch.Generator().manual_seed(int(np.random.SeedSequence(k).generate_state(1)[0]))
+                          for k in (key, [*key, 1]))  # fmt: skip
         tokens = self.reference.context(
             inputs["gene_ids"], noisy, inputs["attention_mask"], mask_token_id=mask_id,
-            exclude=inputs.get("reference_self"), groups=inputs.get("reference_group"), generator=generator,
+            exclude=inputs.get("reference_self"), groups=inputs.get("reference_group"), generator=draws,
         ).to(noisy.device)  # fmt: skip
         if self.reference_dropout > 0:
-            dropped = torch.rand(len(tokens), generator=generator) < self.reference_dropout
+            dropped = torch.rand(len(tokens), generator=dropout) < self.reference_dropout
             tokens = tokens.masked_fill(dropped.to(tokens.device)[:, None, None], -1)
         return {"reference_tokens": tokens.long()}
 
