@@ -56,10 +56,11 @@ class ModelArguments:
         },
     )
     gene_condition: str = field(
-        default="hidden",
+        default="none",
         metadata={
             "help": "with --conditions, let the conditions reach single genes (a gene x condition FiLM) in the "
-            "hidden states (hidden), the output log-probabilities (logits), or not at all (none)"
+            "hidden states (hidden) or the output log-probabilities (logits); none (the default: neither bought "
+            "anything on validation pairs yet, docs/PERFORMANCE.md)"
         },
     )
     reference_cells: int = field(
