@@ -62,9 +62,7 @@ def build_training(
     collator, eval_collator = build_collators(processor, data_args, data, seed=training_args.seed)
     reference = None
     if model.config.reference_context:
-        reference = build_reference(model_args, data, control_groups(data), seed=training_args.seed)
-    if reference is not None:
-        reference, rows = reference
+        reference, rows = build_reference(model_args, data, control_groups(data), seed=training_args.seed)
         collator.reference_rows = {data.training_cells.cell_ids[row]: i for i, row in enumerate(rows)}
         group = reference.config.group_condition
         for each in (collator, eval_collator):
@@ -104,11 +102,9 @@ def control_groups(data: PreparedData) -> tuple[str, list[int], list[int]] | Non
     """For a screen (a drug condition with its control, and a context condition such as the line): the context
     condition, and the rows of the training cells that are control cells with their ids of it. None otherwise."""
     setup = data.conditions
-    if setup is None or "drug" not in setup.values:
+    if not has_context(setup) or setup.control_drug not in setup.values["drug"]:
         return None
     context = [name for name in setup.values if name not in PERTURBATION]
-    if not context or setup.control_drug not in setup.values["drug"]:
-        return None
     group = "cell_line_id" if "cell_line_id" in context else context[0]
     columns = data.training_rows.select_columns([CELL_ID_COLUMN, "drug", group]).to_dict()
     row_of = {cell: i for i, cell in enumerate(columns[CELL_ID_COLUMN])}
