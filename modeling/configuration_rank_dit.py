@@ -92,6 +92,10 @@ class RankDiTConfig(PreTrainedConfig):
             embedding times the cell's condition vector (a gene x condition FiLM), so a drug can move its own genes
             rather than the whole cell through the shared conditioning vector: `"hidden"` adds it to the input
             hidden states, `"logits"` to the output log-probabilities (after the copy head). None: neither.
+        perturbation_effect_rank (`int`, *optional*, defaults to 0):
+            With a `drug` condition, the rank of an explicit drug effect on the output: each gene's tokens move up or
+            down the rank axis by a gene x drug product (modulated by the context conditions, gated by a Hill curve
+            of the dose per drug); the control drug moves nothing. 0: none.
         factorized_guidance (`bool`, *optional*, defaults to `False`):
             The model was trained dropping the perturbation (`drug`, dose) apart from the context (the other
             conditions, e.g. the cell line), so classifier-free guidance contrasts `p(x | line, drug, dose)` with
@@ -137,6 +141,7 @@ class RankDiTConfig(PreTrainedConfig):
     dose_condition: bool = False
     control_drug: str | None = None
     gene_condition: str | None = None
+    perturbation_effect_rank: int = 0
     factorized_guidance: bool = False
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
@@ -168,6 +173,10 @@ class RankDiTConfig(PreTrainedConfig):
             self.gene_condition = "hidden" if self.gene_condition else None
         if self.gene_condition not in (None, "hidden", "logits"):
             raise ValueError(f"gene_condition must be None, 'hidden' or 'logits', got {self.gene_condition!r}")
+        rank, conditions = self.perturbation_effect_rank, list(self.conditions or {})
+        if rank < 0 or (rank and "drug" not in conditions):
+            raise ValueError(f"perturbation_effect_rank ({rank}) must be 0, or positive with a drug condition "
+                             f"(conditions: {conditions})")  # fmt: skip
         for name, values in (self.conditions or {}).items():
             if name == "dose" or not values or len(set(values)) != len(values):
                 raise ValueError(

@@ -26,6 +26,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput
 
+from .conditions import PERTURBATION
 from .configuration_rank_dit import RankDiTConfig
 
 
@@ -221,6 +222,70 @@ class RankDiTGeneCondition(nn.Module):
         return self.out(self.norm(genes) * self.norm(self.condition(conditions))[:, None, :])
 
 
+class RankDiTPerturbationEffect(nn.Module):
+    """A drug's effect as a move of each gene's tokens up or down the rank axis (`config.perturbation_effect_rank`).
+
+    A cell told drug d at dose c, in context l (the other conditions: the line, the plate), gets at gene g the shift
+    `s = gate_d(c) (R_dg + <G_g, E_d * (1 + C_l)>)`, added to the output log-probabilities as `s (b / B - 1/2)` on
+    token b (an exponential tilt: the gene's expected rank moves with the sign of s). R is a table of each drug's
+    shift of each gene (its effect averaged over lines), G a free factor per gene, E one per drug, C one per context
+    value (zero at the start, so an effect starts the same in every line), and gate_d a
+    Hill curve of the dose, `c^n / (c^n + EC50^n)` with the drug's own EC50 and slope (1 without a dose condition).
+    The control drug, the null drug and a null dose move nothing, so a cell is its control plus the effect. Each
+    drug's effect is learned from all its cells, every line and dose: one number per gene, where the whole
+    distribution of a gene under every (line, drug, dose) is far more than a screen's cells pin down.
+    """
+
+    def __init__(self, config: RankDiTConfig):
+        super().__init__()
+        rank, names = config.perturbation_effect_rank, list(config.conditions)
+        self.drug_column = names.index("drug")
+        self.context_columns = [i for i, name in enumerate(names) if name not in PERTURBATION]
+        drugs = config.conditions["drug"]
+        self.control_id = drugs.index(config.control_drug) + 1 if config.control_drug in drugs else 0
+        self.num_rank_bins, self.dose_condition = config.num_rank_bins, config.dose_condition
+        self.gene_factors = nn.Parameter(torch.empty(config.gene_vocab_size, rank))
+        self.drug_factors = nn.Parameter(torch.empty(len(drugs) + 1, rank))
+        self.drug_genes = nn.Parameter(torch.empty(len(drugs) + 1, config.gene_vocab_size))
+        self.context_factors = nn.ParameterList(
+            nn.Parameter(torch.empty(len(config.conditions[names[i]]) + 1, rank)) for i in self.context_columns
+        )
+        # Per drug: log EC50 relative to 0.5 uM (the middle of Tahoe's doses) and the log of the Hill slope.
+        self.dose_response = nn.Parameter(torch.empty(len(drugs) + 1, 2))
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.gene_factors, std=self.gene_factors.shape[1] ** -0.5)
+        for factors in (self.drug_factors, self.drug_genes, *self.context_factors, self.dose_response):
+            nn.init.zeros_(factors)
+
+    def gate(self, drug: torch.Tensor, doses: torch.Tensor | None) -> torch.Tensor:
+        """Each cell's share `(batch,)` of its drug's full effect: the Hill curve of its dose (1 without a dose
+        condition), 0 for the control drug, the null drug and an unknown dose."""
+        gate = ((drug != 0) & (drug != self.control_id)).to(self.dose_response.dtype)
+        if not self.dose_condition:
+            return gate
+        if doses is None:  # every dose unknown
+            return torch.zeros_like(gate)
+        known = torch.isfinite(doses) & (doses > 0)
+        log_dose = torch.log(torch.where(known, doses, torch.ones_like(doses))).to(gate.dtype)
+        response = self.dose_response[drug]
+        hill = torch.sigmoid(response[:, 1].exp() * (log_dose - math.log(0.5) - response[:, 0]))
+        return gate * torch.where(known, hill, torch.zeros_like(hill))
+
+    def forward(self, gene_ids: torch.Tensor, condition_ids: torch.Tensor | None, doses: torch.Tensor | None):
+        """The tilt `(batch, length, B + 1)` to add to the log-probabilities; zero without conditions."""
+        if condition_ids is None:
+            return None
+        drug = condition_ids[:, self.drug_column]
+        vector = self.drug_factors[drug]
+        modulation = sum((factors[condition_ids[:, column]] for column, factors in
+                          zip(self.context_columns, self.context_factors)), torch.zeros_like(vector))  # fmt: skip
+        shift = torch.einsum("blr,br->bl", self.gene_factors[gene_ids], vector * (1 + modulation))
+        shift = (shift + self.drug_genes[drug[:, None], gene_ids]) * self.gate(drug, doses)[:, None]
+        axis = torch.arange(self.num_rank_bins + 1, device=shift.device, dtype=shift.dtype) / self.num_rank_bins
+        return shift[..., None] * (axis - 0.5)
+
+
 def reference_distribution(reference_tokens: torch.Tensor, num_rank_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`(batch, length, k)` tokens of reference cells (-1: none) -> the share of each token 0..B among them at every
     position `(batch, length, B + 1)`, and where there is at least one `(batch, length)`."""
@@ -401,6 +466,8 @@ class RankDiTPreTrainedModel(PreTrainedModel):
             init.zeros_(module.weight)
         elif isinstance(module, RankDiTConditionEmbedding) and module.dose is not None:
             init.zeros_(module.dose_null)
+        elif isinstance(module, RankDiTPerturbationEffect):
+            module.reset_parameters()
 
 
 class RankDiTModel(RankDiTPreTrainedModel):
@@ -435,6 +502,7 @@ class RankDiTModel(RankDiTPreTrainedModel):
         conditioned = bool(config.conditions) or config.dose_condition
         self.condition_embedding = RankDiTConditionEmbedding(config) if conditioned else None
         self.gene_condition = RankDiTGeneCondition(config) if conditioned and config.gene_condition else None
+        self.perturbation_effect = RankDiTPerturbationEffect(config) if config.perturbation_effect_rank else None
         self.blocks = nn.ModuleList(RankDiTBlock(config) for _ in range(config.num_hidden_layers))
         self.norm_out = nn.LayerNorm(config.hidden_size, eps=config.norm_eps, elementwise_affine=False)
         self.adaLN_out = RankDiTZeroLinear(config.hidden_size, 2 * config.hidden_size)
@@ -590,6 +658,8 @@ class RankDiTModel(RankDiTPreTrainedModel):
             logits = self.copy_head(output_states, input_ids, visible, logits, reference)
         if self.gene_condition is not None and self.config.gene_condition == "logits":
             logits = logits + self.gene_condition(genes, condition_vector).float()
+        if self.perturbation_effect is not None and condition_ids is not None:
+            logits = logits + self.perturbation_effect(gene_ids, condition_ids, doses).float()
         if not return_dict:
             return logits, hidden_states
         return RankDiTOutput(logits=logits, last_hidden_state=hidden_states)
@@ -607,6 +677,19 @@ class RankDiTModel(RankDiTPreTrainedModel):
             raise ValueError(f"probabilities must have shape {expected}, got {tuple(probabilities.shape)}")
         log_probs = probabilities.clamp(min=1e-12).log()
         self.gene_prior.weight.copy_((log_probs - log_probs.mean(dim=1, keepdim=True)).to(self.gene_prior.weight))
+
+    @torch.no_grad()
+    def init_drug_shifts(self, shifts: np.ndarray | torch.Tensor) -> None:
+        """Start each drug's per-gene shift of the perturbation effect at `shifts` (`(len(drugs) + 1,
+        gene_vocab_size)`, e.g. estimated from the training cells), so the model starts from each drug's average
+        effect."""
+        if self.perturbation_effect is None:
+            raise ValueError("this model has no perturbation effect (config.perturbation_effect_rank is 0)")
+        table = self.perturbation_effect.drug_genes
+        shifts = torch.as_tensor(np.asarray(shifts), dtype=table.dtype)
+        if tuple(shifts.shape) != tuple(table.shape):
+            raise ValueError(f"shifts must have shape {tuple(table.shape)}, got {tuple(shifts.shape)}")
+        table.copy_(shifts)
 
     @torch.no_grad()
     def init_gene_embedding(self, genes: np.ndarray, vectors: np.ndarray) -> None:

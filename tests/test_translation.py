@@ -1,13 +1,16 @@
 """Translating control cells: a grouped reference (a screen's control cells by line), the context of given control
 cells, factorised condition dropout and guidance, and conditions that reach single genes."""
 
+import math
+
 import numpy as np
 import pytest
 import scipy.sparse
 import torch
 from conftest import randomize_zero_init
-from test_conditioning import _cells, _model, _pipe
+from test_conditioning import CONDITIONS, _cells, _model, _pipe
 
+from modeling import RankDiTConfig, RankDiTModel
 from modeling.conditions import ConditionEncoder
 from pipelines import ReferenceCells
 
@@ -162,6 +165,57 @@ def test_conditions_reach_single_genes_through_the_gene_condition():
                                torch.zeros(2, 5, fresh.config.hidden_size))  # fmt: skip
 
 
+def test_the_perturbation_effect_moves_each_gene_along_the_rank_axis_by_drug_line_and_dose():
+    model, cells = _model(perturbation_effect_rank=4, control_drug="DMSO_TF"), _cells(batch=4)
+    assert _model().perturbation_effect is None  # only when asked for
+    effect = model.perturbation_effect
+    zero = {name: parameter.detach().clone() for name, parameter in effect.named_parameters()}
+    assert not any(zero[name].any() for name in ("drug_factors", "drug_genes", "context_factors.0"))  # none at start
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for parameter in effect.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator))
+    aspirin, dmso = 1, 2
+    ids = torch.tensor([[1, aspirin], [1, aspirin], [1, dmso], [2, aspirin]])
+    doses = torch.tensor([0.05, 5.0, 0.0, 5.0])
+    with torch.no_grad():
+        with_effect = model(**cells, condition_ids=ids, doses=doses).logits
+        model.perturbation_effect = None
+        without = model(**cells, condition_ids=ids, doses=doses).logits
+        model.perturbation_effect = effect
+    change = with_effect - without
+    torch.testing.assert_close(change[2], torch.zeros_like(change[2]))  # the control drug moves nothing
+    steps = change.diff(dim=-1)  # one number per gene: linear in the token
+    torch.testing.assert_close(steps, steps[..., :1].expand_as(steps), atol=1e-5, rtol=1e-4)
+    # The shift by hand: gate (Hill curve of the dose) x <gene factor, drug factor x (1 + line factor)>.
+    log_ec50, log_slope = effect.dose_response[aspirin].tolist()
+    for cell in (0, 1, 3):
+        line = ids[cell, 0]
+        vector = effect.drug_factors[aspirin] * (1 + effect.context_factors[0][line])
+        gate = 1 / (1 + math.exp(-math.exp(log_slope) * (math.log(doses[cell]) - math.log(0.5) - log_ec50)))
+        genes = cells["gene_ids"][cell]
+        shift = gate * (effect.gene_factors[genes] @ vector + effect.drug_genes[aspirin, genes])
+        axis = torch.arange(model.config.num_rank_tokens) / model.config.num_rank_bins - 0.5
+        torch.testing.assert_close(change[cell], shift.detach()[:, None] * axis, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(change[1], change[3], atol=1e-3)  # the line modulates the drug's effect
+    # Null conditions, a null drug or an unknown dose move nothing.
+    with torch.no_grad():
+        assert effect(cells["gene_ids"], None, None) is None
+        nothing = effect(cells["gene_ids"], torch.tensor([[1, 0], [1, aspirin], [0, 0], [3, aspirin]]),
+                         torch.tensor([0.5, float("nan"), 0.5, 0.0]))  # fmt: skip
+    torch.testing.assert_close(nothing, torch.zeros_like(nothing))
+    # Without a dose condition the gate is 1 for every drug but the control.
+    undosed = RankDiTModel(RankDiTConfig.from_preset("tiny", gene_vocab_size=300, conditions=CONDITIONS,
+                                                     control_drug="DMSO_TF", perturbation_effect_rank=4))  # fmt: skip
+    with torch.no_grad():
+        for parameter in undosed.perturbation_effect.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator))
+        moved = undosed.perturbation_effect(cells["gene_ids"][:2], torch.tensor([[1, aspirin], [1, dmso]]), None)
+    assert moved[0].abs().sum() > 0 and not moved[1].any()
+    with pytest.raises(ValueError, match="drug condition"):
+        RankDiTModel(RankDiTConfig.from_preset("tiny", gene_vocab_size=300, perturbation_effect_rank=4))
+
+
 def test_the_pipeline_translates_control_cells_and_names_what_cannot_go_with_them():
     model = randomize_zero_init(type(_model())(_model(reference_context=True).config)).eval()
     pipe = _pipe(model)
@@ -221,3 +275,48 @@ def test_generate_anndata_translates_an_anndata_of_control_cells_row_by_row():
     again = pipe.generate_anndata(obs, genes, control=ensembl, num_inference_steps=4,
                                   generator=torch.Generator().manual_seed(0))  # fmt: skip
     np.testing.assert_array_equal(again.X, out.X)
+
+
+def test_drug_shifts_start_each_drug_at_its_gated_least_squares_effect_against_its_lines_controls():
+    from types import SimpleNamespace
+
+    import datasets
+    from scipy import sparse
+
+    from dataset_scripts.schema import CELL_ID_COLUMN
+    from training.data import TrainingCells
+    from training.recipe import ConditionSetup
+    from training.run import drug_shifts
+
+    rng, genes, bins, n = np.random.default_rng(0), 12, 10, 90
+    lines = rng.choice(["L1", "L2", "L3"], n)
+    drugs = rng.choice(["Aspirin", "DMSO_TF", "Ibuprofen"], n)
+    drugs[lines == "L3"] = np.where(drugs[lines == "L3"] == "DMSO_TF", "Aspirin", drugs[lines == "L3"])  # no controls
+    doses = np.where(drugs == "DMSO_TF", 0.0, rng.choice([0.05, 0.5, 5.0], n))
+    tokens = rng.integers(0, bins + 1, (n, genes)) * (rng.random((n, genes)) < 0.6)
+    tokens[:, 11] = 0  # a gene no cell shows
+    ids = [f"c{i}" for i in range(n)]
+    values = {"cell_line_id": ["L1", "L2", "L3"], "drug": ["Aspirin", "DMSO_TF", "Ibuprofen"]}
+    data = SimpleNamespace(
+        conditions=ConditionSetup(values, dose=True, control_drug="DMSO_TF"),
+        training_rows=datasets.Dataset.from_dict(
+            {CELL_ID_COLUMN: ids, "cell_line_id": list(lines), "drug": list(drugs), "dose": list(doses)}
+        ),  # fmt: skip
+        training_cells=TrainingCells(sparse.csr_matrix(tokens.astype(np.float32)), sparse.csr_matrix(tokens), ids),
+    )
+    config = RankDiTConfig.from_preset("tiny", gene_vocab_size=genes, num_rank_bins=bins, conditions=values,
+                                       dose_condition=True, control_drug="DMSO_TF",
+                                       perturbation_effect_rank=2)  # fmt: skip
+    shifts = drug_shifts(data, RankDiTModel(config))
+    # By hand, dense: the Hill curve at its start (EC50 0.5 uM, slope 1) is dose / (dose + 0.5).
+    position, expected = tokens / bins, np.zeros((4, genes))
+    variance = np.maximum(position.var(axis=0), 1e-3)
+    for drug_id, drug in ((1, "Aspirin"), (3, "Ibuprofen")):
+        cells = np.flatnonzero((drugs == drug) & (lines != "L3"))
+        gate = doses[cells] / (doses[cells] + 0.5)
+        control = {line: position[(lines == line) & (drugs == "DMSO_TF")].mean(axis=0) for line in ("L1", "L2")}
+        residual = position[cells] - np.stack([control[line] for line in lines[cells]])
+        fit = (gate[:, None] * residual).sum(axis=0) / ((gate**2).sum() * variance)
+        expected[drug_id] = np.where((position[cells] > 0).any(axis=0), fit, 0.0).clip(-8, 8)
+    np.testing.assert_allclose(shifts, expected, atol=1e-6)
+    assert not shifts[2].any() and not shifts[:, 11].any()  # the control drug and an unseen gene: none

@@ -63,6 +63,14 @@ class ModelArguments:
             "anything on validation pairs yet, docs/PERFORMANCE.md)"
         },
     )
+    perturbation_effect_rank: int = field(
+        default=32,
+        metadata={
+            "help": "with a drug condition, an explicit drug effect on each gene's tokens (a per-drug table started "
+            "at each drug's average effect in the training cells, plus a gene x drug product of this rank that the "
+            "line modulates, gated by a Hill curve of the dose per drug); 0: none"
+        },
+    )
     reference_cells: int = field(
         default=2048, metadata={"help": "reference cells: a seeded draw of the training cells read for the baselines"}
     )
@@ -92,6 +100,8 @@ class ModelArguments:
                              f"({sizes['num_attention_heads']})")  # fmt: skip
         if self.gene_condition not in ("hidden", "logits", "none"):
             raise ValueError(f"--gene_condition must be hidden, logits or none, got {self.gene_condition!r}")
+        if self.perturbation_effect_rank < 0:
+            raise ValueError(f"--perturbation_effect_rank must be 0 or more, got {self.perturbation_effect_rank}")
         if self.reference_context and self.num_rank_bins > 255:
             raise ValueError(f"--num_rank_bins must be at most 255 with --reference_context (reference tokens are "
                              f"bytes), got {self.num_rank_bins}")  # fmt: skip
@@ -113,7 +123,8 @@ class ModelArguments:
         """The `RankDiTConfig` fields these arguments set besides the preset."""
         sizes = ("hidden_size", "num_hidden_layers", "num_attention_heads")
         overrides = {name: getattr(self, name) for name in sizes if getattr(self, name) is not None}
-        flags = ("num_rank_bins", "time_conditioning", "cell_profile", "gene_prior", "copy_head", "reference_context")
+        flags = ("num_rank_bins", "time_conditioning", "cell_profile", "gene_prior", "copy_head", "reference_context",
+                 "perturbation_effect_rank")  # fmt: skip
         gene_condition = None if self.gene_condition == "none" else self.gene_condition
         return {**overrides, **{name: getattr(self, name) for name in flags}, "gene_condition": gene_condition}
 

@@ -298,6 +298,12 @@ def conditions_section(run: CardContents) -> str:
     genes = ""
     if config.gene_condition:
         genes = f" and, per gene, a projection of its gene's embedding times them (into the {config.gene_condition})"
+    if config.perturbation_effect_rank:
+        genes += (
+            "; a drug also moves each gene's tokens up or down the rank axis by its own amount (a per-drug table "
+            "started at the drug's average effect in the training cells, plus a rank-"
+            f"{config.perturbation_effect_rank} part that the line modulates, gated by a Hill curve of the dose)"
+        )
     guidance = "0 the unconditional one"
     if config.factorized_guidance:
         guidance = ("0 the model told the line alone (drug and dose were also dropped alone in training, so guidance "

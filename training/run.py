@@ -9,6 +9,9 @@ import logging
 import os
 from dataclasses import dataclass
 
+import numpy as np
+import torch
+from scipy import sparse
 from transformers import set_seed
 
 from dataset_scripts import EpochCallback, RankDiffusionCollator
@@ -136,6 +139,52 @@ def build_reference(
     return reference, rows
 
 
+def training_conditions(data: PreparedData) -> dict[str, torch.Tensor]:
+    """The conditions of the training cells held in memory (`data.training_cells`), as the model takes them."""
+    setup, rows = data.conditions, data.training_rows
+    names = [name for name in (*setup.values, "sample", "dose") if name in rows.column_names]
+    columns = rows.select_columns([CELL_ID_COLUMN, *names]).to_dict()
+    row_of = {cell: i for i, cell in enumerate(columns[CELL_ID_COLUMN])}
+    found = [row_of[cell] for cell in data.training_cells.cell_ids]
+    picked = {name: [columns[name][i] for i in found] for name in names}
+    return setup.encoder.encode_rows(picked, data.training_cells.cell_ids, dose_of_sample=setup.dose_of_sample)
+
+
+def drug_shifts(data: PreparedData, model: RankDiTModel) -> np.ndarray:
+    """Each drug's shift of each gene along the rank axis (`model.perturbation_effect`'s table), estimated from the
+    training cells held in memory: the least-squares fit of `gate x shift x variance` to each treated cell's position
+    on the axis (token / B) minus the mean of its line's control cells there, the gate being the effect's own dose
+    curve at its start, the variance the gene's on the axis (a small tilt s moves a gene's mean by s x its
+    variance). Cells of a line without control cells, and genes no treated cell was seen at, get none."""
+    effect, cells = model.perturbation_effect, data.training_cells
+    told = training_conditions(data)
+    drug = told["condition_ids"][:, effect.drug_column]
+    with torch.no_grad():
+        gate = effect.gate(drug, told.get("doses")).double().numpy()
+    _, line = np.unique(told["condition_ids"][:, effect.context_columns].numpy(), axis=0, return_inverse=True)
+    line = line.ravel()
+    position = cells.tokens.astype(np.float64) / model.config.num_rank_bins  # token 0 (not expressed) sits at 0
+    control = (drug == effect.control_id).numpy()
+    lines = np.unique(line)
+
+    def indicator(groups: np.ndarray, size: int, weights: np.ndarray) -> sparse.csr_matrix:
+        return sparse.csr_matrix((weights, (groups, np.arange(len(groups)))), shape=(size, len(groups)))
+
+    controls = np.bincount(line[control], minlength=len(lines)).astype(np.float64)
+    control_mean = (indicator(line, len(lines), control.astype(np.float64)) @ position).toarray()
+    control_mean /= np.maximum(controls, 1)[:, None]
+    gate = np.where(controls[line] > 0, gate, 0.0)  # a cell needs its line's controls
+    drugs = effect.drug_genes.shape[0]
+    weighted = (indicator(drug.numpy(), drugs, gate) @ position).toarray()
+    weighted -= indicator(drug.numpy(), drugs, gate) @ indicator(line, len(lines), np.ones(len(line))).T @ control_mean
+    mean = np.asarray(position.mean(axis=0)).ravel()
+    variance = np.asarray(position.multiply(position).mean(axis=0)).ravel() - mean**2
+    squares = np.bincount(drug.numpy(), weights=gate**2, minlength=drugs)
+    seen = (indicator(drug.numpy(), drugs, gate) @ (position > 0).astype(np.float64)).toarray() > 0
+    denominator = squares[:, None] * np.maximum(variance, 1e-3)[None, :]
+    return np.where(seen & (denominator > 0), weighted / np.maximum(denominator, 1e-12), 0.0).clip(-8.0, 8.0)
+
+
 def build_model(model_args: ModelArguments, data_args: DataArguments, data: PreparedData, seed: int) -> RankDiTModel:
     """The RankDiT of the preset, for the data's genes and conditions, its gene prior started at the training cells'
     per-gene marginal and its gene embeddings at their principal axes (as the arguments ask)."""
@@ -143,6 +192,8 @@ def build_model(model_args: ModelArguments, data_args: DataArguments, data: Prep
     overrides = model_args.config_overrides()
     if conditions is None:  # nothing for conditions to reach
         overrides["gene_condition"] = None
+    if conditions is None or "drug" not in conditions.values:  # no drug to have an effect
+        overrides["perturbation_effect_rank"] = 0
     config = RankDiTConfig.from_preset(
         model_args.preset,
         gene_vocab_size=data.source.vocab.size,
@@ -156,6 +207,8 @@ def build_model(model_args: ModelArguments, data_args: DataArguments, data: Prep
     model = RankDiTModel(config)
     if config.gene_prior:
         model.init_gene_prior(data.baseline.probabilities())
+    if model.perturbation_effect is not None:
+        model.init_drug_shifts(drug_shifts(data, model))
     if model_args.gene_embedding_init == "pca":
         model.init_gene_embedding(*data.training_cells.gene_loadings(config.hidden_size, seed=seed))
     logger.info("RankDiT %s: %.2fM parameters", model_args.preset, model.num_parameters() / 1e6)
