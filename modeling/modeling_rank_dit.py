@@ -26,7 +26,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput
 
-from .conditions import PERTURBATION
+from .conditions import PERTURBATION, condition_value
 from .configuration_rank_dit import RankDiTConfig
 
 
@@ -222,17 +222,22 @@ class RankDiTGeneCondition(nn.Module):
         return self.out(self.norm(genes) * self.norm(self.condition(conditions))[:, None, :])
 
 
+# The dose (uM) a drug's Hill curve starts centred on: the middle of Tahoe-100M's doses.
+REFERENCE_DOSE_UM = 0.5
+
+
 class RankDiTPerturbationEffect(nn.Module):
     """A drug's effect as a move of each gene's tokens up or down the rank axis (`config.perturbation_effect_rank`).
 
-    A cell told drug d at dose c, in context l (the other conditions: the line, the plate), gets at gene g the shift
-    `s = gate_d(c) (R_dg + <G_g, E_d * (1 + C_l)>)`, added to the output log-probabilities as `s (b / B - 1/2)` on
-    token b (an exponential tilt: the gene's expected rank moves with the sign of s). R is a table of each drug's
-    shift of each gene (its effect averaged over lines), G a free factor per gene, E one per drug, C one per context
-    value (zero at the start, so an effect starts the same in every line), and gate_d a
-    Hill curve of the dose, `c^n / (c^n + EC50^n)` with the drug's own EC50 and slope (1 without a dose condition).
-    The control drug, the null drug and a null dose move nothing, so a cell is its control plus the effect. Each
-    drug's effect is learned from all its cells, every line and dose: one number per gene, where the whole
+    A cell told drug d at dose c, in context l (its other conditions together: the line, the plate), gets at gene g
+    the shift `s = gate_d(c) (R_dg + <G_g, E_d * (1 + C_l)>)`, added to the output log-probabilities as
+    `s (b / B - 1/2)` on token b (an exponential tilt: the gene's expected rank moves with the sign of s). R is a
+    table of each drug's shift of each gene (its effect averaged over lines), G a free factor per gene, E one per
+    drug, C one per context value (zero at the start, so an effect starts the same in every line), and gate_d a Hill
+    curve of the dose, `c^n / (c^n + EC50^n)` with the drug's own EC50 and slope (1 without a dose condition). The
+    control drug, the null drug and an unknown (or zero) dose move nothing, so a cell is its control plus the effect,
+    and a dose-conditioned model told a drug without its dose gets the drug's effect only through the conditioning.
+    Each drug's effect is learned from all its cells, every line and dose: one number per gene, where the whole
     distribution of a gene under every (line, drug, dose) is far more than a screen's cells pin down.
     """
 
@@ -242,7 +247,8 @@ class RankDiTPerturbationEffect(nn.Module):
         self.drug_column = names.index("drug")
         self.context_columns = [i for i, name in enumerate(names) if name not in PERTURBATION]
         drugs = config.conditions["drug"]
-        self.control_id = drugs.index(config.control_drug) + 1 if config.control_drug in drugs else 0
+        control = condition_value("drug", config.control_drug)
+        self.control_id = drugs.index(control) + 1 if control in drugs else 0  # 0: no control drug (only the null)
         self.num_rank_bins, self.dose_condition = config.num_rank_bins, config.dose_condition
         self.gene_factors = nn.Parameter(torch.empty(config.gene_vocab_size, rank))
         self.drug_factors = nn.Parameter(torch.empty(len(drugs) + 1, rank))
@@ -250,39 +256,37 @@ class RankDiTPerturbationEffect(nn.Module):
         self.context_factors = nn.ParameterList(
             nn.Parameter(torch.empty(len(config.conditions[names[i]]) + 1, rank)) for i in self.context_columns
         )
-        # Per drug: log EC50 relative to 0.5 uM (the middle of Tahoe's doses) and the log of the Hill slope.
+        # Per drug: log EC50 relative to REFERENCE_DOSE_UM and the log of the Hill slope.
         self.dose_response = nn.Parameter(torch.empty(len(drugs) + 1, 2))
 
     def reset_parameters(self) -> None:
-        nn.init.normal_(self.gene_factors, std=self.gene_factors.shape[1] ** -0.5)
+        init.normal_(self.gene_factors, std=self.gene_factors.shape[1] ** -0.5)
         for factors in (self.drug_factors, self.drug_genes, *self.context_factors, self.dose_response):
-            nn.init.zeros_(factors)
+            init.zeros_(factors)
 
     def gate(self, drug: torch.Tensor, doses: torch.Tensor | None) -> torch.Tensor:
-        """Each cell's share `(batch,)` of its drug's full effect: the Hill curve of its dose (1 without a dose
-        condition), 0 for the control drug, the null drug and an unknown dose."""
-        gate = ((drug != 0) & (drug != self.control_id)).to(self.dose_response.dtype)
+        """Each cell's share `(batch,)` of its drug's full effect, in float32: the Hill curve of its dose (1 without a
+        dose condition), 0 for the control drug, the null drug and an unknown or zero dose."""
+        treated = ((drug != 0) & (drug != self.control_id)).float()
         if not self.dose_condition:
-            return gate
+            return treated
         if doses is None:  # every dose unknown
-            return torch.zeros_like(gate)
+            return torch.zeros_like(treated)
         known = torch.isfinite(doses) & (doses > 0)
-        log_dose = torch.log(torch.where(known, doses, torch.ones_like(doses))).to(gate.dtype)
-        response = self.dose_response[drug]
-        hill = torch.sigmoid(response[:, 1].exp() * (log_dose - math.log(0.5) - response[:, 0]))
-        return gate * torch.where(known, hill, torch.zeros_like(hill))
+        log_dose = torch.log(torch.where(known, doses, torch.ones_like(doses)).float())
+        log_ec50, log_slope = self.dose_response[drug].float().unbind(dim=-1)
+        hill = torch.sigmoid(log_slope.clamp(-5.0, 5.0).exp() * (log_dose - math.log(REFERENCE_DOSE_UM) - log_ec50))
+        return treated * torch.where(known, hill, torch.zeros_like(hill))
 
-    def forward(self, gene_ids: torch.Tensor, condition_ids: torch.Tensor | None, doses: torch.Tensor | None):
-        """The tilt `(batch, length, B + 1)` to add to the log-probabilities; zero without conditions."""
-        if condition_ids is None:
-            return None
+    def forward(self, gene_ids: torch.Tensor, condition_ids: torch.Tensor, doses: torch.Tensor | None) -> torch.Tensor:
+        """The tilt `(batch, length, B + 1)`, in float32, to add to the output log-probabilities."""
         drug = condition_ids[:, self.drug_column]
-        vector = self.drug_factors[drug]
-        modulation = sum((factors[condition_ids[:, column]] for column, factors in
+        vector = self.drug_factors[drug].float()
+        modulation = sum((factors[condition_ids[:, column]].float() for column, factors in
                           zip(self.context_columns, self.context_factors)), torch.zeros_like(vector))  # fmt: skip
-        shift = torch.einsum("blr,br->bl", self.gene_factors[gene_ids], vector * (1 + modulation))
-        shift = (shift + self.drug_genes[drug[:, None], gene_ids]) * self.gate(drug, doses)[:, None]
-        axis = torch.arange(self.num_rank_bins + 1, device=shift.device, dtype=shift.dtype) / self.num_rank_bins
+        shift = torch.einsum("blr,br->bl", self.gene_factors[gene_ids].float(), vector * (1 + modulation))
+        shift = (shift + self.drug_genes[drug[:, None], gene_ids].float()) * self.gate(drug, doses)[:, None]
+        axis = torch.arange(self.num_rank_bins + 1, device=shift.device, dtype=torch.float32) / self.num_rank_bins
         return shift[..., None] * (axis - 0.5)
 
 
@@ -659,7 +663,7 @@ class RankDiTModel(RankDiTPreTrainedModel):
         if self.gene_condition is not None and self.config.gene_condition == "logits":
             logits = logits + self.gene_condition(genes, condition_vector).float()
         if self.perturbation_effect is not None and condition_ids is not None:
-            logits = logits + self.perturbation_effect(gene_ids, condition_ids, doses).float()
+            logits = logits + self.perturbation_effect(gene_ids, condition_ids, doses)
         if not return_dict:
             return logits, hidden_states
         return RankDiTOutput(logits=logits, last_hidden_state=hidden_states)

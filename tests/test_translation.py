@@ -165,7 +165,7 @@ def test_conditions_reach_single_genes_through_the_gene_condition():
                                torch.zeros(2, 5, fresh.config.hidden_size))  # fmt: skip
 
 
-def test_the_perturbation_effect_moves_each_gene_along_the_rank_axis_by_drug_line_and_dose():
+def test_the_perturbation_effect_moves_each_gene_along_the_rank_axis_by_drug_line_and_dose(tmp_path):
     model, cells = _model(perturbation_effect_rank=4, control_drug="DMSO_TF"), _cells(batch=4)
     assert _model().perturbation_effect is None  # only when asked for
     effect = model.perturbation_effect
@@ -200,7 +200,6 @@ def test_the_perturbation_effect_moves_each_gene_along_the_rank_axis_by_drug_lin
     assert not torch.allclose(change[1], change[3], atol=1e-3)  # the line modulates the drug's effect
     # Null conditions, a null drug or an unknown dose move nothing.
     with torch.no_grad():
-        assert effect(cells["gene_ids"], None, None) is None
         nothing = effect(cells["gene_ids"], torch.tensor([[1, 0], [1, aspirin], [0, 0], [3, aspirin]]),
                          torch.tensor([0.5, float("nan"), 0.5, 0.0]))  # fmt: skip
     torch.testing.assert_close(nothing, torch.zeros_like(nothing))
@@ -212,6 +211,10 @@ def test_the_perturbation_effect_moves_each_gene_along_the_rank_axis_by_drug_lin
             parameter.copy_(torch.randn(parameter.shape, generator=generator))
         moved = undosed.perturbation_effect(cells["gene_ids"][:2], torch.tensor([[1, aspirin], [1, dmso]]), None)
     assert moved[0].abs().sum() > 0 and not moved[1].any()
+    model.save_pretrained(tmp_path)  # every part of the effect saved and loaded
+    loaded = RankDiTModel.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**cells, condition_ids=ids, doses=doses).logits, with_effect)
     with pytest.raises(ValueError, match="drug condition"):
         RankDiTModel(RankDiTConfig.from_preset("tiny", gene_vocab_size=300, perturbation_effect_rank=4))
 
@@ -316,7 +319,9 @@ def test_drug_shifts_start_each_drug_at_its_gated_least_squares_effect_against_i
         gate = doses[cells] / (doses[cells] + 0.5)
         control = {line: position[(lines == line) & (drugs == "DMSO_TF")].mean(axis=0) for line in ("L1", "L2")}
         residual = position[cells] - np.stack([control[line] for line in lines[cells]])
-        fit = (gate[:, None] * residual).sum(axis=0) / ((gate**2).sum() * variance)
+        fit = (gate[:, None] * residual).sum(axis=0) / (((gate**2).sum() + 4.0) * variance)  # ridge: 4 cells
         expected[drug_id] = np.where((position[cells] > 0).any(axis=0), fit, 0.0).clip(-8, 8)
     np.testing.assert_allclose(shifts, expected, atol=1e-6)
     assert not shifts[2].any() and not shifts[:, 11].any()  # the control drug and an unseen gene: none
+    no_control = RankDiTModel(RankDiTConfig(**{**config.to_dict(), "control_drug": None}))
+    assert not drug_shifts(data, no_control).any()  # nothing to measure an effect against

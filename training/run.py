@@ -109,12 +109,10 @@ def control_groups(data: PreparedData) -> tuple[str, list[int], list[int]] | Non
         return None
     context = [name for name in setup.values if name not in PERTURBATION]
     group = "cell_line_id" if "cell_line_id" in context else context[0]
-    columns = data.training_rows.select_columns([CELL_ID_COLUMN, "drug", group]).to_dict()
-    row_of = {cell: i for i, cell in enumerate(columns[CELL_ID_COLUMN])}
-    found = [row_of[cell] for cell in data.training_cells.cell_ids]
+    columns = training_cell_columns(data, ["drug", group])
     control = condition_value("drug", setup.control_drug)
-    rows = [i for i, row in enumerate(found) if condition_value("drug", columns["drug"][row]) == control]
-    ids = setup.encoder.ids(group, [columns[group][found[i]] for i in rows])
+    rows = [i for i, drug in enumerate(columns["drug"]) if condition_value("drug", drug) == control]
+    ids = setup.encoder.ids(group, [columns[group][i] for i in rows])
     told = ids > 0  # a control cell whose line is not known reads as no line's
     return group, [row for row, kept in zip(rows, told) if kept], ids[told].tolist()
 
@@ -139,24 +137,33 @@ def build_reference(
     return reference, rows
 
 
-def training_conditions(data: PreparedData) -> dict[str, torch.Tensor]:
-    """The conditions of the training cells held in memory (`data.training_cells`), as the model takes them."""
-    setup, rows = data.conditions, data.training_rows
-    names = [name for name in (*setup.values, "sample", "dose") if name in rows.column_names]
-    columns = rows.select_columns([CELL_ID_COLUMN, *names]).to_dict()
+def training_cell_columns(data: PreparedData, names: list[str]) -> dict[str, list]:
+    """Columns `names` of the training rows, in the order of the training cells held in memory."""
+    columns = data.training_rows.select_columns([CELL_ID_COLUMN, *names]).to_dict()
     row_of = {cell: i for i, cell in enumerate(columns[CELL_ID_COLUMN])}
     found = [row_of[cell] for cell in data.training_cells.cell_ids]
-    picked = {name: [columns[name][i] for i in found] for name in names}
-    return setup.encoder.encode_rows(picked, data.training_cells.cell_ids, dose_of_sample=setup.dose_of_sample)
+    return {name: [columns[name][i] for i in found] for name in names}
 
 
-def drug_shifts(data: PreparedData, model: RankDiTModel) -> np.ndarray:
+def training_conditions(data: PreparedData) -> dict[str, torch.Tensor]:
+    """The conditions of the training cells held in memory (`data.training_cells`), as the model takes them."""
+    setup = data.conditions
+    names = [name for name in (*setup.values, "sample", "dose") if name in data.training_rows.column_names]
+    columns = training_cell_columns(data, names)
+    return setup.encoder.encode_rows(columns, data.training_cells.cell_ids, dose_of_sample=setup.dose_of_sample)
+
+
+def drug_shifts(data: PreparedData, model: RankDiTModel, ridge: float = 4.0) -> np.ndarray:
     """Each drug's shift of each gene along the rank axis (`model.perturbation_effect`'s table), estimated from the
-    training cells held in memory: the least-squares fit of `gate x shift x variance` to each treated cell's position
-    on the axis (token / B) minus the mean of its line's control cells there, the gate being the effect's own dose
-    curve at its start, the variance the gene's on the axis (a small tilt s moves a gene's mean by s x its
-    variance). Cells of a line without control cells, and genes no treated cell was seen at, get none."""
+    training cells held in memory: the ridge fit of `gate x shift x variance` to each treated cell's position on the
+    axis (token / B) minus the mean of the control cells of its context (its line; with a plate condition, its line
+    and plate), the gate being the effect's own dose curve at its start, the variance the gene's on the axis (a
+    small tilt s moves a gene's mean by s x its variance), `ridge` the number of fully gated cells' worth of
+    shrinkage toward no effect. Cells of a context without control cells, and genes no treated cell was seen at, get
+    none; without a control drug there is nothing to measure against and every shift is 0."""
     effect, cells = model.perturbation_effect, data.training_cells
+    if effect.control_id == 0:
+        return np.zeros(tuple(effect.drug_genes.shape))
     told = training_conditions(data)
     drug = told["condition_ids"][:, effect.drug_column]
     with torch.no_grad():
@@ -175,14 +182,15 @@ def drug_shifts(data: PreparedData, model: RankDiTModel) -> np.ndarray:
     control_mean /= np.maximum(controls, 1)[:, None]
     gate = np.where(controls[line] > 0, gate, 0.0)  # a cell needs its line's controls
     drugs = effect.drug_genes.shape[0]
-    weighted = (indicator(drug.numpy(), drugs, gate) @ position).toarray()
-    weighted -= indicator(drug.numpy(), drugs, gate) @ indicator(line, len(lines), np.ones(len(line))).T @ control_mean
+    by_drug = indicator(drug.numpy(), drugs, gate)
+    weighted = (by_drug @ position).toarray()
+    weighted -= by_drug @ indicator(line, len(lines), np.ones(len(line))).T @ control_mean
     mean = np.asarray(position.mean(axis=0)).ravel()
     variance = np.asarray(position.multiply(position).mean(axis=0)).ravel() - mean**2
     squares = np.bincount(drug.numpy(), weights=gate**2, minlength=drugs)
-    seen = (indicator(drug.numpy(), drugs, gate) @ (position > 0).astype(np.float64)).toarray() > 0
-    denominator = squares[:, None] * np.maximum(variance, 1e-3)[None, :]
-    return np.where(seen & (denominator > 0), weighted / np.maximum(denominator, 1e-12), 0.0).clip(-8.0, 8.0)
+    seen = (by_drug @ (position > 0).astype(np.float64)).toarray() > 0
+    denominator = (squares[:, None] + ridge) * np.maximum(variance, 1e-3)[None, :]
+    return np.where(seen, weighted / denominator, 0.0).clip(-8.0, 8.0)
 
 
 def build_model(model_args: ModelArguments, data_args: DataArguments, data: PreparedData, seed: int) -> RankDiTModel:
