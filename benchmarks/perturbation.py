@@ -23,7 +23,9 @@ With `--checkpoint`, RankDiT generates as many cells as the real ones for each p
 each line (its own control), guided with the scale chosen on validation; its tokens become expression by the
 mean expression of each token in the line's reference control cells. A model that reads reference cells
 translates control cells, as a user does (`pipe(gene_ids=..., control_counts=..., conditions=...)`): training
-control cells of the line (whole cells, drawn at random), under the perturbation and under the control alike.
+control cells of the line (whole cells, drawn at random), under the perturbation and under the control alike:
+the same control cells with the same random draws for every perturbation of a line and for its own control (a
+translation is each control cell's counterfactual, as a baseline's cells are its own control shifted).
 
 Metrics, mean over test perturbations: `pearson_delta` and `mae_delta` of the effects; cell-eval's
 `discrimination_score_l1` (higher is better, with its chance level), `overlap_at_N`, `precision_at_N`,
@@ -50,6 +52,7 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdi
 import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
 
 from dataset_scripts.tahoe_standin import positive_int  # noqa: E402
 from dataset_scripts.tokenization import TokenizedBatch  # noqa: E402
@@ -364,33 +367,44 @@ def generated_prediction(pipe, truth: Truth, genes, lookup: dict, scale: float, 
     """RankDiT's cells on the panel, as many as the real ones for each perturbation (at most `--cells_per_condition`),
     and its own control: control cells it generates for each line (as many as the line's largest evaluation
     control, at most 256 and at most the cap). With `controls` (the screen's cells and the training control rows of
-    each line), it translates control cells of the line drawn at random instead of generating from nothing."""
+    each line), it translates control cells of the line drawn at random instead of generating from nothing, and its
+    own control is the translation of the same control cells under the control, with the same random draws: a
+    translation is each control cell's counterfactual, so the model's effect is paired as a baseline's shift of its
+    own control cells is (the real effect stays against control cells no predictor saw)."""
     cap = args.cells_per_condition or max(len(cells) for cells in truth.real.values())
     requests = [((key[0], key[1], key[2]), min(len(truth.real[key]), cap)) for key in truth.keys]
     for line in sorted({key[0] for key in truth.keys}):
         size = max(len(c) for ctx, c in truth.evaluation_controls.items() if ctx[0] == line)
         requests.append(((line, truth.control, 0.0), min(size, 256, max(cap, 2))))
-    conditions = [{"cell_line_id": k[0], "drug": k[1], "dose": k[2]} for k, n in requests for _ in range(n)]
-    translation = {}
-    if controls is not None:
+    seed = args.seed + seed_offset
+
+    def generate(keys: list, translation: dict) -> np.ndarray:
+        return pipe(
+            gene_ids=[genes.tolist()] * len(keys),
+            conditions=[{"cell_line_id": k[0], "drug": k[1], "dose": k[2]} for k in keys],
+            guidance_scale=scale,
+            num_inference_steps=args.num_inference_steps,
+            batch_size=args.batch_size,
+            generator=torch.Generator().manual_seed(seed),
+            **translation,
+        ).ranks
+
+    generated = {}
+    if controls is None:
+        ranks, start = generate([key for key, n in requests for _ in range(n)], {}), 0
+        for key, n in requests:
+            generated[key] = lookup[key[0]][np.asarray(ranks[start : start + n])]
+            start += n
+    else:  # every request of a line translates the line's same control cells with the same draws
         cells, rows_of_line = controls
-        rng = np.random.default_rng(args.seed + seed_offset)
-        rows = np.concatenate([rng.choice(rows_of_line[k[0]], n, replace=n > len(rows_of_line[k[0]]))
-                               for k, n in requests])  # fmt: skip
-        translation = whole_cells_on(cells.counts[rows], genes)
-    ranks = pipe(
-        gene_ids=[genes.tolist()] * len(conditions),
-        conditions=conditions,
-        guidance_scale=scale,
-        num_inference_steps=args.num_inference_steps,
-        batch_size=args.batch_size,
-        generator=torch.Generator().manual_seed(args.seed + seed_offset),
-        **translation,
-    ).ranks
-    generated, start = {}, 0
-    for key, n in requests:
-        generated[key] = lookup[key[0]][np.asarray(ranks[start : start + n])]
-        start += n
+        rng, size = np.random.default_rng(seed), {}
+        for key, n in requests:
+            size[key[0]] = max(size.get(key[0], 0), n)
+        rows = {line: rng.choice(rows_of_line[line], n, replace=n > len(rows_of_line[line]))
+                for line, n in sorted(size.items())}  # fmt: skip
+        for key, n in tqdm(requests, desc="translating control cells"):
+            ranks = generate([key] * size[key[0]], whole_cells_on(cells.counts[rows[key[0]]], genes))
+            generated[key] = lookup[key[0]][np.asarray(ranks[:n])]
     own_controls = {ctx: generated[(ctx[0], truth.control, 0.0)] for ctx in truth.evaluation_controls}
     return Prediction({key: generated[key] for key in truth.keys}, own_controls)
 

@@ -146,3 +146,37 @@ def test_paired_bootstrap_interval_covers_the_mean_difference():
     result = paired_bootstrap(a, b, seed=0)
     assert result["difference"] == pytest.approx(0.1, abs=0.01)
     assert result["ci95"][0] < 0.1 < result["ci95"][1] and result["ci95"][1] - result["ci95"][0] < 0.02
+
+
+def test_a_translating_models_own_control_is_the_same_control_cells_translated_with_the_same_draws(truth):
+    import sys
+    from types import SimpleNamespace
+
+    import torch
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import perturbation as benchmark
+
+    test, cells, roles = truth
+    control_rows = np.flatnonzero((roles == "train") & (cells.obs["drug"] == "DMSO_TF").to_numpy())
+    lines = cells.obs["line"].to_numpy()[control_rows]
+    controls = (cells, {line: control_rows[lines == line] for line in LINES})
+    args = SimpleNamespace(cells_per_condition=8, num_inference_steps=2, batch_size=4, seed=0)
+    lookup = {line: np.arange(256, dtype=np.float64) for line in LINES}  # token t -> expression t
+
+    def translator(moves: int):
+        """Samples of each control cell (its counts plus noise from the generator), `moves` tokens up for a drug."""
+
+        def pipe(gene_ids, conditions, generator, control_counts, **kwargs):
+            noise = torch.randint(0, 5, (len(gene_ids), len(gene_ids[0])), generator=generator).numpy()
+            drug = np.array([moves * (told["drug"] != "DMSO_TF") for told in conditions])
+            return SimpleNamespace(ranks=np.minimum(control_counts, 100).astype(int) + noise + drug[:, None])
+
+        return pipe
+
+    for moves in (0, 2):  # a drug-blind translator has no effect at all; one that moves every gene, exactly that
+        prediction = benchmark.generated_prediction(translator(moves), test, np.arange(GENES), lookup, 1.0, args,
+                                                    controls=controls)  # fmt: skip
+        for key in test.keys:
+            np.testing.assert_array_equal(prediction.effect(key, test.context[key]), np.full(GENES, float(moves)))
