@@ -165,29 +165,30 @@ def drug_shifts(data: PreparedData, model: RankDiTModel, ridge: float = 4.0) -> 
     if effect.control_id == 0:
         return np.zeros(tuple(effect.drug_genes.shape))
     told = training_conditions(data)
-    drug = told["condition_ids"][:, effect.drug_column]
+    drug_ids = told["condition_ids"][:, effect.drug_column]
     with torch.no_grad():
-        gate = effect.gate(drug, told.get("doses")).double().numpy()
+        gate = effect.gate(drug_ids, told.get("doses")).double().numpy()
+    drug = drug_ids.numpy()
     _, line = np.unique(told["condition_ids"][:, effect.context_columns].numpy(), axis=0, return_inverse=True)
-    line = line.ravel()
+    line = line.ravel()  # each cell's context, numbered 0..lines - 1
+    lines = int(line.max()) + 1
     position = cells.tokens.astype(np.float64) / model.config.num_rank_bins  # token 0 (not expressed) sits at 0
-    control = (drug == effect.control_id).numpy()
-    lines = np.unique(line)
+    control = drug == effect.control_id
 
     def indicator(groups: np.ndarray, size: int, weights: np.ndarray) -> sparse.csr_matrix:
         return sparse.csr_matrix((weights, (groups, np.arange(len(groups)))), shape=(size, len(groups)))
 
-    controls = np.bincount(line[control], minlength=len(lines)).astype(np.float64)
-    control_mean = (indicator(line, len(lines), control.astype(np.float64)) @ position).toarray()
+    controls = np.bincount(line[control], minlength=lines).astype(np.float64)
+    control_mean = (indicator(line, lines, control.astype(np.float64)) @ position).toarray()
     control_mean /= np.maximum(controls, 1)[:, None]
     gate = np.where(controls[line] > 0, gate, 0.0)  # a cell needs its line's controls
     drugs = effect.drug_genes.shape[0]
-    by_drug = indicator(drug.numpy(), drugs, gate)
+    by_drug = indicator(drug, drugs, gate)
     weighted = (by_drug @ position).toarray()
-    weighted -= by_drug @ indicator(line, len(lines), np.ones(len(line))).T @ control_mean
+    weighted -= by_drug @ indicator(line, lines, np.ones(len(line))).T @ control_mean
     mean = np.asarray(position.mean(axis=0)).ravel()
     variance = np.asarray(position.multiply(position).mean(axis=0)).ravel() - mean**2
-    squares = np.bincount(drug.numpy(), weights=gate**2, minlength=drugs)
+    squares = np.bincount(drug, weights=gate**2, minlength=drugs)
     seen = (by_drug @ (position > 0).astype(np.float64)).toarray() > 0
     denominator = (squares[:, None] + ridge) * np.maximum(variance, 1e-3)[None, :]
     return np.where(seen, weighted / denominator, 0.0).clip(-8.0, 8.0)
