@@ -57,6 +57,31 @@ EXAMPLE_DOC_STRING = """
 """
 
 
+TRANSLATION_BLOCKS = 2  # blocks of genes translated in turn (validation pairs: 2, 4 and 64 alike)
+
+
+def quantile_coupling(told: torch.Tensor, vehicle: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Carry control tokens to a condition, quantile to quantile: the distribution `(..., B + 1)` of the token a
+    position takes under the condition, given its control token x (`tokens` `(...)`) and the model's distributions
+    of the position under the condition (`told`, p) and under the control (`vehicle`, q).
+
+    x is the quantile u of q for u uniform in (Q(x - 1), Q(x)] (Q: q's cumulative distribution); the new token is
+    p's quantile at u, so its probability of b is the overlap of (P(b - 1), P(b)] with that interval, over its
+    length. Where p = q the token stays x; the coupling keeps each cell's rank among cells, as the drug moves the
+    distribution. Where q gives x no mass (a token the model deems impossible under the control), p itself.
+    """
+    told, vehicle = told.double(), vehicle.double()
+    x = tokens.clamp(0, told.shape[-1] - 1).long()[..., None]
+    vehicle_cdf = vehicle.cumsum(dim=-1)
+    high = vehicle_cdf.gather(-1, x)
+    low = high - vehicle.gather(-1, x)
+    told_cdf = told.cumsum(dim=-1)
+    overlap = (torch.minimum(told_cdf, high) - torch.maximum(told_cdf - told, low)).clamp(min=0)
+    coupled = overlap / (high - low).clamp(min=1e-12)
+    coupled = torch.where(high - low > 1e-12, coupled, told)
+    return (coupled / coupled.sum(dim=-1, keepdim=True).clamp(min=1e-12)).float()
+
+
 @dataclass
 class MaskedRankDiffusionPipelineOutput(BaseOutput):
     """Output of [`MaskedRankDiffusionPipeline`], padded to the longest cell (see `attention_mask`).
@@ -210,7 +235,7 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
         conditions: dict | list[dict] | None = None,
         guidance_scale: float = 1.0,
         reference=None,
-        num_inference_steps: int = 64,
+        num_inference_steps: int | None = None,
         sampler: str | None = None,
         temperature: float = 1.0,
         top_p: float = 1.0,
@@ -238,10 +263,14 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
                 its quantile bins are those of the whole cell, as in training (a warning says when a cell looks like
                 a part).
             control_counts: translate control cells: the raw counts of one control (vehicle) cell per output cell
-                at `gene_ids` (whole cells, or part with `context_counts`), for a model that reads reference cells.
-                Every position is generated under `conditions`, each cell reading its control cell and that cell's
-                nearest ones among those given (as a perturbed cell reads its line's control cells in training):
-                the output cells are those cells under the conditions. Not with `ranks` / `counts` / `mask`.
+                at `gene_ids` (whole cells, or part with `context_counts`), for a model conditioned on a drug with
+                its control drug (`config.control_drug`); the output cells are those cells under `conditions`.
+                Each cell's genes are dealt at random into `num_inference_steps` blocks (2 by default); with a
+                block masked, the model gives each of its genes a distribution from the rest of the control cell
+                twice, under `conditions` (p) and under the control drug in the same context (q), and the gene's
+                control token is carried from its quantile of q to the same quantile of p ([`quantile_coupling`]):
+                a gene the conditions do not move keeps its token, the others move as far as the conditions shift
+                their distribution. Not with `ranks` / `counts` / `mask`, nor a callback (there are no steps).
             unknown_genes (`str`, defaults to `"raise"`): `"ignore"` leaves genes outside the vocabulary out of
                 the model's input (gene id -1 in the output) instead of refusing the cell.
             conditions (`dict` or `list[dict]`, *optional*): for a perturbation-conditioned checkpoint
@@ -257,7 +286,8 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
                 the pipeline's own (`pipe.reference`, saved with it: a sample of the training cells, or a screen's
                 control cells by line, of which a cell reads its line's), an AnnData of raw counts (a user's own
                 cells, read by [`make_reference`]), a [`ReferenceCells`], or False for none.
-            num_inference_steps (`int`, defaults to 64): denoising steps (first-hitting: one per masked token).
+            num_inference_steps (`int`, *optional*): denoising steps (first-hitting: one per masked token), 64 by
+                default; with `control_counts`, the blocks of genes translated in turn, 2 by default.
             sampler (`str`, *optional*): `"ancestral"`, `"first-hitting"` or `"confidence"`; the scheduler's
                 configured sampler by default.
             temperature (`float`, defaults to 1.0), top_p (`float`, defaults to 1.0): reshape the model's
@@ -285,22 +315,34 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
             [`MaskedRankDiffusionPipelineOutput`] or `tuple`: the sampled ranks, or the distributions and expected
             ranks, with the mask, gene ids and attention mask of every cell, and the denoiser calls per cell.
         """
+        translating = control_counts is not None
+        if num_inference_steps is None:
+            num_inference_steps = TRANSLATION_BLOCKS if translating else 64
         self.check_inputs(
             mask, mask_ratio, num_inference_steps, temperature, top_p, batch_size, generator, output_type,
             callback_on_step_end_tensor_inputs, guidance_scale, use_cache, return_dict, callback_on_step_end,
         )  # fmt: skip
         self.processor.warn_if_guidance_unused(guidance_scale, conditions, self.model.config)
-        if output_type != "ranks":  # one denoiser pass: nothing is drawn
-            given = {"sampler": sampler, "temperature": temperature, "top_p": top_p,
-                     "num_inference_steps": num_inference_steps}  # fmt: skip
+        drawing = {"sampler": sampler, "temperature": temperature, "top_p": top_p}
+        if translating or output_type != "ranks":  # nothing is drawn by the scheduler
+            given = {**drawing, **({} if translating else {"num_inference_steps": num_inference_steps})}
             ignored = [name for name, value in given.items() if value != {"sampler": None, "temperature": 1.0,
                        "top_p": 1.0, "num_inference_steps": 64}[name]]  # fmt: skip
             if ignored:
-                logger.warning("output_type=%r is one denoiser pass: %s only shape sampling and are ignored",
-                               output_type, ignored)  # fmt: skip
-        if control_counts is not None:
-            cells = self._translation_cells(gene_ids, control_counts, context_counts, conditions, ranks, counts, mask,
-                                            mask_ratio, reference, unknown_genes)  # fmt: skip
+                what = (
+                    "control_counts translates without the scheduler"
+                    if translating
+                    else (f"output_type={output_type!r} is one denoiser pass")
+                )
+                logger.warning("%s: %s only shape sampling and are ignored", what, ignored)
+        if translating:
+            if callback_on_step_end is not None:
+                raise ValueError("control_counts translates without denoising steps: callback_on_step_end has "
+                                 "nothing to be called at")  # fmt: skip
+            cells = self._control_cells(gene_ids, control_counts, context_counts, conditions, ranks, counts, mask,
+                                        mask_ratio, unknown_genes)  # fmt: skip
+            cells = self._add_reference(cells, self.resolve_reference(reference), generator)
+            blocks = self._translation_blocks(cells, num_inference_steps, generator)
         else:
             if mask_ratio is not None:  # drawn before the tokens are made: masked counts must not shape the bins
                 mask = self._random_mask(gene_ids, ranks, counts, mask_ratio, unknown_genes, generator)
@@ -312,7 +354,11 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
             cells = self.processor.add_conditions(cells, conditions, self.model.config)
             cells = self._add_reference(cells, self.resolve_reference(reference), generator)
         ranks_out = probs_out = expected_out = None
-        if output_type == "ranks":
+        if translating:
+            probs, calls = self._translate(cells, blocks, batch_size, guidance_scale)
+            if output_type == "ranks":
+                ranks_out = self._draw(probs, cells["attention_mask"].bool(), generator)
+        elif output_type == "ranks":
             ranks_out, calls = self._sample(
                 cells, num_inference_steps, sampler, temperature, top_p, batch_size, use_cache, generator,
                 callback_on_step_end, callback_on_step_end_tensor_inputs, guidance_scale,
@@ -320,6 +366,7 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
         else:
             probs = self.processor.predictive_distribution(self.model, cells, batch_size, guidance_scale)
             calls = torch.bincount(self.processor.windows(cells).cell, minlength=cells.num_cells)
+        if output_type != "ranks":
             expected = (probs * torch.arange(probs.shape[-1], dtype=probs.dtype)).sum(dim=-1)
             expected_out = np.where(cells["attention_mask"].numpy(), expected.numpy(), np.nan)
             probs_out = probs.numpy() if output_type == "probs" else None
@@ -327,7 +374,7 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
             ranks=ranks_out,
             probs=probs_out,
             expected=expected_out,
-            mask=cells.mask.numpy(),
+            mask=(cells["attention_mask"] if translating else cells.mask).numpy(),
             gene_ids=cells["gene_ids"].numpy(),
             attention_mask=cells["attention_mask"].numpy(),
             model_calls=calls.numpy(),
@@ -356,35 +403,71 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
             return None
         return cells["condition_ids"][:, names.index(group_condition)]
 
-    def _translation_cells(self, gene_ids, control_counts, context_counts, conditions, ranks, counts, mask,
-                           mask_ratio, reference, unknown_genes):  # fmt: skip
-        """Cells to generate whole at `gene_ids` under `conditions`, each reading its control cell (from
-        `control_counts`) and that cell's nearest ones among those given of its line
-        ([`ReferenceCells.translation_context`])."""
-        given = {"ranks": ranks, "counts": counts, "mask": mask, "mask_ratio": mask_ratio, "reference": reference}
+    def _control_cells(self, gene_ids, control_counts, context_counts, conditions, ranks, counts, mask,
+                       mask_ratio, unknown_genes):  # fmt: skip
+        """Control cells to translate: their tokens at `gene_ids`, every position visible, told `conditions`."""
+        given = {"ranks": ranks, "counts": counts, "mask": mask, "mask_ratio": mask_ratio}
         clashing = [name for name, value in given.items() if value is not None]
         if clashing:
             raise ValueError(f"control_counts generates every position from control cells; {clashing} cannot go "
                              "with it (impute a cell with counts= and mask=)")  # fmt: skip
-        if not self.model.config.reference_context:
-            raise ValueError("control_counts: this model reads no reference cells (config.reference_context is "
-                             "False); train it with --reference_context to translate control cells")  # fmt: skip
         if conditions is None:
             raise ValueError("control_counts translates control cells under conditions: pass conditions= too")
         try:
-            controls = self.processor(gene_ids, counts=control_counts, context_counts=context_counts,
-                                      unknown_genes=unknown_genes)  # fmt: skip
+            cells = self.processor(gene_ids, counts=control_counts, context_counts=context_counts,
+                                   unknown_genes=unknown_genes)  # fmt: skip
         except (ValueError, TypeError) as error:
             raise type(error)(f"control_counts: {error}") from error
-        cells = self.processor.add_conditions(self.processor(gene_ids, unknown_genes=unknown_genes), conditions,
-                                              self.model.config)  # fmt: skip
-        group = getattr(self.reference.config, "group_condition", None) if self.reference is not None else None
-        found = ReferenceCells.translation_context(
-            controls["gene_ids"], controls["input_ids"], controls["attention_mask"], self.model.config.num_rank_bins,
-            groups=self._group_ids(cells, group),
-            num_neighbours=self.reference.config.num_neighbours if self.reference is not None else 32,
-        )  # fmt: skip
-        return cells.replace(reference_tokens=found)
+        return self.processor.add_conditions(cells, conditions, self.model.config)
+
+    @staticmethod
+    def _translation_blocks(cells, num_blocks: int, generator: torch.Generator | None) -> torch.LongTensor:
+        """Each position's block `(n_cells, width)` for translation (-1: none): a cell's positions in a random order
+        dealt round-robin, so its blocks are of equal size (+-1) and random genes."""
+        real = cells["attention_mask"].bool()
+        device = generator.device if generator is not None else "cpu"
+        keys = torch.rand(real.shape, generator=generator, device=device).cpu().masked_fill(~real, 2.0)
+        order = keys.argsort(dim=1).argsort(dim=1)  # each position's place in its cell's random order
+        return (order % num_blocks).masked_fill(~real, -1)
+
+    def _control_conditions(self, cells) -> dict:
+        """The conditions of `cells` with their drug replaced by the control drug (dose 0): the same context."""
+        encoder = self.processor.condition_encoder(self.model.config)
+        if "drug" not in encoder.values or encoder.control_drug not in encoder.values["drug"]:
+            raise ValueError("control_counts translates control cells from the control drug to the conditions: the "
+                             "model needs a drug condition and its control drug (config.control_drug)")  # fmt: skip
+        ids = cells["condition_ids"].clone()
+        ids[:, list(encoder.values).index("drug")] = int(encoder.ids("drug", [encoder.control_drug])[0])
+        doses = cells.data.get("doses")
+        return {"condition_ids": ids, "doses": None if doses is None else torch.zeros_like(doses)}
+
+    def _translate(self, cells, blocks, batch_size, guidance_scale) -> tuple[torch.Tensor, torch.Tensor]:
+        """The distribution `(n_cells, width, B + 1)` of each control token carried to the cells' conditions, and
+        each cell's denoiser calls: block by block, the block masked, the model's distributions of its genes given
+        the rest of the control cell under the conditions and under the control, coupled by quantile."""
+        vehicle_conditions = self._control_conditions(cells)
+        tokens, mask_id = cells["input_ids"], self.processor.mask_token_id
+        probs = torch.zeros(*tokens.shape, self.model.config.num_rank_tokens)
+        calls = torch.zeros(cells.num_cells, dtype=torch.long)
+        for block in range(int(blocks.max()) + 1):
+            hidden = blocks == block
+            masked = cells.replace(input_ids=tokens.masked_fill(hidden, mask_id))
+            told = self.processor.predictive_distribution(self.model, masked, batch_size, guidance_scale)
+            vehicle = self.processor.predictive_distribution(self.model, masked.replace(**vehicle_conditions),
+                                                             batch_size, guidance_scale)  # fmt: skip
+            probs = torch.where(hidden[..., None], quantile_coupling(told, vehicle, tokens), probs)
+            calls += 2 * torch.bincount(self.processor.windows(masked).cell, minlength=cells.num_cells)
+        return probs, calls
+
+    @staticmethod
+    def _draw(probs: torch.Tensor, attended: torch.Tensor, generator: torch.Generator | None) -> np.ndarray:
+        """A token from each position's distribution (inverse CDF of a uniform from `generator`); -1 where the model
+        saw nothing."""
+        device = generator.device if generator is not None else "cpu"
+        uniforms = torch.rand(probs.shape[:2], generator=generator, device=device, dtype=torch.float64).cpu()
+        below = probs.double().cumsum(dim=-1) < uniforms[..., None] * probs.double().sum(dim=-1, keepdim=True)
+        tokens = below.sum(dim=-1).clamp(max=probs.shape[-1] - 1)
+        return tokens.masked_fill(~attended, -1).numpy()
 
     def _random_mask(self, gene_ids, ranks, counts, mask_ratio, unknown_genes, generator) -> list[torch.Tensor]:
         """`mask_ratio` of each cell's known genes, drawn from the genes alone (before any count is binned)."""

@@ -127,46 +127,6 @@ class ReferenceCells(ModelMixin, ConfigMixin):
             reference.groups.copy_(torch.from_numpy(groups[rows].astype(np.int64)))
         return reference, rows
 
-    @classmethod
-    def translation_context(
-        cls, gene_ids: torch.Tensor, tokens: torch.Tensor, attention_mask: torch.Tensor, num_rank_bins: int, *,
-        groups: torch.Tensor | None = None, num_neighbours: int = 32, num_components: int = 16,
-    ) -> torch.Tensor:  # fmt: skip
-        """`reference_tokens` `(n, length, k)` for translating control cells: each cell reads the control cell at
-        its row and that cell's nearest ones among the distinct cells given (of its group, `groups` `(n,)`, e.g.
-        its line; all of them when there are fewer than `num_neighbours`), as a perturbed cell in training reads
-        the control cells of its line it looks most like. `tokens` are the control cells' rank tokens at
-        `gene_ids`, every position visible."""
-        groups = torch.zeros(len(gene_ids), dtype=torch.long) if groups is None else groups.cpu().long()
-        k = min(num_neighbours, int(torch.bincount(groups).max()))
-        found = torch.full((*gene_ids.shape, k), -1, dtype=torch.int16)
-        for group in groups.unique().tolist():
-            rows = (groups == group).nonzero().squeeze(1)
-            part = cls._group_translation(gene_ids[rows], tokens[rows], attention_mask[rows], num_rank_bins,
-                                          num_neighbours, num_components)  # fmt: skip
-            found[rows, :, : part.shape[-1]] = part
-        return found
-
-    @classmethod
-    def _group_translation(cls, gene_ids, tokens, attention_mask, num_rank_bins, num_neighbours, num_components):
-        """[`translation_context`] within one group of control cells."""
-        from scipy import sparse
-
-        real = attention_mask.bool() & (gene_ids > 0)
-        cells = torch.cat([gene_ids.masked_fill(~real, 0), tokens.masked_fill(~real, 0)], dim=1).numpy()
-        distinct = np.unique(cells, axis=0, return_index=True)[1]
-        if len(distinct) < 2 or not (tokens.masked_fill(~real, 0) > 0).any():  # one cell, or none expressing
-            return tokens.masked_fill(~real, -1)[..., None].to(torch.int16)
-        rows, columns = real.nonzero(as_tuple=True)
-        matrix = sparse.csr_matrix(
-            (tokens[rows, columns].numpy(), (rows.numpy(), gene_ids[rows, columns].numpy())),
-            shape=(len(gene_ids), int(gene_ids.max()) + 1),
-        )
-        reference, _ = cls.from_tokens(matrix[np.sort(distinct)], num_rank_bins, max_cells=None,
-                                       num_components=num_components, num_neighbours=num_neighbours)  # fmt: skip
-        shown = tokens.masked_fill(~real, num_rank_bins + 1)
-        return reference.context(gene_ids.masked_fill(~real, 0), shown, real, mask_token_id=num_rank_bins + 1)
-
     @property
     def num_rank_tokens(self) -> int:
         return self.config.num_rank_bins + 1

@@ -1,5 +1,5 @@
-"""Translating control cells: a grouped reference (a screen's control cells by line), the context of given control
-cells, factorised condition dropout and guidance, and conditions that reach single genes."""
+"""Translating control cells: a grouped reference (a screen's control cells by line), quantile coupling of control
+tokens to a condition, factorised condition dropout and guidance, and conditions that reach single genes."""
 
 import math
 
@@ -9,6 +9,7 @@ import scipy.sparse
 import torch
 from conftest import randomize_zero_init
 from test_conditioning import CONDITIONS, _cells, _model, _pipe
+from torch.nn import functional as F
 
 from modeling import RankDiTConfig, RankDiTModel
 from modeling.conditions import ConditionEncoder
@@ -72,29 +73,6 @@ def test_a_grouped_reference_gives_each_cell_its_own_groups_cells_and_random_one
     assert (unknown[0] > 0).any(dim=1)[10:].any()  # cell 0 (group 7, unknown) reads group 2's cells too
     with pytest.raises(ValueError, match="groups and group_condition together"):
         ReferenceCells.from_tokens(scipy.sparse.csr_matrix(np.ones((3, 5), dtype=np.int64)), B, groups=[1, 1, 2])
-
-
-def test_given_control_cells_read_themselves_first_and_their_nearest_ones():
-    rng = np.random.default_rng(1)
-    genes = torch.arange(3, 43)[None].expand(8, -1).clone()
-    tokens = torch.from_numpy(rng.integers(0, B + 1, size=(8, 40)))
-    tokens[4:, :20] = 0  # two kinds of control cells: 0-3 express every gene, 4-7 only genes 23..42
-    real = torch.ones_like(tokens, dtype=torch.bool)
-    found = ReferenceCells.translation_context(genes, tokens, real, B, num_neighbours=3, num_components=4)
-    assert found.shape == (8, 40, 3)
-    torch.testing.assert_close(found[:, :, 0].long(), tokens)  # nearest first: the cell itself, as given
-    assert (found[4:, :20] == 0).all() and (found[:4, :20] > 0).any()  # its nearest are of its kind
-    # One distinct control cell (repeated): it alone is the context; padding reads -1.
-    one = ReferenceCells.translation_context(genes[:3], tokens[[0, 0, 0]], real[:3] & (torch.arange(40) < 30), B)
-    assert (one[:, :30, 0].long() == tokens[0, :30]).all() and (one[:, 30:] == -1).all() and (one[..., 1:] == -1).all()
-    # Cells of two lines read control cells of their own line only: each line holds cells of both kinds, so a cell
-    # of the second kind reads the first kind's cells of its line, which without lines it would not.
-    lines = torch.tensor([1, 1, 2, 2, 1, 1, 2, 2])
-    by_line = ReferenceCells.translation_context(genes, tokens, real, B, groups=lines, num_neighbours=4,
-                                                 num_components=2)  # fmt: skip
-    alone = ReferenceCells.translation_context(genes, tokens, real, B, num_neighbours=4, num_components=2)
-    assert by_line.shape == alone.shape == (8, 40, 4)
-    assert (by_line[4, :20] > 0).any() and (alone[4, :20] == 0).all()
 
 
 def test_perturbation_dropout_nulls_the_drug_and_dose_and_keeps_the_line_drawn_apart_from_full_dropout():
@@ -219,23 +197,60 @@ def test_the_perturbation_effect_moves_each_gene_along_the_rank_axis_by_drug_lin
         RankDiTModel(RankDiTConfig.from_preset("tiny", gene_vocab_size=300, perturbation_effect_rank=4))
 
 
+def test_quantile_coupling_carries_a_token_to_the_same_quantile_of_the_conditions_distribution():
+    from pipelines.pipeline_masked_rank_diffusion import quantile_coupling
+
+    vehicle = torch.tensor([[0.25, 0.25, 0.25, 0.25]] * 3)
+    told = torch.tensor([[0.0, 0.5, 0.25, 0.25]] * 3)
+    tokens = torch.tensor([0, 1, 3])
+    coupled = quantile_coupling(told, vehicle, tokens)
+    # Token 0 is the quantiles (0, 1/4] of the control's distribution; under the condition they all fall in token 1
+    # (its step (0, 1/2]); token 1, (1/4, 1/2], too; token 3, (3/4, 1], is token 3 under both.
+    torch.testing.assert_close(coupled, F.one_hot(torch.tensor([1, 1, 3]), 4).float())
+    # A token whose quantiles straddle two steps of the condition's distribution splits by the overlap: token 2 is
+    # (1/2, 3/4], of which (1/2, 0.6] is the condition's token 0 and (0.6, 3/4] its token 1.
+    split = quantile_coupling(torch.tensor([[0.6, 0.4, 0.0, 0.0]]), vehicle[:1], torch.tensor([2]))
+    torch.testing.assert_close(split, torch.tensor([[0.4, 0.6, 0.0, 0.0]]))
+    halves = quantile_coupling(torch.tensor([[0.375, 0.625, 0.0, 0.0]]), vehicle[:1], torch.tensor([1]))
+    torch.testing.assert_close(halves, torch.tensor([[0.5, 0.5, 0.0, 0.0]]))
+    # The same distribution keeps every token; a token the control deems impossible takes the condition's own.
+    rng = torch.Generator().manual_seed(0)
+    same = torch.softmax(torch.randn(5, 7, 52, generator=rng), dim=-1)
+    kept = torch.randint(0, 52, (5, 7), generator=rng)
+    torch.testing.assert_close(quantile_coupling(same, same, kept), F.one_hot(kept, 52).float())
+    impossible = quantile_coupling(told[:1], torch.tensor([[0.5, 0.5, 0.0, 0.0]]), torch.tensor([3]))
+    torch.testing.assert_close(impossible, told[:1])
+
+
 def test_the_pipeline_translates_control_cells_and_names_what_cannot_go_with_them():
-    model = randomize_zero_init(type(_model())(_model(reference_context=True).config)).eval()
+    model = randomize_zero_init(type(_model())(_model(reference_context=True, control_drug="DMSO_TF",
+                                                      perturbation_effect_rank=4).config)).eval()  # fmt: skip
+    with torch.no_grad():  # Aspirin moves every gene's tokens up the rank axis
+        model.perturbation_effect.drug_genes[1] = 6.0
+        model.perturbation_effect.dose_response[1] = torch.tensor([-3.0, 0.0])  # EC50 far below 0.5 uM
     pipe = _pipe(model)
     genes = [f"G{i}" for i in range(10, 40)]
     rng = np.random.default_rng(0)
     controls = rng.poisson(3.0, size=(6, 30))
     told = {"cell_line_id": "CVCL_0480", "drug": "Aspirin", "dose": 0.5}
 
-    def translate(control_counts, seed=0, **kwargs):
-        return pipe(gene_ids=[genes] * len(control_counts), control_counts=control_counts, conditions=told,
-                    context_counts=[[]] * len(control_counts), num_inference_steps=4,
-                    generator=torch.Generator().manual_seed(seed), **kwargs)  # fmt: skip
+    def translate(control_counts, seed=0, conditions=told, **kwargs):
+        return pipe(gene_ids=[genes] * len(control_counts), control_counts=control_counts, conditions=conditions,
+                    context_counts=[[]] * len(control_counts), generator=torch.Generator().manual_seed(seed),
+                    **kwargs)  # fmt: skip
 
     out = translate(controls)
     assert out.ranks.shape == (6, 30) and out.mask.all() and (out.ranks >= 0).all() and (out.ranks <= B).all()
     np.testing.assert_array_equal(translate(controls).ranks, out.ranks)  # seeded
+    assert (out.model_calls == 2 * 2).all()  # two blocks, each under the drug and under the control
+    # Under the control drug a control cell is itself, token for token; the drug moves its tokens up.
+    own = pipe.processor([genes] * 6, counts=controls, context_counts=[[]] * 6)["input_ids"].numpy()
+    vehicle = {"cell_line_id": "CVCL_0480", "drug": "DMSO_TF", "dose": 0.0}
+    np.testing.assert_array_equal(translate(controls, conditions=vehicle).ranks, own)
+    expected = translate(controls, output_type="expected").expected
+    assert (expected >= own - 1e-4).all() and (expected - own).mean() > 1.0
     probs = translate(controls, output_type="probs").probs
+    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
     silent = translate(np.zeros_like(controls) + np.arange(30) % 2, output_type="probs").probs
     assert not np.allclose(probs, silent, atol=1e-4)  # the control cells are read
     with pytest.raises(ValueError, match=r"\['counts', 'mask'\] cannot go with it"):
@@ -244,16 +259,18 @@ def test_the_pipeline_translates_control_cells_and_names_what_cannot_go_with_the
         pipe(gene_ids=[genes] * 2, control_counts=controls[:3], conditions=told)
     with pytest.raises(ValueError, match="translates control cells under conditions: pass conditions="):
         pipe(gene_ids=[genes], control_counts=controls[:1])
-    plain = _pipe(_model())
-    with pytest.raises(ValueError, match="this model reads no reference cells"):
-        plain(gene_ids=[genes], control_counts=controls[:1], conditions=told)
+    with pytest.raises(ValueError, match="callback_on_step_end has nothing to be called at"):
+        translate(controls, callback_on_step_end=lambda *args: {})
+    no_control = _pipe(_model())
+    with pytest.raises(ValueError, match="needs a drug condition and its control drug"):
+        no_control(gene_ids=[genes], control_counts=controls[:1], conditions=told)
 
 
 def test_generate_anndata_translates_an_anndata_of_control_cells_row_by_row():
     import anndata
     import pandas as pd
 
-    model = randomize_zero_init(type(_model())(_model(reference_context=True).config)).eval()
+    model = _model(reference_context=True, control_drug="DMSO_TF")
     pipe = _pipe(model)
     genes = [f"G{i}" for i in range(10, 40)]
     rng = np.random.default_rng(0)

@@ -309,13 +309,13 @@ def conditions_section(run: CardContents) -> str:
         guidance = ("0 the model told the line alone (drug and dose were also dropped alone in training, so guidance "
                     "pushes along the drug's effect)")  # fmt: skip
     translate = ""
-    if config.reference_context and "drug" in setup["conditions"]:
+    if config.control_drug and "drug" in setup["conditions"]:
         translate = f"""
-Each cell reads control cells of its line (`reference/`: training control cells by line). To translate your own
-control cells (raw counts at `genes`, one per output cell), pass them:
+To translate your own control cells (raw counts at `genes`, one per output cell) to their counterfactuals under a
+drug (each gene's control token carried to the same quantile of the model's distribution under the drug), pass them:
 
 ```python
-out = pipe(gene_ids=[genes] * 100, control_counts=dmso_counts, conditions={example!r}, guidance_scale=2.0)
+out = pipe(gene_ids=[genes] * 100, control_counts=dmso_counts, conditions={example!r})
 ```
 """
     return f"""## Conditions
