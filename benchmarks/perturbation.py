@@ -19,13 +19,12 @@ plus its shift. Two checks of the protocol: a drug-blind predictor (cells of the
 must score about 0, and the ceiling, a fresh draw of the same wells (`DIR/oracle`, which `tahoe_standin
 --responses` writes, its effects the expected ones of a large draw; else half the real cells predicting the
 other half, a lower bound), the best anyone can do.
-With `--checkpoint`, RankDiT generates as many cells as the real ones for each perturbation and control cells for
-each line (its own control), guided with the scale chosen on validation; its tokens become expression by the
-mean expression of each token in the line's reference control cells. A model that reads reference cells
-translates control cells, as a user does (`pipe(gene_ids=..., control_counts=..., conditions=...)`): training
-control cells of the line (whole cells, drawn at random), under the perturbation and under the control alike:
+With `--checkpoint`, RankDiT translates control cells as a user does (`pipe(gene_ids=..., control_counts=...,
+conditions=...)`): training control cells of the line (whole cells, drawn at random), as many as the real cells of
+each perturbation, under the perturbation and under the control alike, guided with the scale chosen on validation:
 the same control cells with the same random draws for every perturbation of a line and for its own control (a
-translation is each control cell's counterfactual, as a baseline's cells are its own control shifted).
+translation is each control cell's counterfactual, as a baseline's cells are its own control shifted). Its tokens
+become expression gene by gene: the mean expression of each (gene, token) in the line's reference control cells.
 
 Metrics, mean over test perturbations: `pearson_delta` and `mae_delta` of the effects; cell-eval's
 `discrimination_score_l1` (higher is better, with its chance level), `overlap_at_N`, `precision_at_N`,
@@ -113,7 +112,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--guidance_scales", type=guidance_scales, default=[1.0, 2.0, 4.0],
                         help="candidates, comma-separated, chosen on validation pairs (default 1,2,4)")  # fmt: skip
-    parser.add_argument("--num_inference_steps", type=positive_int, default=32)
+    parser.add_argument(
+        "--num_inference_steps",
+        type=positive_int,
+        default=None,
+        help="blocks of genes a translation goes through (the pipeline's default: 2)",
+    )
     parser.add_argument("--batch_size", type=positive_int, default=128)
     parser.add_argument("--seed", type=int, default=0, help="seed of the draws of predicted cells")
     parser.add_argument("--json", default="benchmarks/results/perturbation.json")
@@ -319,27 +323,26 @@ def model_prediction(pipe, cells, roles, genes, truth: Truth, validation: Truth,
     """RankDiT's cells for the test perturbations and its own control cells for each line, with the guidance scale
     chosen on the validation pairs (mean Pearson delta)."""
     lookup = token_expression(pipe, cells, roles, genes, truth.control)
-    controls = None
-    if pipe.model.config.reference_context:
-        control = np.flatnonzero((roles == "train") & (cells.obs["drug"] == truth.control).to_numpy())
-        lines = cells.obs["line"].to_numpy()[control]
-        controls = (cells, {line: control[lines == line] for line in np.unique(lines)})
+    control = np.flatnonzero((roles == "train") & (cells.obs["drug"] == truth.control).to_numpy())
+    lines = cells.obs["line"].to_numpy()[control]
+    controls = (cells, {line: control[lines == line] for line in np.unique(lines)})
     guidance, predictions = {}, {}
     for scale in args.guidance_scales:
-        predictions[scale] = generated_prediction(pipe, validation, genes, lookup, scale, args, controls=controls)
+        predictions[scale] = generated_prediction(pipe, validation, genes, lookup, scale, args, controls)
         guidance[scale] = float(np.mean(delta_scores(predictions[scale], validation)["pearson_delta"]))
         logger.info("guidance %g: validation Pearson delta %.3f", scale, guidance[scale])
     chosen = max(guidance, key=guidance.get)
     if truth is validation:  # --validation_only: the chosen scale's validation cells
         return predictions[chosen], {"chosen": chosen, "validation_pearson_delta": guidance}
-    prediction = generated_prediction(pipe, truth, genes, lookup, chosen, args, seed_offset=1, controls=controls)
+    prediction = generated_prediction(pipe, truth, genes, lookup, chosen, args, controls, seed_offset=1)
     return prediction, {"chosen": chosen, "validation_pearson_delta": guidance}
 
 
 def token_expression(pipe, cells: ScreenCells, roles: np.ndarray, genes: np.ndarray, control: str) -> dict:
-    """Per line, the expression of each rank token on the panel: the mean log-normalised expression of the entries
-    with that token in the line's reference control cells (0 for token 0; the all-lines value where a line never
-    shows a token), i.e. quantile mapping to the line's control counts."""
+    """Per line, the expression of each rank token at each panel gene `(genes, B + 1)`: the mean log-normalised
+    expression of the gene's entries with that token in the line's reference control cells, i.e. quantile mapping
+    to the line's control counts gene by gene (0 for token 0; where the line's controls never show a token at a
+    gene, the token's mean over the line's genes, else over every line)."""
     rows = np.flatnonzero((roles == "train") & (cells.obs["drug"] == control).to_numpy())
     counts = cells.counts[rows]
     batch = TokenizedBatch(counts.indptr.astype(np.int64), counts.indices.astype(np.int64),
@@ -347,64 +350,66 @@ def token_expression(pipe, cells: ScreenCells, roles: np.ndarray, genes: np.ndar
                            context_offsets=np.zeros(len(rows) + 1, dtype=np.int64))  # fmt: skip
     tokens = pipe.processor.encode(batch.on_genes(genes))["input_ids"].numpy()
     expression, lines = cells.expression(genes, rows), cells.obs["line"].to_numpy()[rows]
-    num_bins = pipe.model.config.num_rank_bins
+    size = pipe.model.config.num_rank_bins + 1
 
-    def table(where) -> np.ndarray:
-        sums = np.bincount(tokens[where].ravel(), weights=expression[where].ravel(), minlength=num_bins + 1)
-        seen = np.bincount(tokens[where].ravel(), minlength=num_bins + 1)
+    def table(where) -> tuple[np.ndarray, np.ndarray]:
+        """(gene, token) sums and counts of the entries of the rows `where`."""
+        index, shape = (np.arange(len(genes)) * size + tokens[where]).ravel(), (len(genes), size)
+        sums = np.bincount(index, weights=expression[where].ravel(), minlength=len(genes) * size)
+        return sums.reshape(shape), np.bincount(index, minlength=len(genes) * size).reshape(shape)
+
+    def mean(sums: np.ndarray, seen: np.ndarray) -> np.ndarray:
         return np.where(seen > 0, sums / np.maximum(seen, 1), np.nan)
 
-    overall, lookup = table(slice(None)), {}
+    sums, seen = table(slice(None))
+    overall, lookup = mean(sums.sum(0), seen.sum(0)), {}
     for line in np.unique(lines):
-        values = table(lines == line)
-        lookup[line] = np.nan_to_num(np.where(np.isnan(values), overall, values))
-        lookup[line][0] = 0.0
+        sums, seen = table(lines == line)
+        of_line = mean(sums.sum(0), seen.sum(0))
+        fallback = np.where(np.isnan(of_line), overall, of_line)
+        lookup[line] = np.nan_to_num(np.where(seen > 0, mean(sums, seen), fallback[None, :]))
+        lookup[line][:, 0] = 0.0
     return lookup
 
 
-def generated_prediction(pipe, truth: Truth, genes, lookup: dict, scale: float, args, seed_offset: int = 0,
-                         controls: tuple | None = None):  # fmt: skip
-    """RankDiT's cells on the panel, as many as the real ones for each perturbation (at most `--cells_per_condition`),
-    and its own control: control cells it generates for each line (as many as the line's largest evaluation
-    control, at most 256 and at most the cap). With `controls` (the screen's cells and the training control rows of
-    each line), it translates control cells of the line drawn at random instead of generating from nothing, and its
-    own control is the translation of the same control cells under the control, with the same random draws: a
-    translation is each control cell's counterfactual, so the model's effect is paired as a baseline's shift of its
-    own control cells is (the real effect stays against control cells no predictor saw)."""
+def expression_of(table: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """Cells' tokens `(cells, genes)` as expression through a line's [`token_expression`] table `(genes, B + 1)`."""
+    return table[np.arange(table.shape[0])[None, :], tokens]
+
+
+def generated_prediction(pipe, truth: Truth, genes, lookup: dict, scale: float, args, controls: tuple,
+                         seed_offset: int = 0):  # fmt: skip
+    """RankDiT's cells on the panel, as a user makes them: control cells of the line (`controls`: the screen's
+    cells and the training control rows of each line), drawn at random, translated under each perturbation, as
+    many as the real ones (at most `--cells_per_condition`). Its own control is the translation of the same control
+    cells under the control (as many as the line's largest evaluation control, at most 256 and at most the cap),
+    with the same random draws: a translation is each control cell's counterfactual, so the model's effect is
+    paired as a baseline's shift of its own control cells is (the real effect stays against control cells no
+    predictor saw)."""
     cap = args.cells_per_condition or max(len(cells) for cells in truth.real.values())
     requests = [((key[0], key[1], key[2]), min(len(truth.real[key]), cap)) for key in truth.keys]
     for line in sorted({key[0] for key in truth.keys}):
         size = max(len(c) for ctx, c in truth.evaluation_controls.items() if ctx[0] == line)
         requests.append(((line, truth.control, 0.0), min(size, 256, max(cap, 2))))
     seed = args.seed + seed_offset
-
-    def generate(keys: list, translation: dict) -> np.ndarray:
-        return pipe(
-            gene_ids=[genes.tolist()] * len(keys),
-            conditions=[{"cell_line_id": k[0], "drug": k[1], "dose": k[2]} for k in keys],
+    cells, rows_of_line = controls
+    rng, size = np.random.default_rng(seed), {}
+    for key, n in requests:
+        size[key[0]] = max(size.get(key[0], 0), n)
+    rows = {line: rng.choice(rows_of_line[line], n, replace=n > len(rows_of_line[line]))
+            for line, n in sorted(size.items())}  # fmt: skip
+    generated = {}
+    for key, n in tqdm(requests, desc="translating control cells"):  # a line's every request: same cells, same draws
+        ranks = pipe(
+            gene_ids=[genes.tolist()] * size[key[0]],
+            conditions=[{"cell_line_id": key[0], "drug": key[1], "dose": key[2]}] * size[key[0]],
             guidance_scale=scale,
             num_inference_steps=args.num_inference_steps,
             batch_size=args.batch_size,
             generator=torch.Generator().manual_seed(seed),
-            **translation,
+            **whole_cells_on(cells.counts[rows[key[0]]], genes),
         ).ranks
-
-    generated = {}
-    if controls is None:
-        ranks, start = generate([key for key, n in requests for _ in range(n)], {}), 0
-        for key, n in requests:
-            generated[key] = lookup[key[0]][np.asarray(ranks[start : start + n])]
-            start += n
-    else:  # every request of a line translates the line's same control cells with the same draws
-        cells, rows_of_line = controls
-        rng, size = np.random.default_rng(seed), {}
-        for key, n in requests:
-            size[key[0]] = max(size.get(key[0], 0), n)
-        rows = {line: rng.choice(rows_of_line[line], n, replace=n > len(rows_of_line[line]))
-                for line, n in sorted(size.items())}  # fmt: skip
-        for key, n in tqdm(requests, desc="translating control cells"):
-            ranks = generate([key] * size[key[0]], whole_cells_on(cells.counts[rows[key[0]]], genes))
-            generated[key] = lookup[key[0]][np.asarray(ranks[:n])]
+        generated[key] = expression_of(lookup[key[0]], np.asarray(ranks[:n]))
     own_controls = {ctx: generated[(ctx[0], truth.control, 0.0)] for ctx in truth.evaluation_controls}
     return Prediction({key: generated[key] for key in truth.keys}, own_controls)
 

@@ -3,14 +3,14 @@
     python benchmarks/perturbation_effects.py --checkpoint outputs/screen [--pairs training] [--guidance_scales 1,2]
 
 For each perturbation (line, drug, dose), the same `--cells` training control cells of the line are translated
-through the pipeline twice, one denoiser pass each (`pipe(gene_ids=..., control_counts=..., conditions=...,
-output_type="probs")`; a model without reference cells is told the conditions alone): under the perturbation and
-under the control. The model's effect is the difference of the two mean expected expressions (tokens mapped to
-expression as `benchmarks/perturbation.py` maps them), paired on the same cells, so neither sampling nor the
-choice of control cells adds noise; it is scored by Pearson delta against the real effect (validation pairs: the
-protocol's, against evaluation controls; training pairs: the training cells against the line's training
-controls, a check that the model fits what it was trained on). Settings are chosen on validation pairs with it;
-`benchmarks/perturbation.py` reports test pairs. Prints a table, writes JSON.
+through the pipeline twice (`pipe(gene_ids=..., control_counts=..., conditions=..., output_type="probs")`, the
+distribution of each translated token): under the perturbation and under the control. The model's effect is the
+difference of the two mean expected expressions (tokens mapped to expression as `benchmarks/perturbation.py` maps
+them), paired on the same cells, so neither sampling nor the choice of control cells adds noise; it is scored by
+Pearson delta against the real effect (validation pairs: the protocol's, against evaluation controls; training
+pairs: the training cells against the line's training controls, a check that the model fits what it was trained
+on). Settings are chosen on validation pairs with it; `benchmarks/perturbation.py` reports test pairs. Prints a
+table, writes JSON.
 """
 
 from __future__ import annotations
@@ -65,10 +65,10 @@ def real_training_effects(cells, roles, genes, control: str, limit: int, seed: i
 
 def expected_expression(pipe, cells, rows, genes, conditions: dict, table: np.ndarray, scale: float, args):
     """Mean expected expression on `genes` of the control cells `rows` translated under `conditions`."""
-    translation = protocol.whole_cells_on(cells.counts[rows], genes) if pipe.model.config.reference_context else {}
     probs = pipe(gene_ids=[genes.tolist()] * len(rows), conditions=conditions, guidance_scale=scale,
-                 output_type="probs", batch_size=args.batch_size, **translation).probs  # fmt: skip
-    return (probs * table[None, None, :]).sum(-1).mean(0)
+                 output_type="probs", batch_size=args.batch_size,
+                 **protocol.whole_cells_on(cells.counts[rows], genes)).probs  # fmt: skip
+    return (probs * table[None]).sum(-1).mean(0)
 
 
 def main(argv: list[str] | None = None) -> dict:

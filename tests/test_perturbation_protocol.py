@@ -163,7 +163,7 @@ def test_a_translating_models_own_control_is_the_same_control_cells_translated_w
     lines = cells.obs["line"].to_numpy()[control_rows]
     controls = (cells, {line: control_rows[lines == line] for line in LINES})
     args = SimpleNamespace(cells_per_condition=8, num_inference_steps=2, batch_size=4, seed=0)
-    lookup = {line: np.arange(256, dtype=np.float64) for line in LINES}  # token t -> expression t
+    lookup = {line: np.tile(np.arange(256, dtype=np.float64), (GENES, 1)) for line in LINES}  # token t -> t
 
     def translator(moves: int):
         """Samples of each control cell (its counts plus noise from the generator), `moves` tokens up for a drug."""
