@@ -508,7 +508,7 @@ class RankDiTProcessor(FeatureExtractionMixin):
         "Bortezomib", "dose": 0.5}`), a list of one dict per cell, or None (unconditional); see
         [`ConditionEncoder.encode`] for the errors."""
         ids, doses = RankDiTProcessor.condition_encoder(config).encode(conditions, cells.num_cells)
-        return cells.replace(condition_ids=ids, doses=doses)
+        return cells.replace(condition_ids=ids, doses=doses if config.dose_condition else None)
 
     @torch.no_grad()
     def predictive_distribution(

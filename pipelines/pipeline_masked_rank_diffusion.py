@@ -70,16 +70,18 @@ def quantile_coupling(told: torch.Tensor, vehicle: torch.Tensor, tokens: torch.T
     length. Where p = q the token stays x; the coupling keeps each cell's rank among cells, as the drug moves the
     distribution. Where q gives x no mass (a token the model deems impossible under the control), p itself.
     """
-    told, vehicle = told.double(), vehicle.double()
+    # Each normalised in float64, so both cumulative distributions end at 1 and a float32 sum just short of it
+    # cannot leave the top token's interval past the last step of p.
+    told, vehicle = (d.double() / d.double().sum(dim=-1, keepdim=True).clamp(min=1e-300) for d in (told, vehicle))
     x = tokens.clamp(0, told.shape[-1] - 1).long()[..., None]
-    vehicle_cdf = vehicle.cumsum(dim=-1)
-    high = vehicle_cdf.gather(-1, x)
+    high = vehicle.cumsum(dim=-1).gather(-1, x)
     low = high - vehicle.gather(-1, x)
     told_cdf = told.cumsum(dim=-1)
+    told_cdf[..., -1] = high[..., 0].clamp(min=1.0)
     overlap = (torch.minimum(told_cdf, high) - torch.maximum(told_cdf - told, low)).clamp(min=0)
-    coupled = overlap / (high - low).clamp(min=1e-12)
-    coupled = torch.where(high - low > 1e-12, coupled, told)
-    return (coupled / coupled.sum(dim=-1, keepdim=True).clamp(min=1e-12)).float()
+    mass = overlap.sum(dim=-1, keepdim=True)
+    coupled = torch.where(mass > 1e-12, overlap / mass.clamp(min=1e-300), told)
+    return coupled.float()
 
 
 @dataclass
@@ -342,7 +344,6 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
             cells = self._control_cells(gene_ids, control_counts, context_counts, conditions, ranks, counts, mask,
                                         mask_ratio, unknown_genes)  # fmt: skip
             cells = self._add_reference(cells, self.resolve_reference(reference), generator)
-            blocks = self._translation_blocks(cells, num_inference_steps, generator)
         else:
             if mask_ratio is not None:  # drawn before the tokens are made: masked counts must not shape the bins
                 mask = self._random_mask(gene_ids, ranks, counts, mask_ratio, unknown_genes, generator)
@@ -355,9 +356,8 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
             cells = self._add_reference(cells, self.resolve_reference(reference), generator)
         ranks_out = probs_out = expected_out = None
         if translating:
-            probs, calls = self._translate(cells, blocks, batch_size, guidance_scale)
-            if output_type == "ranks":
-                ranks_out = self._draw(probs, cells["attention_mask"].bool(), generator)
+            ranks_out, probs, calls = self._translate(cells, num_inference_steps, batch_size, guidance_scale,
+                                                      generator, output_type)  # fmt: skip
         elif output_type == "ranks":
             ranks_out, calls = self._sample(
                 cells, num_inference_steps, sampler, temperature, top_p, batch_size, use_cache, generator,
@@ -420,54 +420,62 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
             raise type(error)(f"control_counts: {error}") from error
         return self.processor.add_conditions(cells, conditions, self.model.config)
 
-    @staticmethod
-    def _translation_blocks(cells, num_blocks: int, generator: torch.Generator | None) -> torch.LongTensor:
-        """Each position's block `(n_cells, width)` for translation (-1: none): a cell's positions in a random order
-        dealt round-robin, so its blocks are of equal size (+-1) and random genes."""
-        real = cells["attention_mask"].bool()
-        device = generator.device if generator is not None else "cpu"
-        keys = torch.rand(real.shape, generator=generator, device=device).cpu().masked_fill(~real, 2.0)
-        order = keys.argsort(dim=1).argsort(dim=1)  # each position's place in its cell's random order
-        return (order % num_blocks).masked_fill(~real, -1)
-
     def _control_conditions(self, cells) -> dict:
-        """The conditions of `cells` with their drug replaced by the control drug (dose 0): the same context."""
+        """The conditions of `cells` with their drug replaced by the control drug (dose 0; a cell told the control
+        keeps its own, so it is translated to itself): the same context."""
         encoder = self.processor.condition_encoder(self.model.config)
         if "drug" not in encoder.values or encoder.control_drug not in encoder.values["drug"]:
             raise ValueError("control_counts translates control cells from the control drug to the conditions: the "
                              "model needs a drug condition and its control drug (config.control_drug)")  # fmt: skip
-        ids = cells["condition_ids"].clone()
-        ids[:, list(encoder.values).index("drug")] = int(encoder.ids("drug", [encoder.control_drug])[0])
-        doses = cells.data.get("doses")
-        return {"condition_ids": ids, "doses": None if doses is None else torch.zeros_like(doses)}
+        ids, column = cells["condition_ids"].clone(), list(encoder.values).index("drug")
+        control = int(encoder.ids("drug", [encoder.control_drug])[0])
+        doses, told_control = cells.data.get("doses"), ids[:, column] == control
+        ids[:, column] = control
+        if doses is not None:
+            doses = torch.where(told_control, doses, torch.zeros_like(doses))
+        return {"condition_ids": ids, "doses": doses}
 
-    def _translate(self, cells, blocks, batch_size, guidance_scale) -> tuple[torch.Tensor, torch.Tensor]:
-        """The distribution `(n_cells, width, B + 1)` of each control token carried to the cells' conditions, and
-        each cell's denoiser calls: block by block, the block masked, the model's distributions of its genes given
-        the rest of the control cell under the conditions and under the control, coupled by quantile."""
-        vehicle_conditions = self._control_conditions(cells)
-        tokens, mask_id = cells["input_ids"], self.processor.mask_token_id
-        probs = torch.zeros(*tokens.shape, self.model.config.num_rank_tokens)
+    def _translate(self, cells, num_blocks: int, batch_size: int, guidance_scale: float, generator,
+                   output_type: str) -> tuple[np.ndarray | None, torch.Tensor | None, torch.Tensor]:  # fmt: skip
+        """Control cells carried to their conditions, `batch_size` cells at a time: `(ranks, probs, calls)`, the
+        drawn tokens (-1 where the model saw nothing) for `output_type="ranks"`, else the distribution of every
+        token `(n_cells, width, B + 1)`. Each cell's genes are dealt at random into `num_blocks` blocks (a random
+        order dealt round-robin); block by block, the block masked, the model gives its genes a distribution from
+        the rest of the control cell under the conditions and under the control, coupled by quantile. A cell's
+        blocks and draws come from its own seed, so they do not depend on the other cells of the call."""
+        vehicle = self._control_conditions(cells)
+        seed_device = generator.device if generator is not None else "cpu"
+        seeds = torch.randint(-(2**63), 2**63 - 1, (cells.num_cells,), generator=generator, device=seed_device)
+        width, size = cells["gene_ids"].shape[1], self.model.config.num_rank_tokens
+        ranks = np.full((cells.num_cells, width), -1, dtype=np.int64) if output_type == "ranks" else None
+        probs = None if output_type == "ranks" else torch.zeros(cells.num_cells, width, size)
         calls = torch.zeros(cells.num_cells, dtype=torch.long)
-        for block in range(int(blocks.max()) + 1):
-            hidden = blocks == block
-            masked = cells.replace(input_ids=tokens.masked_fill(hidden, mask_id))
-            told = self.processor.predictive_distribution(self.model, masked, batch_size, guidance_scale)
-            vehicle = self.processor.predictive_distribution(self.model, masked.replace(**vehicle_conditions),
-                                                             batch_size, guidance_scale)  # fmt: skip
-            probs = torch.where(hidden[..., None], quantile_coupling(told, vehicle, tokens), probs)
-            calls += 2 * torch.bincount(self.processor.windows(masked).cell, minlength=cells.num_cells)
-        return probs, calls
-
-    @staticmethod
-    def _draw(probs: torch.Tensor, attended: torch.Tensor, generator: torch.Generator | None) -> np.ndarray:
-        """A token from each position's distribution (inverse CDF of a uniform from `generator`); -1 where the model
-        saw nothing."""
-        device = generator.device if generator is not None else "cpu"
-        uniforms = torch.rand(probs.shape[:2], generator=generator, device=device, dtype=torch.float64).cpu()
-        below = probs.double().cumsum(dim=-1) < uniforms[..., None] * probs.double().sum(dim=-1, keepdim=True)
-        tokens = below.sum(dim=-1).clamp(max=probs.shape[-1] - 1)
-        return tokens.masked_fill(~attended, -1).numpy()
+        for start in range(0, cells.num_cells, batch_size):
+            rows = slice(start, start + batch_size)
+            chunk = cells.rows(rows)
+            length, real = chunk["gene_ids"].shape[1], chunk["attention_mask"].bool()
+            draws = [torch.Generator().manual_seed(int(seed)) for seed in seeds[rows].tolist()]
+            keys = torch.stack([torch.rand(width, generator=g, dtype=torch.float64) for g in draws])[:, :length]
+            order = keys.masked_fill(~real, 2.0).argsort(dim=1).argsort(dim=1)  # each position's place in its cell
+            blocks = (order % num_blocks).masked_fill(~real, -1)
+            coupled = torch.zeros(*real.shape, size)
+            for block in range(int(blocks.max()) + 1 if blocks.numel() else 0):
+                hidden = blocks == block
+                masked = chunk.replace(input_ids=chunk["input_ids"].masked_fill(hidden, self.processor.mask_token_id))
+                told = self.processor.predictive_distribution(self.model, masked, batch_size, guidance_scale)
+                control = masked.replace(**{name: None if v is None else v[rows] for name, v in vehicle.items()})
+                untold = self.processor.predictive_distribution(self.model, control, batch_size, guidance_scale)
+                coupled = torch.where(hidden[..., None], quantile_coupling(told, untold, chunk["input_ids"]), coupled)
+                calls[rows] += 2 * torch.bincount(self.processor.windows(masked).cell, minlength=chunk.num_cells)
+            if ranks is not None:
+                uniforms = torch.stack([torch.rand(width, generator=g, dtype=torch.float64) for g in draws])
+                cumulative = coupled.double().cumsum(dim=-1)
+                below = cumulative < uniforms[:, :length, None] * cumulative[..., -1:]
+                drawn = below.sum(dim=-1).clamp(max=size - 1).masked_fill(~real, -1)
+                ranks[rows, :length] = drawn.numpy()
+            else:
+                probs[rows, :length] = coupled
+        return ranks, probs, calls
 
     def _random_mask(self, gene_ids, ranks, counts, mask_ratio, unknown_genes, generator) -> list[torch.Tensor]:
         """`mask_ratio` of each cell's known genes, drawn from the genes alone (before any count is binned)."""

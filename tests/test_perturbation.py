@@ -161,7 +161,7 @@ def test_the_cli_contract_trains_a_conditioned_model_and_the_benchmark_scores_it
     assert all(wanted <= set(scores) for scores in methods.values())
     assert results["ceiling_source"].startswith("a fresh draw")
     assert results["scored_on"] == "test pairs" and config.factorized_guidance
-    # The model translates the line's control cells (it reads control cells by line); the same on validation
+    # The model translates the line's control cells (each to its counterfactual); the same on validation
     # pairs only, and the expected effects read without sampling.
     command = [sys.executable, str(REPO / "benchmarks" / "perturbation.py"), "--checkpoint", str(out),
                "--guidance_scales", "1", "--num_inference_steps", "2", "--no_cell_eval", "--validation_only",

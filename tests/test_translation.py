@@ -220,6 +220,10 @@ def test_quantile_coupling_carries_a_token_to_the_same_quantile_of_the_condition
     torch.testing.assert_close(quantile_coupling(same, same, kept), F.one_hot(kept, 52).float())
     impossible = quantile_coupling(told[:1], torch.tensor([[0.5, 0.5, 0.0, 0.0]]), torch.tensor([3]))
     torch.testing.assert_close(impossible, told[:1])
+    # float32 sums just short of 1 cannot push the top token's sliver of quantiles past p's last step.
+    short = torch.tensor([[0.5, 0.5 - 3e-7]])
+    top = quantile_coupling(short, torch.tensor([[1.0 - 1e-8, 1e-8]]), torch.tensor([1]))
+    torch.testing.assert_close(top, torch.tensor([[0.0, 1.0]]))
 
 
 def test_the_pipeline_translates_control_cells_and_names_what_cannot_go_with_them():
@@ -253,6 +257,10 @@ def test_the_pipeline_translates_control_cells_and_names_what_cannot_go_with_the
     np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
     silent = translate(np.zeros_like(controls) + np.arange(30) % 2, output_type="probs").probs
     assert not np.allclose(probs, silent, atol=1e-4)  # the control cells are read
+    # Told the control without a dose, a cell is still itself; a cell's blocks and draws are its own (seeded per
+    # cell), whatever else the call holds.
+    np.testing.assert_array_equal(translate(controls, conditions={**vehicle, "dose": None}).ranks, own)
+    np.testing.assert_array_equal(translate(controls[:2], batch_size=1).ranks, out.ranks[:2])
     with pytest.raises(ValueError, match=r"\['counts', 'mask'\] cannot go with it"):
         translate(controls, counts=controls, mask=[[True] * 30] * 6)
     with pytest.raises(ValueError, match="control_counts: counts must hold one cell per cell of gene_ids"):
@@ -261,6 +269,11 @@ def test_the_pipeline_translates_control_cells_and_names_what_cannot_go_with_the
         pipe(gene_ids=[genes], control_counts=controls[:1])
     with pytest.raises(ValueError, match="callback_on_step_end has nothing to be called at"):
         translate(controls, callback_on_step_end=lambda *args: {})
+    undosed = _pipe(randomize_zero_init(RankDiTModel(RankDiTConfig.from_preset(
+        "tiny", gene_vocab_size=300, conditions=CONDITIONS, control_drug="DMSO_TF"))).eval())  # fmt: skip
+    moved = undosed(gene_ids=[genes] * 2, control_counts=controls[:2], context_counts=[[]] * 2,
+                    conditions={"cell_line_id": "CVCL_0480", "drug": "Aspirin"})  # fmt: skip
+    assert moved.ranks.shape == (2, 30) and (moved.ranks >= 0).all()  # a model without a dose condition translates
     no_control = _pipe(_model())
     with pytest.raises(ValueError, match="needs a drug condition and its control drug"):
         no_control(gene_ids=[genes], control_counts=controls[:1], conditions=told)

@@ -122,7 +122,7 @@ def build_reference(
 ) -> tuple[ReferenceCells, list[int]]:
     """The reference cells a model reads and the rows of the training cells they are: on a screen (`controls`, see
     [`control_groups`]), its control cells grouped by line, so a perturbed cell reads the control cells of its line
-    it looks most like and the pipeline translates control cells; otherwise a seeded draw of the training cells."""
+    it looks most like; otherwise a seeded draw of the training cells."""
     tokens, groups, group = data.training_cells.tokens, None, None
     if controls is not None and len(controls[1]) >= 2:
         group, control_rows, groups = controls
