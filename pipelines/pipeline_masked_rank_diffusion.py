@@ -443,7 +443,6 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
         order dealt round-robin); block by block, the block masked, the model gives its genes a distribution from
         the rest of the control cell under the conditions and under the control, coupled by quantile. A cell's
         blocks and draws come from its own seed, so they do not depend on the other cells of the call."""
-        vehicle = self._control_conditions(cells)
         seed_device = generator.device if generator is not None else "cpu"
         seeds = torch.randint(-(2**63), 2**63 - 1, (cells.num_cells,), generator=generator, device=seed_device)
         width, size = cells["gene_ids"].shape[1], self.model.config.num_rank_tokens
@@ -453,6 +452,8 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
         for start in range(0, cells.num_cells, batch_size):
             rows = slice(start, start + batch_size)
             chunk = cells.rows(rows)
+            vehicle = self._control_conditions(chunk)  # refuses a model without a control drug before any pass
+            windows = torch.bincount(self.processor.windows(chunk).cell, minlength=chunk.num_cells)
             length, real = chunk["gene_ids"].shape[1], chunk["attention_mask"].bool()
             draws = [torch.Generator().manual_seed(int(seed)) for seed in seeds[rows].tolist()]
             keys = torch.stack([torch.rand(width, generator=g, dtype=torch.float64) for g in draws])[:, :length]
@@ -463,10 +464,10 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
                 hidden = blocks == block
                 masked = chunk.replace(input_ids=chunk["input_ids"].masked_fill(hidden, self.processor.mask_token_id))
                 told = self.processor.predictive_distribution(self.model, masked, batch_size, guidance_scale)
-                control = masked.replace(**{name: None if v is None else v[rows] for name, v in vehicle.items()})
-                untold = self.processor.predictive_distribution(self.model, control, batch_size, guidance_scale)
+                untold = self.processor.predictive_distribution(self.model, masked.replace(**vehicle), batch_size,
+                                                                guidance_scale)  # fmt: skip
                 coupled = torch.where(hidden[..., None], quantile_coupling(told, untold, chunk["input_ids"]), coupled)
-                calls[rows] += 2 * torch.bincount(self.processor.windows(masked).cell, minlength=chunk.num_cells)
+                calls[rows] += 2 * windows  # a cell's windows depend on its length alone
             if ranks is not None:
                 uniforms = torch.stack([torch.rand(width, generator=g, dtype=torch.float64) for g in draws])
                 cumulative = coupled.double().cumsum(dim=-1)
