@@ -6,7 +6,9 @@ components of the reference cells' expression on the tie-aware level scale (`log
 its count among the cell's distinct counts, so count 1 is level 1 in every cell), a cell with masked genes is
 projected from its visible ones (least squares on their loadings), and scikit-learn's `NearestNeighbors` searches.
 Their tokens at the cell's genes are read in the cell's own token scale (a neighbour's level j becomes the token at
-which the cell shows its level j), the distribution the denoiser embeds and may copy from.
+which the cell shows its level j), the distribution the denoiser embeds and may copy from. A cell never reads
+itself: training names its row, and at inference a reference cell with the cell's own tokens at every gene it
+shows is taken for it (a training cell imputed or translated).
 
 A grouped reference (`group_condition`, e.g. a screen's control cells grouped by `cell_line_id`) finds a cell's
 neighbours among the reference cells of its own group only, and a cell that shows nothing reads k cells of its group
@@ -45,6 +47,17 @@ def level_tables(tokens: torch.Tensor, shown: torch.Tensor, num_rank_tokens: int
     highest = token_of.gather(1, top[:, None])
     token_of = torch.where(levels[None] > top[:, None], highest, token_of)
     return level_of, token_of, top
+
+
+def _not_itself(theirs: torch.Tensor, tokens: torch.Tensor, shown: torch.Tensor) -> torch.Tensor:
+    """`(n, k + 1)` which of each cell's `k + 1` found reference cells (`theirs`, their tokens at its genes) it
+    reads: all but the first with its own tokens at every gene it shows (the cell itself, a training cell in the
+    reference; training never lets a cell read itself), else all but the farthest."""
+    same = ((theirs == tokens[:, None, :]) | ~shown[:, None, :]).all(dim=2) & shown.any(dim=1)[:, None]
+    dropped = torch.where(same.any(dim=1), same.long().argmax(dim=1), same.shape[1] - 1)
+    keep = torch.ones_like(same)
+    keep[torch.arange(len(keep), device=keep.device), dropped] = False
+    return keep
 
 
 class ReferenceCells(ModelMixin, ConfigMixin):
@@ -229,14 +242,16 @@ class ReferenceCells(ModelMixin, ConfigMixin):
         """The model's `reference_tokens` for cells: `(n, length, k)` int16, at each position the tokens of the
         cell's `k` nearest reference cells (found on its visible positions; all of them when there are fewer) at
         its gene, in the cell's own scale; -1 at padding. `exclude` `(n,)`: a reference row each cell must not
-        read (-1: none). A grouped reference reads `groups` `(n,)`, each cell's group id (0: any group), and
-        `generator` draws the cells of those that show nothing."""
+        read (-1: none); without it, a reference cell with the cell's own tokens at every gene it shows is taken
+        for the cell itself and not read. A grouped reference reads `groups` `(n,)`, each cell's group id (0: any
+        group), and `generator` draws the cells of those that show nothing."""
         k = self.config.num_neighbours if k is None else k
-        k = min(k, len(self.embeddings) - (exclude is not None))  # a small reference: all its cells
+        k = min(k, len(self.embeddings) - 1)  # a small reference: all its cells but the cell itself
         if groups is not None and self.config.group_condition is not None:
-            groups = self.usable_groups(groups.cpu().long(), k + (exclude is not None))
+            groups = self.usable_groups(groups.cpu().long(), k + 1)
         else:
             groups = None
+        searched = k if exclude is not None else k + 1  # no row named: one more, to drop the cell if found
         out = []
         for start in range(0, len(gene_ids), _CHUNK):
             part = slice(start, start + _CHUNK)
@@ -246,10 +261,13 @@ class ReferenceCells(ModelMixin, ConfigMixin):
             excluded = None if exclude is None else exclude[part]
             embeddings = self.embed(genes, tokens.masked_fill(~visible, 0), visible)
             grouped = None if groups is None else groups[part]
-            rows = self._found_rows(embeddings, visible, k, excluded, grouped, generator)
+            rows = self._found_rows(embeddings, visible, searched, excluded, grouped, generator)
             column = self.columns(genes.masked_fill(~real, 0))
             theirs = self.tokens[rows[:, :, None], column.clamp(min=0)[:, None, :]].long()  # (n, k, length)
             theirs = theirs * (column >= 0)[:, None, :]
+            if searched > k:
+                keep = _not_itself(theirs, tokens, visible & (column >= 0))
+                rows, theirs = rows[keep].view(-1, k), theirs[keep].view(-1, k, theirs.shape[-1])
             levels = self.levels[rows].long().gather(2, theirs)
             _, token_of, top = level_tables(tokens, visible, self.num_rank_tokens)
             mapped = token_of[:, None, :].expand(-1, k, -1).gather(2, levels)

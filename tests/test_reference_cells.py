@@ -73,6 +73,25 @@ def test_cells_shown_half_their_genes_find_reference_cells_of_their_kind():
     assert not (reference.neighbours(embedded, 5, exclude=torch.arange(80)) == torch.arange(80)[:, None]).any()
 
 
+def test_a_reference_cell_imputed_or_translated_does_not_read_itself():
+    rng = np.random.default_rng(1)
+    dense = np.where(rng.random((40, 30)) < 0.5, rng.integers(1, B + 1, (40, 30)), 0)
+    reference, _ = ReferenceCells.from_tokens(scipy.sparse.csr_matrix(dense[:30]), B, num_components=4)
+    genes = torch.arange(30).expand(40, -1)
+    hidden = torch.from_numpy(rng.random((40, 30)) < 0.5)
+    tokens = torch.from_numpy(dense).masked_fill(hidden, MASK)
+    real = torch.ones_like(tokens, dtype=torch.bool)
+    found = reference.context(genes, tokens, real, mask_token_id=MASK, k=5)
+    # the 30 reference cells read what training gives them (themselves excluded by row) ...
+    named = torch.cat([torch.arange(30), torch.full((10,), -1)])
+    trained = reference.context(genes, tokens, real, mask_token_id=MASK, k=5, exclude=named)
+    assert torch.equal(found, trained)
+    # ... not the k nearest, which a cell in the reference finds itself among; other cells read their k nearest
+    nearest = reference.context(genes, tokens, real, mask_token_id=MASK, k=5, exclude=torch.full((40,), -1))
+    assert sum(not torch.equal(found[i], nearest[i]) for i in range(30)) >= 27  # a few miss themselves
+    assert torch.equal(found[30:], nearest[30:])
+
+
 @pytest.fixture
 def reference_model():
     config = RankDiTConfig.from_preset("tiny", num_rank_bins=B, gene_vocab_size=40, max_length=16, copy_head=True,

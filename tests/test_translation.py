@@ -67,9 +67,12 @@ def test_a_grouped_reference_gives_each_cell_its_own_groups_cells_and_random_one
     # Group id 0 (the line not told) reads any cell; an ungrouped reference ignores groups.
     anyone = reference.context(genes, tokens, real, mask_token_id=MASK, groups=torch.tensor([0, 0, 0, 0]))
     assert anyone.shape == (4, 20, 3)
-    # A group with too few reference cells (or none) reads any cell, so every cell reads k of them.
-    unknown = reference.context(genes, tokens, real, mask_token_id=MASK, groups=torch.tensor([7, 1, 1, 1]), k=6)
-    assert unknown.shape == (4, 20, 6) and (unknown[1:, 10:] == 0).all()
+    # A group with too few reference cells (or none) reads any cell, so every cell reads k of them: k + 1 are
+    # needed, as a cell may be one of them (found and dropped).
+    unknown = reference.context(genes, tokens, real, mask_token_id=MASK, groups=torch.tensor([7, 1, 1, 1]), k=5)
+    assert unknown.shape == (4, 20, 5) and (unknown[1:, 10:] == 0).all()
+    too_few = reference.context(genes, tokens, real, mask_token_id=MASK, groups=torch.tensor([1, 1, 1, 1]), k=6)
+    assert (too_few > 0).any(dim=2)[:, 10:].any()  # group 1's 6 cells are too few for 6 and a dropped one
     assert (unknown[0] > 0).any(dim=1)[10:].any()  # cell 0 (group 7, unknown) reads group 2's cells too
     with pytest.raises(ValueError, match="groups and group_condition together"):
         ReferenceCells.from_tokens(scipy.sparse.csr_matrix(np.ones((3, 5), dtype=np.int64)), B, groups=[1, 1, 2])
