@@ -31,8 +31,10 @@ Metrics, mean over test perturbations: `pearson_delta` and `mae_delta` of the ef
 `de_spearman_lfc_sig`, `de_direction_match`, one evaluation per line and plates; the energy distance and MMD
 (unbiased U-statistics) between predicted and real cells at equal numbers on 20 principal components of training
 cells. Beside each, a paired bootstrap 95% interval of the difference to the best baseline (by validation
-Pearson delta). Prints a table, writes JSON (`methods`: name -> metric -> mean), and with a checkpoint puts the
-table and a plot into its folder and card (`--no_card` leaves it alone).
+Pearson delta). Where some test drugs had no training cells (a `--heldout_pairs` file holding out every pair of a
+drug), a second table scores those drugs' perturbations against B4, the nearest drug by structure (`unseen_drugs`
+in the JSON). Prints the tables, writes JSON (`methods`: name -> metric -> mean), and with a checkpoint puts them and
+a plot into its folder and card (`--no_card` leaves it alone).
 """
 
 from __future__ import annotations
@@ -49,10 +51,10 @@ from pathlib import Path
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), "rankdiff-inductor"))
 
 import numpy as np  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
+from dataset_scripts.tahoe_metadata import DRUG_METADATA_PATH, drug_smiles  # noqa: E402
 from dataset_scripts.tahoe_standin import positive_int  # noqa: E402
 from dataset_scripts.tokenization import TokenizedBatch  # noqa: E402
 from metrics.perturbation import MeanShiftBaselines, drug_similarity, pearson_delta  # noqa: E402
@@ -75,11 +77,11 @@ from metrics.perturbation_protocol import (  # noqa: E402
     split_half_prediction,
     split_truth,
 )
-from modeling.conditions import condition_value  # noqa: E402
 from training.data import most_detected_genes  # noqa: E402
 
 logger = logging.getLogger("perturbation")
-BASELINES = ("B0 no change", "B1 line mean", "B2 PerturbMean", "B3 additive ridge", "B4 nearest drug")
+NEAREST_DRUG = "B4 nearest drug"
+BASELINES = ("B0 no change", "B1 line mean", "B2 PerturbMean", "B3 additive ridge", NEAREST_DRUG)
 DRUG_BLIND, CEILING, MODEL = "drug-blind (line's cells)", "ceiling", "RankDiT"
 
 
@@ -197,12 +199,10 @@ def shifts_of(base: MeanShiftBaselines, similarity: dict) -> dict:
 
 def screen_similarity(data: str) -> dict:
     """Drug structure similarity from the screen's `metadata/drug_metadata.parquet` (none without SMILES)."""
-    path = Path(data) / "metadata" / "drug_metadata.parquet"
-    if not path.exists() or "canonical_smiles" not in pq.read_schema(path).names:
-        logger.warning("no drug SMILES in %s: B4 falls back to B2", path)
-        return {}
-    table = pq.read_table(path, columns=["drug", "canonical_smiles"]).to_pylist()
-    return drug_similarity({condition_value("drug", r["drug"]): r["canonical_smiles"] for r in table})
+    smiles = drug_smiles(data)
+    if not smiles:
+        logger.warning("no drug SMILES in %s/%s: B4 falls back to B2", data, DRUG_METADATA_PATH)
+    return drug_similarity(smiles)
 
 
 def score_all(predictions: dict, truth: Truth, genes: np.ndarray, cell_eval: bool, seed: int) -> dict:
@@ -228,6 +228,18 @@ def summarise(scores: dict, best_baseline: str, seed: int) -> tuple[dict, dict]:
         for name, by_metric in scores.items() if name != best_baseline
     }  # fmt: skip
     return means, versus
+
+
+def unseen_drugs(scores: dict, keys: list, seen_drugs: set, seed: int) -> dict | None:
+    """The methods on the perturbations whose drug no training cell received (None when there are none): their
+    means and the paired bootstrap difference to the nearest drug by structure (B4)."""
+    rows = [i for i, key in enumerate(keys) if key[1] not in seen_drugs]
+    if not rows:
+        return None
+    subset = {name: {m: np.asarray(v)[rows] for m, v in by_metric.items()} for name, by_metric in scores.items()}
+    means, versus = summarise(subset, NEAREST_DRUG, seed)
+    drugs = sorted({keys[i][1] for i in rows})
+    return {"drugs": drugs, "perturbations": len(rows), "methods": means, "versus_nearest_drug": versus}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -297,6 +309,7 @@ def evaluate_split(cells: ScreenCells, oracle, setup: dict, panel_size: int, arg
         "directions": metric_directions(),
         "methods": means,
         "versus_best_baseline": versus,
+        "unseen_drugs": unseen_drugs(scores, truth.keys, {key[1] for key in base.shifts}, args.seed),
         "perturbations": [list(key) for key in truth.keys],
         "per_perturbation": scores,
         "date": time.strftime("%Y-%m-%d"),
@@ -424,21 +437,39 @@ def whole_cells_on(counts, genes: np.ndarray) -> dict:
     return {"control_counts": counts[:, genes].toarray(), "context_counts": context}
 
 
-def markdown_table(report: dict) -> str:
-    """Methods x metrics (means), the better direction in the header, the chance of discrimination, and the
-    difference in Pearson delta to the best baseline with its 95% interval."""
-    methods, directions = report["methods"], report["directions"]
+def methods_table(methods: dict, versus: dict, baseline: str, directions: dict) -> list[str]:
+    """Methods x metrics (means), the better direction in the header, and the difference in Pearson delta and
+    delta MAE to `baseline` with their 95% intervals."""
     metrics = [m for m in next(iter(methods.values())) if m != "discrimination chance"]
     arrow = {"higher": "↑", "lower": "↓"}
-    lines = ["| method | " + " | ".join(f"{m} {arrow[directions[m]]}" for m in metrics) + " | Δ pearson_delta vs "
-             f"{report['best_baseline']} (95% CI) |", "| --- |" + " --- |" * (len(metrics) + 1)]  # fmt: skip
+    compared = ("pearson_delta", "mae_delta")
+    lines = ["| method | " + " | ".join(f"{m} {arrow[directions[m]]}" for m in metrics) + " | "
+             + " | ".join(f"Δ {m} vs {baseline} (95% CI)" for m in compared) + " |",
+             "| --- |" + " --- |" * (len(metrics) + len(compared))]  # fmt: skip
     for name, scores in methods.items():
-        versus = report["versus_best_baseline"].get(name, {}).get("pearson_delta")
-        ci = f"{versus['difference']:+.3f} [{versus['ci95'][0]:+.3f}, {versus['ci95'][1]:+.3f}]" if versus else "-"
-        lines.append(f"| {name} | " + " | ".join(f"{scores[m]:.3f}" for m in metrics) + f" | {ci} |")
+        differences = []
+        for metric in compared:
+            d = versus.get(name, {}).get(metric)
+            differences.append(f"{d['difference']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]" if d else "-")
+        lines.append(
+            f"| {name} | " + " | ".join(f"{scores[m]:.3f}" for m in metrics) + f" | {' | '.join(differences)} |"
+        )
+    return lines
+
+
+def markdown_table(report: dict) -> str:
+    """The methods on the scored perturbations against the best baseline, the chance of discrimination, and (where
+    some test drugs had no training cells) the methods on those drugs' perturbations against the nearest drug."""
+    methods, directions = report["methods"], report["directions"]
+    lines = methods_table(methods, report["versus_best_baseline"], report["best_baseline"], directions)
     chance = next(iter(methods.values())).get("discrimination chance")
     if chance is not None:
         lines.append(f"\ndiscrimination_score_l1 at chance: {chance:.3f}; ceiling: {report['ceiling_source']}")
+    unseen = report.get("unseen_drugs")
+    if unseen:
+        lines.append(f"\nDrugs no training cell received ({', '.join(unseen['drugs'])}; {unseen['perturbations']} "
+                     f"perturbations), against {NEAREST_DRUG}:\n")  # fmt: skip
+        lines += methods_table(unseen["methods"], unseen["versus_nearest_drug"], NEAREST_DRUG, directions)
     return "\n".join(lines)
 
 

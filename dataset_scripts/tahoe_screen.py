@@ -62,6 +62,7 @@ import pyarrow.parquet as pq
 from modeling.conditions import drug_key
 
 from .expression_data import EMBEDDED_SAMPLE, GENE_METADATA_PATH
+from .molecules import tanimoto_similarity
 from .schema import CLS_TOKEN_ID, CLS_VALUE, EXPRESSION_SCHEMA, METADATA_COLUMNS
 from .standin_tables import (
     CONTROL,
@@ -160,25 +161,6 @@ EXPECTED_CELLS, EXPECTED_GENES = 600, 2048
 def hill(dose_um: float, ec50_um: float, slope: float = 1.5) -> float:
     """The share of a drug's full effect at a dose: a Hill curve."""
     return dose_um**slope / (dose_um**slope + ec50_um**slope) if dose_um > 0 else 0.0
-
-
-def tanimoto_similarity(smiles: list[str]) -> np.ndarray:
-    """The Tanimoto similarity of the molecules' Morgan fingerprints (RDKit, radius 2, 2,048 bits), (n, n).
-
-    Raises:
-        ValueError: a SMILES RDKit cannot parse (named).
-    """
-    from rdkit import Chem, DataStructs
-    from rdkit.Chem import rdFingerprintGenerator
-
-    generator = rdFingerprintGenerator.GetMorganGenerator(radius=2, fpSize=2048)
-    fingerprints = []
-    for text in smiles:
-        molecule = Chem.MolFromSmiles(text)
-        if molecule is None:
-            raise ValueError(f"RDKit cannot parse the SMILES {text!r}")
-        fingerprints.append(generator.GetFingerprint(molecule))
-    return np.array([DataStructs.BulkTanimotoSimilarity(f, fingerprints) for f in fingerprints])
 
 
 def genes_by_detection(cells: list[tuple[np.ndarray, np.ndarray]], n: int) -> np.ndarray:

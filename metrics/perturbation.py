@@ -126,12 +126,11 @@ class MeanShiftBaselines:
 
 
 def drug_similarity(smiles: dict[str, str]) -> dict[tuple[str, str], float]:
-    """Tanimoto similarity of the Morgan fingerprints of every two drugs (name -> SMILES), by the stand-in screen's
-    rule ([`~dataset_scripts.tahoe_screen.tanimoto_similarity`]); drugs whose SMILES RDKit cannot read are left
-    out."""
+    """Tanimoto similarity of the Morgan fingerprints of every two drugs (name -> SMILES), by the repository's one
+    rule ([`~dataset_scripts.molecules.tanimoto_similarity`]); drugs whose SMILES RDKit cannot read are left out."""
     from rdkit import Chem, RDLogger
 
-    from dataset_scripts.tahoe_screen import tanimoto_similarity
+    from dataset_scripts.molecules import tanimoto_similarity
 
     RDLogger.DisableLog("rdApp.*")
     names = [name for name, text in smiles.items() if text and Chem.MolFromSmiles(text) is not None]

@@ -180,3 +180,27 @@ def test_a_translating_models_own_control_is_the_same_control_cells_translated_w
                                                     controls=controls)  # fmt: skip
         for key in test.keys:
             np.testing.assert_array_equal(prediction.effect(key, test.context[key]), np.full(GENES, float(moves)))
+
+
+def test_drugs_no_training_cell_received_are_scored_apart_against_the_nearest_drug():
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import perturbation as benchmark
+
+    keys = [("L1", "A", 1.0), ("L1", "New", 1.0), ("L2", "New", 0.5), ("L2", "A", 0.5)]
+    on_new = {benchmark.NEAREST_DRUG: 0.1, "RankDiT": 0.3, "B2 PerturbMean": 0.0}  # Pearson on the new drug
+    scores = {name: {"pearson_delta": [0.5, value, value, 0.5], "mae_delta": [0.1, 0.2, 0.2, 0.1]}
+              for name, value in on_new.items()}  # fmt: skip
+    assert benchmark.unseen_drugs(scores, keys, {"A", "New"}, seed=0) is None  # every drug seen in training
+    unseen = benchmark.unseen_drugs(scores, keys, {"A"}, seed=0)
+    assert unseen["drugs"] == ["New"] and unseen["perturbations"] == 2
+    assert unseen["methods"]["RankDiT"]["pearson_delta"] == pytest.approx(0.3)  # only the unseen drug's rows
+    assert unseen["versus_nearest_drug"]["RankDiT"]["pearson_delta"]["difference"] == pytest.approx(0.2)
+    report = {"methods": {n: {m: float(np.mean(v)) for m, v in s.items()} for n, s in scores.items()},
+              "versus_best_baseline": {}, "best_baseline": "B2 PerturbMean", "unseen_drugs": unseen,
+              "directions": {"pearson_delta": "higher", "mae_delta": "lower"}, "ceiling_source": "-"}  # fmt: skip
+    table = benchmark.markdown_table(report)
+    assert "Drugs no training cell received (New; 2 perturbations)" in table and "+0.200" in table
