@@ -96,6 +96,18 @@ class RankDiTConfig(PreTrainedConfig):
             With a `drug` condition, the rank of an explicit drug effect on the output: each gene's tokens move up or
             down the rank axis by a gene x drug product (modulated by the context conditions, gated by a Hill curve
             of the dose per drug); the control drug moves nothing. 0: none.
+        drug_feature_size (`int`, *optional*, defaults to 0):
+            With a `drug` condition, each drug's structure as this many features (the model's `drug_features`
+            buffer, a row per drug id: its Morgan fingerprint bits, scaled to unit norm, from
+            [`~RankDiTModel.init_drug_features`]), projected into the drug's condition vector and into its explicit
+            effect beside the drug's own learned parameters (its residual: table row, effect factors, gene shifts,
+            dose response), which start at zero (the gene shifts at the training cells' estimate, zero for a drug
+            without cells). A drug no training cell received keeps a zero residual and is predicted from its
+            structure. 0: drugs are ids only.
+        drug_residual_dropout (`float`, *optional*, defaults to 0.0):
+            With `drug_feature_size`, the share of training cells whose drug is told by its structure alone (its
+            residual dropped), so that the features alone must carry a drug's effect. The null drug, the control
+            and a drug without structure are never dropped.
         factorized_guidance (`bool`, *optional*, defaults to `False`):
             The model was trained dropping the perturbation (`drug`, dose) apart from the context (the other
             conditions, e.g. the cell line), so classifier-free guidance contrasts `p(x | line, drug, dose)` with
@@ -142,6 +154,8 @@ class RankDiTConfig(PreTrainedConfig):
     control_drug: str | None = None
     gene_condition: str | None = None
     perturbation_effect_rank: int = 0
+    drug_feature_size: int = 0
+    drug_residual_dropout: float = 0.0
     factorized_guidance: bool = False
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
@@ -177,6 +191,11 @@ class RankDiTConfig(PreTrainedConfig):
         if rank < 0 or (rank and "drug" not in conditions):
             raise ValueError(f"perturbation_effect_rank ({rank}) must be 0, or positive with a drug condition "
                              f"(conditions: {conditions})")  # fmt: skip
+        if self.drug_feature_size < 0 or (self.drug_feature_size and "drug" not in conditions):
+            raise ValueError(f"drug_feature_size ({self.drug_feature_size}) must be 0, or positive with a drug "
+                             f"condition (conditions: {conditions})")  # fmt: skip
+        if not 0.0 <= self.drug_residual_dropout < 1.0:
+            raise ValueError(f"drug_residual_dropout must be in [0, 1), got {self.drug_residual_dropout}")
         for name, values in (self.conditions or {}).items():
             if name == "dose" or not values or len(set(values)) != len(values):
                 raise ValueError(

@@ -6,6 +6,9 @@ learned vector shared by all cells, plus an embedding of the cell's visible toke
 and of the diffusion time (`config.time_conditioning`). The output adds a per-gene prior over the tokens
 (`config.gene_prior`) and mixes in a pointer to the visible positions' tokens (`config.copy_head`). With
 `config.reference_context` it also reads, at every position, the tokens of the cell's nearest reference cells there.
+Told conditions (a screen's line, drug, dose) enter the conditioning and, for a drug, an explicit effect on each
+gene's tokens; with `config.drug_feature_size` a drug is also known by its structure, so a drug without training
+cells can be predicted.
 """
 
 from __future__ import annotations
@@ -165,15 +168,66 @@ class RankDiTCellProfile(nn.Module):
         return self.linear_2(F.silu(self.linear_1(features.to(self.linear_1.weight.dtype))))
 
 
-class RankDiTConditionEmbedding(nn.Module):
-    """A cell's perturbation conditions as one vector added to the conditioning: a table per categorical condition
-    of `config.conditions` (id 0: its learned null value) and, with `config.dose_condition`, a small MLP of
-    (log10(dose + 1e-3), dose > 0), or a learned null vector where the dose is NaN (unknown or dropped)."""
+class RankDiTResidualEmbedding(nn.Embedding):
+    """A table of per-value residuals beside shared features (a drug's own row beside its structure), zero at
+    initialisation: a value never trained on stays at zero."""
+
+
+@dataclass
+class DrugStructure:
+    """What a drug's structure tells the model, per cell (see [`RankDiTDrugStructure`])."""
+
+    condition: torch.Tensor  # (batch, hidden): added to the drug's condition vector
+    effect: torch.Tensor | None  # (batch, perturbation_effect_rank): added to the drug's effect factors
+    residual: torch.Tensor  # (batch,) 1 where the drug's own parameters are read, 0 where dropped (training)
+
+
+class RankDiTDrugStructure(nn.Module):
+    """Drugs as molecules (`config.drug_feature_size`): each drug id's structure features (the `features` buffer,
+    a row per id, zero for the null drug and a drug without structure), projected into the drug's condition vector
+    and its explicit effect's factors (projections zero at initialisation). In training,
+    `config.drug_residual_dropout` of the cells have their drug told by its structure alone; never the null drug
+    (what guidance contrasts with), the control (what translation contrasts with) or a drug without structure."""
 
     def __init__(self, config: RankDiTConfig):
         super().__init__()
+        drugs = config.conditions["drug"]
+        control = condition_value("drug", config.control_drug)
+        self.control_id = drugs.index(control) + 1 if control in drugs else 0
+        self.drug_column = list(config.conditions).index("drug")
+        self.residual_dropout = config.drug_residual_dropout
+        size, rank = config.drug_feature_size, config.perturbation_effect_rank
+        self.register_buffer("features", torch.zeros(len(config.conditions["drug"]) + 1, size))
+        self.to_condition = nn.Parameter(torch.zeros(size, config.hidden_size))
+        self.to_effect = nn.Parameter(torch.zeros(size, rank)) if rank else None
+
+    def forward(self, condition_ids: torch.Tensor) -> DrugStructure:
+        drug = condition_ids[:, self.drug_column]
+        features = self.features[drug].to(self.to_condition.dtype)
+        residual = torch.ones(len(drug), device=drug.device)
+        if self.training and self.residual_dropout > 0:
+            droppable = (drug != 0) & (drug != self.control_id) & (self.features[drug] != 0).any(dim=1)
+            dropped = droppable & (torch.rand(len(drug), device=drug.device) < self.residual_dropout)
+            residual = residual.masked_fill(dropped, 0.0)
+        effect = None if self.to_effect is None else features @ self.to_effect
+        return DrugStructure(condition=features @ self.to_condition, effect=effect, residual=residual)
+
+
+class RankDiTConditionEmbedding(nn.Module):
+    """A cell's perturbation conditions as one vector added to the conditioning: a table per categorical condition
+    of `config.conditions` (id 0: its learned null value) and, with `config.dose_condition`, a small MLP of
+    (log10(dose + 1e-3), dose > 0), or a learned null vector where the dose is NaN (unknown or dropped). With drug
+    structure, the drug's row is a residual (zero at the start) beside its structure's projection."""
+
+    def __init__(self, config: RankDiTConfig):
+        super().__init__()
+        names = list(config.conditions or {})
+        self.drug_column = names.index("drug") if config.drug_feature_size else None
         self.tables = nn.ModuleList(
-            nn.Embedding(len(values) + 1, config.hidden_size) for values in (config.conditions or {}).values()
+            (RankDiTResidualEmbedding if column == self.drug_column else nn.Embedding)(
+                len(config.conditions[name]) + 1, config.hidden_size
+            )
+            for column, name in enumerate(names)
         )
         self.dose = None
         if config.dose_condition:
@@ -182,14 +236,20 @@ class RankDiTConditionEmbedding(nn.Module):
             )
             self.dose_null = nn.Parameter(torch.zeros(config.hidden_size))
 
-    def forward(self, condition_ids: torch.Tensor | None, doses: torch.Tensor | None, like: torch.Tensor):
+    def forward(
+        self, condition_ids: torch.Tensor | None, doses: torch.Tensor | None, like: torch.Tensor,
+        drug: DrugStructure | None = None,
+    ):  # fmt: skip
         """`condition_ids` `(batch, n_conditions)` (None: all null), `doses` `(batch,)` in uM (None or NaN: null);
-        `like` a `(batch, hidden)` tensor giving the batch size, device and dtype."""
+        `like` a `(batch, hidden)` tensor giving the batch size, device and dtype; `drug` the drug's structure."""
         vector = torch.zeros_like(like)
         if self.tables and condition_ids is None:
             condition_ids = torch.zeros(like.shape[0], len(self.tables), dtype=torch.long, device=like.device)
         for column, table in enumerate(self.tables):
-            vector = vector + table(condition_ids[:, column])
+            row = table(condition_ids[:, column])
+            if drug is not None and column == self.drug_column:
+                row = row * drug.residual[:, None].to(row.dtype) + drug.condition.to(row.dtype)
+            vector = vector + row
         if self.dose is not None:
             if doses is None:
                 doses = torch.full((like.shape[0],), float("nan"), device=like.device)
@@ -264,9 +324,12 @@ class RankDiTPerturbationEffect(nn.Module):
         for factors in (self.drug_factors, self.drug_genes, *self.context_factors, self.dose_response):
             init.zeros_(factors)
 
-    def gate(self, drug: torch.Tensor, doses: torch.Tensor | None) -> torch.Tensor:
+    def gate(
+        self, drug: torch.Tensor, doses: torch.Tensor | None, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Each cell's share `(batch,)` of its drug's full effect, in float32: the Hill curve of its dose (1 without a
-        dose condition), 0 for the control drug, the null drug and an unknown or zero dose."""
+        dose condition), 0 for the control drug, the null drug and an unknown or zero dose. `residual` `(batch,)`:
+        0 where the drug's own dose response is dropped (the curve it starts from)."""
         treated = ((drug != 0) & (drug != self.control_id)).float()
         if not self.dose_condition:
             return treated
@@ -274,18 +337,32 @@ class RankDiTPerturbationEffect(nn.Module):
             return torch.zeros_like(treated)
         known = torch.isfinite(doses) & (doses > 0)
         log_dose = torch.log(torch.where(known, doses, torch.ones_like(doses)).float())
-        log_ec50, log_slope = self.dose_response[drug].float().unbind(dim=-1)
+        response = self.dose_response[drug].float()
+        if residual is not None:
+            response = response * residual[:, None]
+        log_ec50, log_slope = response.unbind(dim=-1)
         hill = torch.sigmoid(log_slope.clamp(-5.0, 5.0).exp() * (log_dose - math.log(REFERENCE_DOSE_UM) - log_ec50))
         return treated * torch.where(known, hill, torch.zeros_like(hill))
 
-    def forward(self, gene_ids: torch.Tensor, condition_ids: torch.Tensor, doses: torch.Tensor | None) -> torch.Tensor:
-        """The tilt `(batch, length, B + 1)`, in float32, to add to the output log-probabilities."""
+    def forward(
+        self, gene_ids: torch.Tensor, condition_ids: torch.Tensor, doses: torch.Tensor | None,
+        structure: DrugStructure | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """The tilt `(batch, length, B + 1)`, in float32, to add to the output log-probabilities. With the drug's
+        `structure`, E_d is its residual (dropped where `structure.residual` is 0, with R_d and the dose response)
+        plus its structure's factors."""
         drug = condition_ids[:, self.drug_column]
         vector = self.drug_factors[drug].float()
+        own_genes = self.drug_genes[drug[:, None], gene_ids].float()
+        residual = None
+        if structure is not None:
+            residual = structure.residual
+            vector = vector * residual[:, None] + structure.effect.float()
+            own_genes = own_genes * residual[:, None]
         modulation = sum((factors[condition_ids[:, column]].float() for column, factors in
                           zip(self.context_columns, self.context_factors)), torch.zeros_like(vector))  # fmt: skip
         shift = torch.einsum("blr,br->bl", self.gene_factors[gene_ids].float(), vector * (1 + modulation))
-        shift = (shift + self.drug_genes[drug[:, None], gene_ids].float()) * self.gate(drug, doses)[:, None]
+        shift = (shift + own_genes) * self.gate(drug, doses, residual)[:, None]
         axis = torch.arange(self.num_rank_bins + 1, device=shift.device, dtype=torch.float32) / self.num_rank_bins
         return shift[..., None] * (axis - 0.5)
 
@@ -466,8 +543,13 @@ class RankDiTPreTrainedModel(PreTrainedModel):
         if isinstance(module, RankDiTZeroLinear):
             init.zeros_(module.weight)
             init.zeros_(module.bias)
-        elif isinstance(module, RankDiTGenePrior):
+        elif isinstance(module, (RankDiTGenePrior, RankDiTResidualEmbedding)):
             init.zeros_(module.weight)
+        elif isinstance(module, RankDiTDrugStructure):
+            init.zeros_(module.features)
+            init.zeros_(module.to_condition)
+            if module.to_effect is not None:
+                init.zeros_(module.to_effect)
         elif isinstance(module, RankDiTConditionEmbedding) and module.dose is not None:
             init.zeros_(module.dose_null)
         elif isinstance(module, RankDiTPerturbationEffect):
@@ -507,6 +589,7 @@ class RankDiTModel(RankDiTPreTrainedModel):
         self.condition_embedding = RankDiTConditionEmbedding(config) if conditioned else None
         self.gene_condition = RankDiTGeneCondition(config) if conditioned and config.gene_condition else None
         self.perturbation_effect = RankDiTPerturbationEffect(config) if config.perturbation_effect_rank else None
+        self.drug_structure = RankDiTDrugStructure(config) if config.drug_feature_size else None
         self.blocks = nn.ModuleList(RankDiTBlock(config) for _ in range(config.num_hidden_layers))
         self.norm_out = nn.LayerNorm(config.hidden_size, eps=config.norm_eps, elementwise_affine=False)
         self.adaLN_out = RankDiTZeroLinear(config.hidden_size, 2 * config.hidden_size)
@@ -634,8 +717,11 @@ class RankDiTModel(RankDiTPreTrainedModel):
         condition_vector = None
         if self.cell_profile is not None:
             conditioning = conditioning + self.cell_profile(input_ids, visible, real)
+        structure = None
+        if self.drug_structure is not None and condition_ids is not None:
+            structure = self.drug_structure(condition_ids)
         if self.condition_embedding is not None:
-            condition_vector = self.condition_embedding(condition_ids, doses, conditioning)
+            condition_vector = self.condition_embedding(condition_ids, doses, conditioning, structure)
             conditioning = conditioning + condition_vector
             if self.gene_condition is not None and self.config.gene_condition == "hidden":
                 hidden_states = hidden_states + self.gene_condition(genes, condition_vector)
@@ -663,7 +749,7 @@ class RankDiTModel(RankDiTPreTrainedModel):
         if self.gene_condition is not None and self.config.gene_condition == "logits":
             logits = logits + self.gene_condition(genes, condition_vector).float()
         if self.perturbation_effect is not None and condition_ids is not None:
-            logits = logits + self.perturbation_effect(gene_ids, condition_ids, doses)
+            logits = logits + self.perturbation_effect(gene_ids, condition_ids, doses, structure)
         if not return_dict:
             return logits, hidden_states
         return RankDiTOutput(logits=logits, last_hidden_state=hidden_states)
@@ -694,6 +780,20 @@ class RankDiTModel(RankDiTPreTrainedModel):
         if tuple(shifts.shape) != tuple(table.shape):
             raise ValueError(f"shifts must have shape {tuple(table.shape)}, got {tuple(shifts.shape)}")
         table.copy_(shifts)
+
+    @torch.no_grad()
+    def init_drug_features(self, features: np.ndarray | torch.Tensor) -> None:
+        """Set each drug's structure features, `(len(drugs), drug_feature_size)` in the order of
+        `config.conditions["drug"]` (e.g. Morgan fingerprint bits; all zero: a drug without structure), each row
+        scaled to unit norm so that two drugs' dot product is their cosine similarity."""
+        if self.drug_structure is None:
+            raise ValueError("this model has no drug structure (config.drug_feature_size is 0)")
+        buffer = self.drug_structure.features
+        features = torch.as_tensor(np.asarray(features), dtype=torch.float32)
+        if tuple(features.shape) != (buffer.shape[0] - 1, buffer.shape[1]):
+            raise ValueError(f"features must have shape {(buffer.shape[0] - 1, buffer.shape[1])} (drug x feature), "
+                             f"got {tuple(features.shape)}")  # fmt: skip
+        buffer[1:] = (features / features.norm(dim=1, keepdim=True).clamp(min=1e-12)).to(buffer)
 
     @torch.no_grad()
     def init_gene_embedding(self, genes: np.ndarray, vectors: np.ndarray) -> None:

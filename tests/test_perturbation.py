@@ -84,6 +84,28 @@ def test_the_control_drug_must_be_a_drug_of_the_data_and_no_validation_share_hol
     assert condition_setup(builder, args).validation_pairs == ()
 
 
+def test_a_screens_drugs_are_known_by_their_fingerprints_where_it_has_smiles(screen, caplog):
+    from dataset_scripts import tahoe_builder
+    from dataset_scripts.molecules import morgan_fingerprints
+    from training import DataArguments
+    from training.recipe import ConditionSetup, condition_setup
+    from training.run import drug_structures
+
+    setup = condition_setup(
+        tahoe_builder(str(screen)), DataArguments(data=str(screen), conditions="cell_line_id,drug")
+    )
+    assert set(setup.drug_smiles) == set(setup.values["drug"])  # every drug's SMILES, by drug key
+    bits = drug_structures(setup)
+    assert bits.shape == (len(setup.values["drug"]), 2048) and bits.any(axis=1).all()
+    # a drug without SMILES, or with one RDKit cannot read, is known by its id alone (a zero row), and named
+    partial = ConditionSetup({"drug": ["A", "B", "C"]}, drug_smiles={"A": "CCO", "C": "C1CC"})
+    with caplog.at_level("WARNING"):
+        bits = drug_structures(partial)
+    assert (bits[0] == morgan_fingerprints(["CCO"])[0]).all() and not bits[1:].any() and "['B']" in caplog.text
+    assert "['C']" in caplog.text
+    assert drug_structures(ConditionSetup({"drug": ["A"]})) is None and drug_structures(None) is None
+
+
 def test_heldout_pairs_files_are_checked(screen, tmp_path):
     from training import DataArguments
     from training.data import prepare_data
@@ -142,6 +164,7 @@ def test_the_cli_contract_trains_a_conditioned_model_and_the_benchmark_scores_it
     trainer, _ = train_hf.main(["--output_dir", str(out), *flags.split()])
     config = trainer.model.config
     assert config.dose_condition and set(config.conditions) == {"cell_line_id", "drug"}
+    assert config.drug_feature_size == 0 and trainer.model.drug_structure is None  # --drug_features: off by default
     recorded = json.loads((out / "run_config.json").read_text())["conditions"]
     assert recorded["conditions"] == config.conditions and recorded["control_drug"] == config.control_drug == "DMSO_TF"
     assert {tuple(p) for p in recorded["test_pairs"]} == heldout[1]

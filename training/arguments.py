@@ -71,6 +71,19 @@ class ModelArguments:
             "line modulates, gated by a Hill curve of the dose per drug); 0: none"
         },
     )
+    drug_features: bool = field(
+        default=False,
+        metadata={
+            "help": "with a drug condition and the data's drug SMILES (metadata/drug_metadata.parquet), also know "
+            "each drug by its Morgan fingerprint (radius 2, 2,048 bits), beside its own learned parameters, so a drug "
+            "without training cells is predicted from its structure (off by default: on the stand-in screen it cost "
+            "held-out pairs and bought nothing measurable on unseen drugs, docs/PERFORMANCE.md)"
+        },
+    )
+    drug_residual_dropout: float = field(
+        default=0.5,
+        metadata={"help": "with --drug_features, the share of training cells told their drug by its structure alone"},
+    )
     reference_cells: int = field(
         default=2048, metadata={"help": "reference cells: a seeded draw of the training cells read for the baselines"}
     )
@@ -100,6 +113,8 @@ class ModelArguments:
                              f"({sizes['num_attention_heads']})")  # fmt: skip
         if self.gene_condition not in ("hidden", "logits", "none"):
             raise ValueError(f"--gene_condition must be hidden, logits or none, got {self.gene_condition!r}")
+        if not 0.0 <= self.drug_residual_dropout < 1.0:
+            raise ValueError(f"--drug_residual_dropout must be in [0, 1), got {self.drug_residual_dropout}")
         if self.perturbation_effect_rank < 0:
             raise ValueError(f"--perturbation_effect_rank must be 0 or more, got {self.perturbation_effect_rank}")
         if self.reference_context and self.num_rank_bins > 255:

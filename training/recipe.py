@@ -15,7 +15,7 @@ import anndata
 import numpy as np
 
 from dataset_scripts import EMBEDDED_SAMPLE
-from dataset_scripts.tahoe_metadata import CONTROL_DRUG, sample_conditions
+from dataset_scripts.tahoe_metadata import CONTROL_DRUG, drug_smiles, sample_conditions
 from modeling.conditions import DOSE, ConditionEncoder, condition_value, dose_value
 
 from .arguments import DataArguments
@@ -28,12 +28,14 @@ RUN_CONFIG = "run_config.json"
 @dataclass
 class ConditionSetup:
     """The perturbation conditions of a run: each categorical condition's values (the model's vocabularies), whether
-    the dose is one and each well's dose, and the held-out pairs of a `--heldout_pairs` split."""
+    the dose is one and each well's dose, each drug's SMILES where the data has them, and the held-out pairs of a
+    `--heldout_pairs` split."""
 
     values: dict[str, list[str]]
     dose: bool = False
     dose_of_sample: dict[str, float] | None = None
     control_drug: str = CONTROL_DRUG
+    drug_smiles: dict[str, str] = dataclasses.field(default_factory=dict)
     pair_columns: tuple[str, ...] = ()
     test_pairs: tuple[tuple[str, ...], ...] = ()
     validation_pairs: tuple[tuple[str, ...], ...] = ()
@@ -59,19 +61,6 @@ class ConditionSetup:
             "validation_pairs": [list(p) for p in self.validation_pairs],
         }
 
-    @classmethod
-    def from_dict(cls, record: dict) -> ConditionSetup:
-        """The setup a run recorded ([`~ConditionSetup.to_dict`]), without the wells' doses."""
-        return cls(
-            record["conditions"],
-            record["dose"],
-            None,
-            record["control_drug"],
-            tuple(record["pair_columns"]),
-            tuple(map(tuple, record["test_pairs"])),
-            tuple(map(tuple, record["validation_pairs"])),
-        )
-
 
 def read_heldout_pairs(path: str, conditions: list[str]) -> tuple[tuple[str, str], list[tuple[str, str]]]:
     """`(columns, pairs)` of a held-out pairs CSV: a header naming two of `conditions`, one pair per row."""
@@ -94,8 +83,9 @@ def read_heldout_pairs(path: str, conditions: list[str]) -> tuple[tuple[str, str
 
 def condition_setup(builder, data_args: DataArguments) -> ConditionSetup:
     """The conditions of a Tahoe-layout source: vocabularies from every file's values (only those columns are read),
-    each well's dose from `metadata/sample_metadata.parquet`, and the held-out pairs (checked against the data) with
-    the validation pairs drawn among the other perturbed ones."""
+    each well's dose from `metadata/sample_metadata.parquet`, each drug's SMILES from `metadata/drug_metadata.parquet`
+    (where present), and the held-out pairs (checked against the data) with the validation pairs drawn among the
+    other perturbed ones."""
     names = data_args.condition_names
     categorical = [name for name in names if name != DOSE]
     dose = DOSE in names
@@ -109,12 +99,14 @@ def condition_setup(builder, data_args: DataArguments) -> ConditionSetup:
     empty = [name for name, vals in values.items() if not vals]
     if empty:
         raise ValueError(f"the conditions {empty} hold no values in the data (all null)")
+    root = builder.input_files()[1]
+    root = str(root).rsplit("/metadata/", 1)[0] if root is not None else str(data_args.data or EMBEDDED_SAMPLE)
     dose_of_sample = None
     if dose:
-        root = builder.input_files()[1]
-        root = str(root).rsplit("/metadata/", 1)[0] if root is not None else str(data_args.data or EMBEDDED_SAMPLE)
         dose_of_sample = {sample: amount for sample, (_, amount) in sample_conditions(root).items()}
-    setup = ConditionSetup(values, dose, dose_of_sample, control_drug(values, data_args.control_drug))
+    smiles = drug_smiles(root) if "drug" in values else {}
+    smiles = {drug: smiles[drug] for drug in values.get("drug", []) if drug in smiles}
+    setup = ConditionSetup(values, dose, dose_of_sample, control_drug(values, data_args.control_drug), smiles)
     if data_args.heldout_pairs is None:
         return setup
     columns, test_pairs = read_heldout_pairs(data_args.heldout_pairs, categorical)

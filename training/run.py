@@ -15,6 +15,7 @@ from scipy import sparse
 from transformers import set_seed
 
 from dataset_scripts import EpochCallback, RankDiffusionCollator
+from dataset_scripts.molecules import MORGAN_BITS, morgan_fingerprints
 from dataset_scripts.schema import CELL_ID_COLUMN
 from modeling import CellTokenizer, RankDiTConfig, RankDiTModel, RankDiTProcessor
 from modeling.conditions import PERTURBATION, condition_value
@@ -194,6 +195,26 @@ def drug_shifts(data: PreparedData, model: RankDiTModel, ridge: float = 4.0) -> 
     return np.where(seen, weighted / denominator, 0.0).clip(-8.0, 8.0)
 
 
+def drug_structures(conditions) -> np.ndarray | None:
+    """Each drug's Morgan fingerprint, `(len(drugs), MORGAN_BITS)` in vocabulary order (zeros for a drug whose
+    SMILES the data lacks or RDKit cannot read); None without a drug condition or any SMILES."""
+    if conditions is None or "drug" not in conditions.values or not conditions.drug_smiles:
+        return None
+    drugs, smiles = conditions.values["drug"], conditions.drug_smiles
+    bits = np.zeros((len(drugs), MORGAN_BITS), dtype=np.uint8)
+    missing, unread = [drug for drug in drugs if drug not in smiles], []
+    for row, drug in enumerate(drugs):
+        try:
+            if drug in smiles:
+                bits[row] = morgan_fingerprints([smiles[drug]])[0]
+        except ValueError:
+            unread.append(drug)
+    if missing or unread:
+        logger.warning("%d of %d drugs have no structure (no SMILES: %s; unreadable: %s): known by their id alone",
+                       len(missing) + len(unread), len(drugs), missing[:5], unread[:5])  # fmt: skip
+    return bits
+
+
 def build_model(model_args: ModelArguments, data_args: DataArguments, data: PreparedData, seed: int) -> RankDiTModel:
     """The RankDiT of the preset, for the data's genes and conditions, its gene prior started at the training cells'
     per-gene marginal and its gene embeddings at their principal axes (as the arguments ask)."""
@@ -203,6 +224,12 @@ def build_model(model_args: ModelArguments, data_args: DataArguments, data: Prep
         overrides["gene_condition"] = None
     if conditions is None or "drug" not in conditions.values:  # no drug to have an effect
         overrides["perturbation_effect_rank"] = 0
+    structures = drug_structures(conditions) if model_args.drug_features else None
+    if model_args.drug_features and structures is None:
+        logger.warning("--drug_features: no drug condition with SMILES in the data (metadata/drug_metadata.parquet's "
+                       "canonical_smiles): drugs are known by their ids alone")  # fmt: skip
+    if structures is not None:
+        overrides.update(drug_feature_size=structures.shape[1], drug_residual_dropout=model_args.drug_residual_dropout)
     config = RankDiTConfig.from_preset(
         model_args.preset,
         gene_vocab_size=data.source.vocab.size,
@@ -218,6 +245,10 @@ def build_model(model_args: ModelArguments, data_args: DataArguments, data: Prep
         model.init_gene_prior(data.baseline.probabilities())
     if model.perturbation_effect is not None:
         model.init_drug_shifts(drug_shifts(data, model))
+    if structures is not None:
+        model.init_drug_features(structures)
+        logger.info("drugs known by structure: %d of %d (Morgan fingerprints; residual dropout %g)",
+                    int(structures.any(axis=1).sum()), len(structures), config.drug_residual_dropout)  # fmt: skip
     if model_args.gene_embedding_init == "pca":
         model.init_gene_embedding(*data.training_cells.gene_loadings(config.hidden_size, seed=seed))
     logger.info("RankDiT %s: %.2fM parameters", model_args.preset, model.num_parameters() / 1e6)
