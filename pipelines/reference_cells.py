@@ -240,7 +240,7 @@ class ReferenceCells(ModelMixin, ConfigMixin):
         groups: torch.Tensor | None = None, generator: torch.Generator | None = None,
     ) -> torch.Tensor:  # fmt: skip
         """The model's `reference_tokens` for cells: `(n, length, k)` int16, at each position the tokens of the
-        cell's `k` nearest reference cells (found on its visible positions; all of them when there are fewer) at
+        cell's `k` nearest reference cells (found on its visible positions; all but one when there are fewer) at
         its gene, in the cell's own scale; -1 at padding. `exclude` `(n,)`: a reference row each cell must not
         read (-1: none); without it, a reference cell with the cell's own tokens at every gene it shows is taken
         for the cell itself and not read. A grouped reference reads `groups` `(n,)`, each cell's group id (0: any
