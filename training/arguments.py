@@ -76,8 +76,8 @@ class ModelArguments:
         metadata={
             "help": "with a drug condition and the data's drug SMILES (metadata/drug_metadata.parquet), also know "
             "each drug by its Morgan fingerprint (radius 2, 2,048 bits), beside its own learned parameters, so a drug "
-            "without training cells is predicted from its structure (off by default: on the stand-in screen it cost "
-            "held-out pairs and bought nothing measurable on unseen drugs, docs/PERFORMANCE.md)"
+            "without training cells is predicted from its structure (off by default: on the stand-in screen it "
+            "bought nothing measurable on unseen drugs, docs/PERFORMANCE.md)"
         },
     )
     drug_residual_dropout: float = field(
