@@ -168,6 +168,13 @@ class RankDiTCellProfile(nn.Module):
         return self.linear_2(F.silu(self.linear_1(features.to(self.linear_1.weight.dtype))))
 
 
+def control_drug_id(config: RankDiTConfig) -> int:
+    """The id of the control drug among `config.conditions["drug"]`; 0 (the null drug) when there is none."""
+    drugs = config.conditions["drug"]
+    control = condition_value("drug", config.control_drug)
+    return drugs.index(control) + 1 if control in drugs else 0
+
+
 class RankDiTResidualEmbedding(nn.Embedding):
     """A table of per-value residuals beside shared features (a drug's own row beside its structure), zero at
     initialisation: a value never trained on stays at zero."""
@@ -191,9 +198,7 @@ class RankDiTDrugStructure(nn.Module):
 
     def __init__(self, config: RankDiTConfig):
         super().__init__()
-        drugs = config.conditions["drug"]
-        control = condition_value("drug", config.control_drug)
-        self.control_id = drugs.index(control) + 1 if control in drugs else 0
+        self.control_id = control_drug_id(config)
         self.drug_column = list(config.conditions).index("drug")
         self.residual_dropout = config.drug_residual_dropout
         size, rank = config.drug_feature_size, config.perturbation_effect_rank
@@ -307,8 +312,7 @@ class RankDiTPerturbationEffect(nn.Module):
         self.drug_column = names.index("drug")
         self.context_columns = [i for i, name in enumerate(names) if name not in PERTURBATION]
         drugs = config.conditions["drug"]
-        control = condition_value("drug", config.control_drug)
-        self.control_id = drugs.index(control) + 1 if control in drugs else 0  # 0: no control drug (only the null)
+        self.control_id = control_drug_id(config)
         self.num_rank_bins, self.dose_condition = config.num_rank_bins, config.dose_condition
         self.gene_factors = nn.Parameter(torch.empty(config.gene_vocab_size, rank))
         self.drug_factors = nn.Parameter(torch.empty(len(drugs) + 1, rank))
