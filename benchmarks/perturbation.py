@@ -12,13 +12,13 @@ controls' mean (same line and plates); a predictor's effect is its cells' mean m
 ([`metrics.perturbation_protocol`]). Everything is in log-normalised expression (`log1p(1e4 x count / total)`)
 on the training panel (the `--panel_size` genes most often detected in training cells).
 
-Methods ([`metrics.perturbation.MeanShiftBaselines`], fitted on training cells, settings chosen on the
-validation pairs): B0 no change, B1 line mean, B2 PerturbMean, B3 additive ridge, B4 nearest drug by
-fingerprint (from the screen's `drug_metadata.parquet` SMILES); a mean model's cells are reference control cells
-plus its shift. Two checks of the protocol: a drug-blind predictor (cells of the line's training cells, any drug)
-must score about 0, and the ceiling, a fresh draw of the same wells (`DIR/oracle`, which `tahoe_standin
---responses` writes, its effects the expected ones of a large draw; else half the real cells predicting the
-other half, a lower bound), the best anyone can do.
+Methods ([`metrics.perturbation.MeanShiftBaselines`], fitted on training cells, settings chosen on the validation
+pairs): B0 no change, B1 line mean, B2 PerturbMean, B3 additive ridge, B4 nearest drug by fingerprint (from the
+screen's `drug_metadata.parquet` SMILES), B5 PerturbMean pooled over doses along the drug's direction; a mean model's
+cells are reference control cells plus its shift. Two checks of the protocol: a drug-blind predictor (cells of the
+line's training cells, any drug) must score about 0, and the ceiling, a fresh draw of the same wells (`DIR/oracle`,
+which `tahoe_standin --responses` writes, its effects the expected ones of a large draw; else half the real cells
+predicting the other half, a lower bound), the best anyone can do.
 With `--checkpoint`, RankDiT translates control cells as a user does (`pipe(gene_ids=..., control_counts=...,
 conditions=...)`): training control cells of the line (whole cells, drawn at random), as many as the real cells of
 each perturbation, under the perturbation and under the control alike, guided with the scale chosen on validation:
@@ -81,7 +81,8 @@ from training.data import most_detected_genes  # noqa: E402
 
 logger = logging.getLogger("perturbation")
 NEAREST_DRUG = "B4 nearest drug"
-BASELINES = ("B0 no change", "B1 line mean", "B2 PerturbMean", "B3 additive ridge", NEAREST_DRUG)
+DOSE_POOLED = "B5 dose-pooled PerturbMean"
+BASELINES = ("B0 no change", "B1 line mean", "B2 PerturbMean", "B3 additive ridge", NEAREST_DRUG, DOSE_POOLED)
 DRUG_BLIND, CEILING, MODEL = "drug-blind (line's cells)", "ceiling", "RankDiT"
 
 
@@ -175,7 +176,7 @@ def pairs_setup(data: str, heldout_pairs: str, split_seed: int, control_drug: st
 
 
 def fit_baselines(truth: Truth, validation: Truth) -> tuple[MeanShiftBaselines, dict]:
-    """B0-B4 fitted on the training cells, B3's ridge penalty and interaction rank chosen on the validation pairs
+    """B0-B5 fitted on the training cells, B3's ridge penalty and interaction rank chosen on the validation pairs
     (mean Pearson delta of its shift against the real effect)."""
     obs = truth.training_obs
     keys = list(zip(obs["line"], obs["drug"], obs["dose"].astype(float)))
@@ -194,7 +195,7 @@ def fit_baselines(truth: Truth, validation: Truth) -> tuple[MeanShiftBaselines, 
 
 def shifts_of(base: MeanShiftBaselines, similarity: dict) -> dict:
     """Each baseline's shift function (B4 with the drugs' structure `similarity`)."""
-    return dict(zip(BASELINES, (base.b0, base.b1, base.b2, base.b3, lambda key: base.b4(key, similarity))))
+    return dict(zip(BASELINES, (base.b0, base.b1, base.b2, base.b3, lambda key: base.b4(key, similarity), base.b5)))
 
 
 def screen_similarity(data: str) -> dict:

@@ -1,4 +1,4 @@
-"""Perturbation prediction: the mean-shift baselines B0-B4, fitted on training cells only, and the set metrics.
+"""Perturbation prediction: the mean-shift baselines B0-B5, fitted on training cells only, and the set metrics.
 
 A perturbation is a (cell line, drug, dose) and its cells; every baseline predicts the *shift* of the line's
 control (DMSO) mean that the perturbation causes, and its predicted cells are the line's reference control cells
@@ -9,6 +9,9 @@ plates (plates carry offsets of their own):
 - B0 no change: shift 0 (the line's control cells);
 - B1 the line's mean over its perturbed training cells, minus their controls;
 - B2 PerturbMean (STATE): the drug-and-dose's mean shift over the other lines;
+- B5 dose-pooled PerturbMean: B2 read along the drug's one direction, pooled over the other lines at every dose
+  (a drug moves the same genes the same way at every dose, more or less strongly; each dose's mean over a few lines
+  carries their own noise, which pooling averages away);
 - B3 an additive ridge model, line effect + drug-dose effect, plus a low-rank line x drug-dose interaction
   (fitted with the additive part, the unobserved pairs filled in as it goes) when validation says it helps;
 - B4 the nearest drug: the shift, in the same line (else over the other lines) and at the same dose, of the
@@ -34,7 +37,7 @@ def group_means(matrix: np.ndarray, keys: list) -> dict:
 
 
 class MeanShiftBaselines:
-    """B0-B3 fitted on training cells of one space.
+    """B0-B5 fitted on training cells of one space (B3 once `fit_b3` has run; B4 given the drugs' similarity).
 
     Args:
         matrix (`np.ndarray`, `(n_cells, n_genes)`): the training cells.
@@ -71,6 +74,15 @@ class MeanShiftBaselines:
         others = [shift for (line, *treatment), shift in self.shifts.items()
                   if tuple(treatment) == key[1:] and line != key[0]]  # fmt: skip
         return np.mean(others, axis=0) if others else np.zeros(self.n_genes)
+
+    def b5(self, key: Key) -> np.ndarray:
+        """B2 projected on the drug's direction: the first right singular vector of its shifts in the other lines
+        at every dose (weighing each shift by its size, as a rank-1 fit does), scaled by B2's shift along it."""
+        others = [shift for (line, drug, _), shift in self.shifts.items() if drug == key[1] and line != key[0]]
+        if not others:
+            return np.zeros(self.n_genes)
+        direction = np.linalg.svd(np.stack(others), full_matrices=False)[2][0]
+        return direction * (self.b2(key) @ direction)
 
     def fit_b3(self, alpha: float, rank: int, iterations: int = 100) -> MeanShiftBaselines:
         """Fit B3 with ridge penalty `alpha` and a line x treatment interaction of `rank` (0: additive only).

@@ -3,7 +3,7 @@
 A perturbation's real effect is the mean of its test cells minus the mean of its *evaluation* control cells: the
 control (DMSO) cells of its line on its plates that the held-out-pairs split keeps apart by a hash
 ([`dataset_scripts.splits.pair_split`]), never trained on and never seen by a predictor. A predictor's effect is
-the mean of its cells minus the mean of *its own* control: a mean model's (B0-B4) is the line's *reference*
+the mean of its cells minus the mean of *its own* control: a mean model's (B0-B5) is the line's *reference*
 control cells (the other hash half, which it may use), a generator's the control cells it generates, the
 ceiling's the fresh draw of the same wells it comes from. No cell is on both sides of a comparison, so a predictor
 that knows nothing of the drug scores about 0 (when one control served both sides, the control's sampling noise

@@ -259,6 +259,28 @@ def test_baselines_b2_leaves_the_line_out_and_b3_recovers_additive_and_low_rank_
     assert low_rank < 0.5 * additive
 
 
+def test_b5_pools_a_drug_over_its_doses_along_one_direction_and_leaves_the_line_out():
+    rng = np.random.default_rng(0)
+    genes, sizes = 200, {0.05: 0.1, 0.5: 0.5, 5.0: 1.0}  # dose -> share of the drug's full effect
+    direction, elsewhere = rng.normal(size=(2, genes))
+    keys, rows = [], []
+    for line in range(6):
+        keys += [(f"L{line}", "DMSO_TF", 0.0)] * 10
+        rows.append(rng.normal(0.0, 0.3, (10, genes)))
+        for dose, size in sizes.items():
+            # The held line's own cells move another way: B5 must not read them.
+            effect = 3.0 * elsewhere if line == 0 else size * direction
+            keys += [(f"L{line}", "D", dose)] * 10
+            rows.append(effect + rng.normal(0.0, 0.5, (10, genes)))
+    base = MeanShiftBaselines(np.vstack(rows), keys, "DMSO_TF")
+    low = ("L0", "D", 0.05)
+    # At the lowest dose each line's shift is mostly noise; the drug's direction from every dose is not.
+    assert pearson_delta(base.b5(low), direction) > 0.98 and pearson_delta(base.b2(low), direction) < 0.8
+    for dose, size in sizes.items():  # sized at each dose by B2's shift along it
+        np.testing.assert_allclose(base.b5(("L0", "D", dose)) @ direction / (direction @ direction), size, atol=0.03)
+    assert np.abs(base.b5(("L0", "Unknown", 0.5))).sum() == 0
+
+
 def test_pearson_delta_is_zero_for_a_constant_prediction_and_sees_noise_among_top_genes():
     rng = np.random.default_rng(0)
     real = np.r_[np.full(50, 2.0), rng.normal(0, 0.1, 100)]
