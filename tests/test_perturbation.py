@@ -1,5 +1,6 @@
 """Perturbation-conditioned training and its benchmark: held-out pairs, condition dropout, the CLI contract, B0-B3."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -68,6 +69,32 @@ def test_heldout_pairs_are_test_cells_at_every_dose_and_never_train_or_validate(
     assert evaluation and trained_controls and not evaluation & trained_controls
     lines = {pair[0] for pair in pairs_of(test) if pair[1] == "DMSO_TF"}
     assert lines == {pair[0] for pair in _pairs(screen)}  # every line's
+
+
+def test_drug_effects_start_from_more_training_cells_than_the_baselines_read_and_stay_there(screen, heldout):
+    import torch
+
+    from training import DataArguments, ModelArguments
+    from training.data import prepare_data
+    from training.run import build_model
+
+    path, pairs = heldout
+    args = DataArguments(data=str(screen), conditions="cell_line_id,drug,dose", heldout_pairs=str(path),
+                         max_length=64, baseline_cells=100, effect_cells=100_000)  # fmt: skip
+    data = prepare_data(args, 10)
+    rows, cells = data.effect_cells()
+    assert len(data.training_cells) == 100 and len(cells) == sum(1 for _ in data.train_rows) > 1000  # every one
+    assert len(rows) == len(cells) and not {(r["cell_line_id"], drug_key(r["drug"])) for r in rows} & pairs
+    smaller = prepare_data(dataclasses.replace(args, effect_cells=100), 10)  # no more than the baselines read
+    assert smaller.effect_cells()[1] is smaller.training_cells
+    # The model's drug effects start from the larger sample (the same 100 baseline cells in both runs).
+    tables = [build_model(ModelArguments(num_rank_bins=10), args, prepared, seed=0).perturbation_effect.drug_genes
+              for prepared in (data, smaller)]  # fmt: skip
+    assert tables[0].abs().sum() > 0 and tables[1].abs().sum() > 0 and not torch.allclose(tables[0], tables[1])
+    # The table stays at that estimate in training unless asked to learn it.
+    assert not tables[0].requires_grad
+    learned = build_model(ModelArguments(num_rank_bins=10, learn_drug_shifts=True), args, smaller, seed=0)
+    assert learned.perturbation_effect.drug_genes.requires_grad
 
 
 def test_the_control_drug_must_be_a_drug_of_the_data_and_no_validation_share_holds_out_no_pair(screen, heldout):

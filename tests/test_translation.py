@@ -340,6 +340,7 @@ def test_drug_shifts_start_each_drug_at_its_gated_least_squares_effect_against_i
         ),  # fmt: skip
         training_cells=TrainingCells(sparse.csr_matrix(tokens.astype(np.float32)), sparse.csr_matrix(tokens), ids),
     )
+    data.effect_cells = lambda: (data.training_rows, data.training_cells)
     config = RankDiTConfig.from_preset("tiny", gene_vocab_size=genes, num_rank_bins=bins, conditions=values,
                                        dose_condition=True, control_drug="DMSO_TF",
                                        perturbation_effect_rank=2)  # fmt: skip

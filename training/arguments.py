@@ -66,9 +66,17 @@ class ModelArguments:
     perturbation_effect_rank: int = field(
         default=32,
         metadata={
-            "help": "with a drug condition, an explicit drug effect on each gene's tokens (a per-drug table started "
-            "at each drug's average effect in the training cells, plus a gene x drug product of this rank that the "
+            "help": "with a drug condition, an explicit drug effect on each gene's tokens (a per-drug table set to "
+            "each drug's average effect in the training cells, plus a gene x drug product of this rank that the "
             "line modulates, gated by a Hill curve of the dose per drug); 0: none"
+        },
+    )
+    learn_drug_shifts: bool = field(
+        default=False,
+        metadata={
+            "help": "train the perturbation effect's per-drug table; off by default: it stays at its estimate from "
+            "--effect_cells training cells, since training walked it away from that estimate and held-out pairs "
+            "lost (docs/PERFORMANCE.md)"
         },
     )
     drug_features: bool = field(
@@ -232,6 +240,11 @@ class DataArguments:
         default=20_000,
         metadata={"help": "training cells read to fit the baselines and choose the gene pool and the panels"},
     )
+    effect_cells: int = field(
+        default=200_000,
+        metadata={"help": "training cells read to start each drug's effect from (the model's perturbation effect), "
+                          "when the model is told a drug: every training cell of a smaller screen"},
+    )  # fmt: skip
     max_eval_cells: int = field(default=512, metadata={"help": "validation (and test) cells scored at most"})
     conditions: str | None = field(
         default=None,
@@ -270,6 +283,7 @@ class DataArguments:
             "interleave_files",
             "sample_files",
             "baseline_cells",
+            "effect_cells",
             "max_eval_cells",
         ):
             _check_positive_int(name, getattr(self, name), optional=name == "panel_size")

@@ -175,6 +175,21 @@ class PreparedData:
     recipe: DataRecipe
     conditions: ConditionSetup | None = None
 
+    def effect_cells(self) -> tuple[datasets.Dataset, TrainingCells]:
+        """The training rows and cells each drug's effect is estimated from: `--effect_cells` of them, drawn across
+        the data as the baselines' are, where that is more than the baselines read (read now, and not kept); else the
+        baselines' own."""
+        args = self.recipe.data_arguments()
+        if self.conditions is None or "drug" not in self.conditions.values or args.effect_cells <= args.baseline_cells:
+            return self.training_rows, self.training_cells
+        if self.source.builder is not None:
+            table = self.source.builder.sample_cells({"train": args.effect_cells}, seed=args.split_seed,
+                                                     max_files=args.sample_files)["train"]  # fmt: skip
+        else:
+            table = pa.Table.from_pylist(list(sample_rows(self.source.rows, args.effect_cells, seed=args.split_seed)))
+        logger.info("drug effects estimated from %d training cells", table.num_rows)
+        return as_dataset(table, []), training_cells(table, self.recipe.num_rank_bins, self.source.vocab.size)
+
     @property
     def train_rows(self):
         return self.splits["train"]

@@ -301,7 +301,7 @@ def conditions_section(run: CardContents) -> str:
     if config.perturbation_effect_rank:
         genes += (
             "; a drug also moves each gene's tokens up or down the rank axis by its own amount (a per-drug table "
-            "started at the drug's average effect in the training cells, plus a rank-"
+            "from the drug's average effect in the training cells, plus a rank-"
             f"{config.perturbation_effect_rank} part that the line modulates, gated by a Hill curve of the dose)"
         )
     guidance = "0 the unconditional one"

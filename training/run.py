@@ -8,11 +8,17 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from scipy import sparse
 from transformers import set_seed
+
+if TYPE_CHECKING:
+    import datasets
+
+    from .recipe import ConditionSetup
 
 from dataset_scripts import EpochCallback, RankDiffusionCollator
 from dataset_scripts.molecules import MORGAN_BITS, morgan_fingerprints
@@ -22,7 +28,7 @@ from modeling.conditions import PERTURBATION, condition_value
 from pipelines import MaskedRankDiffusionPipeline, MaskedRankDiffusionScheduler, ReferenceCells
 
 from .arguments import DataArguments, DiffusionArguments, ModelArguments, RankDiffTrainingArguments, ema_decay_for
-from .data import PreparedData, prepare_data
+from .data import PreparedData, TrainingCells, prepare_data
 from .trainer import RankDiffusionTrainer
 
 logger = logging.getLogger(__name__)
@@ -110,7 +116,7 @@ def control_groups(data: PreparedData) -> tuple[str, list[int], list[int]] | Non
         return None
     context = [name for name in setup.values if name not in PERTURBATION]
     group = "cell_line_id" if "cell_line_id" in context else context[0]
-    columns = training_cell_columns(data, ["drug", group])
+    columns = training_cell_columns(data.training_rows, data.training_cells, ["drug", group])
     control = condition_value("drug", setup.control_drug)
     rows = [i for i, drug in enumerate(columns["drug"]) if condition_value("drug", drug) == control]
     ids = setup.encoder.ids(group, [columns[group][i] for i in rows])
@@ -138,34 +144,37 @@ def build_reference(
     return reference, rows
 
 
-def training_cell_columns(data: PreparedData, names: list[str]) -> dict[str, list]:
-    """Columns `names` of the training rows, in the order of the training cells held in memory."""
-    columns = data.training_rows.select_columns([CELL_ID_COLUMN, *names]).to_dict()
+def training_cell_columns(rows: datasets.Dataset, cells: TrainingCells, names: list[str]) -> dict[str, list]:
+    """Columns `names` of the training `rows`, in the order of their `cells` (rows the tokenizer kept)."""
+    columns = rows.select_columns([CELL_ID_COLUMN, *names]).to_dict()
     row_of = {cell: i for i, cell in enumerate(columns[CELL_ID_COLUMN])}
-    found = [row_of[cell] for cell in data.training_cells.cell_ids]
+    found = [row_of[cell] for cell in cells.cell_ids]
     return {name: [columns[name][i] for i in found] for name in names}
 
 
-def training_conditions(data: PreparedData) -> dict[str, torch.Tensor]:
-    """The conditions of the training cells held in memory (`data.training_cells`), as the model takes them."""
-    setup = data.conditions
-    names = [name for name in (*setup.values, "sample", "dose") if name in data.training_rows.column_names]
-    columns = training_cell_columns(data, names)
-    return setup.encoder.encode_rows(columns, data.training_cells.cell_ids, dose_of_sample=setup.dose_of_sample)
+def training_conditions(
+    setup: ConditionSetup, rows: datasets.Dataset, cells: TrainingCells
+) -> dict[str, torch.Tensor]:
+    """The conditions of training `cells` (read from their `rows`), as the model takes them."""
+    names = [name for name in (*setup.values, "sample", "dose") if name in rows.column_names]
+    columns = training_cell_columns(rows, cells, names)
+    return setup.encoder.encode_rows(columns, cells.cell_ids, dose_of_sample=setup.dose_of_sample)
 
 
 def drug_shifts(data: PreparedData, model: RankDiTModel, ridge: float = 4.0) -> np.ndarray:
     """Each drug's shift of each gene along the rank axis (`model.perturbation_effect`'s table), estimated from the
-    training cells held in memory: the ridge fit of `gate x shift x variance` to each treated cell's position on the
-    axis (token / B) minus the mean of the control cells of its context (its line; with a plate condition, its line
-    and plate), the gate being the effect's own dose curve at its start, the variance the gene's on the axis (a
-    small tilt s moves a gene's mean by s x its variance), `ridge` the number of fully gated cells' worth of
-    shrinkage toward no effect. Cells of a context without control cells, and genes no treated cell was seen at, get
-    none; without a control drug there is nothing to measure against and every shift is 0."""
-    effect, cells = model.perturbation_effect, data.training_cells
+    training cells of [`PreparedData.effect_cells`] (`--effect_cells` of them): the ridge fit of `gate x shift x
+    variance` to each treated cell's position on the axis (token / B) minus the mean of the control cells of its
+    context (its line; with a plate condition, its line and plate), the gate being the effect's own dose curve at its
+    start, the variance the gene's on the axis (a small tilt s moves a gene's mean by s x its variance), `ridge` the
+    number of fully gated cells' worth of shrinkage toward no effect. Cells of a context without control cells, and
+    genes no treated cell was seen at, get none; without a control drug there is nothing to measure against and
+    every shift is 0."""
+    effect = model.perturbation_effect
     if effect.control_id == 0:
         return np.zeros(tuple(effect.drug_genes.shape))
-    told = training_conditions(data)
+    rows, cells = data.effect_cells()
+    told = training_conditions(data.conditions, rows, cells)
     drug_ids = told["condition_ids"][:, effect.drug_column]
     with torch.no_grad():
         gate = effect.gate(drug_ids, told.get("doses")).double().numpy()
@@ -245,6 +254,9 @@ def build_model(model_args: ModelArguments, data_args: DataArguments, data: Prep
         model.init_gene_prior(data.baseline.probabilities())
     if model.perturbation_effect is not None:
         model.init_drug_shifts(drug_shifts(data, model))
+        # Adam moves every gene's entry of the table by about the learning rate per step, however weak its gradient:
+        # the estimate from many cells is better than what a few thousand noisy steps make of it.
+        model.perturbation_effect.drug_genes.requires_grad_(model_args.learn_drug_shifts)
     if structures is not None:
         model.init_drug_features(structures)
         logger.info("drugs known by structure: %d of %d (Morgan fingerprints; residual dropout %g)",
