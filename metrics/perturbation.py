@@ -77,7 +77,8 @@ class MeanShiftBaselines:
 
     def b5(self, key: Key) -> np.ndarray:
         """B2 projected on the drug's direction: the first right singular vector of its shifts in the other lines
-        at every dose (weighing each shift by its size, as a rank-1 fit does), scaled by B2's shift along it."""
+        at every dose (weighing each shift by its size, as a rank-1 fit does), scaled by B2's shift along it (so
+        0 where no other line has the drug at this dose, as B2's scale is then unknown)."""
         others = [shift for (line, drug, _), shift in self.shifts.items() if drug == key[1] and line != key[0]]
         if not others:
             return np.zeros(self.n_genes)

@@ -302,7 +302,7 @@ def test_b5_pools_a_drug_over_its_doses_along_one_direction_and_leaves_the_line_
     base = MeanShiftBaselines(np.vstack(rows), keys, "DMSO_TF")
     low = ("L0", "D", 0.05)
     # At the lowest dose each line's shift is mostly noise; the drug's direction from every dose is not.
-    assert pearson_delta(base.b5(low), direction) > 0.98 and pearson_delta(base.b2(low), direction) < 0.8
+    assert pearson_delta(base.b5(low), direction) > max(0.99, pearson_delta(base.b2(low), direction) + 0.15)
     for dose, size in sizes.items():  # sized at each dose by B2's shift along it
         np.testing.assert_allclose(base.b5(("L0", "D", dose)) @ direction / (direction @ direction), size, atol=0.03)
     assert np.abs(base.b5(("L0", "Unknown", 0.5))).sum() == 0

@@ -242,8 +242,9 @@ class DataArguments:
     )
     effect_cells: int = field(
         default=200_000,
-        metadata={"help": "training cells read to start each drug's effect from (the model's perturbation effect), "
-                          "when the model is told a drug: every training cell of a smaller screen"},
+        metadata={"help": "training cells read to estimate each drug's effect from (the model's perturbation "
+                          "effect), when the model is told a drug, drawn across --sample_files files as the "
+                          "baselines' are; at most --baseline_cells: the baselines' own cells"},
     )  # fmt: skip
     max_eval_cells: int = field(default=512, metadata={"help": "validation (and test) cells scored at most"})
     conditions: str | None = field(
