@@ -9,14 +9,14 @@ plates (plates carry offsets of their own):
 - B0 no change: shift 0 (the line's control cells);
 - B1 the line's mean over its perturbed training cells, minus their controls;
 - B2 PerturbMean (STATE): the drug-and-dose's mean shift over the other lines;
-- B5 dose-pooled PerturbMean: B2 read along the drug's one direction, pooled over the other lines at every dose
-  (a drug moves the same genes the same way at every dose, more or less strongly; each dose's mean over a few lines
-  carries their own noise, which pooling averages away);
 - B3 an additive ridge model, line effect + drug-dose effect, plus a low-rank line x drug-dose interaction
   (fitted with the additive part, the unobserved pairs filled in as it goes) when validation says it helps;
 - B4 the nearest drug: the shift, in the same line (else over the other lines) and at the same dose, of the
   training drug most similar by structure (Tanimoto similarity of Morgan fingerprints, [`drug_similarity`]), for
-  drugs never seen in training.
+  drugs never seen in training;
+- B5 dose-pooled PerturbMean: B2 read along the drug's one direction, pooled over the other lines at every dose
+  (a drug moves the same genes the same way at every dose, more or less strongly; each dose's mean over a few lines
+  carries their own noise, which pooling averages away).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Perturbation-conditioned training and its benchmark: held-out pairs, condition dropout, the CLI contract, B0-B3."""
+"""Perturbation-conditioned training and its benchmark: held-out pairs, condition dropout, the CLI contract, B0-B5."""
 
 import dataclasses
 import json
