@@ -35,7 +35,7 @@ from .conditions import (
 from .configuration_rank_dit import RankDiTConfig
 from .gene_vocab import FIRST_GENE_ID, SPECIAL_TOKENS, GeneVocab
 from .imputation_task import RankDiTImputationPipeline  # noqa: F401  (its code travels with the processor)
-from .rank_tokenizer import check_counts, invalid_counts, rank_tokens, repeated_genes
+from .rank_tokenizer import check_counts, counts_at_tokens, invalid_counts, rank_tokens, repeated_genes
 
 logger = logging.getLogger(__name__)
 
@@ -388,6 +388,26 @@ class RankDiTProcessor(FeatureExtractionMixin):
             cells.context = np.concatenate(parsed) if parsed else np.zeros(0)
             cells.context_offsets = np.concatenate([[0], np.cumsum([len(c) for c in parsed])])
         return cells
+
+    def counts_at_tokens(self, tokens: np.ndarray, counts, context_counts, uniforms: np.ndarray) -> np.ndarray:
+        """Cells' raw counts `(n_cells, width)` for new tokens `tokens` (`-1` where a cell has none: NaN there) at the
+        positions of cells given by `counts` (and `context_counts`, their other genes), as `__call__` took them: a
+        token unchanged keeps its count, another takes a count the cell holds at it ([`counts_at_tokens`], one of
+        `uniforms` per position picking among them)."""
+        values = [_numbers(cell, "counts", f"cell {i}") for i, cell in enumerate(as_cells(counts, "counts"))]
+        sizes = np.array([len(cell) for cell in values])
+        inside = np.arange(tokens.shape[1])[None, :] < sizes[:, None]
+        contexts = as_cells(context_counts, "context_counts")
+        context = [_numbers(c, "context_counts", f"cell {i}") for i, c in enumerate(contexts)] if contexts else []
+        found = counts_at_tokens(
+            tokens[inside], np.concatenate(values), np.concatenate([[0], np.cumsum(sizes)]), uniforms[inside],
+            self.num_rank_bins,
+            context=np.concatenate(context) if context else None,
+            context_offsets=np.concatenate([[0], np.cumsum([len(c) for c in context])]) if context else None,
+        )  # fmt: skip
+        out = np.full(tokens.shape, np.nan)
+        out[inside] = found
+        return out
 
     invalid_counts = staticmethod(invalid_counts)  # the one count check, for readers that name cells their own way
     as_cells = staticmethod(as_cells)  # a user's cells as 1-D arrays, for the pipelines

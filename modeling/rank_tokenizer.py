@@ -140,6 +140,67 @@ def rank_tokens(
     return tokens
 
 
+def counts_at_tokens(
+    tokens: np.ndarray,
+    counts: np.ndarray,
+    offsets: np.ndarray,
+    uniforms: np.ndarray,
+    num_bins: int = 50,
+    *,
+    context: np.ndarray | None = None,
+    context_offsets: np.ndarray | None = None,
+) -> np.ndarray:
+    """Counts for new rank tokens of cells, the rank rule read backwards within each cell: the inverse of
+    [`rank_tokens`] that a translated cell's counts come from.
+
+    A position whose token is its count's own token keeps its count; token 0 is count 0; any other token b takes a
+    count that the same cell holds at token b (one of them, picked by `uniforms[i]` in [0, 1) among the cell's
+    non-zero counts of that token, its context's included), so a moved gene lands on the cell's own scale. Where the
+    cell holds no count of token b (tied counts skip tokens), its smallest count above b, else its largest; a cell
+    with no count at all has no scale: 1.
+
+    Args:
+        tokens (`np.ndarray`): the new tokens in 0..B, one per count (-1 where there is none: NaN out).
+        counts (`np.ndarray`): the cells' raw counts at the same positions, back to back (`offsets`).
+        offsets (`np.ndarray`): `(n_cells + 1,)` start of each cell.
+        uniforms (`np.ndarray`): one draw in [0, 1) per position.
+        num_bins (`int`): B.
+        context (`np.ndarray`, *optional*), context_offsets (`np.ndarray`, *optional*): each cell's other counts, as
+            for [`rank_tokens`]: they shape the bins and are counts the cell holds.
+
+    Returns:
+        `np.ndarray` of float64 counts, one per position.
+    """
+    tokens, counts, offsets = np.asarray(tokens), np.asarray(counts, dtype=np.float64), np.asarray(offsets)
+    n_cells = len(offsets) - 1
+    if context is None:
+        context, context_offsets = np.zeros(0), np.zeros(n_cells + 1, dtype=np.int64)
+    context, context_offsets = np.asarray(context, dtype=np.float64), np.asarray(context_offsets)
+    own = rank_tokens(counts, num_bins, offsets, context=context, context_offsets=context_offsets)
+    # Every count of each cell with its token, sorted by (cell, count): tokens rise with counts within a cell.
+    others = rank_tokens(context, num_bins, context_offsets, context=counts, context_offsets=offsets)
+    pool_cell = np.concatenate([segment_ids(offsets), segment_ids(context_offsets)])
+    pool_count, pool_token = np.concatenate([counts, context]), np.concatenate([own, others])
+    kept = pool_count > 0
+    order = np.lexsort((pool_count[kept], pool_cell[kept]))
+    pool_cell, pool_count, pool_token = pool_cell[kept][order], pool_count[kept][order], pool_token[kept][order]
+    stride = num_bins + 1
+    keys = pool_cell * stride + pool_token
+    cell = segment_ids(offsets)
+    query = cell * stride + np.clip(tokens, 0, num_bins)
+    first, end = np.searchsorted(keys, query, side="left"), np.searchsorted(keys, query, side="right")
+    found = np.ones(len(tokens))
+    if len(keys):
+        last = len(keys) - 1
+        drawn = first + np.minimum((np.asarray(uniforms) * (end - first)).astype(np.int64), end - first - 1)
+        # None at the token: the cell's next count up, else (past its largest) the one below.
+        above = np.minimum(first, last)
+        index = np.where(end > first, drawn, np.where(pool_cell[above] == cell, above, first - 1)).clip(0, last)
+        found = np.where(pool_cell[index] == cell, pool_count[index], 1.0)
+    out = np.where(tokens == own, counts, np.where(tokens == 0, 0.0, found))
+    return np.where(tokens < 0, np.nan, out)
+
+
 def _offsets(sizes: np.ndarray) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(sizes)])
 

@@ -400,4 +400,5 @@ def run_generation(pipe, obs, genes, *, condition_columns=None, control=None, la
     obs = obs.copy()
     obs.index = obs.index.astype(str)
     var = pd.DataFrame(index=pd.Index([str(g) for g in genes]))
-    return anndata.AnnData(out.ranks.astype(np.int16), obs=obs, var=var)
+    layers = {} if out.counts is None else {"counts": out.counts.astype(np.float32)}
+    return anndata.AnnData(out.ranks.astype(np.int16), obs=obs, var=var, layers=layers)

@@ -100,6 +100,10 @@ class MaskedRankDiffusionPipelineOutput(BaseOutput):
             -1 at genes outside the vocabulary left out with `unknown_genes="ignore"`).
         attention_mask (`np.ndarray` of shape `(n_cells, length)`): True at the positions the model saw.
         model_calls (`np.ndarray` of shape `(n_cells,)`): denoiser evaluations of each cell.
+        counts (`np.ndarray` of shape `(n_cells, length)`, *optional*): with `control_counts` (and
+            `output_type="ranks"`), the translated cells' raw counts: a gene that keeps its control token keeps its
+            control count, one moved to token b takes a count its own cell holds at b (0 at b = 0); NaN where `ranks`
+            is -1.
     """
 
     ranks: np.ndarray | None
@@ -109,6 +113,7 @@ class MaskedRankDiffusionPipelineOutput(BaseOutput):
     gene_ids: np.ndarray
     attention_mask: np.ndarray
     model_calls: np.ndarray
+    counts: np.ndarray | None = None
 
 
 class MaskedRankDiffusionPipeline(DiffusionPipeline):
@@ -272,7 +277,9 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
                 twice, under `conditions` (p) and under the control drug in the same context (q), and the gene's
                 control token is carried from its quantile of q to the same quantile of p ([`quantile_coupling`]):
                 a gene the conditions do not move keeps its token, the others move as far as the conditions shift
-                their distribution. Not with `ranks` / `counts` / `mask`, nor a callback (there are no steps).
+                their distribution. The output's `counts` are the translated cells' raw counts (a gene keeps its
+                count, or takes one its cell holds at its new token). Not with `ranks` / `counts` / `mask`, nor a
+                callback (there are no steps).
             unknown_genes (`str`, defaults to `"raise"`): `"ignore"` leaves genes outside the vocabulary out of
                 the model's input (gene id -1 in the output) instead of refusing the cell.
             conditions (`dict` or `list[dict]`, *optional*): for a perturbation-conditioned checkpoint
@@ -354,10 +361,12 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
                 logger.warning("no known gene is masked: the cells come back as given, without a denoiser call")
             cells = self.processor.add_conditions(cells, conditions, self.model.config)
             cells = self._add_reference(cells, self.resolve_reference(reference), generator)
-        ranks_out = probs_out = expected_out = None
+        ranks_out = probs_out = expected_out = counts_out = None
         if translating:
-            ranks_out, probs, calls = self._translate(cells, num_inference_steps, batch_size, guidance_scale,
-                                                      generator, output_type)  # fmt: skip
+            ranks_out, probs, calls, picks = self._translate(cells, num_inference_steps, batch_size, guidance_scale,
+                                                             generator, output_type)  # fmt: skip
+            if ranks_out is not None:
+                counts_out = self.processor.counts_at_tokens(ranks_out, control_counts, context_counts, picks)
         elif output_type == "ranks":
             ranks_out, calls = self._sample(
                 cells, num_inference_steps, sampler, temperature, top_p, batch_size, use_cache, generator,
@@ -378,6 +387,7 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
             gene_ids=cells["gene_ids"].numpy(),
             attention_mask=cells["attention_mask"].numpy(),
             model_calls=calls.numpy(),
+            counts=counts_out,
         )
         self.maybe_free_model_hooks()
         return output if return_dict else output.to_tuple()
@@ -436,17 +446,19 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
         return {"condition_ids": ids, "doses": doses}
 
     def _translate(self, cells, num_blocks: int, batch_size: int, guidance_scale: float, generator,
-                   output_type: str) -> tuple[np.ndarray | None, torch.Tensor | None, torch.Tensor]:  # fmt: skip
-        """Control cells carried to their conditions, `batch_size` cells at a time: `(ranks, probs, calls)`, the
-        drawn tokens (-1 where the model saw nothing) for `output_type="ranks"`, else the distribution of every
-        token `(n_cells, width, B + 1)`. Each cell's genes are dealt at random into `num_blocks` blocks (a random
-        order dealt round-robin); block by block, the block masked, the model gives its genes a distribution from
-        the rest of the control cell under the conditions and under the control, coupled by quantile. A cell's
-        blocks and draws come from its own seed, so they do not depend on the other cells of the call."""
+                   output_type: str) -> tuple:  # fmt: skip
+        """Control cells carried to their conditions, `batch_size` cells at a time: `(ranks, probs, calls, picks)`,
+        the drawn tokens (-1 where the model saw nothing) for `output_type="ranks"`, else the distribution of every
+        token `(n_cells, width, B + 1)`, and a uniform draw per position that picks a moved gene's count. Each
+        cell's genes are dealt at random into `num_blocks` blocks (a random order dealt round-robin); block by
+        block, the block masked, the model gives its genes a distribution from the rest of the control cell under
+        the conditions and under the control, coupled by quantile. A cell's blocks and draws come from its own
+        seed, so they do not depend on the other cells of the call."""
         seed_device = generator.device if generator is not None else "cpu"
         seeds = torch.randint(-(2**63), 2**63 - 1, (cells.num_cells,), generator=generator, device=seed_device)
         width, size = cells["gene_ids"].shape[1], self.model.config.num_rank_tokens
         ranks = np.full((cells.num_cells, width), -1, dtype=np.int64) if output_type == "ranks" else None
+        picks = np.zeros((cells.num_cells, width))
         probs = None if output_type == "ranks" else torch.zeros(cells.num_cells, width, size)
         calls = torch.zeros(cells.num_cells, dtype=torch.long)
         for start in range(0, cells.num_cells, batch_size):
@@ -474,9 +486,10 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
                 below = cumulative < uniforms[:, :length, None] * cumulative[..., -1:]
                 drawn = below.sum(dim=-1).clamp(max=size - 1).masked_fill(~real, -1)
                 ranks[rows, :length] = drawn.numpy()
+                picks[rows] = torch.stack([torch.rand(width, generator=g, dtype=torch.float64) for g in draws]).numpy()
             else:
                 probs[rows, :length] = coupled
-        return ranks, probs, calls
+        return ranks, probs, calls, picks
 
     def _random_mask(self, gene_ids, ranks, counts, mask_ratio, unknown_genes, generator) -> list[torch.Tensor]:
         """`mask_ratio` of each cell's known genes, drawn from the genes alone (before any count is binned)."""
@@ -647,7 +660,8 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
 
         Returns:
             `anndata.AnnData`: `X` the sampled rank tokens 0..B (int16, cells x genes), `obs` as given, the genes as
-            `var_names`.
+            `var_names`; with `control`, `layers["counts"]` the translated cells' raw counts (see the call's output
+            `counts`).
         """
         return run_generation(self, obs, genes, condition_columns=condition_columns, control=control, layer=layer,
                               gene_column=gene_column, **call_kwargs)  # fmt: skip

@@ -4,13 +4,52 @@ import torch
 from conftest import exact_tokens
 
 from modeling import CellTokenizer, rank_tokens
-from modeling.rank_tokenizer import TABLE_COUNTS, cell_salts, check_counts, draw_unexpressed, hash_keys, smallest_keys
+from modeling.rank_tokenizer import (
+    TABLE_COUNTS,
+    cell_salts,
+    check_counts,
+    counts_at_tokens,
+    draw_unexpressed,
+    hash_keys,
+    smallest_keys,
+)
 
 
 def test_hand_computed_bins_with_ties():
     # Non-zero counts [1, 1, 2, 10] with B = 4: edges are the quantiles at 0, 1/3, 2/3, 1 = [1, 1, 2, 10].
     tokens = rank_tokens(np.array([0, 1, 10, 1, 2, 0]), num_bins=4)
     np.testing.assert_array_equal(tokens, [0, 1, 4, 1, 3, 0])
+
+
+def test_counts_at_new_tokens_are_the_cells_own_counts_at_those_tokens():
+    rng = np.random.default_rng(0)
+    counts = rng.negative_binomial(1, 0.1, size=(3, 40)).astype(float)
+    context = [rng.negative_binomial(1, 0.1, size=n).astype(float) for n in (0, 25, 60)]
+    offsets, context_offsets = np.arange(4) * 40, np.concatenate([[0], np.cumsum([len(c) for c in context])])
+    flat, flat_context = counts.ravel(), np.concatenate(context)
+    own = rank_tokens(flat, 8, offsets, context=flat_context, context_offsets=context_offsets)
+    # Unchanged tokens keep their counts exactly; token 0 is count 0; -1 is no count.
+    same = counts_at_tokens(own, flat, offsets, rng.random(120), 8, context=flat_context,
+                            context_offsets=context_offsets)  # fmt: skip
+    np.testing.assert_array_equal(same, flat)
+    tokens = rng.integers(0, 9, 120)
+    tokens[:3] = [0, -1, own[2]]
+    draws = np.stack([counts_at_tokens(tokens, flat, offsets, rng.random(120), 8, context=flat_context,
+                                       context_offsets=context_offsets) for _ in range(200)])  # fmt: skip
+    assert draws[:, 0].max() == 0 and np.isnan(draws[:, 1]).all() and (draws[:, 2] == flat[2]).all()
+    for i in np.flatnonzero((tokens > 0) & (tokens != own)):
+        cell = i // 40
+        whole = np.concatenate([counts[cell], context[cell]])
+        whole_tokens = rank_tokens(whole, 8)
+        at = np.unique(whole[(whole_tokens == tokens[i]) & (whole > 0)])
+        if len(at):  # the cell's own counts at the token, every one of them picked in turn
+            np.testing.assert_array_equal(np.unique(draws[:, i]), at)
+    # Tied counts skip tokens: a token the cell does not hold takes its next count up (1, 1, 1, 5: tokens 1 and 8),
+    # past its largest (a single count is token 1) the one below, never another cell's; a cell without one non-zero
+    # count has no scale, so a moved gene takes count 1.
+    tied = counts_at_tokens(np.array([4, 0, 1, 1, 1, 3, 8, 1]), np.array([0, 1, 1, 1, 5, 0, 2.0, 7]),
+                            np.array([0, 5, 6, 7, 8]), np.full(8, 0.5), 8)  # fmt: skip
+    np.testing.assert_array_equal(tied, [5, 0, 1, 1, 1, 1, 2, 7])
 
 
 def test_mosaicfm_rule_for_b50():

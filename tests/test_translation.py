@@ -254,6 +254,10 @@ def test_the_pipeline_translates_control_cells_and_names_what_cannot_go_with_the
     own = pipe.processor([genes] * 6, counts=controls, context_counts=[[]] * 6)["input_ids"].numpy()
     vehicle = {"cell_line_id": "CVCL_0480", "drug": "DMSO_TF", "dose": 0.0}
     np.testing.assert_array_equal(translate(controls, conditions=vehicle).ranks, own)
+    # Its counts too; under the drug each gene keeps its count or takes one its cell holds at the new token (up).
+    np.testing.assert_array_equal(translate(controls, conditions=vehicle).counts, controls)
+    assert all(np.isin(out.counts[i], np.append(controls[i], 0)).all() for i in range(6))
+    assert (out.counts[out.ranks == own] == controls[out.ranks == own]).all() and out.counts.mean() > controls.mean()
     expected = translate(controls, output_type="expected").expected
     assert (expected >= own - 1e-4).all() and (expected - own).mean() > 1.0
     probs = translate(controls, output_type="probs").probs
@@ -301,6 +305,7 @@ def test_generate_anndata_translates_an_anndata_of_control_cells_row_by_row():
                   generator=torch.Generator().manual_seed(0))  # fmt: skip
     assert out.shape == (4, 30) and list(out.var_names) == genes
     np.testing.assert_array_equal(out.X, direct.ranks)  # the same call as control_counts with context_counts
+    np.testing.assert_array_equal(out.layers["counts"], direct.counts)  # the translated cells' counts beside
     with pytest.raises(ValueError, match="control holds 3 cells; give one control cell per row of obs"):
         pipe.generate_anndata(obs, genes, control=control[:3], **seeded)
     with pytest.raises(ValueError, match="pass control= too"):
