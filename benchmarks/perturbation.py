@@ -56,7 +56,6 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from dataset_scripts.tahoe_metadata import DRUG_METADATA_PATH, drug_smiles  # noqa: E402
 from dataset_scripts.tahoe_standin import positive_int  # noqa: E402
-from dataset_scripts.tokenization import TokenizedBatch  # noqa: E402
 from metrics.perturbation import MeanShiftBaselines, drug_similarity, pearson_delta  # noqa: E402
 from metrics.perturbation_protocol import (  # noqa: E402
     ORACLE_DIR,
@@ -336,70 +335,30 @@ def load_pipeline(checkpoint: str):
 def model_prediction(pipe, cells, roles, genes, truth: Truth, validation: Truth, args) -> tuple[Prediction, dict]:
     """RankDiT's cells for the test perturbations and its own control cells for each line, with the guidance scale
     chosen on the validation pairs (mean Pearson delta)."""
-    lookup = token_expression(pipe, cells, roles, genes, truth.control)
     control = np.flatnonzero((roles == "train") & (cells.obs["drug"] == truth.control).to_numpy())
     lines = cells.obs["line"].to_numpy()[control]
     controls = (cells, {line: control[lines == line] for line in np.unique(lines)})
     guidance, predictions = {}, {}
     for scale in args.guidance_scales:
-        predictions[scale] = generated_prediction(pipe, validation, genes, lookup, scale, args, controls)
+        predictions[scale] = generated_prediction(pipe, validation, genes, scale, args, controls)
         guidance[scale] = float(np.mean(delta_scores(predictions[scale], validation)["pearson_delta"]))
         logger.info("guidance %g: validation Pearson delta %.3f", scale, guidance[scale])
     chosen = max(guidance, key=guidance.get)
     if truth is validation:  # --validation_only: the chosen scale's validation cells
         return predictions[chosen], {"chosen": chosen, "validation_pearson_delta": guidance}
-    prediction = generated_prediction(pipe, truth, genes, lookup, chosen, args, controls, seed_offset=1)
+    prediction = generated_prediction(pipe, truth, genes, chosen, args, controls, seed_offset=1)
     return prediction, {"chosen": chosen, "validation_pearson_delta": guidance}
 
 
-def token_expression(pipe, cells: ScreenCells, roles: np.ndarray, genes: np.ndarray, control: str) -> dict:
-    """Per line, the expression of each rank token at each panel gene `(genes, B + 1)`: the mean log-normalised
-    expression of the gene's entries with that token in the line's reference control cells, i.e. quantile mapping
-    to the line's control counts gene by gene (0 for token 0; where the line's controls never show a token at a
-    gene, the token's mean over the line's genes, else over every line)."""
-    rows = np.flatnonzero((roles == "train") & (cells.obs["drug"] == control).to_numpy())
-    counts = cells.counts[rows]
-    batch = TokenizedBatch(counts.indptr.astype(np.int64), counts.indices.astype(np.int64),
-                           counts=counts.data.astype(np.float64), context=np.zeros(0),
-                           context_offsets=np.zeros(len(rows) + 1, dtype=np.int64))  # fmt: skip
-    tokens = pipe.processor.encode(batch.on_genes(genes))["input_ids"].numpy()
-    expression, lines = cells.expression(genes, rows), cells.obs["line"].to_numpy()[rows]
-    size = pipe.model.config.num_rank_bins + 1
-
-    def table(where) -> tuple[np.ndarray, np.ndarray]:
-        """(gene, token) sums and counts of the entries of the rows `where`."""
-        index, shape = (np.arange(len(genes)) * size + tokens[where]).ravel(), (len(genes), size)
-        sums = np.bincount(index, weights=expression[where].ravel(), minlength=len(genes) * size)
-        return sums.reshape(shape), np.bincount(index, minlength=len(genes) * size).reshape(shape)
-
-    def mean(sums: np.ndarray, seen: np.ndarray) -> np.ndarray:
-        return np.where(seen > 0, sums / np.maximum(seen, 1), np.nan)
-
-    sums, seen = table(slice(None))
-    overall, lookup = mean(sums.sum(0), seen.sum(0)), {}
-    for line in np.unique(lines):
-        sums, seen = table(lines == line)
-        of_line = mean(sums.sum(0), seen.sum(0))
-        fallback = np.where(np.isnan(of_line), overall, of_line)
-        lookup[line] = np.nan_to_num(np.where(seen > 0, mean(sums, seen), fallback[None, :]))
-        lookup[line][:, 0] = 0.0
-    return lookup
-
-
-def expression_of(table: np.ndarray, tokens: np.ndarray) -> np.ndarray:
-    """Cells' tokens `(cells, genes)` as expression through a line's [`token_expression`] table `(genes, B + 1)`."""
-    return table[np.arange(table.shape[0])[None, :], tokens]
-
-
-def generated_prediction(pipe, truth: Truth, genes, lookup: dict, scale: float, args, controls: tuple,
-                         seed_offset: int = 0):  # fmt: skip
+def generated_prediction(pipe, truth: Truth, genes, scale: float, args, controls: tuple, seed_offset: int = 0):
     """RankDiT's cells on the panel, as a user makes them: control cells of the line (`controls`: the screen's
     cells and the training control rows of each line), drawn at random, translated under each perturbation, as
     many as the real ones (at most `--cells_per_condition`). Its own control is the translation of the same control
     cells under the control (as many as the line's largest evaluation control, at most 256 and at most the cap),
     with the same random draws: a translation is each control cell's counterfactual, so the model's effect is
     paired as a baseline's shift of its own control cells is (the real effect stays against control cells no
-    predictor saw)."""
+    predictor saw). The translated cells' counts (the pipeline's `counts`) are log-normalised as real cells are,
+    over their new totals."""
     cap = args.cells_per_condition or max(len(cells) for cells in truth.real.values())
     requests = [((key[0], key[1], key[2]), min(len(truth.real[key]), cap)) for key in truth.keys]
     for line in sorted({key[0] for key in truth.keys}):
@@ -414,7 +373,7 @@ def generated_prediction(pipe, truth: Truth, genes, lookup: dict, scale: float, 
             for line, n in sorted(size.items())}  # fmt: skip
     generated = {}
     for key, n in tqdm(requests, desc="translating control cells"):  # a line's every request: same cells, same draws
-        ranks = pipe(
+        translated = pipe(
             gene_ids=[genes.tolist()] * size[key[0]],
             conditions=[{"cell_line_id": key[0], "drug": key[1], "dose": key[2]}] * size[key[0]],
             guidance_scale=scale,
@@ -422,8 +381,10 @@ def generated_prediction(pipe, truth: Truth, genes, lookup: dict, scale: float, 
             batch_size=args.batch_size,
             generator=torch.Generator().manual_seed(seed),
             **whole_cells_on(cells.counts[rows[key[0]]], genes),
-        ).ranks
-        generated[key] = expression_of(lookup[key[0]], np.asarray(ranks[:n]))
+        ).counts[:n]
+        shown = cells.counts[rows[key[0]][:n]][:, genes].sum(axis=1).A1
+        totals = cells.totals[rows[key[0]][:n]] - shown + translated.sum(axis=1)
+        generated[key] = np.log1p(1e4 * translated / totals[:, None]).astype(np.float32)
     own_controls = {ctx: generated[(ctx[0], truth.control, 0.0)] for ctx in truth.evaluation_controls}
     return Prediction({key: generated[key] for key in truth.keys}, own_controls)
 

@@ -5,12 +5,12 @@
 For each perturbation (line, drug, dose), the same `--cells` training control cells of the line are translated
 through the pipeline twice (`pipe(gene_ids=..., control_counts=..., conditions=..., output_type="probs")`, the
 distribution of each translated token): under the perturbation and under the control. The model's effect is the
-difference of the two mean expected expressions (tokens mapped to expression as `benchmarks/perturbation.py` maps
-them), paired on the same cells, so neither sampling nor the choice of control cells adds noise; it is scored by
-Pearson delta against the real effect (validation pairs: the protocol's, against evaluation controls; training
-pairs: the training cells against the line's training controls, a check that the model fits what it was trained
-on). Settings are chosen on validation pairs with it; `benchmarks/perturbation.py` reports test pairs. Prints a
-table, writes JSON.
+difference of the two mean expected expressions (each token mapped to the mean expression of the gene's entries
+with that token in the line's training control cells), paired on the same cells, so neither sampling nor the
+choice of control cells adds noise; it is scored by Pearson delta against the real effect (validation pairs: the
+protocol's, against evaluation controls; training pairs: the training cells against the line's training controls,
+a check that the model fits what it was trained on). Settings are chosen on validation pairs with it;
+`benchmarks/perturbation.py` reports test pairs, from the translated cells' counts. Prints a table, writes JSON.
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import perturbation as protocol  # noqa: E402
 
+from dataset_scripts.tokenization import TokenizedBatch  # noqa: E402
 from metrics.perturbation import pearson_delta  # noqa: E402
-from metrics.perturbation_protocol import cell_roles, read_screen_cells, split_truth  # noqa: E402
+from metrics.perturbation_protocol import ScreenCells, cell_roles, read_screen_cells, split_truth  # noqa: E402
 from training.data import most_detected_genes  # noqa: E402
 
 logger = logging.getLogger("perturbation_effects")
@@ -71,6 +72,40 @@ def expected_expression(pipe, cells, rows, genes, conditions: dict, table: np.nd
     return (probs * table[None]).sum(-1).mean(0)
 
 
+def token_expression(pipe, cells: ScreenCells, roles: np.ndarray, genes: np.ndarray, control: str) -> dict:
+    """Per line, the expression of each rank token at each panel gene `(genes, B + 1)`: the mean log-normalised
+    expression of the gene's entries with that token in the line's reference control cells, i.e. quantile mapping
+    to the line's control counts gene by gene (0 for token 0; where the line's controls never show a token at a
+    gene, the token's mean over the line's genes, else over every line)."""
+    rows = np.flatnonzero((roles == "train") & (cells.obs["drug"] == control).to_numpy())
+    counts = cells.counts[rows]
+    batch = TokenizedBatch(counts.indptr.astype(np.int64), counts.indices.astype(np.int64),
+                           counts=counts.data.astype(np.float64), context=np.zeros(0),
+                           context_offsets=np.zeros(len(rows) + 1, dtype=np.int64))  # fmt: skip
+    tokens = pipe.processor.encode(batch.on_genes(genes))["input_ids"].numpy()
+    expression, lines = cells.expression(genes, rows), cells.obs["line"].to_numpy()[rows]
+    size = pipe.model.config.num_rank_bins + 1
+
+    def table(where) -> tuple[np.ndarray, np.ndarray]:
+        """(gene, token) sums and counts of the entries of the rows `where`."""
+        index, shape = (np.arange(len(genes)) * size + tokens[where]).ravel(), (len(genes), size)
+        sums = np.bincount(index, weights=expression[where].ravel(), minlength=len(genes) * size)
+        return sums.reshape(shape), np.bincount(index, minlength=len(genes) * size).reshape(shape)
+
+    def mean(sums: np.ndarray, seen: np.ndarray) -> np.ndarray:
+        return np.where(seen > 0, sums / np.maximum(seen, 1), np.nan)
+
+    sums, seen = table(slice(None))
+    overall, lookup = mean(sums.sum(0), seen.sum(0)), {}
+    for line in np.unique(lines):
+        sums, seen = table(lines == line)
+        of_line = mean(sums.sum(0), seen.sum(0))
+        fallback = np.where(np.isnan(of_line), overall, of_line)
+        lookup[line] = np.nan_to_num(np.where(seen > 0, mean(sums, seen), fallback[None, :]))
+        lookup[line][:, 0] = 0.0
+    return lookup
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -86,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
         effects = {key: truth.real_delta(key) for key in truth.keys}
     else:
         effects = real_training_effects(cells, roles, genes, control, args.max_perturbations, args.seed)
-    lookup = protocol.token_expression(pipe, cells, roles, genes, control)
+    lookup = token_expression(pipe, cells, roles, genes, control)
     controls = np.flatnonzero((roles == "train") & (cells.obs["drug"] == control).to_numpy())
     lines = cells.obs["line"].to_numpy()[controls]
     rows_of = {}

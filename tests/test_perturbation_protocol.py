@@ -163,23 +163,39 @@ def test_a_translating_models_own_control_is_the_same_control_cells_translated_w
     lines = cells.obs["line"].to_numpy()[control_rows]
     controls = (cells, {line: control_rows[lines == line] for line in LINES})
     args = SimpleNamespace(cells_per_condition=8, num_inference_steps=2, batch_size=4, seed=0)
-    lookup = {line: np.tile(np.arange(256, dtype=np.float64), (GENES, 1)) for line in LINES}  # token t -> t
 
-    def translator(moves: int):
-        """Samples of each control cell (its counts plus noise from the generator), `moves` tokens up for a drug."""
+    def translator(drug: str):
+        """Each control cell itself (its counts plus noise from the generator); under a drug, as `drug` says: the
+        same ("blind"), genes 0 and 1 swapped ("swap"), every count doubled ("depth": the panel is the whole cell)."""
 
         def pipe(gene_ids, conditions, generator, control_counts, **kwargs):
             noise = torch.randint(0, 5, (len(gene_ids), len(gene_ids[0])), generator=generator).numpy()
-            drug = np.array([moves * (told["drug"] != "DMSO_TF") for told in conditions])
-            return SimpleNamespace(ranks=np.minimum(control_counts, 100).astype(int) + noise + drug[:, None])
+            counts = (control_counts + noise).astype(float)
+            treated = np.array([told["drug"] != "DMSO_TF" for told in conditions])
+            if drug == "swap":
+                counts[treated, :2] = counts[treated][:, [1, 0]]
+            if drug == "depth":
+                counts[treated] *= 2
+            return SimpleNamespace(counts=counts)
 
         return pipe
 
-    for moves in (0, 2):  # a drug-blind translator has no effect at all; one that moves every gene, exactly that
-        prediction = benchmark.generated_prediction(translator(moves), test, np.arange(GENES), lookup, 1.0, args,
+    # Drug-blind and depth alone: no effect at all (cells are normalised over their new totals); a swap: exactly it.
+    for drug in ("blind", "swap", "depth"):
+        prediction = benchmark.generated_prediction(translator(drug), test, np.arange(GENES), 1.0, args,
                                                     controls=controls)  # fmt: skip
         for key in test.keys:
-            np.testing.assert_array_equal(prediction.effect(key, test.context[key]), np.full(GENES, float(moves)))
+            own = prediction.controls[test.context[key]]
+            swapped = own[:, [1, 0, *range(2, GENES)]] if drug == "swap" else own
+            np.testing.assert_allclose(prediction.cells[key], swapped[: len(prediction.cells[key])], rtol=1e-5)
+    # The cells are log-normalised over their totals as real cells are: the same noise-free counts, the same values.
+    real = cells.expression(np.arange(GENES), control_rows)
+    quiet = benchmark.generated_prediction(
+        lambda gene_ids, control_counts, **kwargs: SimpleNamespace(counts=control_counts.astype(float)), test,
+        np.arange(GENES), 1.0, args, controls=controls,
+    )  # fmt: skip
+    for own in quiet.controls.values():
+        assert all((np.abs(real - row).max(axis=1) < 1e-5).any() for row in own)
 
 
 def test_drugs_no_training_cell_received_are_scored_apart_against_the_nearest_drug():
