@@ -23,8 +23,8 @@ With `--checkpoint`, RankDiT translates control cells as a user does (`pipe(gene
 conditions=...)`): training control cells of the line (whole cells, drawn at random), as many as the real cells of
 each perturbation, under the perturbation and under the control alike, guided with the scale chosen on validation:
 the same control cells with the same random draws for every perturbation of a line and for its own control (a
-translation is each control cell's counterfactual, as a baseline's cells are its own control shifted). Its tokens
-become expression gene by gene: the mean expression of each (gene, token) in the line's reference control cells.
+translation is each control cell's counterfactual, as a baseline's cells are its own control shifted). Its cells
+are the pipeline's translated counts, log-normalised as real cells are, over their new totals.
 
 Metrics, mean over test perturbations: `pearson_delta` and `mae_delta` of the effects; cell-eval's
 `discrimination_score_l1` (higher is better, with its chance level), `overlap_at_N`, `precision_at_N`,
@@ -383,7 +383,7 @@ def generated_prediction(pipe, truth: Truth, genes, scale: float, args, controls
             **whole_cells_on(cells.counts[rows[key[0]]], genes),
         ).counts[:n]
         shown = cells.counts[rows[key[0]][:n]][:, genes].sum(axis=1).A1
-        totals = cells.totals[rows[key[0]][:n]] - shown + translated.sum(axis=1)
+        totals = np.maximum(cells.totals[rows[key[0]][:n]] - shown + translated.sum(axis=1), 1.0)
         generated[key] = np.log1p(1e4 * translated / totals[:, None]).astype(np.float32)
     own_controls = {ctx: generated[(ctx[0], truth.control, 0.0)] for ctx in truth.evaluation_controls}
     return Prediction({key: generated[key] for key in truth.keys}, own_controls)

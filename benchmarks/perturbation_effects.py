@@ -9,8 +9,9 @@ difference of the two mean expected expressions (each token mapped to the mean e
 with that token in the line's training control cells), paired on the same cells, so neither sampling nor the
 choice of control cells adds noise; it is scored by Pearson delta against the real effect (validation pairs: the
 protocol's, against evaluation controls; training pairs: the training cells against the line's training controls,
-a check that the model fits what it was trained on). Settings are chosen on validation pairs with it;
-`benchmarks/perturbation.py` reports test pairs, from the translated cells' counts. Prints a table, writes JSON.
+a check that the model fits what it was trained on). A diagnostic of the effect the model learned, without
+sampling; `benchmarks/perturbation.py` scores settings on validation pairs and reports test pairs, from the
+translated cells' counts. Prints a table, writes JSON.
 """
 
 from __future__ import annotations

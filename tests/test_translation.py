@@ -258,6 +258,10 @@ def test_the_pipeline_translates_control_cells_and_names_what_cannot_go_with_the
     np.testing.assert_array_equal(translate(controls, conditions=vehicle).counts, controls)
     assert all(np.isin(out.counts[i], np.append(controls[i], 0)).all() for i in range(6))
     assert (out.counts[out.ranks == own] == controls[out.ranks == own]).all() and out.counts.mean() > controls.mean()
+    ragged = pipe(gene_ids=[genes, genes[:20]], control_counts=[controls[0], controls[1, :20]],
+                  context_counts=[[], controls[1, 20:]], conditions=vehicle)  # fmt: skip
+    np.testing.assert_array_equal(ragged.counts[1, :20], controls[1, :20])  # a shorter cell, its context apart
+    assert np.isnan(ragged.counts[1, 20:]).all() and (ragged.counts[0] == controls[0]).all()
     expected = translate(controls, output_type="expected").expected
     assert (expected >= own - 1e-4).all() and (expected - own).mean() > 1.0
     probs = translate(controls, output_type="probs").probs

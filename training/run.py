@@ -167,11 +167,12 @@ def drug_shifts(data: PreparedData, model: RankDiTModel, ridge: float = 4.0) -> 
     variance` to each treated cell's position on the axis (token / B) minus the mean of the control cells of its
     context (its line; with a plate condition, its line and plate), the gate being the effect's own dose curve at its
     start, the variance the gene's on the axis (a small tilt s moves a gene's mean by s x its variance), `ridge` the
-    number of fully gated cells' worth of shrinkage toward no effect. The fit is then projected on the drug's one
-    direction: the first right singular vector of its mean shifts in each (context, dose), since a drug moves the
-    same genes in every line and at every dose, more or less strongly, and what lies off that direction is mostly
-    noise (B5's rule in `metrics/perturbation.py`). Cells of a context without control cells, and genes no treated
-    cell was seen at, get none; without a control drug there is nothing to measure against and every shift is 0."""
+    number of fully gated cells' worth of shrinkage toward no effect. The gated shift sums (the fit's numerator) are
+    first projected on the drug's one direction, the first right singular vector of its mean shifts in each
+    (context, dose): a drug moves the same genes in every line and at every dose, more or less strongly, and what
+    lies off that direction is mostly noise (B5's rule in `metrics/perturbation.py`). Cells of a context without
+    control cells, and genes no treated cell was seen at, get none; without a control drug there is nothing to
+    measure against and every shift is 0."""
     effect = model.perturbation_effect
     if effect.control_id == 0:
         return np.zeros(tuple(effect.drug_genes.shape))
@@ -207,10 +208,11 @@ def drug_shifts(data: PreparedData, model: RankDiTModel, ridge: float = 4.0) -> 
     return np.where(seen, weighted / denominator, 0.0).clip(-8.0, 8.0)
 
 
-def along_main_direction(fit: np.ndarray, drug: np.ndarray, line: np.ndarray, doses, position, control_mean,
-                         treated: np.ndarray) -> np.ndarray:  # fmt: skip
-    """Each drug's row of `fit` `(drugs, genes)` projected on the first right singular vector of the drug's mean
-    shifts (position minus its context's control mean) over its `treated` cells in each (context, dose)."""
+def along_main_direction(shift_sums: np.ndarray, drug: np.ndarray, line: np.ndarray, doses, position,
+                         control_mean, treated: np.ndarray) -> np.ndarray:  # fmt: skip
+    """Each drug's row of `shift_sums` `(drugs, genes)` projected on the first right singular vector of the drug's
+    mean shifts (position minus its context's control mean) over its `treated` cells in each (context, dose); one
+    drug's groups at a time, so memory holds one drug's `(groups, genes)`."""
     dose = np.zeros(len(drug)) if doses is None else np.nan_to_num(doses.numpy().astype(np.float64))
     _, group = np.unique(np.stack([drug, line, dose]), axis=1, return_inverse=True)
     group = np.where(treated, group.ravel(), -1)
@@ -222,11 +224,12 @@ def along_main_direction(fit: np.ndarray, drug: np.ndarray, line: np.ndarray, do
     group_line[index] = line[treated]
     group_drug = np.zeros(len(kept), dtype=np.int64)
     group_drug[index] = drug[treated]
-    shifts = (members @ position).toarray() / sizes[:, None] - control_mean[group_line]
-    projected = fit.copy()
+    projected = shift_sums.copy()
     for d in np.unique(group_drug):
-        direction = np.linalg.svd(shifts[group_drug == d], full_matrices=False)[2][0]
-        projected[d] = direction * (direction @ fit[d])
+        rows = group_drug == d
+        shifts = (members[rows] @ position).toarray() / sizes[rows, None] - control_mean[group_line[rows]]
+        direction = np.linalg.svd(shifts, full_matrices=False)[2][0]
+        projected[d] = direction * (direction @ shift_sums[d])
     return projected
 
 
