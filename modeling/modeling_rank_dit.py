@@ -108,6 +108,13 @@ def modulate(hidden_states: torch.Tensor, shift: torch.Tensor, scale: torch.Tens
     return hidden_states * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
+def equal_head_sizes(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Queries, keys and values padded with zeros to one head size, the widest: the scores are unchanged, and so is
+    the attention's output up to the value's width."""
+    size = max(query.shape[-1], value.shape[-1])
+    return tuple(F.pad(t, (0, size - t.shape[-1])) for t in (query, key, value))
+
+
 class RankDiTZeroLinear(nn.Linear):
     """A linear layer initialised to zero: adaLN-Zero modulations and the output head (training starts from
     identity blocks and uniform logits)."""
@@ -445,13 +452,15 @@ class RankDiTCopyHead(nn.Module):
             if reference is not None:  # a cell without references cannot draw from the slot
                 allowed.append(reference[1].any(dim=1, keepdim=True))
             keys = torch.cat(allowed, dim=1)[:, None, None, :]
+            # SDPA's fused kernels take one head size for queries, keys and values (else it falls back to the
+            # slower math path, 1.5x on the CPU): the narrower side is padded with zeros, which change no score
+            # and no mixture.
+            query, key, value = equal_head_sizes(
+                query, torch.cat([key, slot_keys], dim=1), torch.cat([value, slot_values], dim=1)
+            )
             mixture = F.scaled_dot_product_attention(
-                query[:, None],
-                torch.cat([key, slot_keys], dim=1)[:, None],
-                torch.cat([value, slot_values], dim=1)[:, None],
-                attn_mask=keys,
-                scale=self.scaling,
-            )[:, 0]
+                query[:, None], key[:, None], value[:, None], attn_mask=keys, scale=self.scaling
+            )[:, 0, :, : n_tokens + n_slots]
             probs = mixture[..., :n_tokens] + mixture[..., n_tokens : n_tokens + 1] * F.softmax(logits.float(), -1)
             if reference is not None:
                 distribution, present = reference
