@@ -5,9 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
-import evaluate
 import numpy as np
 import torch
 from torch.nn import functional as F
@@ -15,10 +13,9 @@ from torch.nn import functional as F
 from modeling import CellBatch
 from pipelines import MaskedRankDiffusionScheduler
 
-from .rank_imputation.rank_imputation import position_nll
+from .rank_imputation.rank_imputation import position_nll, score
 
 logger = logging.getLogger(__name__)
-METRIC_PATH = Path(__file__).resolve().parent / "rank_imputation"
 MODEL_METHOD = "RankDiT, one pass"
 # The ablation of a model that reads reference cells: the same model and call without them.
 NO_REFERENCE_METHOD = "RankDiT, one pass, no reference cells"
@@ -32,11 +29,6 @@ def one_pass_methods(config) -> list[tuple[str, bool | None]]:
 
 # Strata of a gene's detection rate in training cells, reported apart: (label, lower bound).
 DETECTION_STRATA = (("detected_lt10", 0.0), ("detected_10_50", 0.1), ("detected_50_90", 0.5), ("detected_ge90", 0.9))
-
-
-def load_metric() -> evaluate.EvaluationModule:
-    """The local `evaluate` module `metrics/rank_imputation` (no network needed)."""
-    return evaluate.load(str(METRIC_PATH))
 
 
 def token_levels(tokens: np.ndarray, num_bins: int) -> np.ndarray:
@@ -90,7 +82,6 @@ class PanelCells:
 
 
 def score_masked(
-    metric: evaluate.EvaluationModule,
     probs: torch.Tensor,
     truth: torch.Tensor,
     masked: torch.Tensor,
@@ -102,6 +93,10 @@ def score_masked(
     Visible and padding positions are never scored: a model that copies its input would otherwise look good.
     `levels` (`(cells, B + 1)`, [`token_levels`]) adds the tie-aware ordinal metrics; `strata` (`(cells, length)`
     labels) adds every metric per label.
+
+    The scores are the `rank_imputation` module's own (`evaluate.load("metrics/rank_imputation").compute` runs the
+    same function); called directly, without `evaluate`'s round trip of every position through an Arrow table,
+    which took a second per call (most of a model card's scoring time).
     """
     masked = masked.bool()
     cells = torch.arange(masked.shape[0]).unsqueeze(1).expand_as(masked)[masked].numpy()
@@ -110,9 +105,7 @@ def score_masked(
         extra["levels"] = np.asarray(levels)[cells]
     if strata is not None:
         extra["strata"] = np.asarray(strata)[masked.numpy()]
-    return metric.compute(
-        predictions=probs[masked].double().numpy(), references=truth[masked].numpy(), cell_ids=cells, **extra
-    )
+    return score(probs[masked].double().numpy(), truth[masked].numpy(), cells, **extra)
 
 
 def one_hot(tokens: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -187,7 +180,6 @@ def compare_on_masks(
     num_bins = model.config.num_rank_bins
     real, gene_ids = cells.attention_mask, cells.cells["gene_ids"]
     position_strata = strata[gene_ids.numpy()] if strata is not None else None
-    metric = load_metric()
     results: dict[str, dict[str, dict]] = {}
     seconds: dict[str, float] = {}  # each one-pass method's call at the ratio
     for i, ratio in enumerate(mask_ratios):
@@ -211,7 +203,7 @@ def compare_on_masks(
         for name, baseline in baselines.items():
             predictions[name] = baseline.predict(inputs, counts)
         for name, probs in predictions.items():
-            scores = score_masked(metric, probs, cells.tokens, masked, cells.levels, position_strata)
+            scores = score_masked(probs, cells.tokens, masked, cells.levels, position_strata)
             results.setdefault(name, {})[str(ratio)] = keep_point_metrics(scores) if "sampled" in name else scores
         for name, total in seconds.items():  # the one-pass call's time, its retrieval included
             results[name][str(ratio)]["seconds_per_cell"] = total / len(cells)

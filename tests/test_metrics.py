@@ -52,6 +52,25 @@ def test_per_cell_spearman_sign_and_value_by_hand(metric):
     assert scores["spearman_all"] == pytest.approx(((1 - 60 / 990) + (-1)) / 2)
 
 
+def test_per_cell_spearman_equals_scipy_cell_by_cell_with_ties_short_and_constant_cells():
+    from scipy.stats import spearmanr
+
+    from metrics.rank_imputation.rank_imputation import mean_cell_spearman
+
+    rng = np.random.default_rng(0)
+    sizes = [30, 12, 9, 25, 40, 15]  # the 9-position cell is too short
+    cells = np.repeat([7, 3, 11, 0, 5, 2], sizes)  # ids neither sorted nor contiguous in value
+    truth = rng.integers(0, 4, len(cells)).astype(float)  # heavy ties, as zeros are
+    expected = np.round(truth + rng.normal(0, 1.5, len(cells)), 1)
+    truth[cells == 0] = 2.0  # no spread in the truth
+    expected[cells == 2] = 1.0  # no spread in the prediction
+    order = rng.permutation(len(cells))  # positions of a cell need not be adjacent
+    rho, n_cells = mean_cell_spearman(expected[order], truth[order], cells[order], min_positions=10)
+    by_hand = [spearmanr(expected[cells == c], truth[cells == c]).statistic for c in (7, 3, 5)]
+    assert n_cells == 3 and rho == pytest.approx(np.mean(by_hand), abs=1e-12)
+    assert np.isnan(mean_cell_spearman(expected[:0], truth[:0], cells[:0], 10)[0])
+
+
 def test_tie_aware_scale_counts_a_count_one_two_mix_up_as_one_level(metric):
     # A cell whose counts 1, 2, 3 are tokens 1, 18, 30: predicting token 1 for a count-2 gene is 17 bins off but one
     # level off; the expected level of a 50 / 50 guess between tokens 18 and 30 is 2.5.
@@ -198,9 +217,15 @@ def test_only_masked_positions_are_scored(metric):
     truth = torch.randint(0, 6, (3, 60), generator=generator)
     masked = torch.rand(3, 60, generator=generator) < 0.4
     probs = torch.softmax(torch.randn(3, 60, 6, generator=generator), dim=-1)
-    scores = score_masked(metric, probs, truth, masked)
+    scores = score_masked(probs, truth, masked)
     assert scores["positions_all"] == int(masked.sum())
     cheat = probs.clone()
     cheat[~masked] = torch.nn.functional.one_hot(truth[~masked], 6).float()  # perfect where visible
     assert scores["spearman_cells_all"] == 3
-    np.testing.assert_equal(score_masked(metric, cheat, truth, masked), scores)
+    np.testing.assert_equal(score_masked(cheat, truth, masked), scores)
+    # The evaluate module's compute is the same scoring (its Arrow table holds float32 probabilities).
+    cells = torch.arange(3)[:, None].expand(3, 60)[masked].numpy()
+    module = metric.compute(predictions=probs[masked].numpy(), references=truth[masked].numpy(), cell_ids=cells)
+    assert module.keys() == scores.keys()
+    for key, value in scores.items():
+        np.testing.assert_allclose(module[key], value, rtol=1e-6, err_msg=key)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import datasets
 import evaluate
 import numpy as np
-from scipy.stats import spearmanr
 
 _DESCRIPTION = """Scores of predictive distributions over ordered rank tokens 0..B at masked positions: masked NLL,
 accuracy and within-one-bin accuracy of the most likely rank, MAE of the expected rank (in bins), mean per-cell
@@ -89,14 +88,39 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, num_
 
 
 def mean_cell_spearman(expected: np.ndarray, truth: np.ndarray, cells: np.ndarray, min_positions: int):
-    """Mean over cells (with enough positions and some spread) of Spearman(expected, truth); and the cell count."""
-    scores = []
-    order = np.argsort(cells, kind="stable")
-    starts = np.flatnonzero(np.r_[True, np.diff(cells[order]) != 0])
-    for group in np.split(order, starts[1:]):
-        if len(group) >= min_positions and np.ptp(truth[group]) > 0 and np.ptp(expected[group]) > 0:
-            scores.append(spearmanr(expected[group], truth[group]).statistic)
-    return (float(np.mean(scores)) if scores else float("nan")), len(scores)
+    """Mean over cells (with enough positions and some spread) of Spearman(expected, truth); and the cell count.
+
+    Spearman's rho is Pearson's correlation of tie-averaged ranks (scipy's `spearmanr`), taken for every cell at
+    once: ranks within cells from one sort, the correlations from per-cell sums."""
+    if not len(truth):
+        return float("nan"), 0
+    _, cell = np.unique(cells, return_inverse=True)
+    x, spread_x = _ranks_within(np.asarray(expected, dtype=np.float64), cell)
+    y, spread_y = _ranks_within(np.asarray(truth, dtype=np.float64), cell)
+    n = np.bincount(cell).astype(np.float64)
+    sums = {name: np.bincount(cell, weights=values) for name, values in
+            {"x": x, "y": y, "xx": x * x, "yy": y * y, "xy": x * y}.items()}  # fmt: skip
+    covariance = sums["xy"] - sums["x"] * sums["y"] / n
+    variance_x, variance_y = sums["xx"] - sums["x"] ** 2 / n, sums["yy"] - sums["y"] ** 2 / n
+    kept = (n >= min_positions) & spread_x & spread_y
+    rho = covariance[kept] / np.sqrt(variance_x[kept] * variance_y[kept])
+    return (float(rho.mean()) if kept.any() else float("nan")), int(kept.sum())
+
+
+def _ranks_within(values: np.ndarray, cell: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Ranks 1..n of `values` within each cell (`cell`: 0..C-1), ties given their mean rank; and whether each cell's
+    values differ at all."""
+    order = np.lexsort((values, cell))
+    v, c = values[order], cell[order]
+    starts_cell = np.r_[True, c[1:] != c[:-1]]
+    starts_tie = starts_cell | np.r_[True, v[1:] != v[:-1]]
+    position = np.arange(len(v))
+    rank = position - np.maximum.accumulate(np.where(starts_cell, position, 0)) + 1
+    tie = np.cumsum(starts_tie) - 1
+    ranks = np.empty(len(v))
+    ranks[order] = (np.bincount(tie, weights=rank) / np.bincount(tie))[tie]
+    ties_per_cell = np.bincount(c, weights=starts_tie, minlength=cell.max(initial=-1) + 1)
+    return ranks, ties_per_cell > 1
 
 
 def score(
