@@ -12,12 +12,14 @@ TORCH := torch==2.13.0
 
 .PHONY: demo test unit-test quality install lock
 
-# Exactly the versions the tests passed with (constraints.txt), build dependencies included.
+# Exactly the versions the tests passed with (constraints.txt), build dependencies included. --no-compile: Python
+# compiles the modules a run imports on first import, not all of every package at install (a minute saved).
+PIP_INSTALL := $(PYTHON) -m pip install --quiet --no-compile
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PYTHON) || python3 -m venv $(VENV)
-	$(PYTHON) -m pip install --quiet "$$(grep '^pip==' constraints.txt)"
-	$(PYTHON) -m pip install --quiet -c constraints.txt "$(TORCH)"
-	$(PYTHON) -m pip install --quiet -c constraints.txt --build-constraint constraints.txt -e ".[dev]"
+	$(PIP_INSTALL) "$$(grep '^pip==' constraints.txt)"
+	$(PIP_INSTALL) -c constraints.txt "$(TORCH)"
+	$(PIP_INSTALL) -c constraints.txt --build-constraint constraints.txt -e ".[dev]"
 	touch $@
 
 install: $(VENV)/.installed
