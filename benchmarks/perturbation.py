@@ -67,6 +67,7 @@ from metrics.perturbation_protocol import (  # noqa: E402
     delta_scores,
     distribution_scores,
     drug_blind_prediction,
+    log_normalised,
     mean_model_prediction,
     metric_directions,
     oracle_prediction,
@@ -384,7 +385,7 @@ def generated_prediction(pipe, truth: Truth, genes, scale: float, args, controls
         ).counts[:n]
         shown = cells.counts[rows[key[0]][:n]][:, genes].sum(axis=1).A1
         totals = np.maximum(cells.totals[rows[key[0]][:n]] - shown + translated.sum(axis=1), 1.0)
-        generated[key] = np.log1p(1e4 * translated / totals[:, None]).astype(np.float32)
+        generated[key] = log_normalised(translated, totals)
     own_controls = {ctx: generated[(ctx[0], truth.control, 0.0)] for ctx in truth.evaluation_controls}
     return Prediction({key: generated[key] for key in truth.keys}, own_controls)
 

@@ -47,6 +47,12 @@ CELL_EVAL_METRICS = (
 )
 
 
+def log_normalised(counts: np.ndarray, totals: np.ndarray) -> np.ndarray:
+    """Cells' expression as every side of a comparison is read: `log1p(1e4 x count / cell total)`, `counts`
+    `(cells, genes)` and `totals` `(cells,)`."""
+    return np.log1p(1e4 * counts / totals[:, None]).astype(np.float32)
+
+
 @dataclass
 class ScreenCells:
     """Every readable cell of a Tahoe-layout screen: `obs` (cell id, line, drug key, dose, plate, and the pair
@@ -59,8 +65,7 @@ class ScreenCells:
     def expression(self, genes: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
         """Log-normalised expression `log1p(1e4 x count / cell total)` of `rows` (all by default) on `genes`."""
         rows = np.arange(len(self.obs)) if rows is None else rows
-        counts = self.counts[rows][:, genes].toarray()
-        return np.log1p(1e4 * counts / self.totals[rows, None]).astype(np.float32)
+        return log_normalised(self.counts[rows][:, genes].toarray(), self.totals[rows])
 
     def detection(self, rows: np.ndarray) -> np.ndarray:
         """How many of `rows` express each gene."""

@@ -13,6 +13,7 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -82,6 +83,15 @@ def quantile_coupling(told: torch.Tensor, vehicle: torch.Tensor, tokens: torch.T
     mass = overlap.sum(dim=-1, keepdim=True)
     coupled = torch.where(mass > 1e-12, overlap / mass.clamp(min=1e-300), told)
     return coupled.float()
+
+
+class Translation(NamedTuple):
+    """Control cells carried to their conditions ([`MaskedRankDiffusionPipeline`] with `control_counts`)."""
+
+    ranks: np.ndarray | None  # drawn tokens `(n_cells, width)` (-1 where the model saw nothing), for "ranks"
+    probs: torch.Tensor | None  # else every position's distribution `(n_cells, width, B + 1)`
+    calls: torch.Tensor  # denoiser calls per cell
+    picks: np.ndarray  # one uniform draw per position, picking a moved gene's count
 
 
 @dataclass
@@ -446,14 +456,13 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
         return {"condition_ids": ids, "doses": doses}
 
     def _translate(self, cells, num_blocks: int, batch_size: int, guidance_scale: float, generator,
-                   output_type: str) -> tuple:  # fmt: skip
-        """Control cells carried to their conditions, `batch_size` cells at a time: `(ranks, probs, calls, picks)`,
-        the drawn tokens (-1 where the model saw nothing) for `output_type="ranks"`, else the distribution of every
-        token `(n_cells, width, B + 1)`, and a uniform draw per position that picks a moved gene's count. Each
-        cell's genes are dealt at random into `num_blocks` blocks (a random order dealt round-robin); block by
-        block, the block masked, the model gives its genes a distribution from the rest of the control cell under
-        the conditions and under the control, coupled by quantile. A cell's blocks and draws come from its own
-        seed, so they do not depend on the other cells of the call."""
+                   output_type: str) -> Translation:  # fmt: skip
+        """Control cells carried to their conditions, `batch_size` cells at a time ([`Translation`]): the drawn
+        tokens for `output_type="ranks"`, else the distribution of every token. Each cell's genes are dealt at
+        random into `num_blocks` blocks (a random order dealt round-robin); block by block, the block masked,
+        the model gives its genes a distribution from the rest of the control cell under the conditions and under
+        the control, coupled by quantile. A cell's blocks and draws come from its own seed, so they do not depend
+        on the other cells of the call."""
         seed_device = generator.device if generator is not None else "cpu"
         seeds = torch.randint(-(2**63), 2**63 - 1, (cells.num_cells,), generator=generator, device=seed_device)
         width, size = cells["gene_ids"].shape[1], self.model.config.num_rank_tokens
@@ -489,7 +498,7 @@ class MaskedRankDiffusionPipeline(DiffusionPipeline):
                 picks[rows] = torch.stack([torch.rand(width, generator=g, dtype=torch.float64) for g in draws]).numpy()
             else:
                 probs[rows, :length] = coupled
-        return ranks, probs, calls, picks
+        return Translation(ranks, probs, calls, picks)
 
     def _random_mask(self, gene_ids, ranks, counts, mask_ratio, unknown_genes, generator) -> list[torch.Tensor]:
         """`mask_ratio` of each cell's known genes, drawn from the genes alone (before any count is binned)."""
