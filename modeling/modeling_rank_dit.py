@@ -111,7 +111,7 @@ def modulate(hidden_states: torch.Tensor, shift: torch.Tensor, scale: torch.Tens
 def equal_head_sizes(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Queries, keys and values padded with zeros to one head size, the widest: the scores are unchanged, and so is
     the attention's output up to the value's width."""
-    size = max(query.shape[-1], value.shape[-1])
+    size = max(t.shape[-1] for t in (query, key, value))
     return tuple(F.pad(t, (0, size - t.shape[-1])) for t in (query, key, value))
 
 

@@ -91,7 +91,7 @@ class Translation(NamedTuple):
     ranks: np.ndarray | None  # drawn tokens `(n_cells, width)` (-1 where the model saw nothing), for "ranks"
     probs: torch.Tensor | None  # else every position's distribution `(n_cells, width, B + 1)`
     calls: torch.Tensor  # denoiser calls per cell
-    picks: np.ndarray  # one uniform draw per position, picking a moved gene's count
+    picks: np.ndarray  # one uniform draw per position, picking a moved gene's count (zeros but for "ranks")
 
 
 @dataclass

@@ -69,6 +69,9 @@ def test_per_cell_spearman_equals_scipy_cell_by_cell_with_ties_short_and_constan
     by_hand = [spearmanr(expected[cells == c], truth[cells == c]).statistic for c in (7, 3, 5)]
     assert n_cells == 3 and rho == pytest.approx(np.mean(by_hand), abs=1e-12)
     assert np.isnan(mean_cell_spearman(expected[:0], truth[:0], cells[:0], 10)[0])
+    expected[cells == 7] = np.where(np.arange(30) == 4, np.nan, expected[cells == 7])  # scipy's rho is NaN
+    rho, n_cells = mean_cell_spearman(expected, truth, cells, min_positions=10)
+    assert n_cells == 2 and rho == pytest.approx(np.mean(by_hand[1:]), abs=1e-12)
 
 
 def test_tie_aware_scale_counts_a_count_one_two_mix_up_as_one_level(metric):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from modeling import RankDiTConfig, RankDiTModel
-from modeling.modeling_rank_dit import key_padding_mask
+from modeling.modeling_rank_dit import equal_head_sizes, key_padding_mask
 from tests.conftest import REPO, randomize_zero_init
 
 
@@ -289,3 +289,22 @@ def test_base_preset_is_the_mosaicfm_70m_backbone():
     extras = ("adaLN", "cell_profile", "gene_prior", "copy_head")
     added = sum(p.numel() for n, p in model.named_parameters() if any(part in n for part in extras))
     assert 68e6 < model.num_parameters() - added < 72e6
+
+
+@pytest.mark.parametrize("widths", [(66, 53), (12, 40)])
+def test_attention_padded_to_one_head_size_is_the_same_attention(widths):
+    # The copy head's queries and keys (width q) and its values (width v) padded to one width for SDPA's fused
+    # kernel: the scores and, up to the value's width, the outputs are those of the unpadded attention.
+    from torch.nn import functional as F
+
+    q_width, v_width = widths
+    generator = torch.Generator().manual_seed(0)
+    query, key = (torch.randn(2, 1, 9, q_width, generator=generator) for _ in range(2))
+    value = torch.randn(2, 1, 9, v_width, generator=generator)
+    mask = torch.rand(2, 1, 1, 9, generator=generator) > 0.3
+    mask[..., 0] = True
+    padded = equal_head_sizes(query, key, value)
+    assert {t.shape[-1] for t in padded} == {max(widths)}
+    out = F.scaled_dot_product_attention(*padded, attn_mask=mask, scale=q_width**-0.5)[..., :v_width]
+    scores = (query @ key.transpose(-1, -2) * q_width**-0.5).masked_fill(~mask, float("-inf"))
+    torch.testing.assert_close(out, scores.softmax(-1) @ value)

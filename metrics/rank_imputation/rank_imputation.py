@@ -103,13 +103,13 @@ def mean_cell_spearman(expected: np.ndarray, truth: np.ndarray, cells: np.ndarra
     covariance = sums["xy"] - sums["x"] * sums["y"] / n
     variance_x, variance_y = sums["xx"] - sums["x"] ** 2 / n, sums["yy"] - sums["y"] ** 2 / n
     kept = (n >= min_positions) & spread_x & spread_y
-    rho = covariance[kept] / np.sqrt(variance_x[kept] * variance_y[kept])
+    rho = np.clip(covariance[kept] / np.sqrt(variance_x[kept] * variance_y[kept]), -1.0, 1.0)
     return (float(rho.mean()) if kept.any() else float("nan")), int(kept.sum())
 
 
 def _ranks_within(values: np.ndarray, cell: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Ranks 1..n of `values` within each cell (`cell`: 0..C-1), ties given their mean rank; and whether each cell's
-    values differ at all."""
+    values differ at all (none of them NaN)."""
     order = np.lexsort((values, cell))
     v, c = values[order], cell[order]
     starts_cell = np.r_[True, c[1:] != c[:-1]]
@@ -119,8 +119,10 @@ def _ranks_within(values: np.ndarray, cell: np.ndarray) -> tuple[np.ndarray, np.
     tie = np.cumsum(starts_tie) - 1
     ranks = np.empty(len(v))
     ranks[order] = (np.bincount(tie, weights=rank) / np.bincount(tie))[tie]
-    ties_per_cell = np.bincount(c, weights=starts_tie, minlength=cell.max(initial=-1) + 1)
-    return ranks, ties_per_cell > 1
+    size = cell.max(initial=-1) + 1
+    ties_per_cell = np.bincount(c, weights=starts_tie, minlength=size)
+    undefined = np.bincount(cell, weights=np.isnan(values), minlength=size) > 0  # scipy's rho is NaN there
+    return ranks, (ties_per_cell > 1) & ~undefined
 
 
 def score(
