@@ -161,6 +161,7 @@ def parse_args(argv) -> argparse.Namespace:
     parser.add_argument("--json", default="benchmarks/results/perturbation_suite.json")
     args = parser.parse_args(argv)
     args.no_cell_eval = not args.cell_eval
+    args.validation_only = False  # every split is scored on its test pairs
     unknown = set(args.questions.split(",")) - set(QUESTIONS)
     if unknown:
         parser.error(f"--questions must come from {QUESTIONS}, got {sorted(unknown)}")
