@@ -461,12 +461,12 @@ class RankDiTCopyHead(nn.Module):
             mixture = F.scaled_dot_product_attention(
                 query[:, None], key[:, None], value[:, None], attn_mask=keys, scale=self.scaling
             )[:, 0, :, : n_tokens + n_slots]
-            probs = mixture[..., :n_tokens] + mixture[..., n_tokens : n_tokens + 1] * F.softmax(logits.float(), -1)
+            generated = F.softmax(logits.float(), dim=-1)
+            probs = mixture[..., :n_tokens] + mixture[..., n_tokens : n_tokens + 1] * generated
             if reference is not None:
                 distribution, present = reference
                 # A position without references in a cell with some puts its slot weight on the generated tokens.
-                fallback = F.softmax(logits.float(), dim=-1)
-                drawn = torch.where(present[..., None], distribution.float(), fallback)
+                drawn = torch.where(present[..., None], distribution.float(), generated)
                 probs = probs + mixture[..., n_tokens + 1 :] * drawn
             return probs.clamp(min=1e-30).log()
 
