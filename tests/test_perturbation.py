@@ -91,10 +91,16 @@ def test_drug_effects_start_from_more_training_cells_than_the_baselines_read_and
     tables = [build_model(ModelArguments(num_rank_bins=10), args, prepared, seed=0).perturbation_effect.drug_genes
               for prepared in (data, smaller)]  # fmt: skip
     assert tables[0].abs().sum() > 0 and tables[1].abs().sum() > 0 and not torch.allclose(tables[0], tables[1])
-    # The table stays at that estimate in training unless asked to learn it.
-    assert not tables[0].requires_grad
-    learned = build_model(ModelArguments(num_rank_bins=10, learn_drug_shifts=True), args, smaller, seed=0)
-    assert learned.perturbation_effect.drug_genes.requires_grad
+    # The table stays at that estimate in training unless asked to learn it, and so, unless asked, does the rest of
+    # the effect: the factors at zero (no effect beyond the table's) and every drug's Hill curve at its start.
+    effect = build_model(ModelArguments(num_rank_bins=10), args, smaller, seed=0).perturbation_effect
+    modulation = (effect.drug_factors, *effect.context_factors, effect.dose_response)
+    assert not tables[0].requires_grad and not any(p.requires_grad for p in modulation)
+    assert effect.drug_factors.abs().sum() == 0 and effect.dose_response.abs().sum() == 0
+    asked = ModelArguments(num_rank_bins=10, learn_drug_shifts=True, learn_effect_modulation=True)
+    learned = build_model(asked, args, smaller, seed=0).perturbation_effect
+    assert learned.drug_genes.requires_grad
+    assert all(p.requires_grad for p in (learned.drug_factors, *learned.context_factors, learned.dose_response))
 
 
 def test_the_control_drug_must_be_a_drug_of_the_data_and_no_validation_share_holds_out_no_pair(screen, heldout):

@@ -79,6 +79,14 @@ class ModelArguments:
             "lost (docs/PERFORMANCE.md)"
         },
     )
+    learn_effect_modulation: bool = field(
+        default=False,
+        metadata={
+            "help": "train the perturbation effect's gene x drug factors, their modulation by the line and each "
+            "drug's Hill curve of the dose; off by default: each drug's effect is then its table's, gated by the "
+            "Hill curve it starts from, which predicted held-out pairs better (docs/PERFORMANCE.md)"
+        },
+    )
     drug_features: bool = field(
         default=False,
         metadata={

@@ -285,7 +285,12 @@ def build_model(model_args: ModelArguments, data_args: DataArguments, data: Prep
         model.init_drug_shifts(drug_shifts(data, model))
         # Adam moves every gene's entry of the table by about the learning rate per step, however weak its gradient:
         # the estimate from many cells is better than what a few thousand noisy steps make of it.
-        model.perturbation_effect.drug_genes.requires_grad_(model_args.learn_drug_shifts)
+        effect = model.perturbation_effect
+        effect.drug_genes.requires_grad_(model_args.learn_drug_shifts)
+        # The same for the rest of the effect: trained, its drug factors, line modulation and dose curves lost
+        # held-out pairs what the table alone predicts (with drug structure, its own factors still train).
+        for modulation in (effect.drug_factors, *effect.context_factors, effect.dose_response):
+            modulation.requires_grad_(model_args.learn_effect_modulation)
     if structures is not None:
         model.init_drug_features(structures)
         logger.info("drugs known by structure: %d of %d (Morgan fingerprints; residual dropout %g)",
