@@ -148,14 +148,13 @@ def test_paired_bootstrap_interval_covers_the_mean_difference():
     assert result["ci95"][0] < 0.1 < result["ci95"][1] and result["ci95"][1] - result["ci95"][0] < 0.02
 
 
-def test_a_translating_models_own_control_is_the_same_control_cells_translated_with_the_same_draws(truth):
-    import sys
+def test_a_translating_models_own_control_is_the_same_control_cells_translated_with_the_same_draws(truth, monkeypatch):
     from types import SimpleNamespace
 
     import torch
     from conftest import REPO
 
-    sys.path.insert(0, str(REPO / "benchmarks"))
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     import perturbation as benchmark
 
     test, cells, roles = truth
@@ -198,12 +197,10 @@ def test_a_translating_models_own_control_is_the_same_control_cells_translated_w
         assert all((np.abs(real - row).max(axis=1) < 1e-5).any() for row in own)
 
 
-def test_drugs_no_training_cell_received_are_scored_apart_against_the_nearest_drug():
-    import sys
-
+def test_drugs_no_training_cell_received_are_scored_apart_against_the_nearest_drug(monkeypatch):
     from conftest import REPO
 
-    sys.path.insert(0, str(REPO / "benchmarks"))
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     import perturbation as benchmark
 
     keys = [("L1", "A", 1.0), ("L1", "New", 1.0), ("L2", "New", 0.5), ("L2", "A", 0.5)]

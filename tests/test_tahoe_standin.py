@@ -374,9 +374,9 @@ def test_a_corpus_is_written_whole_and_never_beside_an_earlier_one(tmp_path, cap
     assert not (tmp_path / "new").exists()
 
 
-def test_the_perturbation_suite_scores_a_screen_end_to_end(corpus, tmp_path, capsys):
+def test_the_perturbation_suite_scores_a_screen_end_to_end(corpus, tmp_path, capsys, monkeypatch):
     # The suite runs the benchmark's evaluate_split over its own splits: a flag the benchmark grows must reach it.
-    sys.path.insert(0, str(REPO / "benchmarks"))
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     import perturbation_suite
 
     out = tmp_path / "suite.json"
