@@ -103,6 +103,52 @@ def test_drug_effects_start_from_more_training_cells_than_the_baselines_read_and
     assert all(p.requires_grad for p in (learned.drug_factors, *learned.context_factors, learned.dose_response))
 
 
+def test_grouped_batches_hold_one_line_each_where_they_can_and_lose_no_cell(screen, heldout, tmp_path):
+    from modeling import RankDiTConfig, RankDiTModel
+    from pipelines import MaskedRankDiffusionScheduler
+    from training import DataArguments, RankDiffTrainingArguments
+    from training.data import prepare_data
+    from training.trainer import GROUP_BLOCK_BATCHES, RankDiffusionTrainer
+
+    with pytest.raises(ValueError, match="group_batches_by must be a categorical condition"):
+        DataArguments(data=str(screen), conditions="cell_line_id,drug,dose", group_batches_by="dose")
+    args = DataArguments(data=str(screen), conditions="cell_line_id,drug,dose", heldout_pairs=str(heldout[0]),
+                         max_length=64, group_batches_by="cell_line_id")  # fmt: skip
+    data = prepare_data(args, 10)
+    training = RankDiffTrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, use_cpu=True,
+                                         eval_strategy="no", report_to=[])  # fmt: skip
+
+    config = RankDiTConfig.from_preset("tiny", gene_vocab_size=data.source.vocab.size, max_length=64, num_rank_bins=10)
+    rows = list(data.train_rows)
+    row_of = {row["BARCODE_SUB_LIB_ID"]: i for i, row in enumerate(rows)}
+
+    def batches(group: str | None) -> list[list[dict]]:  # each batch's rows, through the trainer's data loader
+        import torch
+
+        trainer = RankDiffusionTrainer(
+            model=RankDiTModel(config), args=training, train_dataset=data.train_rows,
+            data_collator=lambda cells: torch.tensor([row_of[cell] for cell in cells["BARCODE_SUB_LIB_ID"]]),
+            noise_scheduler=MaskedRankDiffusionScheduler(num_rank_bins=10), group_batches_by=group,
+        )  # fmt: skip
+        return [[rows[i] for i in batch.tolist()] for batch in trainer.get_train_dataloader()]
+
+    def one_line(batch: list[dict]) -> bool:
+        return len({row["cell_line_id"] for row in batch}) == 1
+
+    grouped, plain = batches("cell_line_id"), batches(None)
+    cells = [row["BARCODE_SUB_LIB_ID"] for batch in plain for row in batch]
+    assert sorted(row["BARCODE_SUB_LIB_ID"] for batch in grouped for row in batch) == sorted(cells) == sorted(row_of)
+    assert all(len(batch) == 8 for batch in grouped[:-1])
+    block = GROUP_BLOCK_BATCHES
+    for start in range(0, len(grouped), block):  # a block is the stream's cells, sorted by line
+        lines = [row["cell_line_id"] for batch in grouped[start : start + block] for row in batch]
+        assert lines == sorted(lines)
+        assert sorted(lines) == sorted(row["cell_line_id"] for batch in plain[start : start + block] for row in batch)
+    assert np.mean([one_line(batch) for batch in grouped]) > 0.8 > np.mean([one_line(batch) for batch in plain])
+    drugs = [len({drug_key(row["drug"]) for row in batch}) for batch in grouped if one_line(batch)]
+    assert np.mean(drugs) > 3  # a batch of one line holds several of its conditions
+
+
 def test_the_control_drug_must_be_a_drug_of_the_data_and_no_validation_share_holds_out_no_pair(screen, heldout):
     from dataset_scripts import tahoe_builder
     from training import DataArguments

@@ -10,6 +10,7 @@ from transformers import TrainingArguments
 
 from dataset_scripts.splits import TEST_SHARE, VALIDATION_SHARE
 from modeling import RANK_DIT_PRESETS
+from modeling.conditions import DOSE
 from pipelines import NOISE_SCHEDULES
 
 from .loss import ORDINAL_TERMS, ORDINAL_TIME_WEIGHTINGS
@@ -284,6 +285,13 @@ class DataArguments:
     control_drug: str = field(
         default="DMSO_TF", metadata={"help": "the vehicle control's drug name (dose 0; never a validation pair)"}
     )
+    group_batches_by: str | None = field(
+        default=None,
+        metadata={
+            "help": "a categorical condition (e.g. cell_line_id): each training batch holds cells of one of its "
+            "values where the stream allows (blocks of batches sorted by it), a step contrasting one line's conditions"
+        },
+    )
 
     def __post_init__(self):
         for name in (
@@ -319,6 +327,11 @@ class DataArguments:
                              f"conditions), got {self.condition_dropout} + {self.perturbation_dropout}")  # fmt: skip
         if not (isinstance(self.split_seed, int) and self.split_seed >= 0):
             raise ValueError(f"--split_seed must be an integer >= 0, got {self.split_seed}")
+        if self.group_batches_by is not None and (
+            self.group_batches_by not in self.condition_names or self.group_batches_by == DOSE
+        ):
+            raise ValueError(f"--group_batches_by must be a categorical condition of --conditions "
+                             f"{self.condition_names}, got {self.group_batches_by!r}")  # fmt: skip
         if self.heldout_pairs is not None and not self.conditions:
             raise ValueError("--heldout_pairs needs --conditions (the pair's columns among them)")
         if self.heldout_pairs is not None and self.split_by != "barcode":

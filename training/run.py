@@ -98,6 +98,7 @@ def build_training(
         ema_decay=ema_decay,
         reference=reference,
         reference_dropout=model_args.reference_dropout,
+        group_batches_by=data_args.group_batches_by,
     )
     pipe = MaskedRankDiffusionPipeline(model=model, scheduler=scheduler, processor=processor, reference=reference)
     return TrainingSetup(data=data, pipe=pipe, trainer=trainer, ema_decay=ema_decay)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import datasets
 import numpy as np
@@ -32,6 +33,20 @@ class DivergenceCallback(TrainerCallback):
                                "loss weights (--ordinal_weight)")  # fmt: skip
 
 
+GROUP_BLOCK_BATCHES = 64  # batches sorted together by --group_batches_by: 1,024 cells at 16 a batch, a stream window
+
+
+def sorted_into_batches(block: dict[str, list], column: str, batch_size: int) -> dict[str, list]:
+    """Cut one block of streamed cells (a batched map's single row: each column's values over the block) into
+    batches of `batch_size` cells, the block sorted by `column` first (stably, so the stream's shuffle order holds
+    within a value): most batches then hold cells of one value of it."""
+    block = {name: values[0] for name, values in block.items()}
+    _, codes = np.unique(np.asarray(block[column]).astype(str), return_inverse=True)
+    order = np.argsort(codes, kind="stable")
+    starts = range(0, len(order), batch_size)
+    return {name: [np.asarray(values)[order[i : i + batch_size]] for i in starts] for name, values in block.items()}
+
+
 class RankDiffusionTrainer(Trainer):
     """Trains a RankDiT denoiser on the MDLM negative ELBO, plus an optional ordinal term.
 
@@ -54,6 +69,9 @@ class RankDiffusionTrainer(Trainer):
         reference: the [`ReferenceCells`] a model with `config.reference_context` reads: each cell's nearest
             reference cells on its visible (unmasked) positions, never itself (`reference_self` of the batch).
         reference_dropout: share of training cells shown without references (drawn per step, seeded).
+        group_batches_by: a column of the streamed rows (a condition such as `cell_line_id`): blocks of
+            `GROUP_BLOCK_BATCHES` batches are sorted by it before they are cut ([`sorted_into_batches`]), so a step
+            holds the cells of one line under its several conditions. None: batches as the stream comes.
         All other arguments go to [`~transformers.Trainer`].
     """
 
@@ -71,6 +89,7 @@ class RankDiffusionTrainer(Trainer):
         ema_decay: float | None = None,
         reference: ReferenceCells | None = None,
         reference_dropout: float = 0.0,
+        group_batches_by: str | None = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -78,6 +97,7 @@ class RankDiffusionTrainer(Trainer):
             raise ValueError("a model with config.reference_context trains with a reference, and only such a model")
         self.reference = None if reference is None else reference.to(self.args.device)
         self.reference_dropout = reference_dropout
+        self.group_batches_by = group_batches_by
         ema_decay = ema_decay_for(ema_decay or 0.0, fsdp=self.is_fsdp_enabled)
         self.ema = EMACallback(ema_decay) if ema_decay else None
         if self.ema is not None:
@@ -169,12 +189,22 @@ class RankDiffusionTrainer(Trainer):
         """A streamed training set is batched by `datasets` (numpy arrays, one batch at a time, not one Python row
         per cell), its shard order shuffled per epoch (seeded; `set_epoch` reaches it), and the collator takes each
         batch whole; with several processes, accelerate gives each its own shards. A map-style one, or a stream of
-        fewer shards than processes, as the Trainer does it."""
+        fewer shards than processes, as the Trainer does it. With `group_batches_by`, blocks of batches are sorted by
+        that column before they are cut (a stream only)."""
         stream = isinstance(self.train_dataset, datasets.IterableDataset)
         if not stream or self.train_dataset.n_shards < self.args.world_size:
+            if self.group_batches_by is not None:
+                raise ValueError("--group_batches_by sorts a stream's blocks of cells: this training set is not a "
+                                 "stream of at least one shard per process")  # fmt: skip
             # Too few shards for one per process: accelerate gives each process its share of every global batch.
             return super().get_train_dataloader()
-        batches = self.train_dataset.with_format("numpy").batch(self._train_batch_size)
+        size = self._train_batch_size
+        rows = self.train_dataset.with_format("numpy")
+        if self.group_batches_by is None:
+            batches = rows.batch(size)
+        else:
+            cut = functools.partial(sorted_into_batches, column=self.group_batches_by, batch_size=size)
+            batches = rows.batch(size * GROUP_BLOCK_BATCHES).map(cut, batched=True, batch_size=1)
         batches = batches.shuffle(seed=self.args.seed, buffer_size=1)  # shard order only: a buffer of one batch
         return self._get_dataloader(batches, description="Training", batch_size=None, is_training=True)
 
