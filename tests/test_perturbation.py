@@ -104,11 +104,14 @@ def test_drug_effects_start_from_more_training_cells_than_the_baselines_read_and
 
 
 def test_grouped_batches_hold_one_line_each_where_they_can_and_lose_no_cell(screen, heldout, tmp_path):
+    import torch
+
     from modeling import RankDiTConfig, RankDiTModel
     from pipelines import MaskedRankDiffusionScheduler
     from training import DataArguments, RankDiffTrainingArguments
     from training.data import prepare_data
-    from training.trainer import GROUP_BLOCK_BATCHES, RankDiffusionTrainer
+    from training.run import group_batches_by
+    from training.trainer import BATCHES_PER_GROUP, RankDiffusionTrainer
 
     with pytest.raises(ValueError, match="group_batches_by must be a categorical condition"):
         DataArguments(data=str(screen), conditions="cell_line_id,drug,dose", group_batches_by="dose")
@@ -117,36 +120,47 @@ def test_grouped_batches_hold_one_line_each_where_they_can_and_lose_no_cell(scre
     data = prepare_data(args, 10)
     training = RankDiffTrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, use_cpu=True,
                                          eval_strategy="no", report_to=[])  # fmt: skip
-
     config = RankDiTConfig.from_preset("tiny", gene_vocab_size=data.source.vocab.size, max_length=64, num_rank_bins=10)
     rows = list(data.train_rows)
     row_of = {row["BARCODE_SUB_LIB_ID"]: i for i, row in enumerate(rows)}
 
-    def batches(group: str | None) -> list[list[dict]]:  # each batch's rows, through the trainer's data loader
-        import torch
+    def collate(cells: dict) -> torch.Tensor:  # the rows of a batch, each checked whole against its cell's row
+        found = [row_of[cell] for cell in cells["BARCODE_SUB_LIB_ID"]]
+        for position, i in enumerate(found):
+            for name in ("cell_line_id", "drug", "gene_ids", "input_ids"):
+                assert np.array_equal(np.asarray(cells[name][position]), np.asarray(rows[i][name]))
+        return torch.tensor(found)
 
+    def batches(group: tuple | None, train_rows=data.train_rows) -> list[list[dict]]:
         trainer = RankDiffusionTrainer(
-            model=RankDiTModel(config), args=training, train_dataset=data.train_rows,
-            data_collator=lambda cells: torch.tensor([row_of[cell] for cell in cells["BARCODE_SUB_LIB_ID"]]),
+            model=RankDiTModel(config), args=training, train_dataset=train_rows, data_collator=collate,
             noise_scheduler=MaskedRankDiffusionScheduler(num_rank_bins=10), group_batches_by=group,
         )  # fmt: skip
         return [[rows[i] for i in batch.tolist()] for batch in trainer.get_train_dataloader()]
 
-    def one_line(batch: list[dict]) -> bool:
-        return len({row["cell_line_id"] for row in batch}) == 1
+    def lines(batch: list[dict]) -> set:
+        return {row["cell_line_id"] for row in batch}
 
-    grouped, plain = batches("cell_line_id"), batches(None)
+    group = group_batches_by(args, data)
+    assert group == ("cell_line_id", 4)
+    grouped, plain = batches(group), batches(None)
     cells = [row["BARCODE_SUB_LIB_ID"] for batch in plain for row in batch]
     assert sorted(row["BARCODE_SUB_LIB_ID"] for batch in grouped for row in batch) == sorted(cells) == sorted(row_of)
-    assert all(len(batch) == 8 for batch in grouped[:-1])
-    block = GROUP_BLOCK_BATCHES
-    for start in range(0, len(grouped), block):  # a block is the stream's cells, sorted by line
-        lines = [row["cell_line_id"] for batch in grouped[start : start + block] for row in batch]
-        assert lines == sorted(lines)
-        assert sorted(lines) == sorted(row["cell_line_id"] for batch in plain[start : start + block] for row in batch)
-    assert np.mean([one_line(batch) for batch in grouped]) > 0.8 > np.mean([one_line(batch) for batch in plain])
-    drugs = [len({drug_key(row["drug"]) for row in batch}) for batch in grouped if one_line(batch)]
+    assert sum(len(batch) < 8 for batch in grouped) <= 1
+    block = BATCHES_PER_GROUP * 4  # a block is the stream's cells, sorted by line and cut, its batches shuffled
+    for start in range(0, len(grouped), block):
+        cut = grouped[start : start + block]
+        assert sorted(r["cell_line_id"] for b in cut for r in b) == sorted(
+            r["cell_line_id"] for b in plain[start : start + block] for r in b
+        )
+        assert sum(len(lines(batch)) - 1 for batch in cut) <= len(set.union(*map(lines, cut))) - 1
+    firsts = [next(iter(lines(batch))) for batch in grouped[:block]]
+    assert firsts != sorted(firsts)  # not one line after another
+    assert np.mean([len(lines(b)) == 1 for b in grouped]) > 0.8 > np.mean([len(lines(b)) == 1 for b in plain])
+    drugs = [len({drug_key(row["drug"]) for row in batch}) for batch in grouped if len(lines(batch)) == 1]
     assert np.mean(drugs) > 3  # a batch of one line holds several of its conditions
+    with pytest.raises(ValueError, match="not a stream"):
+        batches(group, train_rows=data.training_rows)
 
 
 def test_the_control_drug_must_be_a_drug_of_the_data_and_no_validation_share_holds_out_no_pair(screen, heldout):

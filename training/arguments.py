@@ -288,8 +288,9 @@ class DataArguments:
     group_batches_by: str | None = field(
         default=None,
         metadata={
-            "help": "a categorical condition (e.g. cell_line_id): each training batch holds cells of one of its "
-            "values where the stream allows (blocks of batches sorted by it), a step contrasting one line's conditions"
+            "help": "a categorical condition (e.g. cell_line_id): blocks of 8 training batches per value of it are "
+            "sorted by it before they are cut, so most batches hold one line's cells under several of its conditions "
+            "(a streamed training set)"
         },
     )
 

@@ -98,10 +98,16 @@ def build_training(
         ema_decay=ema_decay,
         reference=reference,
         reference_dropout=model_args.reference_dropout,
-        group_batches_by=data_args.group_batches_by,
+        group_batches_by=group_batches_by(data_args, data),
     )
     pipe = MaskedRankDiffusionPipeline(model=model, scheduler=scheduler, processor=processor, reference=reference)
     return TrainingSetup(data=data, pipe=pipe, trainer=trainer, ema_decay=ema_decay)
+
+
+def group_batches_by(data_args: DataArguments, data: PreparedData) -> tuple[str, int] | None:
+    """`--group_batches_by` and the number of its values (the trainer's blocks grow with it), or None."""
+    name = data_args.group_batches_by
+    return None if name is None else (name, len(data.conditions.values[name]))
 
 
 def has_context(setup) -> bool:

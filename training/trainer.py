@@ -33,18 +33,19 @@ class DivergenceCallback(TrainerCallback):
                                "loss weights (--ordinal_weight)")  # fmt: skip
 
 
-GROUP_BLOCK_BATCHES = 64  # batches sorted together by --group_batches_by: 1,024 cells at 16 a batch, a stream window
+BATCHES_PER_GROUP = 8  # --group_batches_by: a block holds about this many batches of each value
 
 
-def sorted_into_batches(block: dict[str, list], column: str, batch_size: int) -> dict[str, list]:
+def sorted_into_batches(block: dict[str, list], index: list[int], column: str, batch_size: int, seed: int) -> dict:
     """Cut one block of streamed cells (a batched map's single row: each column's values over the block) into
-    batches of `batch_size` cells, the block sorted by `column` first (stably, so the stream's shuffle order holds
-    within a value): most batches then hold cells of one value of it."""
-    block = {name: values[0] for name, values in block.items()}
-    _, codes = np.unique(np.asarray(block[column]).astype(str), return_inverse=True)
-    order = np.argsort(codes, kind="stable")
-    starts = range(0, len(order), batch_size)
-    return {name: [np.asarray(values)[order[i : i + batch_size]] for i in starts] for name, values in block.items()}
+    batches of `batch_size` cells, the block sorted by `column` first (stably: the stream's order holds within a
+    value), so most batches hold cells of one value of it; the batches come in an order drawn from `seed` and the
+    block's `index`, so consecutive steps do not run through the values in turn."""
+    block = {name: np.asarray(values[0]) for name, values in block.items()}
+    order = np.argsort(block[column].astype(str), kind="stable")
+    starts = np.arange(0, len(order), batch_size)
+    starts = starts[np.random.default_rng([seed, index[0]]).permutation(len(starts))]
+    return {name: [values[order[i : i + batch_size]] for i in starts] for name, values in block.items()}
 
 
 class RankDiffusionTrainer(Trainer):
@@ -69,9 +70,10 @@ class RankDiffusionTrainer(Trainer):
         reference: the [`ReferenceCells`] a model with `config.reference_context` reads: each cell's nearest
             reference cells on its visible (unmasked) positions, never itself (`reference_self` of the batch).
         reference_dropout: share of training cells shown without references (drawn per step, seeded).
-        group_batches_by: a column of the streamed rows (a condition such as `cell_line_id`): blocks of
-            `GROUP_BLOCK_BATCHES` batches are sorted by it before they are cut ([`sorted_into_batches`]), so a step
-            holds the cells of one line under its several conditions. None: batches as the stream comes.
+        group_batches_by: a column of a streamed training set (a condition such as `cell_line_id`) and the number of
+            its values: blocks of `BATCHES_PER_GROUP` x that many batches are sorted by it before they are cut
+            ([`sorted_into_batches`]), so most batches hold the cells of one line under several of its conditions.
+            None: batches as the stream comes.
         All other arguments go to [`~transformers.Trainer`].
     """
 
@@ -89,7 +91,7 @@ class RankDiffusionTrainer(Trainer):
         ema_decay: float | None = None,
         reference: ReferenceCells | None = None,
         reference_dropout: float = 0.0,
-        group_batches_by: str | None = None,
+        group_batches_by: tuple[str, int] | None = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -98,6 +100,9 @@ class RankDiffusionTrainer(Trainer):
         self.reference = None if reference is None else reference.to(self.args.device)
         self.reference_dropout = reference_dropout
         self.group_batches_by = group_batches_by
+        if group_batches_by is not None and not self._streamed_per_process():
+            raise ValueError("--group_batches_by sorts a stream's blocks of cells: this training set is not a stream "
+                             "of at least one shard per process")  # fmt: skip
         ema_decay = ema_decay_for(ema_decay or 0.0, fsdp=self.is_fsdp_enabled)
         self.ema = EMACallback(ema_decay) if ema_decay else None
         if self.ema is not None:
@@ -191,11 +196,7 @@ class RankDiffusionTrainer(Trainer):
         batch whole; with several processes, accelerate gives each its own shards. A map-style one, or a stream of
         fewer shards than processes, as the Trainer does it. With `group_batches_by`, blocks of batches are sorted by
         that column before they are cut (a stream only)."""
-        stream = isinstance(self.train_dataset, datasets.IterableDataset)
-        if not stream or self.train_dataset.n_shards < self.args.world_size:
-            if self.group_batches_by is not None:
-                raise ValueError("--group_batches_by sorts a stream's blocks of cells: this training set is not a "
-                                 "stream of at least one shard per process")  # fmt: skip
+        if not self._streamed_per_process():
             # Too few shards for one per process: accelerate gives each process its share of every global batch.
             return super().get_train_dataloader()
         size = self._train_batch_size
@@ -203,10 +204,17 @@ class RankDiffusionTrainer(Trainer):
         if self.group_batches_by is None:
             batches = rows.batch(size)
         else:
-            cut = functools.partial(sorted_into_batches, column=self.group_batches_by, batch_size=size)
-            batches = rows.batch(size * GROUP_BLOCK_BATCHES).map(cut, batched=True, batch_size=1)
+            column, values = self.group_batches_by
+            cut = functools.partial(sorted_into_batches, column=column, batch_size=size, seed=self.args.seed)
+            block = size * BATCHES_PER_GROUP * values
+            batches = rows.batch(block).map(cut, with_indices=True, batched=True, batch_size=1)
         batches = batches.shuffle(seed=self.args.seed, buffer_size=1)  # shard order only: a buffer of one batch
         return self._get_dataloader(batches, description="Training", batch_size=None, is_training=True)
+
+    def _streamed_per_process(self) -> bool:
+        """Whether the training set is a stream with at least one shard per process (batched by `datasets`)."""
+        stream = isinstance(self.train_dataset, datasets.IterableDataset)
+        return stream and self.train_dataset.n_shards >= self.args.world_size
 
     def _save_checkpoint(self, model, trial) -> None:
         # The Trainer deletes old checkpoints at the end of this call, before the callbacks have written their files
