@@ -6,6 +6,7 @@ diffusers pipeline folder that `DiffusionPipeline.from_pretrained(OUTPUT_DIR, tr
 
     OUTPUT_DIR/model_index.json, pipeline_masked_rank_diffusion.py, eval_results.json
     OUTPUT_DIR/README.md       the model card, with plots/ and imputation_results.json
+    OUTPUT_DIR/train_args.json every argument of the run (`python train_hf.py OUTPUT_DIR/train_args.json` reruns it)
     OUTPUT_DIR/model/          config.json, model.safetensors, modeling code, the processor and the transformers task
     OUTPUT_DIR/scheduler/      scheduler_config.json, scheduler code
     OUTPUT_DIR/processor/      preprocessor_config.json (with the gene vocabulary), processor code
@@ -17,11 +18,13 @@ With `--push_to_hub --hub_model_id owner/name` the finished folder is uploaded t
 Examples:
     python train_hf.py
     python train_hf.py --data /data/tahoe/ --preset base --max_steps 100000 --bf16 --output_dir outputs/base
+    python train_hf.py outputs/demo/train_args.json
     python train_hf.py --help
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -30,7 +33,7 @@ import sys
 from pathlib import Path
 
 from huggingface_hub import HfApi
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, TrainingArguments
 
 import modeling
 import pipelines
@@ -50,6 +53,7 @@ from training.report import EVAL_RESULTS, IMPUTATION_RESULTS, PLOTS_DIR, write_m
 from training.run import TrainingSetup, build_training
 
 logger = logging.getLogger("train_hf")
+TRAIN_ARGS = "train_args.json"
 
 
 def build_parser() -> HfArgumentParser:
@@ -58,6 +62,22 @@ def build_parser() -> HfArgumentParser:
         (ModelArguments, DataArguments, DiffusionArguments, RankDiffTrainingArguments, CardArguments),
         description=__doc__,
     )
+
+
+def parse_arguments(argv: list[str]) -> tuple:
+    """The run's arguments from command-line flags, or from one JSON file of them (a run's `train_args.json`)."""
+    parser = build_parser()
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(argv[0])
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def arguments_record(*arguments) -> dict:
+    """Every argument of a run by its flag's name, as [`parse_arguments`] reads a JSON file back; tokens left out."""
+    record = {}
+    for args in arguments:
+        record.update(args.to_dict() if isinstance(args, TrainingArguments) else dataclasses.asdict(args))
+    return {name: value for name, value in record.items() if not name.endswith("_token")}
 
 
 def fit(run: TrainingSetup) -> dict[str, float]:
@@ -76,9 +96,11 @@ def finalize(
     diffusion_args: DiffusionArguments,
     card_args: CardArguments,
     repo_id: str | None,
+    arguments: dict,
 ) -> None:
-    """On the main process: write the pipeline folder, `eval_results.json`, the data recipe (`run_config.json`) and
-    the model card, recording each file in the folder's manifest; then push those files.
+    """On the main process: write the pipeline folder, `eval_results.json`, the data recipe (`run_config.json`), the
+    run's arguments (`train_args.json`, an [`arguments_record`]) and the model card, recording each file in the
+    folder's manifest; then push those files.
 
     Everything is written to a staging folder inside `output_dir` first and moved into place at the end: a run that
     fails while writing (the card scores test cells and draws plots) leaves the earlier outputs as they were and no
@@ -91,6 +113,7 @@ def finalize(
         run.pipe.save_pretrained(staging)
         (staging / EVAL_RESULTS).write_text(json.dumps(metrics, indent=2) + "\n")
         run.data.recipe.save(staging)
+        (staging / TRAIN_ARGS).write_text(json.dumps(arguments, indent=2) + "\n")
         if card_args.model_card:
             run.pipe.set_progress_bar_config(disable=True)
             source = run.data.source.name
@@ -136,7 +159,7 @@ def run_output_names() -> set[str]:
         "preprocessor_config.json",
         "README.md",
     }
-    return fixed | code | {PLOTS_DIR, EVAL_RESULTS, IMPUTATION_RESULTS, RUN_CONFIG}
+    return fixed | code | {PLOTS_DIR, EVAL_RESULTS, IMPUTATION_RESULTS, RUN_CONFIG, TRAIN_ARGS}
 
 
 def resume_argument(value: str | bool | None) -> str | bool | None:
@@ -156,6 +179,7 @@ def train(
 ) -> tuple[RankDiffusionTrainer, dict[str, float]]:
     """Build, fit and finalize a run; returns the trainer and its final evaluation metrics."""
     card_args = card_args or CardArguments()
+    arguments = arguments_record(model_args, data_args, diffusion_args, training_args, card_args)
     if card_args.model_card and not data_args.holds_out_test_cells:  # before training: the card reports test cells
         raise ValueError("the model card scores test cells: hold some out (--test_share > 0, --test_plates or "
                          "--test_files), or --model_card false")  # fmt: skip
@@ -186,13 +210,13 @@ def train(
     run = build_training(model_args, data_args, diffusion_args, training_args)
     metrics = fit(run)
     if run.trainer.is_world_process_zero():
-        finalize(run, metrics, model_args, diffusion_args, card_args, repo_id)
+        finalize(run, metrics, model_args, diffusion_args, card_args, repo_id, arguments)
     return run.trainer, metrics
 
 
 def main(argv: list[str] | None = None) -> tuple[RankDiffusionTrainer, dict[str, float]]:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    return train(*build_parser().parse_args_into_dataclasses(args=argv))
+    return train(*parse_arguments(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

@@ -346,6 +346,38 @@ if len(sys.argv) > 3:
         np.testing.assert_array_equal(result["sampled"].numpy(), sampled)
 
 
+def test_a_run_records_every_argument_and_reads_them_back(trained_run):
+    out, trainer, *_ = trained_run
+    text = (out / train_hf.TRAIN_ARGS).read_text()
+    assert "hf_fake" not in text  # the token given on the command line is never written
+    recorded = json.loads(text)
+    assert (recorded["max_steps"], recorded["max_length"], recorded["card_gif_steps"]) == (4, 48, 4)
+    assert recorded["output_dir"] == str(out) and recorded["push_to_hub"] is True
+    model_args, data_args, diffusion_args, training_args, card_args = train_hf.parse_arguments(
+        [str(out / "train_args.json")]
+    )
+    assert (training_args.max_steps, data_args.max_length, card_args.card_gif_steps) == (4, 48, 4)
+    assert training_args.learning_rate == trainer.args.learning_rate and training_args.hub_token is None
+    assert train_hf.arguments_record(model_args, data_args, diffusion_args, training_args, card_args) == recorded
+
+
+def test_arguments_from_a_json_file_are_those_of_the_same_flags(tmp_path):
+    flags = ["--output_dir", str(tmp_path / "run"), "--learning_rate", "0.003", "--panel_share", "0.5",
+             "--ordinal_term", "none", "--preset", "small", "--card_mask_ratios", "0.3", "0.6"]  # fmt: skip
+    from_flags = train_hf.parse_arguments(flags)
+    (tmp_path / "args.json").write_text(json.dumps(train_hf.arguments_record(*from_flags)))
+    from_file = train_hf.parse_arguments([str(tmp_path / "args.json")])
+    assert train_hf.arguments_record(*from_file) == train_hf.arguments_record(*from_flags)
+    assert (from_file[3].learning_rate, from_file[1].panel_share, from_file[4].card_mask_ratios) == (
+        0.003,
+        0.5,
+        [0.3, 0.6],
+    )
+    (tmp_path / "bad.json").write_text(json.dumps({"learning_rate": 0.003, "no_such_flag": 1}))
+    with pytest.raises(ValueError, match="no_such_flag"):
+        train_hf.parse_arguments([str(tmp_path / "bad.json")])
+
+
 def test_every_flag_is_documented():
     parser = train_hf.build_parser()
     for action in parser._actions:

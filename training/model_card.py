@@ -391,6 +391,7 @@ baseline on the same masks, per evaluation panel: {headline(run)}.
 - Budget: {run.steps} optimizer steps of {run.batch_size} cells, peak learning rate {run.learning_rate:g},
   {run.noise_schedule} noise schedule, {ema}; on {run.hardware}{runtime}.
 - Loss: {run.loss}.
+- Every argument of the run: `train_args.json` (`python train_hf.py train_args.json` reads them back).
 
 ## Evaluation
 
