@@ -196,13 +196,20 @@ def test_a_run_that_fails_while_writing_its_outputs_leaves_the_earlier_ones_whol
     diffusion = SimpleNamespace(loss_description=lambda: "", noise_schedule="linear")
     card = SimpleNamespace(model_card=True, dataset_name=None, card_mask_ratios=[0.5], card_gif_steps=2)
     with pytest.raises(RuntimeError, match="the card's scoring failed"):
-        train_hf.finalize(run, {}, SimpleNamespace(preset="tiny"), diffusion, card, None)
+        train_hf.finalize(run, {}, SimpleNamespace(preset="tiny"), diffusion, card, None, {})
     assert sorted(p.name for p in out.iterdir()) == ["model_index.json", MANIFEST]  # no staging folder left
     assert (out / "model_index.json").read_text() == "earlier"
     card.model_card = False
-    train_hf.finalize(run, {}, SimpleNamespace(preset="tiny"), diffusion, card, None)
+    train_hf.finalize(run, {}, SimpleNamespace(preset="tiny"), diffusion, card, None, {"max_steps": 1})
     assert (out / "model_index.json").read_text() == "new"
-    assert RunOutputs(out).paths == ["eval_results.json", "model/config.json", "model_index.json", "run_config.json"]
+    assert json.loads((out / train_hf.TRAIN_ARGS).read_text()) == {"max_steps": 1}
+    assert RunOutputs(out).paths == [
+        "eval_results.json",
+        "model/config.json",
+        "model_index.json",
+        "run_config.json",
+        "train_args.json",
+    ]
 
 
 def test_a_diverged_run_stops_naming_the_step():

@@ -368,11 +368,8 @@ def test_arguments_from_a_json_file_are_those_of_the_same_flags(tmp_path):
     (tmp_path / "args.json").write_text(json.dumps(train_hf.arguments_record(*from_flags)))
     from_file = train_hf.parse_arguments([str(tmp_path / "args.json")])
     assert train_hf.arguments_record(*from_file) == train_hf.arguments_record(*from_flags)
-    assert (from_file[3].learning_rate, from_file[1].panel_share, from_file[4].card_mask_ratios) == (
-        0.003,
-        0.5,
-        [0.3, 0.6],
-    )
+    _, data_args, _, training_args, card_args = from_file
+    assert (training_args.learning_rate, data_args.panel_share, card_args.card_mask_ratios) == (0.003, 0.5, [0.3, 0.6])
     (tmp_path / "bad.json").write_text(json.dumps({"learning_rate": 0.003, "no_such_flag": 1}))
     with pytest.raises(ValueError, match="no_such_flag"):
         train_hf.parse_arguments([str(tmp_path / "bad.json")])

@@ -15,6 +15,8 @@ from pipelines import NOISE_SCHEDULES
 
 from .loss import ORDINAL_TERMS, ORDINAL_TIME_WEIGHTINGS
 
+BATCHES_PER_GROUP = 8  # --group_batches_by: a block holds about this many batches of each value
+
 GENE_EMBEDDING_INITS = ("random", "pca")
 SPLIT_BY = ("barcode", "plate", "file")
 
@@ -288,9 +290,9 @@ class DataArguments:
     group_batches_by: str | None = field(
         default=None,
         metadata={
-            "help": "a categorical condition (e.g. cell_line_id): blocks of 8 training batches per value of it are "
-            "sorted by it before they are cut, so most batches hold one line's cells under several of its conditions "
-            "(a streamed training set)"
+            "help": f"a categorical condition (e.g. cell_line_id): blocks of {BATCHES_PER_GROUP} training batches per "
+            "value of it are sorted by it before they are cut, so most batches hold one line's cells under several of "
+            "its conditions (a streamed training set)"
         },
     )
 

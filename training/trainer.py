@@ -15,7 +15,7 @@ from dataset_scripts import shard_for_process
 from metrics import PerGeneMarginal
 from pipelines import MaskedRankDiffusionScheduler, ReferenceCells
 
-from .arguments import ema_decay_for
+from .arguments import BATCHES_PER_GROUP, ema_decay_for
 from .checkpoints import CheckpointCompleteCallback, check_resumable, last_complete_checkpoint
 from .ema import EMACallback
 from .evaluation import condition_inputs, evaluate_masked_diffusion
@@ -31,9 +31,6 @@ class DivergenceCallback(TrainerCallback):
         if bad:
             raise RuntimeError(f"training diverged at step {state.global_step}: {bad}; lower --learning_rate or the "
                                "loss weights (--ordinal_weight)")  # fmt: skip
-
-
-BATCHES_PER_GROUP = 8  # --group_batches_by: a block holds about this many batches of each value
 
 
 def sorted_into_batches(block: dict[str, list], index: list[int], column: str, batch_size: int, seed: int) -> dict:
