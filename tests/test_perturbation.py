@@ -94,13 +94,17 @@ def test_drug_effects_start_from_more_training_cells_than_the_baselines_read_and
     # The table stays at that estimate in training unless asked to learn it, and so, unless asked, does the rest of
     # the effect: the factors at zero (no effect beyond the table's) and every drug's Hill curve at its start.
     effect = build_model(ModelArguments(num_rank_bins=10), args, smaller, seed=0).perturbation_effect
-    modulation = (effect.drug_factors, *effect.context_factors, effect.dose_response)
+    modulation = (effect.gene_factors, effect.drug_factors, *effect.context_factors, effect.dose_response)
     assert not tables[0].requires_grad and not any(p.requires_grad for p in modulation)
     assert effect.drug_factors.abs().sum() == 0 and effect.dose_response.abs().sum() == 0
     asked = ModelArguments(num_rank_bins=10, learn_drug_shifts=True, learn_effect_modulation=True)
     learned = build_model(asked, args, smaller, seed=0).perturbation_effect
     assert learned.drug_genes.requires_grad
-    assert all(p.requires_grad for p in (learned.drug_factors, *learned.context_factors, learned.dose_response))
+    learned_modulation = (learned.gene_factors, learned.drug_factors, *learned.context_factors, learned.dose_response)
+    assert all(p.requires_grad for p in learned_modulation)
+    # Drugs known by structure reach the gene factors through their fingerprints' factors: those train.
+    by_structure = build_model(ModelArguments(num_rank_bins=10, drug_features=True), args, smaller, seed=0)
+    assert by_structure.drug_structure is not None and by_structure.perturbation_effect.gene_factors.requires_grad
 
 
 def test_grouped_batches_hold_one_line_each_where_they_can_and_lose_no_cell(screen, heldout, tmp_path):

@@ -298,6 +298,9 @@ def build_model(model_args: ModelArguments, data_args: DataArguments, data: Prep
         # held-out pairs what the table alone predicts (with drug structure, its own factors still train).
         for modulation in (effect.drug_factors, *effect.context_factors, effect.dose_response):
             modulation.requires_grad_(model_args.learn_effect_modulation)
+        # The gene factors reach the logits only through drug factors that are learned or drawn from structure:
+        # otherwise their gradient is zero, and weight decay alone would move them.
+        effect.gene_factors.requires_grad_(model_args.learn_effect_modulation or structures is not None)
     if structures is not None:
         model.init_drug_features(structures)
         logger.info("drugs known by structure: %d of %d (Morgan fingerprints; residual dropout %g)",
