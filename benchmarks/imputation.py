@@ -6,7 +6,8 @@ training cells) and mask ratio (0.2 / 0.5 / 0.8 / 0.95 of each cell's panel gene
 - RankDiT, one pass: the model's predictive distribution given the visible genes;
 - RankDiT, sampled: one draw per masked gene from the pipeline (point metrics only);
 - the per-gene marginal; the cell-aware marginal (the per-gene marginal told which tokens the cell's visible genes
-  use and how deep the cell is); nearest training cells on the visible genes; MAGIC (`magic-impute`).
+  use and how deep the cell is); nearest training cells on the visible genes; MAGIC (`magic-impute`); the nearest
+  training cells' counts as Poisson rates on the cell's depth, read as its tokens (`NearestCellRates`).
 
 Each baseline family's settings are chosen on validation cells; the numbers are reported on test cells
 (`--split test`, the default). The data is the checkpoint's own, rebuilt from the recipe the run saved

@@ -3,6 +3,6 @@
 The metrics are a local `evaluate` module: `evaluate.load("metrics/rank_imputation")` (see `rank_imputation/`).
 """
 
-from .baselines import CellAwareMarginal, MagicImputation, NearestCells, PerGeneMarginal
+from .baselines import CellAwareMarginal, MagicImputation, NearestCellRates, NearestCells, PerGeneMarginal
 
-__all__ = ["CellAwareMarginal", "MagicImputation", "NearestCells", "PerGeneMarginal"]
+__all__ = ["CellAwareMarginal", "MagicImputation", "NearestCellRates", "NearestCells", "PerGeneMarginal"]

@@ -3,8 +3,8 @@
 Each has `predict(cells, counts=None)` -> `(n_cells, length, B + 1)` probabilities at every position, computed only
 from what the model sees too (the genes of each sequence and the tokens at its visible positions: `cells` is a
 [`CellBatch`] with `[MASK]` at the masked positions) and from the training cells it was fitted on. `counts`, the
-raw counts at the visible positions (NaN where masked), is read only by [`MagicImputation`], the library method,
-whose users give it counts.
+raw counts at the visible positions (NaN where masked), is read only by the two methods whose users give them
+counts: [`MagicImputation`], the library method, and [`NearestCellRates`].
 """
 
 from __future__ import annotations
@@ -293,5 +293,106 @@ class MagicImputation:
             kernel = weights @ one_hot / weights.sum(axis=1, keepdims=True)
             at = torch.from_numpy(np.flatnonzero(masked))
             mixed = (1 - self.prior_weight) * kernel + self.prior_weight * out[row, at].double().numpy()
+            out[row, at] = torch.from_numpy(mixed).float()
+        return out
+
+
+def count_token_table(counts: np.ndarray, tokens: np.ndarray, num_rank_bins: int, size: int) -> np.ndarray:
+    """`(size,)` the token of each count 0..size-1 in one cell, from the (count, token) pairs of its visible genes:
+    a count it shows takes the token it shows, a count between two it shows the interpolated token, a count above
+    all it shows the top token B, 0 the token 0. Rank tokens rise with the count, so the pairs make one table."""
+    expressed = counts > 0
+    pairs = np.unique(np.stack([counts[expressed], tokens[expressed]], axis=1), axis=0)
+    table = np.interp(np.arange(size), np.r_[0, pairs[:, 0]], np.r_[0, pairs[:, 1]], right=num_rank_bins)
+    return np.rint(table).astype(np.int64)
+
+
+def poisson_mixture(rates: np.ndarray) -> np.ndarray:
+    """`(n, size)`: at counts 0..size-1, the mean over the rows of `rates` `(m, n)` of Poisson probabilities, by the
+    recurrence log p(c) = log p(c - 1) + log(rate) - log(c) (a rate of 0 puts everything on count 0). Each column
+    runs to its largest rate + 10 standard deviations + 20 (zeros beyond: the tail there is below 1e-9), so a few
+    high rates do not lengthen the others; `size` is the longest."""
+    order = np.argsort(-rates.max(axis=0, initial=0.0))
+    rates = rates[:, order]
+    peak = rates.max(axis=0, initial=0.0)
+    sizes = (peak + 10 * np.sqrt(peak) + 20).astype(np.int64)
+    log_rate = np.log(np.maximum(rates, 1e-300))
+    log_p = -rates
+    out = np.zeros((rates.shape[1], int(sizes.max(initial=1))))
+    out[:, 0] = np.exp(log_p).mean(axis=0)
+    active = rates.shape[1]  # columns still running: a prefix, as they are sorted by size
+    for count in range(1, out.shape[1]):
+        while sizes[active - 1] <= count:
+            active -= 1
+        log_p[:, :active] += log_rate[:, :active] - np.log(count)
+        out[:active, count] = np.exp(log_p[:, :active]).mean(axis=0)
+    return out[np.argsort(order)]
+
+
+class NearestCellRates:
+    """The nearest training cells' counts as Poisson rates, read as tokens on the cell's own scale.
+
+    A cell's `k` nearest training cells are found on its visible genes (Euclidean distance between square roots of
+    library-normalised counts there, each cell normalised by its counts at those genes). At a masked gene, each
+    neighbour gives a rate: its count there times the ratio of the cell's visible counts to its own at the same
+    genes (the cell's depth), shrunk by `shrinkage` towards the neighbours' mean rate. The cell's count is the
+    mixture of Poissons at these rates (counting noise around each neighbour's level), each count read as the token
+    the cell gives it ([`count_token_table`]); the result is mixed with `prior` (a [`CellAwareMarginal`]) with
+    weight `prior_weight`. A cell with no expressed visible gene gets the prior alone.
+
+    Args:
+        reference_counts (`scipy.sparse.csr_matrix`): `(n_cells, gene_vocab_size)` raw counts of training cells.
+        prior (`CellAwareMarginal`): the distribution mixed in.
+        k (`int`, defaults to 32): neighbours.
+        shrinkage (`float`, defaults to 0.3): share of each neighbour's rate taken from the neighbours' mean.
+        prior_weight (`float`, defaults to 0.05): weight of the prior in the mixture.
+    """
+
+    def __init__(self, reference_counts: sparse.csr_matrix, prior: CellAwareMarginal, *, k: int = 32,
+                 shrinkage: float = 0.3, prior_weight: float = 0.05):  # fmt: skip
+        if not (0.0 <= shrinkage <= 1.0 and 0.0 <= prior_weight <= 1.0):
+            raise ValueError(f"shrinkage and prior_weight must be in [0, 1], got {shrinkage} and {prior_weight}")
+        self.reference_counts = reference_counts.tocsc().astype(np.float64)
+        self.prior = prior
+        self.k, self.shrinkage, self.prior_weight = min(k, reference_counts.shape[0]), shrinkage, prior_weight
+
+    def with_settings(self, *, k: int, shrinkage: float, prior_weight: float) -> NearestCellRates:
+        """The same training cells (shared, not copied) with other settings."""
+        other = copy.copy(self)
+        other.k, other.shrinkage, other.prior_weight = min(k, self.reference_counts.shape[0]), shrinkage, prior_weight
+        return other
+
+    def rates(self, genes: np.ndarray, visible: np.ndarray, visible_counts: np.ndarray) -> np.ndarray:
+        """`(k, n_masked)` the neighbours' rates at a cell's masked genes (`genes` where not `visible`), on the
+        cell's depth and shrunk."""
+        reference = self.reference_counts[:, genes].toarray()
+        depth, cell_depth = reference[:, visible].sum(axis=1), visible_counts.sum()
+        features = np.sqrt(reference[:, visible] / np.maximum(depth, 1.0)[:, None])
+        distance = ((features - np.sqrt(visible_counts / cell_depth)) ** 2).sum(axis=1)
+        neighbours = np.argpartition(distance, self.k - 1)[: self.k]
+        scale = cell_depth / np.maximum(depth[neighbours], 1.0)
+        rates = reference[neighbours][:, ~visible] * scale[:, None]
+        return (1 - self.shrinkage) * rates + self.shrinkage * rates.mean(axis=0, keepdims=True)
+
+    def predict(self, cells: CellBatch, counts: torch.Tensor | None = None) -> torch.Tensor:
+        if counts is None:
+            raise ValueError("NearestCellRates needs the visible counts")
+        out = self.prior.predict(cells)
+        num_classes = out.shape[-1]
+        for row, masked, visible in masked_cells(cells):
+            genes, tokens = cells["gene_ids"][row].numpy(), cells["input_ids"][row].numpy()
+            shown = counts[row].double().numpy()[visible]
+            if not (shown > 0).any():
+                continue
+            real = masked | visible
+            rates = self.rates(genes[real], visible[real], shown)
+            mixture = poisson_mixture(rates)
+            table = count_token_table(shown, tokens[visible], num_classes - 1, mixture.shape[1])
+            starts = np.flatnonzero(np.r_[True, table[1:] != table[:-1]])  # the table rises: a run of counts per token
+            probs = np.zeros((len(mixture), num_classes))
+            probs[:, table[starts]] = np.add.reduceat(mixture, starts, axis=1)
+            probs[:, -1] += np.clip(1 - mixture.sum(axis=1), 0.0, None)
+            at = torch.from_numpy(np.flatnonzero(masked))
+            mixed = (1 - self.prior_weight) * probs + self.prior_weight * out[row, at].double().numpy()
             out[row, at] = torch.from_numpy(mixed).float()
         return out

@@ -5,7 +5,7 @@ import torch
 from conftest import REPO
 from scipy import sparse
 
-from metrics import CellAwareMarginal, MagicImputation, NearestCells, PerGeneMarginal
+from metrics import CellAwareMarginal, MagicImputation, NearestCellRates, NearestCells, PerGeneMarginal
 from modeling import CellBatch, rank_tokens
 
 
@@ -211,6 +211,38 @@ def test_magic_baseline_reads_the_cells_own_tokens_at_similar_genes():
     assert len(magic._imputed) == 2 and other._imputed is magic._imputed
     with pytest.raises(ValueError, match="visible counts"):
         magic.predict(cell)
+
+
+def test_nearest_cell_rates_read_a_neighbours_counts_on_the_cells_depth_as_its_tokens():
+    from scipy.stats import poisson
+
+    # Two training cells at genes 1-5, of the same depth at genes 1-4.
+    counts = np.zeros((2, 6))
+    counts[0, 1:6] = [10, 20, 30, 40, 6]  # the query's profile, half its depth
+    counts[1, 1:6] = [40, 30, 20, 10, 3]
+    cells = [(np.flatnonzero(c), rank_tokens(c[c > 0], 9)) for c in counts]
+    prior = CellAwareMarginal(PerGeneMarginal(num_rank_bins=9, gene_vocab_size=6).fit(cells))
+    rates = NearestCellRates(sparse.csr_matrix(counts), prior, k=1, shrinkage=0.0, prior_weight=0.0)
+    # The query shows counts 20, 40, 60, 80 as tokens 2, 4, 6, 8 and hides gene 5.
+    cell = _masked_cell([1, 2, 3, 4, 5], [2, 4, 6, 8, 0], [False, False, False, False, True], 10)
+    visible_counts = torch.tensor([[20.0, 40.0, 60.0, 80.0, float("nan")]])
+    probs = rates.predict(cell, visible_counts)[0, 4].double()
+    # By hand: the nearest cell is the first (same profile); its 6 counts on twice its depth are a Poisson rate of
+    # 12, and the query reads count c as token c / 10 (interpolated between the counts it shows, 0 at 0, B above 80).
+    count = np.arange(400)
+    token = np.clip(np.rint(count / 10), 0, 9).astype(int)
+    token[count > 80] = 9
+    expected = np.bincount(token, weights=poisson.pmf(count, 12.0), minlength=10)
+    torch.testing.assert_close(probs, torch.from_numpy(expected), atol=1e-6, rtol=0)
+    # Shrunk all the way, two neighbours give one Poisson at their mean rate: (12 + 3 * 200 / 100) / 2 = 9.
+    both = rates.with_settings(k=2, shrinkage=1.0, prior_weight=0.0).predict(cell, visible_counts)[0, 4].double()
+    expected = np.bincount(token, weights=poisson.pmf(count, 9.0), minlength=10)
+    torch.testing.assert_close(both, torch.from_numpy(expected), atol=1e-6, rtol=0)
+    # A cell showing no expressed gene gets the prior; counts are required.
+    blank = _masked_cell([1, 2, 5], [0, 0, 0], [False, False, True], 10)
+    torch.testing.assert_close(rates.predict(blank, torch.tensor([[0.0, 0.0, float("nan")]])), prior.predict(blank))
+    with pytest.raises(ValueError, match="visible counts"):
+        rates.predict(cell)
 
 
 def test_only_masked_positions_are_scored(metric):

@@ -25,7 +25,7 @@ from dataset_scripts import (
 from dataset_scripts.expression_data import ExpressionSource
 from dataset_scripts.schema import CELL_ID_COLUMN
 from dataset_scripts.tokenization import tokenize_arrow_batch
-from metrics import CellAwareMarginal, MagicImputation, NearestCells, PerGeneMarginal
+from metrics import CellAwareMarginal, MagicImputation, NearestCellRates, NearestCells, PerGeneMarginal
 from metrics.imputation import PanelCells, choose_on_validation, token_levels
 from modeling import RankDiTProcessor
 
@@ -253,11 +253,22 @@ class PreparedData:
                 for w in (0.1, 0.3)
             },
         )
+        rates = NearestCellRates(self.training_cells.counts, cell_aware)
+        rates = choose(
+            "nearest cells' rates",
+            {
+                f"k={k}, shrinkage={s}, prior_weight={w}": rates.with_settings(k=k, shrinkage=s, prior_weight=w)
+                for k in (16, 32, 64)
+                for s in (0.1, 0.3, 0.5)
+                for w in (0.02, 0.1)
+            },
+        )
         baselines = {
             "per-gene marginal": self.baseline,
             "cell-aware marginal": cell_aware,
             f"nearest cells (k={nearest.k})": nearest,
             f"MAGIC (knn={magic.knn}, t={magic.t})": magic,
+            f"nearest cells' rates (k={rates.k})": rates,
         }
         return baselines, choices
 

@@ -403,7 +403,8 @@ costs one level, not the many bins between their tokens).
 Baselines, each fitted on the training cells with its setting chosen on validation cells ({choices}): the per-gene
 marginal; the cell-aware marginal (the per-gene marginal told which tokens the cell's visible genes use and how
 deep the cell is); the nearest training cells on the visible genes; MAGIC (`magic-impute`), its imputed values
-read as the tokens the cell uses at similarly imputed visible genes.
+read as the tokens the cell uses at similarly imputed visible genes; the nearest training cells' rates (their
+counts at a masked gene on the cell's depth, a mixture of Poissons read as the tokens the cell gives those counts).
 
 {tables}
 
