@@ -403,6 +403,24 @@ def test_mixed_loss_adds_the_weighted_ordinal_term_and_logs_the_nelbo_apart(smal
     assert small_trainer._loss_parts == {"nelbo": 0.0, "ordinal": 0.0} and small_trainer._loss_parts_calls == 0
 
 
+def test_card_headline_puts_the_lower_nll_in_bold_whichever_method_has_it():
+    from types import SimpleNamespace
+
+    from training.model_card import headline
+
+    def run(model: float, magic: float, rates: float):
+        nll = {"RankDiT, one pass": model, "MAGIC": magic, "nearest cells' rates": rates}
+        by_method = {name: {"0.2": {"nll_all": 9.0}, "0.5": {"nll_all": value}} for name, value in nll.items()}
+        return SimpleNamespace(imputation={"random detected genes": by_method})
+
+    assert headline(run(0.703, 0.752, 0.699)) == (
+        "random detected genes: 0.703 vs **0.699** (nearest cells' rates), 50% masked"
+    )
+    assert headline(run(0.470, 0.518, 0.475)) == (
+        "random detected genes: **0.470** vs 0.475 (nearest cells' rates), 50% masked"
+    )
+
+
 @pytest.mark.slow
 def test_model_card_parses_and_matches_the_run(trained_run):
     out, trainer, metrics, _ = trained_run
