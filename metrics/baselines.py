@@ -298,12 +298,13 @@ class MagicImputation:
 
 
 def count_token_table(counts: np.ndarray, tokens: np.ndarray, num_rank_bins: int, size: int) -> np.ndarray:
-    """`(size,)` the token of each count 0..size-1 in one cell, from the (count, token) pairs of its visible genes:
-    a count it shows takes the token it shows, a count between two it shows the interpolated token, a count above
-    all it shows the top token B, 0 the token 0. Rank tokens rise with the count, so the pairs make one table."""
+    """`(size,)` the token of each count 0..size-1 in one cell, from the (count, token) pairs of its visible genes
+    and count 1's token 1 (the smallest count a cell can hold is its bin 1): a count it shows takes the token it
+    shows, a count between two the interpolated token, a count above them all the top token B; 0 is token 0. Rank
+    tokens rise with the count, so the table does too."""
     expressed = counts > 0
-    pairs = np.unique(np.stack([counts[expressed], tokens[expressed]], axis=1), axis=0)
-    table = np.interp(np.arange(size), np.r_[0, pairs[:, 0]], np.r_[0, pairs[:, 1]], right=num_rank_bins)
+    pairs = np.unique(np.stack([np.r_[1, counts[expressed]], np.r_[1, tokens[expressed]]], axis=1), axis=0)
+    table = np.interp(np.arange(size), pairs[:, 0], pairs[:, 1], left=0, right=num_rank_bins)
     return np.rint(table).astype(np.int64)
 
 
@@ -338,7 +339,8 @@ class NearestCellRates:
     genes (the cell's depth), shrunk by `shrinkage` towards the neighbours' mean rate. The cell's count is the
     mixture of Poissons at these rates (counting noise around each neighbour's level), each count read as the token
     the cell gives it ([`count_token_table`]); the result is mixed with `prior` (a [`CellAwareMarginal`]) with
-    weight `prior_weight`. A cell with no expressed visible gene gets the prior alone.
+    weight `prior_weight`. Training cells with no count at the cell's visible genes are not neighbours (they have
+    no depth there); a cell with no expressed visible gene, or no such training cell, gets the prior alone.
 
     Args:
         reference_counts (`scipy.sparse.csr_matrix`): `(n_cells, gene_vocab_size)` raw counts of training cells.
@@ -350,27 +352,34 @@ class NearestCellRates:
 
     def __init__(self, reference_counts: sparse.csr_matrix, prior: CellAwareMarginal, *, k: int = 32,
                  shrinkage: float = 0.3, prior_weight: float = 0.05):  # fmt: skip
-        if not (0.0 <= shrinkage <= 1.0 and 0.0 <= prior_weight <= 1.0):
-            raise ValueError(f"shrinkage and prior_weight must be in [0, 1], got {shrinkage} and {prior_weight}")
         self.reference_counts = reference_counts.tocsc().astype(np.float64)
         self.prior = prior
-        self.k, self.shrinkage, self.prior_weight = min(k, reference_counts.shape[0]), shrinkage, prior_weight
+        self._set(k, shrinkage, prior_weight)
+
+    def _set(self, k: int, shrinkage: float, prior_weight: float) -> None:
+        if not (k >= 1 and 0.0 <= shrinkage <= 1.0 and 0.0 <= prior_weight <= 1.0):
+            raise ValueError(f"want k >= 1, shrinkage and prior_weight in [0, 1]: {k}, {shrinkage}, {prior_weight}")
+        self.k, self.shrinkage, self.prior_weight = k, shrinkage, prior_weight
 
     def with_settings(self, *, k: int, shrinkage: float, prior_weight: float) -> NearestCellRates:
         """The same training cells (shared, not copied) with other settings."""
         other = copy.copy(self)
-        other.k, other.shrinkage, other.prior_weight = min(k, self.reference_counts.shape[0]), shrinkage, prior_weight
+        other._set(k, shrinkage, prior_weight)
         return other
 
-    def rates(self, genes: np.ndarray, visible: np.ndarray, visible_counts: np.ndarray) -> np.ndarray:
+    def rates(self, genes: np.ndarray, visible: np.ndarray, visible_counts: np.ndarray) -> np.ndarray | None:
         """`(k, n_masked)` the neighbours' rates at a cell's masked genes (`genes` where not `visible`), on the
-        cell's depth and shrunk."""
+        cell's depth and shrunk; None when no training cell has a count at its visible genes."""
         reference = self.reference_counts[:, genes].toarray()
         depth, cell_depth = reference[:, visible].sum(axis=1), visible_counts.sum()
-        features = np.sqrt(reference[:, visible] / np.maximum(depth, 1.0)[:, None])
+        seen = np.flatnonzero(depth > 0)
+        if not len(seen):
+            return None
+        features = np.sqrt(reference[seen][:, visible] / depth[seen, None])
         distance = ((features - np.sqrt(visible_counts / cell_depth)) ** 2).sum(axis=1)
-        neighbours = np.argpartition(distance, self.k - 1)[: self.k]
-        scale = cell_depth / np.maximum(depth[neighbours], 1.0)
+        k = min(self.k, len(seen))
+        neighbours = seen[np.argpartition(distance, k - 1)[:k]]
+        scale = cell_depth / depth[neighbours]
         rates = reference[neighbours][:, ~visible] * scale[:, None]
         return (1 - self.shrinkage) * rates + self.shrinkage * rates.mean(axis=0, keepdims=True)
 
@@ -386,6 +395,8 @@ class NearestCellRates:
                 continue
             real = masked | visible
             rates = self.rates(genes[real], visible[real], shown)
+            if rates is None:
+                continue
             mixture = poisson_mixture(rates)
             table = count_token_table(shown, tokens[visible], num_classes - 1, mixture.shape[1])
             starts = np.flatnonzero(np.r_[True, table[1:] != table[:-1]])  # the table rises: a run of counts per token

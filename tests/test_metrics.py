@@ -216,28 +216,39 @@ def test_magic_baseline_reads_the_cells_own_tokens_at_similar_genes():
 def test_nearest_cell_rates_read_a_neighbours_counts_on_the_cells_depth_as_its_tokens():
     from scipy.stats import poisson
 
-    # Two training cells at genes 1-5, of the same depth at genes 1-4.
-    counts = np.zeros((2, 6))
-    counts[0, 1:6] = [10, 20, 30, 40, 6]  # the query's profile, half its depth
-    counts[1, 1:6] = [40, 30, 20, 10, 3]
+    # Training cells at genes 1-6: the first of the query's profile at half its depth at genes 1-4, the second of
+    # another profile at its depth, the third with no count at genes 1-4.
+    counts = np.zeros((3, 7))
+    counts[0, 1:7] = [10, 20, 30, 40, 6, 1]
+    counts[1, 1:7] = [80, 60, 40, 20, 3, 50]
+    counts[2, 5:7] = [100, 100]
     cells = [(np.flatnonzero(c), rank_tokens(c[c > 0], 9)) for c in counts]
-    prior = CellAwareMarginal(PerGeneMarginal(num_rank_bins=9, gene_vocab_size=6).fit(cells))
+    prior = CellAwareMarginal(PerGeneMarginal(num_rank_bins=9, gene_vocab_size=7).fit(cells))
     rates = NearestCellRates(sparse.csr_matrix(counts), prior, k=1, shrinkage=0.0, prior_weight=0.0)
-    # The query shows counts 20, 40, 60, 80 as tokens 2, 4, 6, 8 and hides gene 5.
-    cell = _masked_cell([1, 2, 3, 4, 5], [2, 4, 6, 8, 0], [False, False, False, False, True], 10)
-    visible_counts = torch.tensor([[20.0, 40.0, 60.0, 80.0, float("nan")]])
-    probs = rates.predict(cell, visible_counts)[0, 4].double()
-    # By hand: the nearest cell is the first (same profile); its 6 counts on twice its depth are a Poisson rate of
-    # 12, and the query reads count c as token c / 10 (interpolated between the counts it shows, 0 at 0, B above 80).
+    # The query shows counts 20, 40, 60, 80 as tokens 2, 4, 6, 8 and hides genes 5 and 6.
+    cell = _masked_cell([1, 2, 3, 4, 5, 6], [2, 4, 6, 8, 0, 0], [False] * 4 + [True] * 2, 10)
+    visible_counts = torch.tensor([[20.0, 40.0, 60.0, 80.0, float("nan"), float("nan")]])
+    # The query reads count c as the token interpolated between count 1's (token 1) and the counts it shows, B = 9
+    # above them, 0 at 0.
     count = np.arange(400)
-    token = np.clip(np.rint(count / 10), 0, 9).astype(int)
-    token[count > 80] = 9
-    expected = np.bincount(token, weights=poisson.pmf(count, 12.0), minlength=10)
-    torch.testing.assert_close(probs, torch.from_numpy(expected), atol=1e-6, rtol=0)
-    # Shrunk all the way, two neighbours give one Poisson at their mean rate: (12 + 3 * 200 / 100) / 2 = 9.
-    both = rates.with_settings(k=2, shrinkage=1.0, prior_weight=0.0).predict(cell, visible_counts)[0, 4].double()
-    expected = np.bincount(token, weights=poisson.pmf(count, 9.0), minlength=10)
-    torch.testing.assert_close(both, torch.from_numpy(expected), atol=1e-6, rtol=0)
+    token = np.rint(np.interp(count, [0, 1, 20, 40, 60, 80], [0, 1, 2, 4, 6, 8], right=9)).astype(int)
+
+    def binned(rate: float) -> torch.Tensor:
+        return torch.from_numpy(np.bincount(token, weights=poisson.pmf(count, rate), minlength=10))
+
+    # By hand: the nearest cell is the first (same profile); its counts 6 and 1 on twice its depth are Poisson rates
+    # of 12 and 2.
+    probs = rates.predict(cell, visible_counts)[0].double()
+    torch.testing.assert_close(probs[4:], torch.stack([binned(12.0), binned(2.0)]), atol=1e-6, rtol=0)
+    # Two neighbours (the third, with no depth at genes 1-4, is never one, whatever k), shrunk all the way: one
+    # Poisson at their mean rates, (12 + 3 * 200 / 200) / 2 = 7.5 and (2 + 50) / 2 = 26.
+    for k in (2, 3):
+        both = rates.with_settings(k=k, shrinkage=1.0, prior_weight=0.0).predict(cell, visible_counts)[0].double()
+        torch.testing.assert_close(both[4:], torch.stack([binned(7.5), binned(26.0)]), atol=1e-6, rtol=0)
+    # Not shrunk: the mean of the two Poissons; with the prior mixed in at 0.4.
+    mixed = rates.with_settings(k=2, shrinkage=0.0, prior_weight=0.4).predict(cell, visible_counts)[0].double()
+    expected = 0.6 * (binned(12.0) + binned(3.0)) / 2 + 0.4 * prior.predict(cell)[0, 4].double()
+    torch.testing.assert_close(mixed[4], expected, atol=1e-6, rtol=0)
     # A cell showing no expressed gene gets the prior; counts are required.
     blank = _masked_cell([1, 2, 5], [0, 0, 0], [False, False, True], 10)
     torch.testing.assert_close(rates.predict(blank, torch.tensor([[0.0, 0.0, float("nan")]])), prior.predict(blank))

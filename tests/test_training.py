@@ -419,6 +419,7 @@ def test_card_headline_puts_the_lower_nll_in_bold_whichever_method_has_it():
     assert headline(run(0.470, 0.518, 0.475)) == (
         "random detected genes: **0.470** vs 0.475 (nearest cells' rates), 50% masked"
     )
+    assert headline(run(1.3702, 1.5, 1.3698)).startswith("random detected genes: **1.370** vs **1.370**")
 
 
 @pytest.mark.slow

@@ -214,13 +214,14 @@ def _results_table(by_method: dict[str, dict[str, dict]]) -> str:
 
 def headline(run: CardContents) -> str:
     """Model NLL against the strongest baseline's, at the mask ratio closest to one half, per panel; the lower of
-    the two in bold (both when they tie)."""
+    the two in bold (both when they tie to the 3 decimals shown)."""
     parts = []
     for panel, by_method in run.imputation.items():
         ratio = min(by_method[MODEL_METHOD], key=lambda r: abs(float(r) - 0.5))
         name, nll = strongest_baseline(by_method, ratio)
         model = by_method[MODEL_METHOD][ratio]["nll_all"]
-        model_text, baseline_text = (f"**{x:.3f}**" if x <= min(model, nll) else f"{x:.3f}" for x in (model, nll))
+        lower = f"{min(model, nll):.3f}"
+        model_text, baseline_text = (f"**{x:.3f}**" if f"{x:.3f}" == lower else f"{x:.3f}" for x in (model, nll))
         parts.append(f"{panel}: {model_text} vs {baseline_text} ({name}), {float(ratio):.0%} masked")
     return "; ".join(parts)
 
